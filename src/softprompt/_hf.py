@@ -1,0 +1,409 @@
+"""The one module that knows transformers' internals.
+
+Everything softprompt needs from transformers' private structure lives here:
+
+* per-layer prefixes enter *inside* attention through a wrapped attention function registered with
+  ``AttentionInterface`` (plus the matching mask function with ``AttentionMaskInterface``; without
+  it transformers silently passes ``attention_mask=None``). The KV cache is never touched, so
+  ``generate``, static caches, cache continuation and gradient checkpointing keep working;
+* the map from attention-module objects to slots ``(kind, layer)``, found once per model by a probe
+  forward (T5 and BART reuse one class for encoder, decoder and cross attention with overlapping
+  ``layer_idx``: the module object tells them apart);
+* the identity of a base model (architecture, sizes, vocabulary and embedding fingerprints).
+
+The per-forward state travels as the keyword argument ``softprompt_state``: transformers 5 forwards
+extra keyword arguments from the top-level model down to every attention call, including during
+gradient-checkpoint recomputation and every ``generate`` step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+STATE_KWARG = "softprompt_state"
+_WRAPPED = {"sdpa": "softprompt_sdpa", "eager": "softprompt_eager"}
+_BASE_OF = {v: k for k, v in _WRAPPED.items()}
+SLOT_KINDS = ("self", "encoder", "decoder", "cross")
+# generate() validates model kwargs against the forward signature and refuses unknown ones, so
+# during generate the state is set here instead (generation runs no backward, so no checkpoint
+# recomputation can outlive it).
+_GENERATE_STATE: contextvars.ContextVar = contextvars.ContextVar("softprompt_state", default=None)
+
+
+@contextlib.contextmanager
+def generation_state(state) -> Iterator[None]:
+    """Make ``state`` the injection state of every attention call inside the block."""
+    token = _GENERATE_STATE.set(state)
+    try:
+        yield
+    finally:
+        _GENERATE_STATE.reset(token)
+
+
+class SoftPromptError(ValueError):
+    """A user-facing error: the message says what was wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One attention call site that can take a key/value prefix.
+
+    Attributes:
+        kind: "self" (decoder-only or encoder-only), "encoder", "decoder" or "cross".
+        layer: the block index within its stack.
+        kv_heads: number of key/value heads (grouped-query attention: fewer than query heads).
+        head_dim: size of one head.
+    """
+
+    kind: str
+    layer: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+
+@dataclass
+class ModelInfo:
+    """What softprompt knows about an attached base model."""
+
+    slots: list[Slot]
+    module_slot: dict[int, int]  # id(attention module) -> index into slots
+    hidden_size: int
+    is_encoder_decoder: bool
+    is_causal_lm: bool
+    identity: dict
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: the prefix enters here.
+# --------------------------------------------------------------------------------------------
+
+
+def _eager_for(module: nn.Module) -> Callable:
+    """The model family's own eager attention function (transformers keeps one per modeling file)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise SoftPromptError(
+            f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'"
+        )
+    return fn
+
+
+def _extend_mask(
+    mask: torch.Tensor | None,
+    valid: torch.Tensor,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    is_causal: bool | None,
+) -> torch.Tensor:
+    """Prepend prefix columns to an attention mask.
+
+    Args:
+        mask: (B|1, 1|H, q, k) bool (True = attend) or additive float mask, or None.
+        valid: (B, P) bool, which prefix entries each row may attend to.
+        key: (B, kvh, k, hd) the real keys (before the prefix is added).
+
+    Returns:
+        (B, 1|H, q, P + k) mask of the same kind (bool or float).
+    """
+    batch, plen = valid.shape
+    q_len, k_len = query.shape[2], key.shape[2]
+    if mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if causal and q_len > 1:
+            # bottom-right aligned causal pattern over the real keys (queries are the last q keys)
+            qi = torch.arange(q_len, device=key.device)[:, None] + (k_len - q_len)
+            mask = qi >= torch.arange(k_len, device=key.device)[None, :]
+        else:
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=key.device)
+        mask = mask.view(1, 1, q_len, k_len)
+    mask = mask.expand(batch, -1, -1, -1) if mask.shape[0] == 1 and batch > 1 else mask
+    heads = mask.shape[1]
+    pre = valid[:, None, None, :].expand(batch, heads, mask.shape[2], plen)
+    if mask.dtype == torch.bool:
+        return torch.cat([pre, mask], dim=-1)
+    zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
+    neg = torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
+    return torch.cat([torch.where(pre, zero, neg), mask], dim=-1)
+
+
+def _softprompt_attention(base: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        state = kwargs.pop(STATE_KWARG, None) or _GENERATE_STATE.get()
+        fn = sdpa_attention_forward if base == "sdpa" else _eager_for(module)
+        if state is None:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        prefix = state.prefix_for(module, query, key, value)
+        if prefix is None:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        k_p, v_p, valid = prefix  # (B, kvh, P, hd), (B, kvh, P, hd), (B, P)
+        attention_mask = _extend_mask(
+            attention_mask, valid, module, query, key, kwargs.get("is_causal")
+        )
+        kwargs["is_causal"] = False
+        bias = kwargs.get("position_bias")
+        if bias is not None:  # T5: relative position bias (B|1, H, q, k); prefix keys get none
+            pad = bias.new_zeros(bias.shape[0], bias.shape[1], bias.shape[2], k_p.shape[2])
+            kwargs["position_bias"] = torch.cat([pad, bias], dim=-1)
+        key = torch.cat([k_p.to(key.dtype), key], dim=2)
+        value = torch.cat([v_p.to(value.dtype), value], dim=2)
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    AttentionInterface.register(_WRAPPED["sdpa"], _softprompt_attention("sdpa"))
+    AttentionInterface.register(_WRAPPED["eager"], _softprompt_attention("eager"))
+    AttentionMaskInterface.register(_WRAPPED["sdpa"], sdpa_mask)
+    AttentionMaskInterface.register(_WRAPPED["eager"], eager_mask)
+    _registered = True
+
+
+def base_attn_implementation(model: PreTrainedModel) -> str:
+    impl = model.config._attn_implementation or "eager"
+    return _BASE_OF.get(impl, impl)
+
+
+def set_attn_implementation(model: PreTrainedModel, impl: str) -> None:
+    """Switch a (possibly attached) model between 'sdpa' and 'eager', keeping the prefix seam."""
+    if impl not in _WRAPPED:
+        raise SoftPromptError(
+            f"attention implementation {impl!r} is not supported with soft prompts; "
+            f"use one of {sorted(_WRAPPED)}"
+        )
+    _register()
+    model.set_attn_implementation(_WRAPPED[impl])
+
+
+# --------------------------------------------------------------------------------------------
+# Slots: which attention modules exist, found by a probe forward.
+# --------------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """A state that records (module, key shape) for each attention call and adds nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[nn.Module, tuple[int, ...]]] = []
+
+    def prefix_for(self, module, query, key, value):
+        self.calls.append((module, tuple(key.shape)))
+        return None
+
+
+class _Capture:
+    """A state that keeps each slot's real keys and values (row 0) and adds nothing."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def prefix_for(self, module, query, key, value):
+        slot = self.info.module_slot[id(module)]
+        # (1, kvh, T, hd) -> (T, kvh, hd)
+        self.kv[slot] = (key[0].transpose(0, 1).clone(), value[0].transpose(0, 1).clone())
+        return None
+
+
+def capture_attention_kv(
+    model: PreTrainedModel, info: ModelInfo, ids: list[int]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The frozen model's keys and values at every slot while it reads ``ids``.
+
+    For encoder-decoder models the text is read by the encoder and by the decoder, so encoder,
+    decoder and cross-attention slots all get activations of the same text.
+
+    Returns:
+        slot index -> (key, value), each (len(ids), kv_heads, head_dim) in float32 on the CPU.
+    """
+    t = torch.tensor([ids], device=model.device)
+    inputs = {"input_ids": t}
+    if info.is_encoder_decoder:
+        inputs["decoder_input_ids"] = t
+    cap = _Capture(info)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(**inputs, use_cache=False, **{STATE_KWARG: cap})
+    model.train(was_training)
+    return {s: (k.float().cpu(), v.float().cpu()) for s, (k, v) in cap.kv.items()}
+
+
+_CROSS = re.compile(r"(encdec|encoder_attn|cross)", re.IGNORECASE)
+
+
+def _slot_kind(path: str, is_encoder_decoder: bool) -> str:
+    if _CROSS.search(path):
+        return "cross"
+    if not is_encoder_decoder:
+        return "self"
+    parts = path.split(".")
+    return "encoder" if "encoder" in parts else "decoder"
+
+
+def _layer_index(path: str) -> int:
+    for part in path.split("."):
+        if part.isdigit():
+            return int(part)
+    raise SoftPromptError(f"cannot tell the layer index of attention module {path!r}")
+
+
+def probe_inputs(model: PreTrainedModel) -> dict:
+    ids = torch.tensor([[1, 2]], device=model.device)
+    inputs = {"input_ids": ids}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = ids[:, :1]
+    return inputs
+
+
+def inspect_model(model: PreTrainedModel) -> ModelInfo:
+    """Attach the seam to a model and map its attention modules to slots.
+
+    Raises:
+        SoftPromptError: if the model's attention does not go through transformers' registry.
+    """
+    impl = base_attn_implementation(model)
+    if impl not in _WRAPPED:
+        impl = "sdpa"
+    set_attn_implementation(model, impl)
+    recorder = _Recorder()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(**probe_inputs(model), use_cache=False, **{STATE_KWARG: recorder})
+    model.train(was_training)
+    if not recorder.calls:
+        raise SoftPromptError(
+            f"{type(model).__name__} does not route attention through transformers' attention "
+            "registry, so soft prompts cannot be injected; supported families include gpt2, "
+            "llama, qwen2/3, mistral, t5, bart and bert"
+        )
+    names = {id(m): p for p, m in model.named_modules()}
+    found: dict[int, Slot] = {}
+    for module, shape in recorder.calls:
+        path = names[id(module)]
+        found[id(module)] = Slot(
+            kind=_slot_kind(path, model.config.is_encoder_decoder),
+            layer=_layer_index(path),
+            kv_heads=shape[1],
+            head_dim=shape[3],
+        )
+    order = sorted(set(found.values()), key=lambda s: (SLOT_KINDS.index(s.kind), s.layer))
+    index = {s: i for i, s in enumerate(order)}
+    emb = model.get_input_embeddings()
+    return ModelInfo(
+        slots=order,
+        module_slot={mid: index[s] for mid, s in found.items()},
+        hidden_size=emb.weight.shape[1],
+        is_encoder_decoder=bool(model.config.is_encoder_decoder),
+        is_causal_lm=not model.config.is_encoder_decoder and lm_body_and_head(model) is not None,
+        identity=model_identity(model, order),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Identity of a base model.
+# --------------------------------------------------------------------------------------------
+
+
+def embedding_sample(weight: torch.Tensor) -> list[float]:
+    """64 values of the input-embedding table (8 spread rows x first 8 dims), for identity checks.
+
+    Compared with a tolerance, so the same checkpoint in fp32, fp16 or bf16 still matches.
+    """
+    w = weight.detach().float().cpu()
+    rows = torch.linspace(0, w.shape[0] - 1, steps=8).long()
+    return [round(float(x), 5) for x in w[rows, :8].flatten()]
+
+
+def model_identity(model: PreTrainedModel, slots: list[Slot]) -> dict:
+    """What an adapter records about its base model, and checks when loaded."""
+    cfg = model.config
+    emb = model.get_input_embeddings().weight
+    return {
+        "name_or_path": getattr(cfg, "_name_or_path", "") or "",
+        "architecture": (cfg.architectures or [type(model).__name__])[0]
+        if getattr(cfg, "architectures", None)
+        else type(model).__name__,
+        "model_type": cfg.model_type,
+        "vocab_size": int(emb.shape[0]),
+        "hidden_size": int(emb.shape[1]),
+        "slots": sorted({f"{s.kind}:{sum(t.kind == s.kind for t in slots)}" for s in slots}),
+        "kv_dims": sorted({s.kv_dim for s in slots}),
+        "embedding_sample": embedding_sample(emb),
+    }
+
+
+def identity_mismatches(expected: dict, actual: dict) -> list[str]:
+    """Human-readable differences between two identities (empty when compatible)."""
+    out = []
+    for field in ("model_type", "vocab_size", "hidden_size", "slots", "kv_dims"):
+        if expected.get(field) != actual.get(field):
+            out.append(
+                f"{field}: adapter has {expected.get(field)!r}, model has {actual.get(field)!r}"
+            )
+    a, b = expected.get("embedding_sample"), actual.get("embedding_sample")
+    if not out and a and b:
+        ta, tb = torch.tensor(a), torch.tensor(b)
+        if ta.shape != tb.shape or (ta - tb).abs().max() > 0.01 * tb.abs().max() + 1e-3:
+            out.append(
+                "embedding weights differ: same architecture and sizes, but a different "
+                "checkpoint (or a fine-tuned copy) of it"
+            )
+    return out
+
+
+def lm_body_and_head(model: PreTrainedModel) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder body, LM head) of a decoder-only causal LM, or None for other kinds.
+
+    Lets the trainer run the LM head only on supervised positions.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, model.base_model_prefix, None)
+    if head is None or body is None or model.config.is_encoder_decoder:
+        return None
+    return body, head
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Gradient checkpointing on a frozen model whose modules stay in eval mode.
+
+    transformers checkpoints a layer only when the layer module is in training mode; we flip just
+    the layer modules' own flag (their children, where dropout lives, stay in eval) and zero the
+    few dropout rates a layer applies itself (BART's layers do).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m.training = True
+            for attr in ("dropout", "activation_dropout"):
+                if isinstance(getattr(m, attr, None), float):
+                    setattr(m, attr, 0.0)

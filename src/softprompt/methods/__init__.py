@@ -1,0 +1,17 @@
+"""Soft-prompt methods, one module each, registered by name in ``base.METHODS``."""
+
+from .base import METHODS, Adapter, AdapterConfig
+from .deep_prompt import DeepPromptConfig
+from .p_tuning import PTuningConfig
+from .prefix_tuning import PrefixTuningConfig
+from .prompt_tuning import PromptTuningConfig
+
+__all__ = [
+    "METHODS",
+    "Adapter",
+    "AdapterConfig",
+    "DeepPromptConfig",
+    "PTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+]

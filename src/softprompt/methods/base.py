@@ -1,0 +1,257 @@
+"""What every soft-prompt method shares: the config base class, the registry and the adapter base.
+
+A method is a config dataclass (validated in ``__post_init__``) plus an ``Adapter`` module that
+produces one or both of:
+
+* ``input_prompt()``: (P, d) virtual-token embeddings that enter through ``inputs_embeds``;
+* ``kv()``: per attention slot, a key and a value prefix of shape (P, kv_heads, head_dim) that
+  enter inside attention (see ``softprompt._hf``).
+
+The wrapper, trainer and server only call these; they never branch on a method's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._hf import ModelInfo, Slot, SoftPromptError
+
+METHODS: dict[str, tuple[type[AdapterConfig], type[Adapter]]] = {}
+
+
+def register_method(name: str, config_cls: type[AdapterConfig], adapter_cls: type[Adapter]) -> None:
+    """Register a method under ``name`` (the ``method`` field of its config and adapter file)."""
+    config_cls.method = name
+    METHODS[name] = (config_cls, adapter_cls)
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method has.
+
+    Attributes:
+        num_virtual_tokens: number of virtual tokens (prompt length / prefix length).
+        init: how to initialise; each method lists the values it takes.
+        init_text: text for ``init="text"`` (or the label words for ``init="labels"``).
+        init_token_ids: token ids for text init, instead of ``init_text`` + tokenizer.
+        seed: seed for random initialisation (None: torch's global generator).
+    """
+
+    method: ClassVar[str] = ""
+    inits: ClassVar[tuple[str, ...]] = ()
+
+    num_virtual_tokens: int = 20
+    init: str = "vocab"
+    init_text: str | list[str] | None = None
+    init_token_ids: list[int] | None = None
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
+            raise SoftPromptError(
+                f"{type(self).__name__}.num_virtual_tokens must be a positive integer, "
+                f"got {self.num_virtual_tokens!r}"
+            )
+        if self.init not in self.inits:
+            raise SoftPromptError(
+                f"{type(self).__name__}.init must be one of {list(self.inits)}, got {self.init!r}"
+            )
+        if self.init in ("text", "labels") and not (self.init_text or self.init_token_ids):
+            raise SoftPromptError(
+                f"{type(self).__name__}: init={self.init!r} needs init_text (with a tokenizer "
+                "passed to attach/add_adapter) or init_token_ids"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> AdapterConfig:
+        data = dict(data)
+        method = data.pop("method", None)
+        if method not in METHODS:
+            raise SoftPromptError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+        cls = METHODS[method][0]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SoftPromptError(f"{cls.__name__} has no field(s) {unknown}")
+        return cls(**data)
+
+
+@dataclass
+class InitContext:
+    """What initialisation may use: the frozen model, its slots and, optionally, a tokenizer."""
+
+    model: nn.Module
+    info: ModelInfo
+    tokenizer: Any = None
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+
+class Adapter(nn.Module):
+    """Base class of a method's trainable module.
+
+    Subclasses set ``config`` and implement ``input_prompt`` and/or ``kv``. ``baked`` tensors are
+    the inference form (``bake()``); a baked adapter keeps only plain tensors.
+    """
+
+    config: AdapterConfig
+
+    def __init__(self, config: AdapterConfig, info: ModelInfo) -> None:
+        super().__init__()
+        self.config = config
+        self.info = info
+
+    # -- what the model reads --------------------------------------------------------------
+    def input_prompt(self) -> torch.Tensor | None:
+        """(P, d) virtual-token embeddings, or None for methods that act inside attention."""
+        return None
+
+    def kv(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+        """slot index -> (key, value), each (P, kv_heads, head_dim); None if not a prefix method."""
+        return None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+    # -- files -----------------------------------------------------------------------------
+    def baked_tensors(self) -> dict[str, torch.Tensor]:
+        """The inference form: plain tensors, no reparameterisation."""
+        raise NotImplementedError
+
+    def load_baked(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Switch to the inference form given by ``baked_tensors()`` of a saved adapter."""
+        raise NotImplementedError
+
+    @property
+    def is_baked(self) -> bool:
+        return False
+
+    def bake(self) -> None:
+        """Replace any reparameterisation by its output (idempotent)."""
+        with torch.no_grad():
+            self.load_baked({k: v.detach().clone() for k, v in self.baked_tensors().items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def text_token_ids(config: AdapterConfig, ctx: InitContext) -> list[int]:
+    """Token ids of ``init_text`` (or ``init_token_ids``), for text and label-word init."""
+    if config.init_token_ids:
+        return list(config.init_token_ids)
+    if ctx.tokenizer is None:
+        raise SoftPromptError(
+            f"init={config.init!r} with init_text needs a tokenizer: pass tokenizer=... to "
+            "softprompt.attach / add_adapter, or give init_token_ids instead"
+        )
+    texts = config.init_text if isinstance(config.init_text, list) else [config.init_text]
+    ids: list[int] = []
+    for t in texts:
+        ids += ctx.tokenizer(
+            " " + t.strip() if config.init == "labels" else t, add_special_tokens=False
+        )["input_ids"]
+    if not ids:
+        raise SoftPromptError(f"init_text {config.init_text!r} tokenizes to no tokens")
+    return ids
+
+
+def frequent_vocab_ids(n: int, vocab_size: int, gen: torch.Generator) -> list[int]:
+    """``n`` ids sampled from the frequent part of the vocabulary.
+
+    BPE and WordPiece vocabularies are built most-frequent-merge first, so low ids (after the
+    first few special tokens) are frequent tokens.
+    """
+    lo, hi = min(100, vocab_size // 10), min(5000, vocab_size)
+    return (torch.randint(lo, hi, (n,), generator=gen)).tolist()
+
+
+def fill_ids(ids: list[int], n: int, vocab_size: int, gen: torch.Generator) -> list[int]:
+    """Fit a list of ids to length ``n``: truncate, or pad with sampled frequent vocabulary."""
+    if len(ids) >= n:
+        return ids[:n]
+    return ids + frequent_vocab_ids(n - len(ids), vocab_size, gen)
+
+
+def init_embeddings(config: AdapterConfig, ctx: InitContext) -> torch.Tensor:
+    """(P, d) initial virtual-token embeddings for input-level methods.
+
+    * ``random``: Gaussian with the embedding table's per-dimension mean and std (not N(0, 1));
+    * ``vocab``: embeddings of frequent vocabulary tokens (Lester et al.'s "sampled vocab");
+    * ``text``: embeddings of ``init_text``'s tokens, truncated or padded with sampled vocabulary;
+    * ``labels``: embeddings of the class-label words, then sampled vocabulary.
+    """
+    table = ctx.model.get_input_embeddings().weight.detach().float()
+    n, gen = config.num_virtual_tokens, ctx.generator
+    if config.init == "random":
+        mean, std = table.mean(0), table.std(0)
+        return mean + std * torch.randn(n, table.shape[1], generator=gen)
+    if config.init == "vocab":
+        ids = frequent_vocab_ids(n, table.shape[0], gen)
+    else:
+        ids = fill_ids(text_token_ids(config, ctx), n, table.shape[0], gen)
+    return table[torch.tensor(ids)].clone()
+
+
+def capture_kv(ctx: InitContext, ids: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The frozen model's own keys and values at every slot while it reads ``ids``.
+
+    Returns:
+        slot index -> (key, value), each (len(ids), kv_heads, head_dim).
+    """
+    from .._hf import capture_attention_kv  # local: keeps the seam the only transformers module
+
+    return capture_attention_kv(ctx.model, ctx.info, ids)
+
+
+def init_kv_targets(config: AdapterConfig, ctx: InitContext, slots: list[int]) -> torch.Tensor:
+    """(P, sum of 2*kv_dim over ``slots``) initial flat prefix for per-layer methods.
+
+    * ``vocab`` (default): the model's own K/V activations of sampled frequent tokens;
+    * ``text`` / ``labels``: K/V activations of the given text (Li & Liang's low-data trick);
+    * ``random``: Gaussian with each slot's activation std (not N(0, 1)).
+    """
+    n, gen = config.num_virtual_tokens, ctx.generator
+    vocab = ctx.model.get_input_embeddings().weight.shape[0]
+    if config.init in ("text", "labels"):
+        ids = text_token_ids(config, ctx)
+        ids = (ids * (n // len(ids) + 1))[:n]  # repeat a short text to fill the prefix
+    else:
+        ids = frequent_vocab_ids(n, vocab, gen)
+    acts = capture_kv(ctx, ids)
+    parts = []
+    for s in slots:
+        k, v = acts[s]
+        if config.init == "random":
+            k = torch.randn(k.shape, generator=gen) * k.std()
+            v = torch.randn(v.shape, generator=gen) * v.std()
+        parts += [k.reshape(n, -1), v.reshape(n, -1)]
+    return torch.cat(parts, dim=1).float()
+
+
+class FlatPrefix:
+    """Splits a flat (P, sum of 2*kv_dim) prefix into per-slot (P, kv_heads, head_dim) views."""
+
+    def __init__(self, info: ModelInfo, slots: list[int]) -> None:
+        self.slots = slots
+        self.geom: list[Slot] = [info.slots[s] for s in slots]
+        self.width = sum(2 * g.kv_dim for g in self.geom)
+
+    def split(self, flat: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        n = flat.shape[0]
+        out, off = {}, 0
+        for s, g in zip(self.slots, self.geom, strict=True):
+            k = flat[:, off : off + g.kv_dim].view(n, g.kv_heads, g.head_dim)  # (P, kvh, hd)
+            v = flat[:, off + g.kv_dim : off + 2 * g.kv_dim].view(n, g.kv_heads, g.head_dim)
+            out[s] = (k, v)
+            off += 2 * g.kv_dim
+        return out

@@ -1,0 +1,86 @@
+"""Deep prompt tuning (P-tuning v2): per-layer key/value prompts, no reparameterisation.
+
+Liu et al. 2022, "P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally Across
+Scales and Tasks" (ACL). Based on THUDM/P-tuning-v2 ``model/prefix_encoder.py`` with
+``prefix_projection=False``: one trainable (P, layers * 2 * kv_dim) table.
+
+``layers`` chooses which blocks get prompts: all (default), a list of indices, or "top_half"
+(the paper: prompts on the upper layers nearly match all layers). For encoder-decoder models the
+encoder, decoder and cross-attention of a chosen block index each get their own prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .._hf import ModelInfo, SoftPromptError
+from .base import Adapter, AdapterConfig, FlatPrefix, InitContext, init_kv_targets, register_method
+
+
+@dataclass
+class DeepPromptConfig(AdapterConfig):
+    """Deep prompts.
+
+    Attributes:
+        num_virtual_tokens: prompt length per layer (paper: 8-20 for classification).
+        init: "vocab" (the model's own K/V of sampled frequent tokens, default), "text",
+            "labels" or "random" (Gaussian at each layer's activation scale).
+        layers: None for all layers, a list of block indices, or "top_half".
+    """
+
+    inits: ClassVar[tuple[str, ...]] = ("vocab", "random", "text", "labels")
+    layers: list[int] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.layers, str) and self.layers != "top_half":
+            raise SoftPromptError(
+                f"layers must be None, a list of ints or 'top_half', got {self.layers!r}"
+            )
+
+
+def select_slots(info: ModelInfo, layers: list[int] | str | None) -> list[int]:
+    """Slot indices for a layer choice (per stack: encoder and decoder count separately)."""
+    if layers is None:
+        return list(range(len(info.slots)))
+    chosen = []
+    for i, s in enumerate(info.slots):
+        depth = sum(t.kind == s.kind for t in info.slots)
+        if layers == "top_half":
+            ok = s.layer >= depth // 2
+        else:
+            bad = [x for x in layers if not 0 <= x < depth]
+            if bad:
+                raise SoftPromptError(f"layers {bad} out of range: the model has {depth} layers")
+            ok = s.layer in layers
+        if ok:
+            chosen.append(i)
+    return chosen
+
+
+class DeepPrompt(Adapter):
+    def __init__(self, config: DeepPromptConfig, info: ModelInfo, ctx: InitContext | None):
+        super().__init__(config, info)
+        self.layout = FlatPrefix(info, select_slots(info, config.layers))
+        init = (
+            init_kv_targets(config, ctx, self.layout.slots)
+            if ctx is not None
+            else torch.zeros(config.num_virtual_tokens, self.layout.width)
+        )
+        self.prefix = nn.Parameter(init)  # (P, sum over slots of 2 * kv_dim)
+
+    def kv(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return self.layout.split(self.prefix)
+
+    def baked_tensors(self) -> dict[str, torch.Tensor]:
+        return {"prefix": self.prefix}
+
+    def load_baked(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.prefix.data.copy_(tensors["prefix"])
+
+
+register_method("deep", DeepPromptConfig, DeepPrompt)

@@ -1,0 +1,608 @@
+"""The wrapper: one frozen base model, a bank of soft-prompt adapters, one adapter per row.
+
+``SoftPromptModel`` is called and generates like the base model. Per row it
+
+* splices input-level virtual tokens (prompt tuning, P-tuning) into ``inputs_embeds`` right
+  before the first real token (after any left padding), or after the last one, or where template
+  markers (negative ids ``-1 .. -P``) put them, and strips them from the outputs again, so
+  logits and hidden states have the base model's shapes;
+* hands per-layer key/value prefixes (prefix tuning, deep prompts) to the attention seam in
+  ``softprompt._hf`` through the ``softprompt_state`` keyword.
+
+Position ids: when the caller gives none, real and virtual tokens get ``cumsum(mask) - 1`` (as
+``generate`` does), so left padding never shifts a row's positions; caller-given position ids are
+kept, shifted past inserted virtual tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from . import _hf
+from ._hf import STATE_KWARG, ModelInfo, SoftPromptError
+from .methods.base import METHODS, Adapter, AdapterConfig, InitContext
+
+
+def is_adapter_key(key: str, name: str | None = None) -> bool:
+    """The one predicate: does a parameter (by its name in the wrapper) belong to an adapter?
+
+    ``name`` narrows it to one adapter. It decides what trains (``set_active``), what the
+    optimiser sees (``trainable_parameters``) and what a checkpoint saves.
+    """
+    prefix = "adapters." if name is None else f"adapters.{name}."
+    return key.startswith(prefix)
+
+
+class PrefixState:
+    """Per-forward injection state: each row's adapter and their per-slot key/value prefixes.
+
+    The attention seam calls ``prefix_for`` once per attention call; results are memoised per
+    slot and batch size, so a ``generate`` call builds each slot's prefix once.
+    """
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        rows: Sequence[str | None],
+        kvs: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]],
+    ) -> None:
+        self.info = info
+        self.kvs = kvs
+        self.names = sorted(kvs)
+        uid = {n: i + 1 for i, n in enumerate(self.names)}  # 0: no prefix
+        self.row_uid = [uid.get(r, 0) if r is not None else 0 for r in rows]
+        first = self.row_uid[0]
+        self.single = (
+            self.names[first - 1] if first and all(u == first for u in self.row_uid) else None
+        )
+        self._memo: dict[tuple[int, int], tuple | None] = {}
+
+    def prefix_for(self, module, query, key, value):
+        slot = self.info.module_slot.get(id(module))
+        if slot is None:
+            raise SoftPromptError(
+                f"attention module {type(module).__name__} was not seen when the adapter was "
+                "attached; attach again after changing the model"
+            )
+        batch = query.shape[0]
+        memo_key = (slot, batch)
+        if memo_key not in self._memo:
+            self._memo[memo_key] = self._build(slot, batch, key.device)
+        return self._memo[memo_key]
+
+    def _build(self, slot: int, batch: int, device: torch.device):
+        if self.single is not None:
+            kv = self.kvs[self.single].get(slot)
+            if kv is None:
+                return None
+            k, v = (t.permute(1, 0, 2)[None].to(device) for t in kv)  # (1, kvh, P, hd)
+            k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+            valid = torch.ones(batch, k.shape[2], dtype=torch.bool, device=device)
+            return k, v, valid
+        entries = [self.kvs[n].get(slot) for n in self.names]
+        plen = max((e[0].shape[0] for e in entries if e is not None), default=0)
+        if plen == 0:
+            return None
+        g = self.info.slots[slot]
+        ks, vs, valids = [], [], []
+        for e in [None, *entries]:
+            n = 0 if e is None else e[0].shape[0]
+            pad = torch.zeros(plen - n, g.kv_heads, g.head_dim, device=device)
+            k = pad if e is None else torch.cat([e[0].to(device), pad.to(e[0].dtype)])
+            v = pad if e is None else torch.cat([e[1].to(device), pad.to(e[1].dtype)])
+            ks.append(k.permute(1, 0, 2))  # (kvh, P, hd)
+            vs.append(v.permute(1, 0, 2))
+            valids.append(torch.arange(plen, device=device) < n)
+        idx = torch.tensor(self.row_uid, device=device)
+        rows = len(self.row_uid)
+        if batch != rows:  # beam search / num_return_sequences expand rows in place
+            if batch % rows:
+                raise SoftPromptError(f"batch of {batch} rows does not match {rows} adapter rows")
+            idx = idx.repeat_interleave(batch // rows)
+        return torch.stack(ks)[idx], torch.stack(vs)[idx], torch.stack(valids)[idx]
+
+
+@dataclass
+class _Layout:
+    """Where virtual tokens were spliced into a batch.
+
+    Attributes:
+        src: (B, T') long; >= 0 real position, -1 - k virtual token k, ``FILL`` padding filler.
+        out_index: (B, T) position of each original token in the spliced sequence.
+        counts: (B,) number of virtual tokens per row.
+        starts: (B,) original index before which each row's virtual tokens went.
+        length: T, the original length.
+    """
+
+    src: torch.Tensor
+    out_index: torch.Tensor
+    counts: torch.Tensor
+    starts: torch.Tensor
+    length: int
+
+
+FILL = -(10**9)
+
+
+def _splice_layout(mask: torch.Tensor, counts: list[int], placements: list[str]) -> _Layout:
+    """Plan where each row's virtual tokens go.
+
+    Virtual tokens go right before the row's first real token ("prepend") or right after its last
+    ("append"). Rows with fewer virtual tokens than the longest get filler positions (mask 0) on the
+    padding side, so left-padded rows still end with their last real token.
+    """
+    batch, length = mask.shape
+    pmax = max(counts)
+    left = bool((mask[:, 0] == 0).any()) and bool((mask[:, -1] == 1).all())
+    srcs, outs, starts = [], [], []
+    for b in range(batch):
+        real = torch.nonzero(mask[b]).flatten().tolist()
+        if placements[b] == "append":
+            start = real[-1] + 1 if real else length
+        else:
+            start = real[0] if real else 0
+        n = counts[b]
+        fill = [FILL] * (pmax - n)
+        seq = list(range(start)) + [-1 - k for k in range(n)] + list(range(start, length))
+        seq = fill + seq if left else seq + fill
+        srcs.append(seq)
+        offset = len(fill) if left else 0
+        outs.append([offset + j + (n if j >= start else 0) for j in range(length)])
+        starts.append(start)
+    return _Layout(
+        src=torch.tensor(srcs, device=mask.device),
+        out_index=torch.tensor(outs, device=mask.device),
+        counts=torch.tensor(counts, device=mask.device),
+        starts=torch.tensor(starts, device=mask.device),
+        length=length,
+    )
+
+
+def _gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Gather along a sequence dimension with a (B, T') index (broadcast over trailing dims)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = idx.shape
+    view = idx.view(shape).expand(
+        *[x.shape[i] if i not in (0, dim) else -1 for i in range(x.dim())]
+    )
+    return x.gather(dim, view)
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a 2-D attention mask, as ``generate`` computes them: cumsum - 1, pads 0."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 0)
+
+
+class SoftPromptModel(nn.Module):
+    """A frozen Hugging Face model plus named soft-prompt adapters.
+
+    Use ``softprompt.attach`` to make one. Called and generating like the base model, with an
+    extra ``adapter_names`` argument: one adapter name (or None for the bare model) per row.
+    """
+
+    def __init__(self, base_model: PreTrainedModel, info: ModelInfo, tokenizer=None) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.info = info
+        self.tokenizer = tokenizer
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self._checkpointing = False
+        params = inspect.signature(base_model.forward).parameters
+        self._takes_position_ids = "position_ids" in params and not info.is_encoder_decoder
+
+    def train(self, mode: bool = True) -> SoftPromptModel:
+        """Train/eval mode for the adapters only: the frozen base model stays in eval mode
+        (its dropout off), as in Li & Liang's setup."""
+        self.training = mode
+        self.adapters.train(mode)
+        self.base_model.eval()
+        if self._checkpointing:
+            _hf.enable_gradient_checkpointing(self.base_model)
+        return self
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute the frozen model's activations in backward instead of storing them."""
+        self._checkpointing = True
+        _hf.enable_gradient_checkpointing(self.base_model)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.device
+
+    def add_adapter(
+        self, name: str, config: AdapterConfig, tokenizer=None, *, _init: bool = True
+    ) -> Adapter:
+        """Create adapter ``name`` from ``config`` and make it the active one.
+
+        Args:
+            tokenizer: needed only for ``init="text"``/``"labels"`` with ``init_text``.
+        """
+        if not isinstance(name, str) or not name or "." in name or "/" in name:
+            raise SoftPromptError(
+                f"adapter name must be a non-empty string without '.' or '/', got {name!r}"
+            )
+        if name in self.adapters:
+            raise SoftPromptError(
+                f"an adapter named {name!r} already exists; delete_adapter it first"
+            )
+        if config.method not in METHODS:
+            raise SoftPromptError(f"unknown method {config.method!r}")
+        ctx = None
+        if _init:
+            gen = torch.Generator()
+            if config.seed is not None:
+                gen.manual_seed(config.seed)
+            else:
+                gen.seed()
+            ctx = InitContext(self.base_model, self.info, tokenizer or self.tokenizer, gen)
+        adapter = METHODS[config.method][1](config, self.info, ctx)
+        self.adapters[name] = adapter.to(self.device)
+        self.set_active(name)
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_names([name])
+        del self.adapters[name]
+        if self.active == name:
+            self.active = None
+
+    def set_active(self, name: str | None) -> None:
+        """Make ``name`` the adapter used when ``adapter_names`` is not given, and the only
+        trainable one (None: the bare model, nothing trains)."""
+        if name is not None:
+            self._check_names([name])
+        self.active = name
+        for key, p in self.named_parameters():
+            if is_adapter_key(key):
+                baked = self.adapters[key.split(".")[1]].is_baked
+                p.requires_grad_(name is not None and is_adapter_key(key, name) and not baked)
+            else:
+                p.requires_grad_(False)
+
+    def bake(self, name: str | None = None) -> None:
+        """Replace adapter ``name``'s reparameterisation by its output (inference form)."""
+        name = name or self.active
+        self._check_names([name])
+        self.adapters[name].bake()
+        self.set_active(self.active)
+
+    def save_adapter(self, directory, name: str | None = None, *, trainable: bool = False):
+        """Save adapter ``name`` (default: the active one); see ``softprompt.io.save_adapter``."""
+        from .io import save_adapter
+
+        return save_adapter(self, directory, name, trainable=trainable)
+
+    def trainable_parameters(self) -> tuple[int, int, str]:
+        """(trainable, total, printable line), e.g. 'trainable 230,400 of 134,745,408 (0.171%)'.
+
+        Total counts the base model plus the adapters.
+        """
+        trainable = sum(p.numel() for k, p in self.named_parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        line = f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+        return trainable, total, line
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        """What the optimiser sees: the active adapter's trainable parameters."""
+        return [
+            p
+            for k, p in self.named_parameters()
+            if is_adapter_key(k, self.active) and p.requires_grad
+        ]
+
+    def _check_names(self, names) -> None:
+        unknown = sorted({n for n in names if n is not None and n not in self.adapters})
+        if unknown:
+            raise SoftPromptError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.adapters)}")
+
+    def _rows(self, adapter_names, batch: int) -> list[str | None]:
+        if adapter_names is None:
+            return [self.active] * batch
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names] * batch
+        adapter_names = list(adapter_names)
+        if len(adapter_names) != batch:
+            raise SoftPromptError(
+                f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows"
+            )
+        self._check_names(adapter_names)
+        return adapter_names
+
+    # ------------------------------------------------------------------ pieces of a forward
+    def _prefix_state(self, rows: list[str | None]) -> PrefixState | None:
+        kvs = {}
+        for name in set(rows) - {None}:
+            kv = self.adapters[name].kv()
+            if kv:
+                kvs[name] = kv
+        return PrefixState(self.info, rows, kvs) if kvs else None
+
+    def _prompts(self, rows: list[str | None]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in set(rows) - {None}:
+            p = self.adapters[name].input_prompt()
+            if p is not None:
+                out[name] = p
+        return out
+
+    def _embed(self, ids: torch.Tensor, rows, prompts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embed ids where negative ids ``-1 - k`` mean the row's virtual token k.  (B, T, d)"""
+        emb_layer = self.base_model.get_input_embeddings()
+        virtual = ids < 0
+        emb = emb_layer(ids.clamp(min=0))
+        if not virtual.any():
+            return emb
+        k = (-1 - ids).clamp(min=0)  # (B, T) virtual index
+        vals = []
+        for b, name in enumerate(rows):
+            need = int(k[b][virtual[b]].max()) + 1 if virtual[b].any() else 0
+            if need == 0:
+                vals.append(emb.new_zeros(ids.shape[1], emb.shape[-1]))
+                continue
+            table = prompts.get(name)
+            if table is None or need > table.shape[0]:
+                have = 0 if table is None else table.shape[0]
+                raise SoftPromptError(
+                    f"row {b} asks for virtual token {need - 1} but adapter {name!r} has {have}"
+                )
+            table = table.to(emb.dtype)
+            vals.append(table[k[b].clamp(max=table.shape[0] - 1)])  # (T, d)
+        return torch.where(virtual[..., None], torch.stack(vals), emb)
+
+    def _splice(
+        self,
+        rows: list[str | None],
+        prompts: dict[str, torch.Tensor],
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ):
+        """Insert each row's virtual tokens; returns the new inputs and the layout (or None)."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, length = ref.shape[:2]
+        counts, placements = [], []
+        for r in rows:
+            ad = self.adapters[r] if r is not None else None
+            place = getattr(ad.config, "placement", "prepend") if ad is not None else "prepend"
+            n = prompts[r].shape[0] if r in prompts and place != "template" else 0
+            counts.append(n)
+            placements.append(place)
+        if input_ids is not None and (input_ids < 0).any():
+            counts = [0] * batch  # template markers already say where virtual tokens go
+        mask = (
+            attention_mask
+            if attention_mask is not None
+            else torch.ones(batch, length, dtype=torch.long, device=ref.device)
+        )
+        if max(counts, default=0) == 0:
+            emb = self._embed(input_ids, rows, prompts) if input_ids is not None else inputs_embeds
+            return emb, attention_mask, position_ids, token_type_ids, labels, None
+        lay = _splice_layout(mask, counts, placements)
+        src = lay.src
+        real, virt = src >= 0, (src < 0) & (src != FILL)
+        ridx = src.clamp(min=0)
+        vidx = torch.where(virt, -1 - src, torch.zeros_like(src))
+        if input_ids is not None:
+            ids = torch.where(real, input_ids.gather(1, ridx), torch.where(virt, -1 - vidx, 0))
+            emb = self._embed(ids, rows, prompts)
+        else:
+            emb = _gather_seq(inputs_embeds, ridx)
+            marker = torch.where(virt, -1 - vidx, torch.zeros_like(vidx))
+            emb = torch.where(virt[..., None], self._embed(marker, rows, prompts), emb)
+        ext_mask = torch.where(real, mask.gather(1, ridx), virt.to(mask.dtype))
+        if position_ids is not None:
+            pos = position_ids.gather(1, ridx)
+            shift = torch.where(ridx >= lay.starts[:, None], lay.counts[:, None], 0)
+            first = position_ids.gather(1, lay.starts.clamp(max=length - 1)[:, None])
+            last = position_ids.gather(1, (lay.starts - 1).clamp(min=0)[:, None]) + 1
+            vbase = torch.where(lay.starts[:, None] >= length, last, first)
+            position_ids = torch.where(real, pos + shift, torch.where(virt, vbase + vidx, 0))
+        if token_type_ids is not None:
+            token_type_ids = torch.where(real, token_type_ids.gather(1, ridx), 0)
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
+            if not self.info.is_encoder_decoder:
+                labels = torch.where(real, labels.gather(1, ridx), -100)
+        return emb, ext_mask, position_ids, token_type_ids, labels, lay
+
+    def _strip(self, out: ModelOutput, lay: _Layout) -> ModelOutput:
+        """Drop virtual-token positions from every sequence-shaped output."""
+        t2 = lay.src.shape[1]
+        idx = lay.out_index
+        enc_dec = self.info.is_encoder_decoder
+        for key in list(out.keys()):
+            if key in ("loss", "past_key_values"):
+                continue
+            if enc_dec and not key.startswith("encoder_"):
+                continue
+            val = out[key]
+            if isinstance(val, torch.Tensor):
+                if val.dim() >= 2 and val.shape[1] == t2:
+                    out[key] = _gather_seq(val, idx)
+            elif isinstance(val, tuple) and val and isinstance(val[0], torch.Tensor):
+                if val[0].dim() == 4 and val[0].shape[-1] == t2:  # attentions (B, H, T', T')
+                    out[key] = tuple(_gather_seq(_gather_seq(a, idx, 2), idx, 3) for a in val)
+                elif val[0].shape[1] == t2:  # hidden states (B, T', d)
+                    out[key] = tuple(_gather_seq(h, idx) for h in val)
+        return out
+
+    def _cached_mask(self, cache, attention_mask, position_ids):
+        """Incremental decoding: widen the caller's mask by the virtual tokens in the cache."""
+        lay = getattr(cache, "_softprompt_layout", None)
+        if lay is None or attention_mask is None:
+            return attention_mask, position_ids
+        head = attention_mask[:, : lay.length]
+        ridx = lay.src.clamp(min=0)
+        real, virt = lay.src >= 0, (lay.src < 0) & (lay.src != FILL)
+        ext = torch.where(real, head.gather(1, ridx), virt.to(head.dtype))
+        attention_mask = torch.cat([ext, attention_mask[:, lay.length :]], dim=1)
+        if position_ids is not None:
+            position_ids = position_ids + lay.counts[:, None]
+        return attention_mask, position_ids
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        adapter_names: Sequence[str | None] | str | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> ModelOutput:
+        """Run the base model with each row's adapter.
+
+        Args:
+            input_ids: (B, T); negative ids ``-1 - k`` place virtual token k (templates).
+            adapter_names: one adapter name (or None) per row; default: the active adapter.
+            Other arguments: as the base model's forward.
+
+        Returns:
+            The base model's output, with virtual positions removed from sequence outputs.
+        """
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise SoftPromptError("forward needs input_ids or inputs_embeds")
+        rows = self._rows(adapter_names, ref.shape[0])
+        prompts = self._prompts(rows)
+        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        lay = None
+        if cached or (not prompts and (input_ids is None or not (input_ids < 0).any())):
+            if cached:
+                attention_mask, position_ids = self._cached_mask(
+                    past_key_values, attention_mask, position_ids
+                )
+            if input_ids is not None and (input_ids < 0).any():
+                inputs_embeds, input_ids = self._embed(input_ids, rows, prompts), None
+        else:
+            inputs_embeds, attention_mask, position_ids, token_type_ids, labels, lay = self._splice(
+                rows,
+                prompts,
+                input_ids,
+                inputs_embeds,
+                attention_mask,
+                position_ids,
+                token_type_ids,
+                labels,
+            )
+            input_ids = None
+        if position_ids is None and self._takes_position_ids and attention_mask is not None:
+            if attention_mask.dim() == 2 and (attention_mask[:, 0] == 0).any():
+                q = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+                position_ids = mask_positions(attention_mask)[:, -q:]
+        state = self._prefix_state(rows)
+        call = dict(kwargs)
+        if self._checkpointing and self.training:
+            call.setdefault("use_cache", False)  # a cache would be filled again on recompute
+        for key, val in (
+            ("input_ids", input_ids),
+            ("inputs_embeds", inputs_embeds),
+            ("attention_mask", attention_mask),
+            ("position_ids", position_ids),
+            ("token_type_ids", token_type_ids),
+            ("labels", labels),
+            ("past_key_values", past_key_values),
+            (STATE_KWARG, state),
+        ):
+            if val is not None:
+                call[key] = val
+        out = self.base_model(**call)
+        if lay is not None:
+            cache = out.get("past_key_values") if isinstance(out, ModelOutput) else None
+            if cache is not None:
+                cache._softprompt_layout = lay
+            out = self._strip(out, lay)
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        adapter_names: Sequence[str | None] | str | None = None,
+        **kwargs,
+    ):
+        """``generate`` with each row's adapter; returns what the base model's generate returns
+        (for decoder-only models: the input ids followed by the new tokens)."""
+        if input_ids is None:
+            raise SoftPromptError("generate needs input_ids")
+        rows = self._rows(adapter_names, input_ids.shape[0])
+        prompts = self._prompts(rows)
+        state = self._prefix_state(rows)
+        if not prompts and not (input_ids < 0).any():
+            with _hf.generation_state(state):
+                return self.base_model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, **kwargs
+                )
+        emb, mask, _, _, _, lay = self._splice(
+            rows, prompts, input_ids, None, attention_mask, None, None, None
+        )
+        if mask is None:
+            mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+        with _hf.generation_state(state):
+            out = self.base_model.generate(inputs_embeds=emb, attention_mask=mask, **kwargs)
+        if self.info.is_encoder_decoder:
+            return out
+        seqs = out if isinstance(out, torch.Tensor) else out.sequences
+        if seqs.shape[0] != input_ids.shape[0]:
+            prompt_ids = input_ids.repeat_interleave(seqs.shape[0] // input_ids.shape[0], dim=0)
+        else:
+            prompt_ids = input_ids
+        full = torch.cat([prompt_ids, seqs], dim=1)
+        if isinstance(out, torch.Tensor):
+            return full
+        out.sequences = full
+        return out
+
+
+def attach(
+    base_model: PreTrainedModel,
+    config: AdapterConfig | None = None,
+    name: str = "default",
+    tokenizer=None,
+) -> SoftPromptModel:
+    """Freeze ``base_model`` and wrap it; add adapter ``name`` from ``config`` if given.
+
+    The base model is put in eval mode (dropout off: the frozen model is a fixed function) and
+    every base parameter gets ``requires_grad=False``. Its attention implementation is switched to
+    softprompt's wrapper of the same kind (sdpa or eager), which is exact when no adapter is on.
+
+    Args:
+        base_model: a transformers ``PreTrainedModel`` (decoder-only, encoder-decoder or encoder).
+        config: the first adapter's config, or None to add adapters later.
+        tokenizer: used for text/label initialisation.
+    """
+    if isinstance(base_model, SoftPromptModel):
+        model = base_model
+    else:
+        if not isinstance(base_model, PreTrainedModel):
+            raise SoftPromptError(
+                f"attach needs a transformers PreTrainedModel, got {type(base_model).__name__}"
+            )
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        base_model.eval()
+        info = _hf.inspect_model(base_model)
+        model = SoftPromptModel(base_model, info, tokenizer)
+    if config is not None:
+        model.add_adapter(name, config, tokenizer)
+    return model

@@ -1,0 +1,567 @@
+"""Properties of the wrapper, for every method on every family it applies to (tiny random models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    DECODER_ONLY,
+    ENC_DEC,
+    ENCODER,
+    FAMILIES,
+    METHODS,
+    inputs_for,
+    method_config,
+    out_tensor,
+    perturb,
+    tiny_model,
+)
+from torch.testing import assert_close
+from transformers import DynamicCache
+
+import softprompt as sp
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0], [14, 15, 16, 17, 0, 0]])
+MASK = (IDS != 0).long()
+LENS = MASK.sum(1).tolist()
+TOL = dict(atol=1e-4, rtol=0)
+
+
+def left_pad(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [r[m.bool()] for r, m in zip(ids, mask, strict=True)]
+    t = ids.shape[1]
+    new = torch.stack([torch.cat([torch.zeros(t - len(r), dtype=r.dtype), r]) for r in rows])
+    return new, (new != 0).long()
+
+
+def attached(family: str, method: str | None, attn: str = "sdpa", **kw) -> sp.SoftPromptModel:
+    model = sp.attach(tiny_model(family, attn))
+    if method is not None:
+        model.add_adapter("a", method_config(method, **kw))
+        perturb(model)
+    return model
+
+
+def applicable(family: str, method: str) -> bool:
+    return True  # every method applies to every family: input-level and per-layer both work
+
+
+# ------------------------------------------------------------------------------ the bare model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attach_without_adapter_is_the_base_model(family):
+    base = tiny_model(family)
+    kw = inputs_for(family, IDS, MASK)
+    with torch.no_grad():
+        ref = out_tensor(family, base(**kw))
+        got = out_tensor(family, sp.attach(base)(**kw))
+    assert_close(got, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_base_is_frozen_and_in_eval(family):
+    model = attached(family, "prefix")
+    assert not model.base_model.training
+    model.train()
+    assert not model.base_model.training and model.adapters["a"].training
+    frozen = [k for k, p in model.named_parameters() if not k.startswith("adapters.")]
+    assert frozen and all(not dict(model.named_parameters())[k].requires_grad for k in frozen)
+    assert all(p.requires_grad for p in model.adapters["a"].parameters())
+
+
+# ------------------------------------------------------------------------------ shapes and rows
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outputs_have_base_shapes(family, method):
+    base = tiny_model(family)
+    kw = inputs_for(family, IDS, MASK)
+    with torch.no_grad():
+        ref = base(**kw, output_hidden_states=True)
+        model = attached(family, method)
+        out = model(**kw, output_hidden_states=True)
+    assert out_tensor(family, out).shape == out_tensor(family, ref).shape
+    hs = "encoder_hidden_states" if family in ENC_DEC else "hidden_states"
+    assert [h.shape for h in out[hs]] == [h.shape for h in ref[hs]]
+    # the adapter changes the output (it is really injected)
+    assert (out_tensor(family, out) - out_tensor(family, ref)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_unbatched(family, method):
+    model = attached(family, method)
+    pads = [("right", IDS, MASK)]
+    if family not in ENC_DEC:  # BART's learned encoder positions take no position_ids
+        pads.append(("left", *left_pad(IDS, MASK)))
+    with torch.no_grad():
+        for side, ids, mask in pads:
+            out = out_tensor(family, model(**inputs_for(family, ids, mask)))
+            for b, n in enumerate(LENS):
+                sl = slice(0, n) if side == "right" else slice(ids.shape[1] - n, None)
+                alone = model(**inputs_for(family, ids[b : b + 1, sl], mask[b : b + 1, sl]))
+                alone = out_tensor(family, alone)[0]
+                got = out[b] if family in ENC_DEC else out[b, sl]
+                assert_close(got, alone, **TOL, msg=f"{side} padding, row {b}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", DECODER_ONLY + ENCODER)
+def test_caller_position_ids_are_honoured(family, method):
+    model = attached(family, method)
+    ids, mask = IDS[:1], MASK[:1]
+    with torch.no_grad():
+        plain = out_tensor(family, model(input_ids=ids, attention_mask=mask))
+        zero = out_tensor(
+            family, model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(6)[None])
+        )
+        gap = torch.arange(6)[None] + 40 * (torch.arange(6)[None] >= 3)  # RoPE: shifts cancel
+        shifted = out_tensor(family, model(input_ids=ids, attention_mask=mask, position_ids=gap))
+    assert_close(zero, plain, **TOL)
+    assert (shifted - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_token_type_ids_are_honoured(method):
+    model = attached("bert", method)
+    with torch.no_grad():
+        t0 = model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+        t1 = model(input_ids=IDS, attention_mask=MASK, token_type_ids=torch.ones_like(IDS))
+        alone = model(input_ids=IDS[1:2, :3], token_type_ids=torch.ones(1, 3, dtype=torch.long))
+    assert (t1.last_hidden_state - t0).abs().max() > 1e-3
+    assert_close(t1.last_hidden_state[1, :3], alone.last_hidden_state[0], **TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5", "bert"])
+@pytest.mark.parametrize("method", METHODS)
+def test_eager_and_sdpa_agree(family, method):
+    kw = inputs_for(family, IDS, MASK)
+    with torch.no_grad():
+        a = out_tensor(family, attached(family, method, "sdpa")(**kw))
+        b = out_tensor(family, attached(family, method, "eager")(**kw))
+    real = MASK.bool() if family != "t5" else torch.ones(a.shape[:2], dtype=torch.bool)
+    assert_close(a[real], b[real], **TOL)
+
+
+# ------------------------------------------------------------------------------ several adapters
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_bank_one_adapter_per_row(family):
+    model = sp.attach(tiny_model(family))
+    for i, method in enumerate(METHODS):
+        model.add_adapter(method, method_config(method, n=2 + i))
+    perturb(model)
+    names = ["prefix", None, "prompt"]
+    kw = inputs_for(family, IDS, MASK)
+    with torch.no_grad():
+        mixed = out_tensor(family, model(**kw, adapter_names=names))
+        bare = out_tensor(family, model.base_model(**kw))
+        for b, name in enumerate(names):
+            n = LENS[b]
+            one = inputs_for(family, IDS[b : b + 1, :n], MASK[b : b + 1, :n])
+            alone = out_tensor(family, model(**one, adapter_names=[name]))[0]
+            got = mixed[b] if family in ENC_DEC else mixed[b, :n]
+            assert_close(got, alone, **TOL, msg=f"row {b} ({name})")
+        ref = bare[1] if family in ENC_DEC else bare[1, : LENS[1]]
+        assert_close(mixed[1] if family in ENC_DEC else mixed[1, : LENS[1]], ref, **TOL)
+        # all four methods in one batch
+        four = model(
+            **inputs_for(family, IDS[:1].repeat(4, 1), MASK[:1].repeat(4, 1)),
+            adapter_names=list(METHODS),
+        )
+        for b, name in enumerate(METHODS):
+            alone = out_tensor(
+                family, model(**inputs_for(family, IDS[:1], MASK[:1]), adapter_names=[name])
+            )
+            assert_close(out_tensor(family, four)[b], alone[0], **TOL)
+
+
+def test_unknown_adapter_names_are_rejected():
+    model = attached("gpt2", "prompt")
+    with pytest.raises(sp.SoftPromptError, match="unknown adapter"):
+        model(input_ids=IDS, adapter_names=["a", "nope", None])
+    with pytest.raises(sp.SoftPromptError, match="3 rows"):
+        model(input_ids=IDS, adapter_names=["a"])
+
+
+def test_only_the_active_adapter_trains():
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("x", method_config("deep"))
+    model.add_adapter("y", method_config("prompt"))
+    model.set_active("x")
+    train = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert train == {"adapters.x.prefix"}
+    assert model.parameters_to_train() == [model.adapters["x"].prefix]
+    n, total, line = model.trainable_parameters()
+    assert n == model.adapters["x"].prefix.numel() == 3 * 3 * 2 * 2 * 8
+    assert line == f"trainable {n:,} of {total:,} ({100 * n / total:.3f}%)"
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_moves_only_the_adapter(family, method):
+    model = attached(family, method)
+    before = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters_to_train(), lr=1e-2)
+    model.train()
+    kw = inputs_for(family, IDS, MASK)
+    losses = []
+    for _ in range(5):
+        out = model(**kw)
+        if family in ENCODER:
+            target = torch.linspace(-1, 1, out.last_hidden_state.shape[-1])
+            loss = (out.last_hidden_state[:, 0] - target).pow(2).mean()
+        else:
+            labels = (
+                kw["decoder_input_ids"] if family in ENC_DEC else IDS.masked_fill(MASK == 0, -100)
+            )
+            loss = model(**kw, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for k, v in model.base_model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("family", ENC_DEC)
+@pytest.mark.parametrize("method", ["prefix", "deep"])
+def test_encoder_decoder_prefixes_are_distinct_and_all_trained(family, method):
+    model = attached(family, method)
+    ad = model.adapters["a"]
+    kinds = {model.info.slots[s].kind for s in ad.layout.slots}
+    assert kinds == {"encoder", "decoder", "cross"}
+    n_dec = sum(s.kind == "decoder" for s in model.info.slots)
+    assert sum(model.info.slots[s].kind == "cross" for s in ad.layout.slots) == n_dec
+    kw = inputs_for(family, IDS, MASK)
+    model(**kw, labels=kw["decoder_input_ids"]).loss.backward()
+    grads = ad.layout.split(ad.prefix.grad if method == "deep" else _flat_grad(model, kw))
+    for slot, (gk, gv) in grads.items():
+        assert gk.abs().sum() > 0 and gv.abs().sum() > 0, model.info.slots[slot]
+    # distinct: every slot's key prefix is its own tensor region (no shared storage/values)
+    kv = ad.kv()
+    keys = [kv[s][0] for s in ad.layout.slots]
+    for i in range(len(keys)):
+        for j in range(i + 1, len(keys)):
+            assert not torch.equal(keys[i], keys[j])
+
+
+def _flat_grad(model, kw):
+    ad = model.adapters["a"]
+    flat = ad.flat().detach().requires_grad_(True)
+    ad.baked = flat
+    model.zero_grad()
+    model(**kw, labels=kw["decoder_input_ids"]).loss.backward()
+    ad.baked = None
+    return flat.grad
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "bart", "bert"])
+def test_gradient_checkpointing_gives_the_same_gradients(family, method):
+    grads = []
+    for ckpt in (False, True):
+        model = attached(family, method)
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        model.train()
+        kw = inputs_for(family, IDS, MASK)
+        out = model(**kw)
+        t = out_tensor(family, out)
+        (t * torch.linspace(-1, 1, t.shape[-1])).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters_to_train()])
+    for a, b in zip(*grads, strict=True):
+        assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+def _manual_greedy(model, ids, mask, steps, **kw):
+    for _ in range(steps):
+        logits = model(input_ids=ids, attention_mask=mask, **kw).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", DECODER_ONLY)
+def test_greedy_generate_equals_manual_loop(family, method):
+    model = attached(family, method)
+    ids, mask = left_pad(IDS, MASK)
+    with torch.no_grad():
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        ref = _manual_greedy(model, ids, mask, 6)
+    assert torch.equal(gen, ref)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ENC_DEC)
+def test_encoder_decoder_greedy_generate_equals_manual_loop(family, method):
+    model = attached(family, method)
+    with torch.no_grad():
+        gen = model.generate(
+            input_ids=IDS, attention_mask=MASK, max_new_tokens=5, do_sample=False, eos_token_id=None
+        )
+        dec = gen[:, :1]
+        for _ in range(5):
+            logits = model(input_ids=IDS, attention_mask=MASK, decoder_input_ids=dec).logits
+            dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(gen, dec)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_beam_sampling_static_cache_and_rows(method):
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("a", method_config(method))
+    model.add_adapter("b", method_config("prefix" if method != "prefix" else "prompt", n=2))
+    perturb(model)
+    ids, mask = left_pad(IDS, MASK)
+    names = ["a", "b", None]
+    with torch.no_grad():
+        greedy = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        static = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation="static",
+        )
+        assert torch.equal(greedy, static)
+        for b, name in enumerate(names):  # each row alone, with its adapter
+            n = LENS[b]
+            alone = model.generate(
+                input_ids=ids[b : b + 1, -n:],
+                adapter_names=[name],
+                max_new_tokens=5,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            assert torch.equal(greedy[b, -(n + 5) :], alone[0])
+        beams = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=5,
+            num_beams=3,
+            do_sample=False,
+            pad_token_id=0,
+            num_return_sequences=2,
+        )
+        assert beams.shape == (6, ids.shape[1] + 5)
+        # beam search of width 1 is greedy
+        one = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=5,
+            num_beams=1,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        assert torch.equal(one, greedy)
+        torch.manual_seed(0)
+        s1 = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=5,
+            do_sample=True,
+            pad_token_id=0,
+        )
+        torch.manual_seed(0)
+        s2 = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=names,
+            max_new_tokens=5,
+            do_sample=True,
+            pad_token_id=0,
+        )
+        assert torch.equal(s1, s2) and s1.shape == greedy.shape
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_continue_generation_from_returned_cache(method):
+    model = attached("llama", method)
+    ids = IDS[:1]
+    with torch.no_grad():
+        full = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        first = model.generate(
+            input_ids=ids,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+        )
+        more = model.generate(
+            input_ids=first.sequences,
+            past_key_values=first.past_key_values,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert torch.equal(more, full)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_manual_incremental_decoding_with_cache(method):
+    model = attached("llama", method)
+    ids, mask = left_pad(IDS, MASK)
+    with torch.no_grad():
+        ref = _manual_greedy(model, ids, mask, 4)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        seq, m = ids, mask
+        for _ in range(4):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            m = torch.cat([m, torch.ones_like(nxt)], 1)
+            out = model(
+                input_ids=nxt, attention_mask=m, past_key_values=out.past_key_values, use_cache=True
+            )
+    assert torch.equal(seq, ref)
+
+
+# ------------------------------------------------------------------------------ placement / init
+
+
+def test_template_markers_equal_prepend_and_append():
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("pre", sp.PromptTuningConfig(num_virtual_tokens=3))
+    model.add_adapter("app", sp.PromptTuningConfig(num_virtual_tokens=3, placement="append"))
+    model.add_adapter("tpl", sp.PromptTuningConfig(num_virtual_tokens=3, placement="template"))
+    with torch.no_grad():
+        for n in ("app", "tpl"):
+            model.adapters[n].embedding.copy_(model.adapters["pre"].embedding)
+        ids = IDS[:1]
+        marks = torch.tensor([[-1, -2, -3]])
+        pre = model(input_ids=ids, adapter_names=["pre"]).logits
+        tpl = model(input_ids=torch.cat([marks, ids], 1), adapter_names=["tpl"]).logits
+        assert_close(pre[0], tpl[0, 3:], atol=1e-5, rtol=0)
+        app = model(input_ids=ids, adapter_names=["app"], output_hidden_states=True).logits
+        tpl = model(input_ids=torch.cat([ids, marks], 1), adapter_names=["tpl"]).logits
+        assert_close(app[0], tpl[0, :6], atol=1e-5, rtol=0)
+        # soft segments inside a template: [soft 0..1] x x [soft 2] x
+        mid = torch.tensor([[-1, -2, 5, 6, -3, 7]])
+        emb = model.base_model.get_input_embeddings()(torch.tensor([[1, 1, 5, 6, 1, 7]]))
+        table = model.adapters["tpl"].embedding
+        emb[0, [0, 1, 4]] = table
+        ref = model.base_model(inputs_embeds=emb).logits
+        got = model(input_ids=mid, adapter_names=["tpl"]).logits
+        assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_random_init_is_scaled_to_the_embedding_table():
+    model = sp.attach(tiny_model("llama"))
+    model.base_model.get_input_embeddings().weight.data.mul_(0.02)
+    ad = model.add_adapter("r", sp.PromptTuningConfig(num_virtual_tokens=200, init="random"))
+    table = model.base_model.get_input_embeddings().weight
+    assert abs(ad.embedding.std().item() - table.std().item()) < 0.1 * table.std().item()
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_text_init_equals_reading_the_text(method):
+    model = sp.attach(tiny_model("llama"))
+    text = [21, 22, 23, 24]
+    cfg = method_config(method, n=4, init="text", init_token_ids=text)
+    model.add_adapter("t", cfg)
+    ids = IDS[:1]
+    with torch.no_grad():
+        got = model(input_ids=ids).logits[0]
+        ref = model.base_model(input_ids=torch.cat([torch.tensor([text]), ids], 1)).logits[0, 4:]
+    assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_label_init_uses_the_label_words():
+    model = sp.attach(tiny_model("llama"))
+    ad = model.add_adapter(
+        "l", sp.PromptTuningConfig(num_virtual_tokens=5, init="labels", init_token_ids=[30, 31])
+    )
+    table = model.base_model.get_input_embeddings().weight
+    assert_close(ad.embedding[:2], table[[30, 31]])
+
+
+def test_text_init_without_tokenizer_is_a_clear_error():
+    model = sp.attach(tiny_model("llama"))
+    with pytest.raises(sp.SoftPromptError, match="tokenizer"):
+        model.add_adapter("t", sp.PromptTuningConfig(init="text", init_text="hello"))
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_prefix_mlp_init_reproduces_the_activations(family):
+    """Prefix tuning's MLP starts out producing exactly deep prompt's flat init (same targets)."""
+    model = sp.attach(tiny_model(family))
+    text = [21, 22, 23]
+    pre = model.add_adapter(
+        "p", sp.PrefixTuningConfig(num_virtual_tokens=3, init="text", init_token_ids=text)
+    )
+    deep = model.add_adapter(
+        "d", sp.DeepPromptConfig(num_virtual_tokens=3, init="text", init_token_ids=text)
+    )
+    with torch.no_grad():
+        assert_close(pre.flat(), deep.prefix, atol=1e-4, rtol=1e-4)
+        # and the prefix is the model's own keys/values of the text at layer 0
+        k0, v0 = deep.kv()[0]
+        cap = sp._hf.capture_attention_kv(model.base_model, model.info, text)
+        assert_close(k0, cap[0][0]) and assert_close(v0, cap[0][1])
+
+
+def test_deep_prompt_on_top_half_only():
+    model = sp.attach(tiny_model("llama"))  # 3 layers
+    ad = model.add_adapter("d", sp.DeepPromptConfig(num_virtual_tokens=2, layers="top_half"))
+    assert [model.info.slots[s].layer for s in ad.layout.slots] == [1, 2]
+    ad2 = model.add_adapter("e", sp.DeepPromptConfig(num_virtual_tokens=2, layers=[0]))
+    assert ad2.prefix.shape == (2, 2 * 2 * 8)
+    with pytest.raises(sp.SoftPromptError, match="out of range"):
+        model.add_adapter("f", sp.DeepPromptConfig(layers=[5]))
+
+
+def test_prefix_memoises_in_eval_and_reruns_after_an_update():
+    model = attached("llama", "prefix")
+    ad = model.adapters["a"]
+    calls = []
+    ad.mlp.register_forward_hook(lambda *a: calls.append(1))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+        model(input_ids=IDS)
+    assert len(calls) == 1
+    with torch.no_grad():
+        ad.embedding.weight.add_(1.0)
+        model(input_ids=IDS)
+    assert len(calls) == 2
+
+
+def test_prefix_mlp_runs_once_per_forward_not_per_row():
+    model = attached("llama", "prefix")
+    calls = []
+    model.adapters["a"].mlp.register_forward_hook(lambda *a: calls.append(1))
+    model.train()
+    model(input_ids=IDS.repeat(8, 1)).logits.sum().backward()
+    assert len(calls) == 1
