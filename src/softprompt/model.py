@@ -467,6 +467,7 @@ class SoftPromptModel(nn.Module):
         labels: torch.Tensor | None = None,
         adapter_names: Sequence[str | None] | str | None = None,
         past_key_values=None,
+        body_only: bool = False,
         **kwargs,
     ) -> ModelOutput:
         """Run the base model with each row's adapter.
@@ -474,6 +475,9 @@ class SoftPromptModel(nn.Module):
         Args:
             input_ids: (B, T); negative ids ``-1 - k`` place virtual token k (templates).
             adapter_names: one adapter name (or None) per row; default: the active adapter.
+            body_only: decoder-only LMs: run the transformer body without the LM head and
+                return its output (``last_hidden_state`` (B, T, d)), for losses that apply the
+                head only where labels are (see ``softprompt.lm``).
             Other arguments: as the base model's forward.
 
         Returns:
@@ -525,7 +529,14 @@ class SoftPromptModel(nn.Module):
         ):
             if val is not None:
                 call[key] = val
-        out = self.base_model(**call)
+        if body_only:
+            parts = _hf.lm_body_and_head(self.base_model)
+            if parts is None:
+                raise SoftPromptError("body_only needs a decoder-only language model")
+            call.pop("labels", None)
+            out = parts[0](**call)
+        else:
+            out = self.base_model(**call)
         if lay is not None:
             cache = out.get("past_key_values") if isinstance(out, ModelOutput) else None
             if cache is not None:

@@ -1,0 +1,518 @@
+"""Task data: read examples from files, folders or embedded data sets, with errors a user can act on.
+
+Sources accepted by :func:`load_examples`:
+
+* ``.jsonl``: one JSON object per line (blank lines ignored);
+* ``.json``: the same, or one JSON array of objects;
+* ``.csv`` / ``.tsv``: a header line naming the columns, then one row per record;
+* a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose
+  split is chosen with ``split``, default ``"train"``; needs the ``datasets`` package);
+* an embedded data set: ``"rotten-tomatoes[:split]"`` or ``"aclsum[:split]"`` (split ``train``,
+  ``dev`` or ``test``, default ``train``; see :mod:`softprompt.assets`).
+
+Every problem is reported as ``<file>:<line>: <what is wrong>; <what to do>``. Lines are 1-based
+and count every line of the file: blank JSONL lines count, a CSV/TSV header is line 1 and a
+record is numbered by the line it starts on (quoted values may span lines). A JSON array element
+is numbered by the line its ``{`` is on. For a ``datasets`` folder the "line" is the 1-based row
+number within the split and the file is written ``<folder>[<split>]``.
+
+Tasks and the fields each row needs (non-empty after stripping whitespace):
+
+* ``"classify"``: ``text`` (a string) and ``label`` (a string, or an integer turned into its
+  decimal string);
+* ``"generate"``: ``input`` and ``target`` (strings);
+* plus ``required_fields`` (fields a template uses): present, scalar and non-empty.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import assets
+from ._hf import SoftPromptError
+
+__all__ = [
+    "TASKS",
+    "DataError",
+    "Example",
+    "check_eval_labels",
+    "label_set",
+    "load_examples",
+    "parse_source",
+]
+
+TASKS: dict[str, tuple[str, str]] = {"classify": ("text", "label"), "generate": ("input", "target")}
+"""The two fields every row of a task needs."""
+
+_SKIP_HINT = "or pass skip_bad=True to skip bad rows"
+_EMBEDDED = ("rotten-tomatoes", "aclsum")
+
+
+class DataError(SoftPromptError):
+    """Bad task data; the message names the file, the line and the field, and what to do."""
+
+
+@dataclass
+class Example:
+    """One row of task data.
+
+    Attributes:
+        fields: every field of the row (a classification ``label`` is always a string).
+        source: the file it came from (as given, or the embedded data set's JSONL file).
+        line: 1-based line of the row in that file (see the module docstring).
+    """
+
+    fields: dict[str, Any]
+    source: str
+    line: int
+
+
+class _BadRow(Exception):
+    """A row-level problem (skippable with ``skip_bad``); the message lacks the location."""
+
+
+def _default_warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _check_row(row: Any, task: str, required: Sequence[str]) -> dict[str, Any]:
+    """Validate one row and return its fields (label normalised to str); raises ``_BadRow``."""
+    if not isinstance(row, dict):
+        example = ", ".join(f'"{f}": ...' for f in TASKS[task])
+        raise _BadRow(
+            f"row is {_describe(row)}, not an object; write each row as {{{example}}}, {_SKIP_HINT}"
+        )
+    row = dict(row)
+    main, answer = TASKS[task]
+    for name in (main, answer, *required):
+        if name not in row:
+            have = ", ".join(repr(k) for k in row) or "none"
+            raise _BadRow(
+                f"field {name!r} is missing (row has: {have}); add {name!r} to every row, "
+                f"{_SKIP_HINT}"
+            )
+        value = row[name]
+        if name == "label" and task == "classify" and isinstance(value, int):
+            if isinstance(value, bool):
+                raise _BadRow(
+                    f"field 'label' is {_describe(value)}, expected a string or an integer; "
+                    f"write labels as strings, {_SKIP_HINT}"
+                )
+            value = row[name] = str(value)
+        if name in (main, answer) and not isinstance(value, str):
+            expected = "a string or an integer" if name == "label" else "a string"
+            raise _BadRow(
+                f"field {name!r} is {_describe(value)}, expected {expected}; fix the row, "
+                f"{_SKIP_HINT}"
+            )
+        if not isinstance(value, str | int | float | bool):
+            raise _BadRow(
+                f"field {name!r} is {_describe(value)}, expected text; fix the row, {_SKIP_HINT}"
+            )
+        if isinstance(value, str) and not value.strip():
+            raise _BadRow(f"field {name!r} is empty; fill it in, {_SKIP_HINT}")
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Readers: yield (line, row) where row is a parsed object, or (line, _BadRow) for a bad record
+# --------------------------------------------------------------------------------------------
+
+
+def _read_text(path: Path, name: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{name}:{line}: not UTF-8 text ({err.reason} at byte {err.start}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _jsonl_rows(text: str) -> Iterator[tuple[int, Any]]:
+    # split on "\n" only: str.splitlines would also split inside strings at U+2028 and friends
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield (
+                line_no,
+                _BadRow(
+                    f"not valid JSON ({err.msg} at column {err.colno}); write one JSON object "
+                    f"per line, {_SKIP_HINT}"
+                ),
+            )
+
+
+def _json_array_rows(text: str, name: str) -> Iterator[tuple[int, Any]]:
+    """Elements of a JSON array with the line each starts on (a syntax error is fatal)."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+
+    def fail(pos: int, msg: str) -> DataError:
+        line = text.count("\n", 0, pos) + 1
+        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        return DataError(f"{name}:{line}: not valid JSON ({msg} at column {col}); fix the file")
+
+    pos = ws.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise fail(pos, "expected '['")
+    pos = ws.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            try:
+                value, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as err:
+                raise fail(err.pos, err.msg) from None
+            yield text.count("\n", 0, pos) + 1, value
+            pos = ws.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = ws.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                raise fail(pos, "expected ',' or ']'")
+    pos = ws.match(text, pos).end()
+    if pos != len(text):
+        raise fail(pos, "extra data after the array")
+
+
+def _json_rows(text: str, name: str) -> Iterator[tuple[int, Any]]:
+    if text.lstrip().startswith("["):
+        yield from _json_array_rows(text, name)
+        return
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            pass
+        else:  # a pretty-printed single JSON value
+            raise DataError(
+                f"{name}:1: the file is one JSON value spread over several lines; write a JSON "
+                "array of row objects, or one object per line (JSON Lines)"
+            ) from None
+    yield from _jsonl_rows(text)
+
+
+def _csv_rows(text: str, name: str, delimiter: str, needed: Sequence[str]) -> Iterator:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+
+    def records() -> Iterator[tuple[int, list[str] | _BadRow]]:
+        start = 1
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # unrecoverable: the reader lost its place
+                raise DataError(
+                    f"{name}:{start}: bad {kind} ({err}); check the quoting of this record"
+                ) from None
+            yield start, record
+            start = reader.line_num + 1
+
+    rows = records()
+    header: list[str] | None = None
+    for line_no, record in rows:
+        if any(cell.strip() for cell in record):
+            header = [cell.strip() for cell in record]
+            header_line = line_no
+            break
+    if header is None:
+        return
+    missing = [f for f in needed if f not in header]
+    if missing:
+        cols = ", ".join(repr(c) for c in header)
+        raise DataError(
+            f"{name}:{header_line}: no column {missing[0]!r} in the header (columns: {cols}); "
+            f"the first line must name the columns, including {', '.join(map(repr, needed))}"
+        )
+    duplicate = next((c for c in header if header.count(c) > 1), None)
+    if duplicate is not None:
+        raise DataError(f"{name}:{header_line}: column {duplicate!r} appears twice; rename one")
+    for line_no, record in rows:
+        if not record or not any(cell.strip() for cell in record):
+            continue  # blank line
+        if len(record) != len(header):
+            sep = "a tab" if delimiter == "\t" else "','"
+            yield (
+                line_no,
+                _BadRow(
+                    f"row has {len(record)} values but the header names {len(header)} columns; "
+                    f"quote values that contain {sep}, {_SKIP_HINT}"
+                ),
+            )
+            continue
+        yield line_no, dict(zip(header, record, strict=True))
+
+
+def _hf_rows(
+    folder: Path, split: str | None, name: str, needed: Sequence[str]
+) -> tuple[str, Iterator]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{name} is a datasets folder; reading it needs the datasets package: "
+            "pip install datasets"
+        ) from None
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except Exception as err:  # noqa: BLE001 - datasets raises several kinds
+        raise DataError(
+            f"{name}: cannot read the datasets folder ({err}); point at a folder written by "
+            "save_to_disk"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        split = split or "train"
+        if split not in loaded:
+            have = ", ".join(loaded) or "none"
+            raise DataError(
+                f"{name}: no split {split!r} in the datasets folder (splits: {have}); "
+                "choose one of those with split"
+            )
+        table = loaded[split]
+    else:
+        if split is not None:
+            raise DataError(
+                f"{name} holds a single Dataset, not a DatasetDict, so split={split!r} does not "
+                "apply; leave split unset or point at a folder with splits"
+            )
+        split, table = "train", loaded
+    missing = [f for f in needed if f not in table.column_names]
+    if missing:
+        cols = ", ".join(repr(c) for c in table.column_names)
+        raise DataError(
+            f"{name}[{split}]: no column {missing[0]!r} (columns: {cols}); add it, or rename "
+            "the column holding it"
+        )
+    class_labels = {
+        col: feat.names
+        for col, feat in table.features.items()
+        if isinstance(feat, datasets.ClassLabel)
+    }
+
+    def rows() -> Iterator[tuple[int, Any]]:
+        for i, row in enumerate(table, start=1):
+            for col, names in class_labels.items():
+                if isinstance(row.get(col), int) and 0 <= row[col] < len(names):
+                    row[col] = names[row[col]]
+            yield i, row
+
+    return f"{name}[{split}]", rows()
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def parse_source(spec: str | Path) -> tuple[str, str | None] | None:
+    """Return ``(data set, split or None)`` if ``spec`` names an embedded data set, else None.
+
+    ``"rotten-tomatoes:dev"`` -> ``("rotten-tomatoes", "dev")``; aliases such as ``"rt"`` and
+    ``"acl-sum"`` work too. A :class:`~pathlib.Path` is always a file or folder.
+    """
+    if not isinstance(spec, str):
+        return None
+    name, _, split = spec.partition(":")
+    key = name.strip().lower()
+    for entry in assets.ASSETS.values():
+        names = {entry.name.lower(), *(alias.lower() for alias in entry.aliases)}
+        if entry.kind == "dataset" and key in names:
+            return entry.name, (split or None)
+    return None
+
+
+def load_examples(
+    path: str | Path,
+    task: str,
+    *,
+    split: str | None = None,
+    skip_bad: bool = False,
+    required_fields: Iterable[str] = (),
+    warn: Callable[[str], None] | None = None,
+) -> list[Example]:
+    """Read and validate the rows of one data source.
+
+    Args:
+        path: a ``.jsonl``/``.json``/``.csv``/``.tsv`` file, a ``datasets`` folder, or an
+            embedded data set ``"rotten-tomatoes[:split]"`` / ``"aclsum[:split]"``.
+        task: ``"classify"`` (rows need ``text`` and ``label``) or ``"generate"`` (``input`` and
+            ``target``).
+        split: the split of a ``datasets`` DatasetDict or embedded data set (default ``train``).
+            Not accepted for a plain file, which is a single split.
+        skip_bad: skip bad rows instead of raising on the first one.
+        required_fields: further fields every row needs (the ``{field}`` names of a template).
+        warn: with ``skip_bad``, called once per skipped row (the message the error would have
+            had) and once with a summary; defaults to ``warnings.warn``.
+
+    Returns:
+        The good rows in file order.
+
+    Raises:
+        DataError: missing or unreadable source, no rows, a bad row (unless ``skip_bad``), or no
+            good row left (with ``skip_bad``).
+    """
+    if task not in TASKS:
+        raise SoftPromptError(f"unknown task {task!r}; expected 'classify' or 'generate'")
+    warn = warn or _default_warn
+    required = [f for f in dict.fromkeys(required_fields) if f not in TASKS[task]]
+
+    embedded = parse_source(path)
+    if embedded is not None:
+        dataset, spec_split = embedded
+        if spec_split and split and spec_split != split:
+            raise DataError(
+                f"{path}: the spec asks for split {spec_split!r} but split={split!r} was given; "
+                "give the split once"
+            )
+        try:
+            file = assets.resolve_data(dataset, spec_split or split or "train")
+        except assets.AssetError as err:
+            raise DataError(f"{path}: {err}") from None
+        path, split = file, None
+
+    name = str(path)
+    file = Path(path)
+    if not file.exists():
+        raise DataError(
+            f"{name}: no such file or folder; check the path, or use an embedded data set: "
+            + ", ".join(f"{d}[:train|dev|test]" for d in _EMBEDDED)
+        )
+    if file.is_dir():
+        name, rows = _hf_rows(file, split, name, [*TASKS[task], *required])
+    else:
+        if split is not None:
+            raise DataError(
+                f"{name} is a single file, so split={split!r} does not apply; give the file of "
+                "the split you want and leave split unset"
+            )
+        suffix = file.suffix.lower()
+        if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+            raise DataError(
+                f"{name}: unsupported file type {suffix or '(none)'!r}; use .jsonl, .json, .csv "
+                "or .tsv, or a datasets folder"
+            )
+        text = _read_text(file, name)
+        if suffix == ".jsonl":
+            rows = _jsonl_rows(text)
+        elif suffix == ".json":
+            rows = _json_rows(text, name)
+        else:
+            needed = [*TASKS[task], *required]
+            rows = _csv_rows(text, name, "\t" if suffix == ".tsv" else ",", needed)
+
+    examples: list[Example] = []
+    bad = total = 0
+    for line, row in rows:
+        total += 1
+        try:
+            if isinstance(row, _BadRow):
+                raise row
+            examples.append(Example(_check_row(row, task, required), name, line))
+        except _BadRow as err:
+            message = f"{name}:{line}: {err}"
+            if not skip_bad:
+                raise DataError(message) from None
+            bad += 1
+            warn(message)
+    if total == 0:
+        example = json.dumps(dict.fromkeys(TASKS[task], "..."))
+        raise DataError(f"{name}: no rows; the source is empty, add rows like {example}")
+    if bad:
+        warn(f"skipped {bad} of {total} rows in {name}")
+        if not examples:
+            raise DataError(f"{name}: all {total} rows are bad (see the warnings); fix the data")
+    return examples
+
+
+def label_set(examples: Iterable[Example]) -> list[str]:
+    """Sorted unique labels of classification examples."""
+    return sorted({str(ex.fields["label"]) for ex in examples})
+
+
+def check_eval_labels(
+    train_labels: Sequence[str],
+    examples: list[Example],
+    skip_bad: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> list[Example]:
+    """Check that every evaluation label was seen in training.
+
+    Args:
+        train_labels: the labels of the training data (e.g. :func:`label_set` of it).
+        examples: evaluation examples.
+        skip_bad: skip examples with an unseen label instead of raising.
+        warn: with ``skip_bad``, called once per skipped example and once with a summary per
+            source; defaults to ``warnings.warn``.
+
+    Returns:
+        The examples whose label is known.
+
+    Raises:
+        DataError: an unseen label (unless ``skip_bad``), or none left (with ``skip_bad``).
+    """
+    warn = warn or _default_warn
+    known = set(map(str, train_labels))
+    known_text = ", ".join(repr(label) for label in sorted(known))
+    kept: list[Example] = []
+    skipped: dict[str, list[int]] = {}  # source -> [bad, total]
+    for ex in examples:
+        counts = skipped.setdefault(ex.source, [0, 0])
+        counts[1] += 1
+        label = str(ex.fields["label"])
+        if label in known:
+            kept.append(ex)
+            continue
+        message = (
+            f"{ex.source}:{ex.line}: field 'label' is {label!r}, which never appears in the "
+            f"training data (known labels: {known_text}); fix the label or add training rows "
+            f"with it, {_SKIP_HINT}"
+        )
+        if not skip_bad:
+            raise DataError(message)
+        counts[0] += 1
+        warn(message)
+    for source, (bad, total) in skipped.items():
+        if bad:
+            warn(f"skipped {bad} of {total} rows in {source} (labels not in the training data)")
+    if examples and not kept:
+        raise DataError(
+            f"{examples[0].source}: no row has a label seen in training (known labels: "
+            f"{known_text}); evaluate on data with the same labels"
+        )
+    return kept

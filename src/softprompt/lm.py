@@ -1,0 +1,138 @@
+"""Language-model losses and scores that run the LM head only where they need it.
+
+A 49k-word LM head over every position of a batch costs as much as several transformer layers
+on a small model; classification and answer-only supervision need it on a handful of positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import _hf
+from ._hf import SoftPromptError
+from .model import SoftPromptModel
+
+
+def _head(model: SoftPromptModel):
+    parts = _hf.lm_body_and_head(model.base_model)
+    if parts is None:
+        raise SoftPromptError(f"{type(model.base_model).__name__} is not a decoder-only LM")
+    return parts[1]
+
+
+def lm_loss(
+    model: SoftPromptModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    adapter_names: Sequence[str | None] | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Next-token cross-entropy over positions whose label is not -100.
+
+    Equal to ``model(..., labels=labels).loss`` (for ``reduction="mean"``), but the LM head runs
+    only on the supervised positions.
+
+    Args:
+        input_ids, attention_mask, labels: (B, T); labels are aligned with input_ids (shifted here).
+        reduction: "mean" over supervised tokens, "sum", "row_sum" (B,) or "none" (B,): one loss
+            per row, the mean over that row's supervised tokens.
+    """
+    if model.info.is_encoder_decoder:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                    adapter_names=adapter_names)
+        return out.loss
+    hidden = model(
+        input_ids=input_ids, attention_mask=attention_mask, adapter_names=adapter_names,
+        body_only=True, use_cache=False,
+    ).last_hidden_state  # (B, T, d)
+    target = labels[:, 1:]
+    sel = target != -100  # (B, T-1)
+    logits = _head(model)(hidden[:, :-1][sel]).float()  # (N, V)
+    tok = F.cross_entropy(logits, target[sel], reduction="none")  # (N,)
+    if reduction == "mean":
+        return tok.mean()
+    if reduction == "sum":
+        return tok.sum()
+    per_row = _sum_rows(tok, sel)
+    if reduction == "row_sum":
+        return per_row
+    return per_row / sel.sum(1).clamp(min=1)
+
+
+def sequence_logprobs(
+    model: SoftPromptModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    adapter_names: Sequence[str | None] | None = None,
+) -> torch.Tensor:
+    """Sum of log-probabilities of the labelled tokens of each row.  Returns (B,)."""
+    return -lm_loss(model, input_ids, attention_mask, labels, adapter_names, reduction="row_sum")
+
+
+def _sum_rows(tok: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    rows = sel.nonzero()[:, 0]
+    return torch.zeros(sel.shape[0], device=tok.device).index_add(0, rows, tok)
+
+
+def answer_logprobs(
+    model: SoftPromptModel,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    adapter_names: Sequence[str | None] | None = None,
+    pad_id: int = 0,
+) -> torch.Tensor:
+    """log P(answer_c | prompt_b) for every prompt b and candidate answer c (full sequence).
+
+    Multi-token answers are scored by the sum of their tokens' log-probabilities. When every
+    answer is one token, one forward over the prompts scores all of them.
+
+    Args:
+        prompts: B token-id lists (negative ids mark template virtual tokens).
+        answers: C token-id lists (the verbalizer's label words).
+
+    Returns:
+        (B, C) log-probabilities; differentiable with respect to the adapter.
+    """
+    head = _head(model)
+    device = model.device
+    bsz = len(prompts)
+    if all(len(a) == 1 for a in answers):
+        ids, mask = pad_left(prompts, pad_id, device)
+        hidden = model(input_ids=ids, attention_mask=mask, adapter_names=adapter_names,
+                       body_only=True, use_cache=False).last_hidden_state[:, -1]  # (B, d)
+        logp = F.log_softmax(head(hidden).float(), dim=-1)  # (B, V)
+        return logp[:, torch.tensor([a[0] for a in answers], device=device)]
+    seqs, labels, rows = [], [], []
+    for b, p in enumerate(prompts):
+        for a in answers:
+            seqs.append(list(p) + list(a))
+            labels.append([-100] * len(p) + list(a))
+            rows.append(adapter_names[b] if adapter_names is not None else model.active)
+    ids, mask = pad_left(seqs, pad_id, device)
+    lab, _ = pad_left(labels, -100, device)
+    hidden = model(input_ids=ids, attention_mask=mask, adapter_names=rows, body_only=True,
+                   use_cache=False).last_hidden_state
+    target = lab[:, 1:]
+    sel = target != -100
+    logp = F.log_softmax(head(hidden[:, :-1][sel]).float(), dim=-1)
+    tok = logp.gather(1, target[sel][:, None])[:, 0]
+    return _sum_rows(tok, sel).view(bsz, len(answers))
+
+
+def pad_left(
+    rows: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token-id lists.  Returns ids (B, T) and attention mask (B, T)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(list(r))
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,137 @@
+"""Adapter files: safetensors + JSON, exact round trips, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, METHODS, inputs_for, method_config, out_tensor, perturb, tiny_model
+from safetensors.torch import load_file
+
+import softprompt as sp
+
+IDS = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+MASK = (IDS != 0).long()
+
+
+def _trained(family, method):
+    model = sp.attach(tiny_model(family))
+    model.add_adapter("task", method_config(method))
+    perturb(model)
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_gives_bit_identical_outputs(tmp_path, family, method):
+    model = _trained(family, method)
+    kw = inputs_for(family, IDS, MASK)
+    with torch.no_grad():
+        ref = out_tensor(family, model(**kw))
+        model.save_adapter(tmp_path / "ad")
+        loaded = sp.load_adapter(tiny_model(family), tmp_path / "ad")
+        got = out_tensor(family, loaded(**kw))
+    assert loaded.active == "task"
+    assert torch.equal(got, ref)
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [
+        "adapter.safetensors",
+        "adapter_config.json",
+    ]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_saved_keys_and_config(tmp_path, method):
+    model = _trained("llama", method)
+    model.save_adapter(tmp_path / "ad")
+    tensors = load_file(tmp_path / "ad" / "adapter.safetensors")
+    meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    p = model.adapters["task"].num_virtual_tokens
+    if method in ("prompt", "ptuning"):
+        assert list(tensors) == ["prompt"] and tensors["prompt"].shape == (p, 32)
+        assert meta["slots"] == []
+    else:
+        # 3 layers x (key + value) x 2 kv heads x head_dim 8
+        assert list(tensors) == ["prefix"] and tensors["prefix"].shape == (p, 3 * 2 * 2 * 8)
+        assert meta["slots"] == ["self.0", "self.1", "self.2"]
+    assert meta["format"] == "softprompt-adapter" and meta["method"] == method
+    assert meta["library_version"] == sp.__version__
+    ident = meta["base_model"]
+    assert ident["model_type"] == "llama" and ident["vocab_size"] == 120
+    assert ident["hidden_size"] == 32 and ident["kv_dims"] == [16] and len(ident["embedding_sample"]) == 64
+    assert meta["config"]["num_virtual_tokens"] == p
+
+
+@pytest.mark.parametrize("method", ["prefix", "ptuning"])
+def test_checkpoint_keeps_the_reparameterisation_and_trains_on(tmp_path, method):
+    model = _trained("llama", method)
+    model.save_adapter(tmp_path / "ck", trainable=True)
+    state = load_file(tmp_path / "ck" / "trainable.safetensors")
+    expected = {k for k, _ in model.adapters["task"].named_parameters()}
+    assert set(state) == expected  # exactly the adapter's parameters: MLP / encoder included
+    loaded = sp.load_adapter(tiny_model("llama"), tmp_path / "ck")
+    assert not loaded.adapters["task"].is_baked
+    assert {k for k, p in loaded.named_parameters() if p.requires_grad} == {
+        f"adapters.task.{k}" for k in expected
+    }
+    # one identical optimisation step on both gives identical parameters
+    for m in (model, loaded):
+        m.train()
+        opt = torch.optim.SGD(m.parameters_to_train(), lr=0.1)
+        m(input_ids=IDS, attention_mask=MASK, labels=IDS).loss.backward()
+        opt.step()
+    for (k, a), b in zip(model.adapters["task"].named_parameters(),
+                         loaded.adapters["task"].parameters(), strict=True):
+        assert torch.equal(a, b), k
+    # the baked export loads as a baked (inference) adapter with the same outputs
+    model.save_adapter(tmp_path / "baked")
+    baked = sp.load_adapter(tiny_model("llama"), tmp_path / "baked")
+    assert baked.adapters["task"].is_baked and baked.trainable_parameters()[0] == 0
+    with torch.no_grad():
+        assert torch.equal(baked(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path):
+    model = _trained("llama", "prefix")
+    model.save_adapter(tmp_path / "ad")
+    with pytest.raises(sp.SoftPromptError, match=r"model_type: adapter has 'llama', model has 'gpt2'"):
+        sp.load_adapter(tiny_model("gpt2"), tmp_path / "ad")
+    other = tiny_model("llama")
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(1.5)
+    with pytest.raises(sp.SoftPromptError, match="embedding weights differ"):
+        sp.load_adapter(other, tmp_path / "ad")
+    # same checkpoint in bfloat16 is the same model
+    sp.load_adapter(tiny_model("llama").to(torch.bfloat16), tmp_path / "ad")
+
+
+def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
+    model = _trained("llama", "prompt")
+    ad = tmp_path / "ad"
+    model.save_adapter(ad)
+    base = tiny_model("llama")
+    with pytest.raises(sp.SoftPromptError, match="does not exist"):
+        sp.load_adapter(base, tmp_path / "nope")
+    weights = (ad / "adapter.safetensors").read_bytes()
+    (ad / "adapter.safetensors").write_bytes(weights[:50])
+    with pytest.raises(sp.SoftPromptError, match="adapter.safetensors is not a readable safetensors"):
+        sp.load_adapter(base, ad)
+    (ad / "adapter.safetensors").write_bytes(weights)
+    (ad / "adapter_config.json").write_text("{not json")
+    with pytest.raises(sp.SoftPromptError, match="adapter_config.json is not valid JSON"):
+        sp.load_adapter(base, ad)
+    (ad / "adapter_config.json").unlink()
+    with pytest.raises(sp.SoftPromptError, match="adapter_config.json is missing"):
+        sp.load_adapter(base, ad)
+    # a failed load leaves the model as it was
+    wrapped = sp.attach(base)
+    with pytest.raises(sp.SoftPromptError):
+        sp.load_adapter(wrapped, ad)
+    assert list(wrapped.adapters) == []
+
+
+def test_no_pickle_anywhere(tmp_path):
+    model = _trained("t5", "prefix")
+    model.save_adapter(tmp_path / "ad", trainable=True)
+    for f in (tmp_path / "ad").iterdir():
+        assert f.suffix in (".json", ".safetensors"), f
