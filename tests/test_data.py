@@ -45,7 +45,9 @@ def raises(path, task="classify", **kw) -> str:
 def test_jsonl_classify_rows_lines_and_labels(tmp_path):
     p = write(
         tmp_path / "train.jsonl",
-        jsonl({"text": "good", "label": "positive", "id": 7}, "", "   ", {"text": "bad", "label": 0}),
+        jsonl(
+            {"text": "good", "label": "positive", "id": 7}, "", "   ", {"text": "bad", "label": 0}
+        ),
     )
     got = load_examples(p, "classify")
     assert got == [
@@ -70,8 +72,13 @@ def test_json_array_line_numbers(tmp_path):
 
 
 def test_json_file_with_one_object_per_line(tmp_path):
-    p = write(tmp_path / "rows.json", jsonl({"text": "a", "label": "x"}, {"text": "b", "label": "y"}))
-    assert [(e.fields["label"], e.line) for e in load_examples(p, "classify")] == [("x", 1), ("y", 2)]
+    p = write(
+        tmp_path / "rows.json", jsonl({"text": "a", "label": "x"}, {"text": "b", "label": "y"})
+    )
+    assert [(e.fields["label"], e.line) for e in load_examples(p, "classify")] == [
+        ("x", 1),
+        ("y", 2),
+    ]
 
 
 def test_csv_line_numbers_count_header_and_multiline_records(tmp_path):
@@ -129,7 +136,7 @@ def test_parse_source():
             [{"text": "ok", "label": "a"}, '{"text": "x", "label": }'],
             "classify",
             (),
-            f"2: not valid JSON (Expecting value at column 23); write one JSON object per line, {SKIP}",
+            f"2: not valid JSON (Expecting value at column 24); write one JSON object per line, {SKIP}",
         ),
         (
             [["text", "label"]],
@@ -243,7 +250,10 @@ def test_missing_file(tmp_path):
 )
 def test_empty_sources(tmp_path, name, text):
     p = write(tmp_path / name, text)
-    assert raises(p) == f'{p}: no rows; the source is empty, add rows like {{"text": "...", "label": "..."}}'
+    assert (
+        raises(p)
+        == f'{p}: no rows; the source is empty, add rows like {{"text": "...", "label": "..."}}'
+    )
 
 
 def test_csv_header_only(tmp_path):
@@ -263,7 +273,10 @@ def test_unsupported_file_type(tmp_path):
 def test_not_utf8(tmp_path):
     p = tmp_path / "train.jsonl"
     p.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "a"}\n')
-    assert raises(p) == f"{p}:2: not UTF-8 text (invalid continuation byte at byte 41); save the file as UTF-8"
+    assert (
+        raises(p)
+        == f"{p}:2: not UTF-8 text (invalid continuation byte at byte 14 of the line); save the file as UTF-8"
+    )
 
 
 def test_split_does_not_apply_to_a_file(tmp_path):
@@ -285,22 +298,31 @@ def test_embedded_split_conflict_and_unknown_split():
 
 
 def test_unknown_task(tmp_path):
-    with pytest.raises(SoftPromptError, match="^unknown task 'summarise'; expected 'classify' or 'generate'$"):
+    with pytest.raises(
+        SoftPromptError, match="^unknown task 'summarise'; expected 'classify' or 'generate'$"
+    ):
         load_examples(tmp_path / "x.jsonl", "summarise")
 
 
 def test_json_array_errors_are_fatal_with_line(tmp_path):
-    p = write(tmp_path / "rows.json", '[\n  {"text": "a", "label": "x"},\n  {"text": "b" "label": "y"}\n]')
-    msg = f"{p}:3: not valid JSON (Expecting ',' delimiter at column 15); fix the file"
+    p = write(
+        tmp_path / "rows.json", '[\n  {"text": "a", "label": "x"},\n  {"text": "b" "label": "y"}\n]'
+    )
+    msg = f"{p}:3: not valid JSON (Expecting ',' delimiter at column 16); fix the file"
     assert raises(p) == msg
     assert raises(p, skip_bad=True, warn=lambda m: None) == msg
-    p2 = write(tmp_path / "rows2.json", '[{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}]')
+    p2 = write(
+        tmp_path / "rows2.json", '[{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}]'
+    )
     assert raises(p2) == f"{p2}:2: not valid JSON (expected ',' or ']' at column 1); fix the file"
 
 
 def test_json_array_rows_are_checked(tmp_path):
     p = write(tmp_path / "rows.json", '[\n {"text": "a", "label": "x"},\n 3\n]')
-    assert raises(p) == f'{p}:3: row is a number (3), not an object; write each row as {{"text": ..., "label": ...}}, {SKIP}'
+    assert (
+        raises(p)
+        == f'{p}:3: row is a number (3), not an object; write each row as {{"text": ..., "label": ...}}, {SKIP}'
+    )
 
 
 def test_pretty_printed_single_object(tmp_path):
@@ -340,7 +362,9 @@ def test_csv_duplicate_column_and_bad_quoting(tmp_path):
     p = write(tmp_path / "d.csv", "text,label,text\na,b,c\n")
     assert raises(p) == f"{p}:1: column 'text' appears twice; rename one"
     p2 = write(tmp_path / "q.csv", 'text,label\nok,pos\n"unclosed,pos\n')
-    assert raises(p2) == f"{p2}:3: bad CSV (unexpected end of data); check the quoting of this record"
+    assert (
+        raises(p2) == f"{p2}:3: bad CSV (unexpected end of data); check the quoting of this record"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,7 +431,12 @@ def _examples(src: str, labels: list[str]) -> list[Example]:
 
 
 def test_label_set_sorted_unique():
-    assert label_set(_examples("a.jsonl", ["pos", "neg", "pos", "10", "2"])) == ["10", "2", "neg", "pos"]
+    assert label_set(_examples("a.jsonl", ["pos", "neg", "pos", "10", "2"])) == [
+        "10",
+        "2",
+        "neg",
+        "pos",
+    ]
 
 
 def test_check_eval_labels(tmp_path):
@@ -450,7 +479,9 @@ def test_datasets_folder(tmp_path):
     features = datasets.Features(
         {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
     )
-    train = datasets.Dataset.from_dict({"text": ["good", "bad"], "label": [1, 0]}, features=features)
+    train = datasets.Dataset.from_dict(
+        {"text": ["good", "bad"], "label": [1, 0]}, features=features
+    )
     dev = datasets.Dataset.from_dict({"text": ["fine", ""], "label": [1, 1]}, features=features)
     folder = tmp_path / "ds"
     datasets.DatasetDict({"train": train, "validation": dev}).save_to_disk(str(folder))

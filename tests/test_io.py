@@ -58,7 +58,11 @@ def test_saved_keys_and_config(tmp_path, method):
     assert meta["library_version"] == sp.__version__
     ident = meta["base_model"]
     assert ident["model_type"] == "llama" and ident["vocab_size"] == 120
-    assert ident["hidden_size"] == 32 and ident["kv_dims"] == [16] and len(ident["embedding_sample"]) == 64
+    assert (
+        ident["hidden_size"] == 32
+        and ident["kv_dims"] == [16]
+        and len(ident["embedding_sample"]) == 64
+    )
     assert meta["config"]["num_virtual_tokens"] == p
 
 
@@ -80,8 +84,9 @@ def test_checkpoint_keeps_the_reparameterisation_and_trains_on(tmp_path, method)
         opt = torch.optim.SGD(m.parameters_to_train(), lr=0.1)
         m(input_ids=IDS, attention_mask=MASK, labels=IDS).loss.backward()
         opt.step()
-    for (k, a), b in zip(model.adapters["task"].named_parameters(),
-                         loaded.adapters["task"].parameters(), strict=True):
+    for (k, a), b in zip(
+        model.adapters["task"].named_parameters(), loaded.adapters["task"].parameters(), strict=True
+    ):
         assert torch.equal(a, b), k
     # the baked export loads as a baked (inference) adapter with the same outputs
     model.save_adapter(tmp_path / "baked")
@@ -94,7 +99,9 @@ def test_checkpoint_keeps_the_reparameterisation_and_trains_on(tmp_path, method)
 def test_adapter_for_another_base_model_is_refused(tmp_path):
     model = _trained("llama", "prefix")
     model.save_adapter(tmp_path / "ad")
-    with pytest.raises(sp.SoftPromptError, match=r"model_type: adapter has 'llama', model has 'gpt2'"):
+    with pytest.raises(
+        sp.SoftPromptError, match=r"model_type: adapter has 'llama', model has 'gpt2'"
+    ):
         sp.load_adapter(tiny_model("gpt2"), tmp_path / "ad")
     other = tiny_model("llama")
     with torch.no_grad():
@@ -114,7 +121,9 @@ def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
         sp.load_adapter(base, tmp_path / "nope")
     weights = (ad / "adapter.safetensors").read_bytes()
     (ad / "adapter.safetensors").write_bytes(weights[:50])
-    with pytest.raises(sp.SoftPromptError, match="adapter.safetensors is not a readable safetensors"):
+    with pytest.raises(
+        sp.SoftPromptError, match="adapter.safetensors is not a readable safetensors"
+    ):
         sp.load_adapter(base, ad)
     (ad / "adapter.safetensors").write_bytes(weights)
     (ad / "adapter_config.json").write_text("{not json")

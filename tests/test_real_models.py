@@ -32,9 +32,14 @@ def test_text_init_reads_like_the_text(smollm):
     base, tok = smollm
     text = "Classify the sentiment of this movie review:"
     n = len(tok(text, add_special_tokens=False)["input_ids"])
-    model = sp.attach(base, sp.PromptTuningConfig(num_virtual_tokens=n, init="text", init_text=text),
-                      tokenizer=tok)
-    review = tok(" A warm, funny and beautifully acted film.", add_special_tokens=False)["input_ids"]
+    model = sp.attach(
+        base,
+        sp.PromptTuningConfig(num_virtual_tokens=n, init="text", init_text=text),
+        tokenizer=tok,
+    )
+    review = tok(" A warm, funny and beautifully acted film.", add_special_tokens=False)[
+        "input_ids"
+    ]
     with torch.no_grad():
         got = model(input_ids=torch.tensor([review])).logits[0, -1]
         full = tok(text, add_special_tokens=False)["input_ids"] + review
@@ -54,8 +59,12 @@ def test_a_few_steps_lower_the_loss_on_real_text(smollm, method):
     }[method]
     lr = {"prompt": 3e-2, "prefix": 1e-3, "deep": 1e-2, "ptuning": 1e-3}[method]
     model = sp.attach(base, cfg, name=method)
-    reviews = [("A tedious, joyless slog.", "negative"), ("Smart, moving and funny.", "positive"),
-               ("Dull and overlong.", "negative"), ("A triumph of warmth.", "positive")]
+    reviews = [
+        ("A tedious, joyless slog.", "negative"),
+        ("Smart, moving and funny.", "positive"),
+        ("Dull and overlong.", "negative"),
+        ("A triumph of warmth.", "positive"),
+    ]
     rows, labs = [], []
     for text, label in reviews:
         p = tok(f"Review: {text}\nSentiment:", add_special_tokens=False)["input_ids"]
@@ -83,12 +92,22 @@ def test_a_few_steps_lower_the_loss_on_real_text(smollm, method):
 def test_real_adapter_round_trip_and_rows(smollm, tmp_path):
     base, tok = smollm
     model = sp.attach(base)
-    model.add_adapter("p", sp.PrefixTuningConfig(num_virtual_tokens=10, init="text",
-                                                  init_text="Sentiment of the review:"), tok)
+    model.add_adapter(
+        "p",
+        sp.PrefixTuningConfig(
+            num_virtual_tokens=10, init="text", init_text="Sentiment of the review:"
+        ),
+        tok,
+    )
     model.add_adapter("q", sp.PromptTuningConfig(num_virtual_tokens=6))
     model.save_adapter(tmp_path / "p", name="p")
-    ids, mask = pad_left([tok("Great film", add_special_tokens=False)["input_ids"],
-                          tok("It was a bad, bad movie", add_special_tokens=False)["input_ids"]], 0)
+    ids, mask = pad_left(
+        [
+            tok("Great film", add_special_tokens=False)["input_ids"],
+            tok("It was a bad, bad movie", add_special_tokens=False)["input_ids"],
+        ],
+        0,
+    )
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, adapter_names=["p", "q"]).logits
         model.delete_adapter("p")
@@ -110,10 +129,12 @@ def test_real_adapter_round_trip_and_rows(smollm, tmp_path):
 @pytest.mark.parametrize("method", ["prompt", "deep", "prefix", "ptuning"])
 def test_minilm_encoder(minilm, method, tmp_path):
     base, tok = minilm
-    cfg = {"prompt": sp.PromptTuningConfig(num_virtual_tokens=5),
-           "deep": sp.DeepPromptConfig(num_virtual_tokens=5, layers="top_half"),
-           "prefix": sp.PrefixTuningConfig(num_virtual_tokens=5),
-           "ptuning": sp.PTuningConfig(num_virtual_tokens=5)}[method]
+    cfg = {
+        "prompt": sp.PromptTuningConfig(num_virtual_tokens=5),
+        "deep": sp.DeepPromptConfig(num_virtual_tokens=5, layers="top_half"),
+        "prefix": sp.PrefixTuningConfig(num_virtual_tokens=5),
+        "ptuning": sp.PTuningConfig(num_virtual_tokens=5),
+    }[method]
     model = sp.attach(base, cfg, name=method)
     enc = tok(["a gripping thriller", "boring"], padding=True, return_tensors="pt")
     with torch.no_grad():

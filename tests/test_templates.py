@@ -71,7 +71,12 @@ def test_parse_without_soft_or_answer():
 
 def test_parse_target_answer_and_literal_braces_and_brackets():
     t = Template.parse("{{json}} [note] {input} -> {target}")
-    assert t.parts == (TextPart("{json} [note] "), FieldPart("input"), TextPart(" -> "), FieldPart("target"))
+    assert t.parts == (
+        TextPart("{json} [note] "),
+        FieldPart("input"),
+        TextPart(" -> "),
+        FieldPart("target"),
+    )
     assert t.answer_field == "target"
     assert t.fields == {"input"}
 
@@ -93,7 +98,10 @@ def test_soft_marker_is_case_insensitive_and_allows_spaces():
             "unclosed '{' at column 3 of template 'A {text B {label}'; close the field with '}' "
             "or write '{{' for a literal brace",
         ),
-        ("A } {text}", "unmatched '}' at column 3 of template 'A } {text}'; write '}}' for a literal brace"),
+        (
+            "A } {text}",
+            "unmatched '}' at column 3 of template 'A } {text}'; write '}}' for a literal brace",
+        ),
         (
             "[soft:0] {text}",
             "bad soft segment '[soft:0]' at column 1 of template '[soft:0] {text}'; the length "
@@ -173,7 +181,9 @@ def test_no_bos_unless_tokenizer_adds_one(smol):
     assert special_tokens(smol) == ([], [])
     t = Template.parse("[soft:1] {text}")
     assert t.encode({"text": "hi"}, smol) == [-1, *ids(smol, "hi")]
-    with_bos = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"), add_bos_token=True)
+    with_bos = AutoTokenizer.from_pretrained(
+        resolve_model("smollm2-135m-instruct"), add_bos_token=True
+    )
     assert special_tokens(with_bos) == ([with_bos.bos_token_id], [])
     assert t.encode({"text": "hi"}, with_bos) == [with_bos.bos_token_id, -1, *ids(smol, "hi")]
 
@@ -208,7 +218,9 @@ def test_answer_ids_leading_space(smol):
     assert t.answer_ids("positive", smol) == ids(smol, " positive")
     assert smol.convert_ids_to_tokens(t.answer_ids("positive", smol)) == ["Ġpositive"]
     # prompt without answer field, ending in ":" -> same
-    assert Template.parse("Text: {text}\nLabel:").answer_ids("positive", smol) == ids(smol, " positive")
+    assert Template.parse("Text: {text}\nLabel:").answer_ids("positive", smol) == ids(
+        smol, " positive"
+    )
     # prompt ends in a newline -> no space
     assert Template.parse("Text: {text}\nLabel:\n{label}").answer_ids("positive", smol) == ids(
         smol, "positive"
@@ -245,7 +257,16 @@ def test_bert_cls_first_soft_next_sep_last(bert):
     assert special_tokens(bert) == ([101], [102])
     t = Template.parse("[soft:3] Review: {text} [soft:1] Sentiment: {label}")
     got = t.encode({"text": "Great fun", "label": "positive"}, bert)
-    assert got == [101, -1, -2, -3, *ids(bert, "Review: Great fun"), -4, *ids(bert, "Sentiment:"), 102]
+    assert got == [
+        101,
+        -1,
+        -2,
+        -3,
+        *ids(bert, "Review: Great fun"),
+        -4,
+        *ids(bert, "Sentiment:"),
+        102,
+    ]
     assert bert.convert_ids_to_tokens(got[4:8]) == ["review", ":", "great", "fun"]
     assert bert.convert_ids_to_tokens(got[9:-1]) == ["sentiment", ":"]
     # The same text without soft tokens is exactly what the tokenizer makes of it.
@@ -315,12 +336,16 @@ def test_truncation_impossible(smol):
 
 def test_default_templates():
     assert default_template("classify", True, 20, encoder=False) == "Text: {text}\nLabel: {label}"
-    assert default_template("generate", False, 10, encoder=False) == "Input: {input}\nOutput: {target}"
+    assert (
+        default_template("generate", False, 10, encoder=False) == "Input: {input}\nOutput: {target}"
+    )
     assert default_template("classify", True, 20, encoder=True) == "{text}"
     assert default_template("generate", True, 20, encoder=True) == "{input}"
     lm = Template.parse(default_template("classify", True, 20, encoder=False))
     assert (lm.fields, lm.answer_field, lm.num_soft) == ({"text"}, "label", 0)
     gen = Template.parse(default_template("generate", True, 20, encoder=False))
     assert (gen.fields, gen.answer_field) == ({"input"}, "target")
-    with pytest.raises(SoftPromptError, match="unknown task 'summarize'; expected 'classify' or 'generate'"):
+    with pytest.raises(
+        SoftPromptError, match="unknown task 'summarize'; expected 'classify' or 'generate'"
+    ):
         default_template("summarize", True, 20, encoder=False)

@@ -407,3 +407,46 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
             for attr in ("dropout", "activation_dropout"):
                 if isinstance(getattr(m, attr, None), float):
                     setattr(m, attr, 0.0)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _FirstKeys:
+    """A state that keeps the keys of one slot, then aborts the forward (nothing else is needed)."""
+
+    def __init__(self, info: ModelInfo, slot: int) -> None:
+        self.info, self.slot, self.keys = info, slot, None
+
+    def prefix_for(self, module, query, key, value):
+        if self.info.module_slot[id(module)] == self.slot:
+            self.keys = key[:, :, -1].reshape(key.shape[0], -1)  # (B, kvh * hd) of the last token
+            raise _StopForward
+        return None
+
+
+@torch.no_grad()
+def token_keys(
+    model: PreTrainedModel, info: ModelInfo, ids: torch.Tensor, slot: int = 0, chunk: int = 4096
+) -> torch.Tensor:
+    """Keys that ``slot`` computes for each token id read alone (position 0).
+
+    Used to read a key/value prefix in vocabulary terms: the tokens whose keys are nearest to a
+    prefix entry. Only the layers up to ``slot`` run.  Returns (N, kv_heads * head_dim).
+    """
+    out = []
+    for i in range(0, len(ids), chunk):
+        part = ids[i : i + chunk, None].to(model.device)  # (n, 1)
+        inputs = {"input_ids": part}
+        if info.is_encoder_decoder:
+            inputs["decoder_input_ids"] = part
+        st = _FirstKeys(info, slot)
+        try:
+            model(**inputs, use_cache=False, **{STATE_KWARG: st})
+        except _StopForward:
+            pass
+        if st.keys is None:
+            raise SoftPromptError(f"slot {slot} was not reached")
+        out.append(st.keys.float().cpu())
+    return torch.cat(out)

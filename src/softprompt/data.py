@@ -147,8 +147,9 @@ def _read_text(path: Path, name: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
+        byte = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise DataError(
-            f"{name}:{line}: not UTF-8 text ({err.reason} at byte {err.start}); "
+            f"{name}:{line}: not UTF-8 text ({err.reason} at byte {byte} of the line); "
             "save the file as UTF-8"
         ) from None
 

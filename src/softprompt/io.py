@@ -74,6 +74,8 @@ def adapter_metadata(model: SoftPromptModel, name: str) -> dict:
         "config": ad.config.to_dict(),
         "slots": slots,
         "base_model": model.info.identity,
+        "task": ad.task,
+        "task_head": None if ad.task_head is None else list(ad.task_head.weight.shape[::-1]),
     }
 
 
@@ -99,7 +101,10 @@ def save_adapter(
     directory = Path(directory)
     ad = model.adapters[name]
     with torch.no_grad():
-        _write_tensors(directory / WEIGHTS_NAME, ad.baked_tensors())
+        baked = dict(ad.baked_tensors())
+        if ad.task_head is not None:
+            baked.update({f"task_head.{k}": v for k, v in ad.task_head.state_dict().items()})
+        _write_tensors(directory / WEIGHTS_NAME, baked)
         if trainable:
             state = {k: v for k, v in ad.state_dict().items() if v is not None}
             _write_tensors(directory / TRAINABLE_NAME, state)
@@ -177,6 +182,9 @@ def load_adapter(
         )
     use_trainable = has_trainable if trainable is None else trainable
     adapter = model.add_adapter(name, config, _init=False)
+    adapter.task = meta.get("task")
+    if meta.get("task_head"):
+        adapter.set_task_head(int(meta["task_head"][1])).to(model.device)
     try:
         if use_trainable:
             state = _read_tensors(directory / TRAINABLE_NAME)
@@ -196,6 +204,12 @@ def load_adapter(
                     target.copy_(val)
         else:
             tensors = _read_tensors(directory / WEIGHTS_NAME)
+            head = {k[10:]: tensors.pop(k) for k in list(tensors) if k.startswith("task_head.")}
+            if adapter.task_head is not None:
+                try:
+                    adapter.task_head.load_state_dict(head)
+                except RuntimeError as e:
+                    raise SoftPromptError(f"{directory / WEIGHTS_NAME}: bad task head ({e})") from e
             expected = {k: tuple(v.shape) for k, v in adapter.baked_tensors().items()}
             got = {k: tuple(v.shape) for k, v in tensors.items()}
             if expected != got:

@@ -42,12 +42,19 @@ def lm_loss(
             per row, the mean over that row's supervised tokens.
     """
     if model.info.is_encoder_decoder:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                    adapter_names=adapter_names)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            adapter_names=adapter_names,
+        )
         return out.loss
     hidden = model(
-        input_ids=input_ids, attention_mask=attention_mask, adapter_names=adapter_names,
-        body_only=True, use_cache=False,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        adapter_names=adapter_names,
+        body_only=True,
+        use_cache=False,
     ).last_hidden_state  # (B, T, d)
     target = labels[:, 1:]
     sel = target != -100  # (B, T-1)
@@ -103,8 +110,13 @@ def answer_logprobs(
     bsz = len(prompts)
     if all(len(a) == 1 for a in answers):
         ids, mask = pad_left(prompts, pad_id, device)
-        hidden = model(input_ids=ids, attention_mask=mask, adapter_names=adapter_names,
-                       body_only=True, use_cache=False).last_hidden_state[:, -1]  # (B, d)
+        hidden = model(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=adapter_names,
+            body_only=True,
+            use_cache=False,
+        ).last_hidden_state[:, -1]  # (B, d)
         logp = F.log_softmax(head(hidden).float(), dim=-1)  # (B, V)
         return logp[:, torch.tensor([a[0] for a in answers], device=device)]
     seqs, labels, rows = [], [], []
@@ -115,8 +127,9 @@ def answer_logprobs(
             rows.append(adapter_names[b] if adapter_names is not None else model.active)
     ids, mask = pad_left(seqs, pad_id, device)
     lab, _ = pad_left(labels, -100, device)
-    hidden = model(input_ids=ids, attention_mask=mask, adapter_names=rows, body_only=True,
-                   use_cache=False).last_hidden_state
+    hidden = model(
+        input_ids=ids, attention_mask=mask, adapter_names=rows, body_only=True, use_cache=False
+    ).last_hidden_state
     target = lab[:, 1:]
     sel = target != -100
     logp = F.log_softmax(head(hidden[:, :-1][sel]).float(), dim=-1)
@@ -133,6 +146,6 @@ def pad_left(
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.tensor(list(r))
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(list(r))
+            mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)

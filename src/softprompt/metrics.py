@@ -16,7 +16,9 @@ __all__ = ["classification_metrics", "generation_metrics"]
 
 def _check_lengths(a: Sequence, b: Sequence, what: tuple[str, str]) -> None:
     if len(a) != len(b):
-        raise SoftPromptError(f"{len(a)} {what[0]} but {len(b)} {what[1]}; pass one of each per example")
+        raise SoftPromptError(
+            f"{len(a)} {what[0]} but {len(b)} {what[1]}; pass one of each per example"
+        )
     if not a:
         raise SoftPromptError("no examples to score; pass at least one")
 
@@ -93,7 +95,9 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str]) ->
     n = len(predictions)
     result = {key: 100.0 * totals[key] / n for key in keys}
     result["bleu"] = float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
-    matches = sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references, strict=True))
+    matches = sum(
+        _normalise(p) == _normalise(r) for p, r in zip(predictions, references, strict=True)
+    )
     result["exact_match"] = matches / n
     result["n"] = n
     return result

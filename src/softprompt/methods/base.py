@@ -107,6 +107,15 @@ class Adapter(nn.Module):
         super().__init__()
         self.config = config
         self.info = info
+        # What the adapter is for (set by softprompt.tasks, saved in adapter_config.json), and an
+        # optional task head (a linear classifier on encoders), trained and saved with it.
+        self.task: dict | None = None
+        self.task_head: nn.Module | None = None
+
+    def set_task_head(self, num_labels: int) -> nn.Linear:
+        """Give the adapter a linear head (hidden -> num_labels), as P-tuning v2 does on [CLS]."""
+        self.task_head = nn.Linear(self.info.hidden_size, num_labels)
+        return self.task_head
 
     # -- what the model reads --------------------------------------------------------------
     def input_prompt(self) -> torch.Tensor | None:

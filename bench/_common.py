@@ -1,0 +1,388 @@
+"""Shared pieces of the benchmark scripts: model and data loading, the four method pairs,
+interleaved timing, process memory, machine info and the result-file format.
+
+Not run directly; see ``bench/run_all.py``.
+
+Result files (``bench/results/<section>.json``) share one schema so ``bench/report.py`` can render
+any section, including ones added later (quality):
+
+    {"section": str, "title": str, "order": int, "machine": {...}, "config": {...},
+     "intro": [markdown paragraphs], "tables": [{"title", "columns", "rows", "notes"}],
+     "targets": [{"name", "target", "value", "met", "detail", "why"}],
+     "plots": [{"file", "title", "ylabel", "labels", "series": {name: [values]}, "ref": float}],
+     "notes": [markdown paragraphs], "raw": {...}}
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+MODEL = "smollm2-135m-instruct"
+THREADS = 2
+NUM_VIRTUAL = 20
+ENCODER_HIDDEN = 512
+
+# method key -> (softprompt label, PEFT label)
+METHODS = {
+    "prompt": ("PromptTuning", "PromptTuning"),
+    "prefix_mlp": ("PrefixTuning (MLP 512)", "PrefixTuning prefix_projection=True, h=512"),
+    "prefix_flat": ("DeepPrompt (flat prefix)", "PrefixTuning prefix_projection=False"),
+    "ptuning_mlp": ("PTuning (MLP 512)", "PromptEncoder MLP, h=512"),
+}
+
+
+def setup(threads: int = THREADS) -> None:
+    """Fix threads, silence library chatter (progress bars, deprecation notes)."""
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from peft.utils import logging as _  # noqa: F401
+    except Exception:
+        pass
+
+
+# ------------------------------------------------------------------------------ model and data
+def model_path() -> str:
+    from softprompt.assets import resolve_model
+
+    return resolve_model(MODEL)
+
+
+def load_base():
+    """A fresh, untouched SmolLM2-135M-Instruct in fp32, eval mode (sdpa attention)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32)
+    return base.eval()
+
+
+def load_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path())
+
+
+def _rows(split: str = "train") -> list[dict]:
+    from softprompt.assets import resolve_data
+
+    with open(resolve_data("rotten-tomatoes", split)) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_batches(tok, n_batches: int, batch: int = 8, lo: int = 34, hi: int = 46) -> list[dict]:
+    """Classification-style training batches of real text, about 40 tokens a row.
+
+    Each row is ``"Review: {text}\\nSentiment: {label}"``; labels are -100 except on the answer
+    token(s) (realistic answer-only supervision). Rows are chosen with total length in
+    ``[lo, hi]`` and right-padded to the longest row of their batch.
+    """
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    examples = []
+    for r in _rows():
+        prompt = tok(f"Review: {r['text']}\nSentiment:")["input_ids"]
+        answer = tok(f" {r['label']}", add_special_tokens=False)["input_ids"]
+        if lo <= len(prompt) + len(answer) <= hi:
+            examples.append((prompt, answer))
+        if len(examples) >= n_batches * batch:
+            break
+    out = []
+    for i in range(n_batches):
+        chunk = examples[i * batch : (i + 1) * batch]
+        width = max(len(p) + len(a) for p, a in chunk)
+        ids = torch.full((batch, width), pad, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        for b, (p, a) in enumerate(chunk):
+            n = len(p) + len(a)
+            ids[b, :n] = torch.tensor(p + a)
+            mask[b, :n] = 1
+            labels[b, len(p) : n] = torch.tensor(a)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def generation_prompts(tok, batch: int = 8, offset: int = 0, extra: int = 0) -> dict:
+    """Left-padded prompts ``"Review: {text}\\nSentiment:"`` (dev split), as a server sees them.
+
+    ``extra`` > 0 prepends that many real tokens to every row (a same-length control for
+    prompt tuning's virtual tokens).
+    """
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = _rows("dev")[offset : offset + batch]
+    filler = tok("The following is a short film review. " * 10)["input_ids"][:extra]
+    seqs = [filler + tok(f"Review: {r['text']}\nSentiment:")["input_ids"] for r in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((batch, width), pad, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s) :] = torch.tensor(s)
+        mask[b, width - len(s) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------ the method pairs
+def sp_config(method: str, seed: int = 0):
+    import softprompt as sp
+
+    if method == "prompt":
+        return sp.PromptTuningConfig(num_virtual_tokens=NUM_VIRTUAL, seed=seed)
+    if method == "prefix_mlp":
+        return sp.PrefixTuningConfig(
+            num_virtual_tokens=NUM_VIRTUAL, encoder_hidden_size=ENCODER_HIDDEN, seed=seed
+        )
+    if method == "prefix_flat":
+        return sp.DeepPromptConfig(num_virtual_tokens=NUM_VIRTUAL, seed=seed)
+    if method == "ptuning_mlp":
+        return sp.PTuningConfig(
+            num_virtual_tokens=NUM_VIRTUAL,
+            encoder="mlp",
+            encoder_hidden_size=ENCODER_HIDDEN,
+            seed=seed,
+        )
+    raise KeyError(method)
+
+
+def peft_config(method: str):
+    import peft
+
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": NUM_VIRTUAL}
+    if method == "prompt":
+        return peft.PromptTuningConfig(**common)
+    if method == "prefix_mlp":
+        return peft.PrefixTuningConfig(
+            **common, prefix_projection=True, encoder_hidden_size=ENCODER_HIDDEN
+        )
+    if method == "prefix_flat":
+        return peft.PrefixTuningConfig(**common, prefix_projection=False)
+    if method == "ptuning_mlp":
+        return peft.PromptEncoderConfig(
+            **common, encoder_reparameterization_type="MLP", encoder_hidden_size=ENCODER_HIDDEN
+        )
+    raise KeyError(method)
+
+
+def make_sp(method: str, base=None, name: str = "a"):
+    """softprompt model with one adapter ``name`` of ``method`` (trainable, active)."""
+    import softprompt as sp
+
+    return sp.attach(base if base is not None else load_base(), sp_config(method), name=name)
+
+
+def make_peft(method: str, base=None, name: str = "default"):
+    import peft
+
+    torch.manual_seed(0)
+    return peft.get_peft_model(
+        base if base is not None else load_base(), peft_config(method), adapter_name=name
+    )
+
+
+# ------------------------------------------------------------------------------ losses
+try:  # the trainer's loss: the LM head only on supervised positions
+    from softprompt.lm import lm_loss as _lm_loss
+except Exception:  # not there yet (or broken on import)
+    _lm_loss = None
+
+SP_LOSS_NAME = "model(**batch).loss"
+
+
+def resolve_sp_loss(model, batch) -> str:
+    """Decide once which loss ``sp_loss`` uses: ``softprompt.lm.lm_loss`` when importable and it
+    runs on this batch, else ``model(**batch).loss``. Returns a description of the choice."""
+    global SP_LOSS_NAME, _lm_loss
+    if _lm_loss is None:
+        SP_LOSS_NAME = "model(**batch).loss (softprompt.lm.lm_loss not importable)"
+        return SP_LOSS_NAME
+    try:
+        with torch.no_grad():
+            a = _lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            b = model(**batch).loss
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
+            raise ValueError(f"lm_loss {a.item():.6f} != model(**batch).loss {b.item():.6f}")
+        SP_LOSS_NAME = "softprompt.lm.lm_loss"
+    except Exception as e:  # present but failing: fall back, say why
+        _lm_loss = None
+        SP_LOSS_NAME = f"model(**batch).loss (softprompt.lm.lm_loss failed: {e!r:.120})"
+    return SP_LOSS_NAME
+
+
+def sp_loss(model, batch) -> torch.Tensor:
+    """softprompt's training loss: ``lm_loss`` if available (see ``resolve_sp_loss``)."""
+    if _lm_loss is not None:
+        return _lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return model(**batch).loss
+
+
+def full_loss(model, batch) -> torch.Tensor:
+    """The usual Hugging Face loss: LM head over every position."""
+    return model(**batch).loss
+
+
+def train_step(model, opt, loss_fn: Callable, batch: dict) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+# ------------------------------------------------------------------------------ timing
+def interleaved(
+    fns: dict[str, Callable[[int], object]], repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Time each ``fn(round)`` ``repeats`` times after ``warmup`` untimed rounds.
+
+    Within a round every function runs once; the order rotates each round (A B C, B C A, ...)
+    and alternates direction, so slow drifts and neighbours' CPU load hit all of them alike.
+
+    Returns:
+        name -> list of seconds, one per timed round (index = round).
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        k = r % len(names)
+        order = names[k:] + names[:k]
+        if r % 2:
+            order = order[::-1]
+        for n in order:
+            gc.collect()
+            t0 = time.perf_counter()
+            fns[n](r)
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[n].append(dt)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i] (robust to load that changes between rounds)."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def spread(xs: list[float]) -> float:
+    """Relative spread: (max - min) / median."""
+    return (max(xs) - min(xs)) / statistics.median(xs) if len(xs) > 1 else 0.0
+
+
+# ------------------------------------------------------------------------------ memory
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Release freed heap to the OS and reset the kernel's peak-RSS mark (VmHWM).
+
+    Linux >= 4.0: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------ results
+def machine_info() -> dict:
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except Exception:
+        peft_version = None
+    import softprompt
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = None
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1) if mem_gb else None,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+        "softprompt": softprompt.__version__,
+        "platform": platform.platform(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def write_result(section: str, data: dict, out: Path | None = None) -> Path:
+    data = {"section": section, **data}
+    data["machine"]["loadavg_end"] = list(os.getloadavg())
+    out = out or RESULTS / f"{section}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fmt_x(x: float, nd: int = 2) -> str:
+    return f"{x:.{nd}f}x"
+
+
+def target(name: str, goal: str, value: str, met: bool, detail: str = "", why: str = "") -> dict:
+    return {"name": name, "target": goal, "value": value, "met": bool(met), "detail": detail,
+            "why": why}

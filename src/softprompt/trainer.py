@@ -1,0 +1,376 @@
+"""One method-agnostic training loop on Hugging Face accelerate.
+
+Only the active adapter's parameters train; the base model stays frozen and in eval mode. The loop
+never looks at the method: it asks the task for a loss and the model for its trainable parameters.
+
+* Data parallel: ``accelerate launch --num_processes N`` (gloo on CPU). Every process walks the
+  same seeded sequence of global batches and takes its slice; gradients are summed across
+  processes, each slice's loss weighted by its share of the global batch, so N processes reach
+  the single-process adapter up to float summation order.
+* Schedule: linear warmup then linear decay; gradient accumulation; gradient clipping.
+* Evaluation every ``eval_every`` steps on the dev split only, early stopping after ``patience``
+  evaluations without improvement, best adapter kept in ``output/adapter``.
+* Checkpoints (``output/checkpoint``: trainable adapter, optimizer, scheduler, RNG and loop state)
+  are written to a temporary folder and swapped in by rename; after a kill -9, ``resume=True``
+  continues and ends with the adapter an uninterrupted run with the same seed ends with.
+* Logs: ``metrics.jsonl`` (one JSON object per log/eval step) and ``training_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from ._hf import SoftPromptError
+from .data import Example
+from .io import save_adapter
+from .model import SoftPromptModel
+from .tasks import Task, headline
+
+# Learning rates that train without collapsing, per method (the README's benchmark table).
+DEFAULT_LR = {"prompt": 3e-2, "ptuning": 3e-3, "deep": 5e-3, "prefix": 5e-4}
+
+
+@dataclass
+class TrainArgs:
+    """Training-loop settings (the CLI's flags)."""
+
+    output_dir: str
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    save_every: int | None = None
+    patience: int = 5
+    seed: int = 0
+    resume: bool = False
+    log_every: int = 10
+    eval_batch_size: int = 32
+    eval_limit: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "eval_every", "log_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise SoftPromptError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise SoftPromptError("--max-steps must be >= 1")
+        if self.epochs <= 0:
+            raise SoftPromptError("--epochs must be > 0")
+
+
+def _atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
+    """Write a folder completely under a temporary name, then swap it in by rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        fill(tmp)
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _checkpoint_dir(out: Path) -> Path | None:
+    """The newest complete checkpoint (a crash between the two renames leaves ``.old``)."""
+    for cand in (out / "checkpoint", out / "checkpoint.old"):
+        if (cand / "trainer_state.json").is_file():
+            return cand
+    return None
+
+
+class Trainer:
+    """Trains the active adapter of ``model`` on ``task``."""
+
+    def __init__(
+        self,
+        model: SoftPromptModel,
+        task: Task,
+        train_examples: Sequence[Example],
+        eval_examples: Sequence[Example] | None,
+        args: TrainArgs,
+        accelerator: Accelerator | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        if model.active is None:
+            raise SoftPromptError("the model has no active adapter to train")
+        self.model, self.task, self.args, self.log = model, task, args, log
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.out = Path(args.output_dir)
+        self.items = [task.encode(ex) for ex in train_examples]
+        self.eval_examples = list(eval_examples or [])[: args.eval_limit]
+        method = model.adapters[model.active].config.method
+        self.lr = args.lr if args.lr is not None else DEFAULT_LR[method]
+        self.params = model.parameters_to_train()
+        if not self.params:
+            raise SoftPromptError(f"adapter {model.active!r} has nothing to train (is it baked?)")
+        n_batches = math.ceil(len(self.items) / args.batch_size)
+        self.steps_per_epoch = max(
+            1, n_batches // args.grad_accum
+        )  # a partial last step is dropped
+        self.total = args.max_steps or max(1, round(args.epochs * self.steps_per_epoch))
+        self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=args.weight_decay)
+        warm = int(args.warmup_ratio * self.total)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt,
+            lambda s: (
+                (s + 1) / (warm + 1)
+                if s < warm
+                else max(0.0, (self.total - s) / max(1, self.total - warm))
+            ),
+        )
+        self.step = 0
+        self.best: float | None = None
+        self.bad_evals = 0
+        self.last_metric: float | None = None
+
+    # ------------------------------------------------------------------ data order
+    def _micro_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.items), generator=g).tolist()
+        b = self.args.batch_size
+        return [order[i : i + b] for i in range(0, len(order), b)]
+
+    def _my_slice(self, rows: list[int]) -> list[int]:
+        return rows[self.acc.process_index :: self.acc.num_processes]
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "best": self.best,
+            "bad_evals": self.bad_evals,
+            "last_metric": self.last_metric,
+            "lr": self.lr,
+            "total": self.total,
+            "args": asdict(self.args),
+        }
+
+    def save_checkpoint(self) -> None:
+        if not self.acc.is_main_process:
+            return
+
+        def fill(tmp: Path) -> None:
+            save_adapter(self.model, tmp, trainable=True)
+            torch.save(
+                {
+                    "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(),
+                    "rng": torch.get_rng_state(),
+                },
+                tmp / "optimizer.pt",
+            )
+            (tmp / "trainer_state.json").write_text(json.dumps(self._state(), indent=2))
+
+        _atomic_dir(self.out / "checkpoint", fill)
+
+    def _resume(self) -> None:
+        ck = _checkpoint_dir(self.out)
+        if ck is None:
+            self.log(f"--resume: no checkpoint in {self.out}; starting from scratch")
+            return
+        from safetensors.torch import load_file
+
+        state = json.loads((ck / "trainer_state.json").read_text())
+        tensors = load_file(str(ck / "trainable.safetensors"))
+        adapter = self.model.adapters[self.model.active]
+        with torch.no_grad():
+            for name, p in adapter.named_parameters():
+                p.copy_(tensors[name])
+        blob = torch.load(ck / "optimizer.pt", weights_only=True)  # never a plain unpickle
+        self.opt.load_state_dict(blob["optimizer"])
+        self.sched.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["rng"])
+        self.step, self.best = state["step"], state["best"]
+        self.bad_evals, self.last_metric = state["bad_evals"], state["last_metric"]
+        log = self.out / "metrics.jsonl"
+        if log.exists() and self.acc.is_main_process:  # drop what was logged after the checkpoint
+            keep = [
+                ln
+                for ln in log.read_text().splitlines()
+                if ln and json.loads(ln)["step"] <= self.step
+            ]
+            log.write_text("".join(k + "\n" for k in keep))
+        self.log(f"resumed from {ck} at step {self.step}")
+
+    def _write_log(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, examples: Sequence[Example]) -> tuple[dict, list[dict]]:
+        """Metrics and predictions on ``examples``, sharded across processes."""
+        mine = list(range(self.acc.process_index, len(examples), self.acc.num_processes))
+        preds = self.task.predict([examples[i] for i in mine], self.args.eval_batch_size)
+        if self.acc.num_processes > 1:
+            pairs = gather_object(list(zip(mine, preds, strict=True)))
+            preds = [p for _, p in sorted(pairs, key=lambda x: x[0])]
+        return self.task.metrics(examples, preds), preds
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        args, acc, model = self.args, self.acc, self.model
+        self.out.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            self._resume()
+        elif acc.is_main_process and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        _, _, line = model.trainable_parameters()
+        self.log(f"{line}; {len(self.items)} training rows, {self.total} steps, lr {self.lr:g}")
+        model.train()
+        save_every = args.save_every or args.eval_every
+        bar = tqdm(
+            total=self.total,
+            initial=self.step,
+            disable=not (args.progress and acc.is_main_process),
+            desc="train",
+            dynamic_ncols=True,
+        )
+        t0, recent = time.time(), []
+        stop = False
+        while self.step < self.total and not stop:
+            epoch, first = divmod(self.step, self.steps_per_epoch)
+            batches = self._micro_batches(epoch)
+            for k in range(first, self.steps_per_epoch):
+                self.opt.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                group = batches[k * args.grad_accum : (k + 1) * args.grad_accum]
+                if self.steps_per_epoch == 1:
+                    group = batches  # fewer batches than one accumulation step
+                for rows in group:
+                    mine = self._my_slice(rows)
+                    if not mine:
+                        continue
+                    weight = len(mine) / len(rows) / len(group)
+                    loss = self.task.loss([self.items[i] for i in mine])
+                    acc.backward(loss * weight)
+                    loss_sum += loss.item() * weight
+                if acc.num_processes > 1:
+                    for p in self.params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        p.grad = acc.reduce(p.grad, reduction="sum")
+                    loss_sum = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item()
+                if args.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
+                self.opt.step()
+                self.sched.step()
+                self.step += 1
+                recent.append(loss_sum)
+                bar.update(1)
+                post = {"loss": f"{loss_sum:.4f}"}
+                if self.last_metric is not None:
+                    post[headline_name(self.task)] = f"{self.last_metric:.4f}"
+                bar.set_postfix(post)
+                if self.step % args.log_every == 0 or self.step == self.total:
+                    self._write_log(
+                        {
+                            "step": self.step,
+                            "epoch": round(self.step / self.steps_per_epoch, 3),
+                            "loss": sum(recent) / len(recent),
+                            "lr": self.sched.get_last_lr()[0],
+                            "elapsed_s": round(time.time() - t0, 2),
+                        }
+                    )
+                    recent = []
+                if self.eval_examples and (
+                    self.step % args.eval_every == 0 or self.step == self.total
+                ):
+                    stop = self._eval_and_select()
+                elif not self.eval_examples and (
+                    self.step % args.eval_every == 0 or self.step == self.total
+                ):
+                    self._save_best()
+                if self.step % save_every == 0 or self.step == self.total or stop:
+                    self.save_checkpoint()
+                    acc.wait_for_everyone()
+                if self.step >= self.total or stop:
+                    break
+        bar.close()
+        model.eval()
+        if acc.is_main_process:
+            plot_curves(self.out / "metrics.jsonl", self.out / "training_curve.png")
+        return {"steps": self.step, "best": self.best, "lr": self.lr, "stopped_early": stop}
+
+    def _save_best(self) -> None:
+        if self.acc.is_main_process:
+            _atomic_dir(self.out / "adapter", lambda tmp: save_adapter(self.model, tmp))
+
+    def _eval_and_select(self) -> bool:
+        self.model.eval()
+        metrics, _ = self.evaluate(self.eval_examples)
+        self.model.train()
+        name, value = headline(metrics)
+        self.last_metric = value
+        improved = self.best is None or value > self.best
+        if improved:
+            self.best, self.bad_evals = value, 0
+            self._save_best()
+        else:
+            self.bad_evals += 1
+        self._write_log(
+            {
+                "step": self.step,
+                "eval": {name: value, **{k: v for k, v in metrics.items() if k != "per_class"}},
+                "best": self.best,
+            }
+        )
+        self.acc.wait_for_everyone()
+        return self.bad_evals >= self.args.patience
+
+
+def headline_name(task: Task) -> str:
+    return "accuracy" if task.spec.kind == "classify" else "rougeL"
+
+
+def plot_curves(log_path: Path, png: Path) -> None:
+    """Training loss and dev metric against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not log_path.exists():
+        return
+    recs = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    evals = [(r["step"], next(iter(r["eval"].values()))) for r in recs if "eval" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), color="tab:blue", label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    if evals:
+        ax2 = ax.twinx()
+        name = next(iter(next(r["eval"] for r in recs if "eval" in r)))
+        ax2.plot(*zip(*evals, strict=True), "o-", color="tab:orange", label=f"dev {name}")
+        ax2.set_ylabel(f"dev {name}", color="tab:orange")
+    ax.set_title("softprompt training")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
