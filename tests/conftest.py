@@ -190,3 +190,75 @@ def out_tensor(family: str, out) -> torch.Tensor:
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from softprompt.assets import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """Tiny random LMs saved as local folders with the real SmolLM2 tokenizer (for the CLI)."""
+    tok = _tokenizer()
+    vocab = len(tok)
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    specs = {
+        "llama": LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                vocab_size=vocab,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=True,
+            )
+        ),
+        "t5": T5ForConditionalGeneration(
+            T5Config(
+                num_layers=2,
+                num_decoder_layers=2,
+                d_model=32,
+                d_kv=8,
+                num_heads=4,
+                d_ff=64,
+                vocab_size=vocab,
+                pad_token_id=tok.pad_token_id or 0,
+                eos_token_id=tok.eos_token_id,
+                decoder_start_token_id=tok.pad_token_id or 0,
+            )
+        ),
+        "bart": BartForConditionalGeneration(
+            BartConfig(
+                encoder_layers=2,
+                decoder_layers=2,
+                d_model=32,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                vocab_size=vocab,
+                max_position_embeddings=256,
+                pad_token_id=tok.pad_token_id or 0,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                decoder_start_token_id=tok.eos_token_id,
+                forced_eos_token_id=None,
+            )
+        ),
+    }
+    out = {}
+    for name, model in specs.items():
+        path = root / name
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        out[name] = str(path)
+    return out

@@ -20,6 +20,29 @@ from .assets import resolve_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def model_kind(name_or_path: str) -> str:
+    """ "causal", "seq2seq" or "encoder", from the config alone (no weights loaded)."""
+    config = _config(resolve_model(name_or_path), name_or_path)
+    archs = " ".join(config.architectures or [])
+    if config.is_encoder_decoder:
+        return "seq2seq"
+    if "CausalLM" in archs or "LMHead" in archs:
+        return "causal"
+    return "encoder"
+
+
+def _config(path: str, name: str):
+    if os.path.isdir(path):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise SoftPromptError(
+            f"cannot load model {name!r}: {e}. Give a local folder, an embedded asset "
+            "(softprompt assets lists them) or a hub id reachable from this machine"
+        ) from e
+
+
 def load_base(name_or_path: str, dtype: str = "float32", device: str | None = None):
     """(model, tokenizer) for ``name_or_path``: a causal LM, a seq2seq LM or an encoder.
 
@@ -29,23 +52,14 @@ def load_base(name_or_path: str, dtype: str = "float32", device: str | None = No
     path = resolve_model(name_or_path)
     if dtype not in DTYPES:
         raise SoftPromptError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if os.path.isdir(path):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _config(path, name_or_path)
     try:
-        config = AutoConfig.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise SoftPromptError(
-            f"cannot load model {name_or_path!r}: {e}. Give a local folder, an embedded asset "
-            "(softprompt assets lists them) or a hub id reachable from this machine"
-        ) from e
-    archs = " ".join(config.architectures or [])
-    if config.is_encoder_decoder:
-        cls = AutoModelForSeq2SeqLM
-    elif "CausalLM" in archs or "LMHead" in archs:
-        cls = AutoModelForCausalLM
-    else:
-        cls = AutoModel
+        raise SoftPromptError(f"cannot load the tokenizer of {name_or_path!r}: {e}") from e
+    cls = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM, "encoder": AutoModel}[
+        model_kind(name_or_path)
+    ]
     model: PreTrainedModel = cls.from_pretrained(path, dtype=DTYPES[dtype])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()

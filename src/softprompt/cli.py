@@ -1,0 +1,610 @@
+"""The ``softprompt`` command line: train, eval, generate, inspect, assets, demo.
+
+Every subcommand has ``--help``. ``--config FILE.yaml`` reads flags from YAML (keys are flag
+names, with - or _); flags on the command line win. ``train`` saves its effective flags as
+``config.yaml`` in the output folder, so a run can be repeated with ``--config``.
+
+Errors a user can act on (bad data, missing files, adapters for another model) print one
+``error: ...`` line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from ._hf import SoftPromptError
+
+METHOD_NAMES = ("prompt", "prefix", "deep", "ptuning")
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks shared by the subcommands
+# --------------------------------------------------------------------------------------------
+
+
+def _adapter_config(args, template):
+    import softprompt as sp
+
+    input_level = args.method in ("prompt", "ptuning")
+    n = args.num_virtual_tokens
+    extra = {}
+    if template.num_soft:
+        if not input_level:
+            raise SoftPromptError(
+                f"--template has soft segments ([soft:N]) but --method {args.method} puts its "
+                "prompt inside attention; use --method prompt or ptuning, or drop the [soft:N]"
+            )
+        extra["placement"] = "template"
+        n = template.num_soft
+    init = args.init
+    init_text = args.init_text
+    if init == "text" and not init_text:
+        raise SoftPromptError("--init text needs --init-text")
+    common = dict(num_virtual_tokens=n, init=init, init_text=init_text, seed=args.seed)
+    if args.method == "prompt":
+        return sp.PromptTuningConfig(**common, **extra)
+    if args.method == "ptuning":
+        return sp.PTuningConfig(**common, encoder=args.encoder, **extra)
+    if args.method == "deep":
+        return sp.DeepPromptConfig(**common, layers=_layers(args.layers))
+    return sp.PrefixTuningConfig(
+        **common, encoder_hidden_size=args.prefix_hidden, layers=_layers(args.layers)
+    )
+
+
+def _layers(value):
+    if value in (None, "", "all"):
+        return None
+    if value == "top_half":
+        return "top_half"
+    try:
+        return [int(x) for x in str(value).split(",")]
+    except ValueError as e:
+        raise SoftPromptError(
+            f"--layers must be 'all', 'top_half' or e.g. '6,7,8', got {value!r}"
+        ) from e
+
+
+def _warn(msg: str) -> None:
+    _err(f"warning: {msg}")
+
+
+def _load_data(path, task, skip_bad, template):
+    from .data import load_examples
+
+    fields = set(template.fields) if template is not None else set()
+    return load_examples(path, task, skip_bad=skip_bad, required_fields=sorted(fields), warn=_warn)
+
+
+def _load_adapter_and_task(model_name, adapter_dir, dtype):
+    import softprompt as sp
+
+    from .io import read_adapter_config
+    from .loading import load_base
+    from .tasks import Task, TaskSpec
+
+    meta = read_adapter_config(adapter_dir)
+    if model_name is None:
+        model_name = meta["base_model"].get("name_or_path") or None
+        if not model_name:
+            raise SoftPromptError(f"{adapter_dir} does not name its base model; pass --model")
+    base, tok = load_base(model_name, dtype)
+    model = sp.load_adapter(base, adapter_dir, name="adapter")
+    model.tokenizer = tok
+    task_meta = model.adapters["adapter"].task
+    if not task_meta:
+        raise SoftPromptError(
+            f"{adapter_dir} has no task in its adapter_config.json (not made by softprompt train)"
+        )
+    return model, tok, Task(TaskSpec.from_dict(task_meta), model, tok)
+
+
+def _main_field(task_kind: str) -> str:
+    return "text" if task_kind == "classify" else "input"
+
+
+# --------------------------------------------------------------------------------------------
+# train (and demo)
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> dict:
+    import torch
+    from accelerate import Accelerator
+
+    import softprompt as sp
+
+    from .data import check_eval_labels, label_set
+    from .loading import load_base, model_kind
+    from .tasks import Task, TaskSpec, headline
+    from .templates import Template, default_template
+    from .trainer import Trainer
+
+    for flag in ("train", "output"):
+        if not getattr(args, flag):
+            raise SoftPromptError(f"train needs --{flag} (on the command line or in --config)")
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    main = acc.is_main_process
+    log = print if main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    kind = model_kind(args.model)
+    encoder_only = kind == "encoder"
+    text = args.template or default_template(
+        args.task,
+        args.method in ("prompt", "ptuning"),
+        args.num_virtual_tokens,
+        encoder=kind != "causal",
+    )
+    template = Template.parse(text)
+    train_rows = _load_data(args.train, args.task, args.skip_bad, template)
+    labels = label_set(train_rows) if args.task == "classify" else []
+    eval_rows = _load_data(args.eval, args.task, args.skip_bad, template) if args.eval else []
+    test_rows = _load_data(args.test, args.task, args.skip_bad, template) if args.test else []
+    if args.task == "classify":
+        eval_rows = check_eval_labels(labels, eval_rows, args.skip_bad, _warn) if eval_rows else []
+        test_rows = check_eval_labels(labels, test_rows, args.skip_bad, _warn) if test_rows else []
+    base, tok = load_base(args.model, args.dtype, device=str(acc.device))
+    model = sp.attach(base, tokenizer=tok)
+    try:
+        verbalizer = json.loads(args.verbalizer) if args.verbalizer else {}
+    except json.JSONDecodeError as e:
+        raise SoftPromptError(f"--verbalizer is not valid JSON: {e}") from e
+    if args.init == "labels":
+        args.init_text = [verbalizer.get(lab, lab) for lab in labels]
+    spec = TaskSpec(
+        kind=args.task,
+        template=text,
+        labels=labels,
+        verbalizer=verbalizer,
+        head=encoder_only and args.task == "classify",
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+    )
+    config = _adapter_config(args, template)
+    adapter = model.add_adapter(args.name, config, tok)
+    adapter.task = spec.to_dict()
+    if spec.head:
+        adapter.set_task_head(len(labels)).to(model.device)
+        model.set_active(args.name)
+    task = Task(spec, model, tok)
+    if main:
+        (out / "config.yaml").write_text(
+            yaml.safe_dump(
+                {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")},
+                sort_keys=False,
+            )
+        )
+
+    summary: dict = {
+        "method": args.method,
+        "model": args.model,
+        "task": args.task,
+        "train_rows": len(train_rows),
+        "template": text,
+    }
+    trainer = Trainer(model, task, train_rows, eval_rows, _train_args(args), acc, log=log)
+    if test_rows and not spec.head and not args.resume:
+        model.set_active(None)
+        zs, _ = trainer.evaluate(test_rows)
+        model.set_active(args.name)
+        name, value = headline(zs)
+        summary["zero_shot"] = zs
+        log(f"zero-shot {name} on {args.test}: {value:.4f}")
+    result = trainer.train()
+    summary["train"] = result
+    best_dir = out / "adapter"
+    model.delete_adapter(args.name)
+    sp.load_adapter(model, best_dir, name=args.name)
+    task = Task(spec, model, tok)
+    trainer.task = task
+    if test_rows:
+        tuned, preds = trainer.evaluate(test_rows)
+        name, value = headline(tuned)
+        summary["test"] = tuned
+        log(f"tuned {name} on {args.test}: {value:.4f}")
+        if main:
+            _write_jsonl(out / "test_predictions.jsonl", preds)
+    if main:
+        _, _, line = model.trainable_parameters()
+        summary["adapter"] = str(best_dir)
+        summary["adapter_bytes"] = sum(f.stat().st_size for f in best_dir.iterdir())
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        log(
+            f"adapter: {best_dir} ({summary['adapter_bytes'] / 1024:.0f} KB); "
+            f"curve: {out / 'training_curve.png'}; log: {out / 'metrics.jsonl'}"
+        )
+    summary["_model"], summary["_task"] = model, task
+    return summary
+
+
+def _train_args(args):
+    from .trainer import TrainArgs
+
+    return TrainArgs(
+        output_dir=args.output,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_ratio=args.warmup_ratio,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        patience=args.patience,
+        seed=args.seed,
+        resume=args.resume,
+        eval_batch_size=args.eval_batch_size,
+        eval_limit=args.eval_limit,
+        progress=not args.no_progress,
+    )
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+DEMO = dict(
+    model="smollm2-135m-instruct",
+    method="prefix",
+    task="classify",
+    train="rotten-tomatoes:train",
+    eval="rotten-tomatoes:dev",
+    test="rotten-tomatoes:test",
+    template="Review: {text}\nSentiment: {label}",
+    num_virtual_tokens=10,
+    max_steps=120,
+    batch_size=8,
+    eval_every=40,
+    eval_limit=200,
+    output="runs/demo",
+)
+
+
+def cmd_demo(args) -> dict:
+    """Prefix tuning on Rotten Tomatoes with SmolLM2, end to end, offline."""
+    parser = build_parser()
+    argv = ["train"]
+    for k, v in DEMO.items():
+        v = getattr(args, k, None) if getattr(args, k, None) is not None else v
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    targs = parser.parse_args(argv)
+    summary = cmd_train(targs)
+    model, task = summary.pop("_model"), summary.pop("_task")
+    examples = [
+        "A gorgeous, heartfelt film that earns every one of its tears.",
+        "Two hours of my life I will never get back.",
+        "The plot is thin, but the performances are sharp and the jokes land.",
+    ]
+    from .data import Example
+
+    preds = task.predict(
+        [Example({"text": t, "label": ""}, "demo", i + 1) for i, t in enumerate(examples)]
+    )
+    print("\nlabelled by the tuned adapter:")
+    for t, p in zip(examples, preds, strict=True):
+        conf = max(p["scores"].values())
+        print(f"  {p['prediction']:>8} ({conf:.2f})  {t}")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# eval / generate / inspect / assets
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> dict:
+    from .data import check_eval_labels, load_examples
+
+    model, tok, task = _load_adapter_and_task(args.model, args.adapter, args.dtype)
+    rows = load_examples(
+        args.data,
+        task.spec.kind,
+        skip_bad=args.skip_bad,
+        required_fields=sorted(task.template.fields),
+        warn=_warn,
+    )
+    if task.spec.kind == "classify":
+        rows = check_eval_labels(task.spec.labels, rows, args.skip_bad, _warn)
+    preds = task.predict(rows, args.batch_size)
+    metrics = task.metrics(rows, preds)
+    target = (
+        Path(args.predictions) if args.predictions else Path(args.adapter) / "predictions.jsonl"
+    )
+    _write_jsonl(target, preds)
+    print(json.dumps(metrics))
+    _err(f"predictions: {target}")
+    return metrics
+
+
+def cmd_generate(args) -> list[dict]:
+    from .data import Example, load_examples
+
+    model, tok, task = _load_adapter_and_task(args.model, args.adapter, args.dtype)
+    field = _main_field(task.spec.kind)
+    if args.data:
+        rows = load_examples(args.data, task.spec.kind, skip_bad=args.skip_bad, warn=_warn)
+    elif args.text:
+        rows = [
+            Example({field: t, "label": "", "target": ""}, "argv", i + 1)
+            for i, t in enumerate(args.text)
+        ]
+    else:
+        raise SoftPromptError("give TEXT arguments or --data FILE")
+    if task.spec.kind == "generate":
+        task.spec.max_new_tokens = args.max_new_tokens or task.spec.max_new_tokens
+    preds = task.predict(rows, args.batch_size)
+    for p in preds:
+        if task.spec.kind == "classify":
+            print(json.dumps({"text": p[field], "label": p["prediction"], "scores": p["scores"]}))
+        else:
+            print(json.dumps({"input": p[field], "output": p["prediction"]}, ensure_ascii=False))
+    return preds
+
+
+def cmd_inspect(args) -> dict:
+    import torch
+
+    import softprompt as sp
+
+    from . import _hf
+    from .io import read_adapter_config
+    from .loading import load_base
+
+    meta = read_adapter_config(args.adapter)
+    model_name = args.model or meta["base_model"].get("name_or_path")
+    base, tok = load_base(model_name, "float32")
+    model = sp.load_adapter(base, args.adapter, name="adapter")
+    ad = model.adapters["adapter"]
+    n_ad = sum(p.numel() for p in ad.parameters()) + sum(
+        t.numel() for t in ad.baked_tensors().values() if ad.is_baked
+    )
+    n_base = sum(p.numel() for p in base.parameters())
+    size = sum(f.stat().st_size for f in Path(args.adapter).iterdir() if f.is_file())
+    report = {
+        "method": meta["method"],
+        "config": meta["config"],
+        "task": meta.get("task"),
+        "base_model": {k: v for k, v in meta["base_model"].items() if k != "embedding_sample"},
+        "adapter_parameters": n_ad,
+        "base_parameters": n_base,
+        "share": f"{100 * n_ad / n_base:.4f}%",
+        "bytes_on_disk": size,
+        "virtual_tokens": [],
+    }
+    k = args.top_k
+    with torch.no_grad():
+        prompt = ad.input_prompt()
+        if prompt is not None:
+            table = base.get_input_embeddings().weight.float()
+            sims = (
+                torch.nn.functional.normalize(prompt.float(), dim=-1)
+                @ torch.nn.functional.normalize(table, dim=-1).T
+            )
+            space = "input embeddings (cosine)"
+        else:
+            slot = ad.layout.slots[0]
+            keys = _hf.token_keys(base, model.info, torch.arange(table_rows(base)), slot=slot)
+            pk = ad.kv()[slot][0].reshape(ad.num_virtual_tokens, -1).float()
+            sims = (
+                torch.nn.functional.normalize(pk, dim=-1)
+                @ torch.nn.functional.normalize(keys, dim=-1).T
+            )
+            space = f"keys of attention slot {model.info.slots[slot].key} (cosine)"
+        top = sims.topk(k, dim=-1)
+        for i in range(sims.shape[0]):
+            words = [tok.decode([int(t)]) for t in top.indices[i]]
+            report["virtual_tokens"].append(
+                {
+                    "index": i,
+                    "nearest": words,
+                    "cosine": [round(float(x), 3) for x in top.values[i]],
+                }
+            )
+    report["nearest_space"] = space
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return report
+    print(f"adapter      {args.adapter}")
+    print(f"method       {report['method']}  ({json.dumps(report['config'])})")
+    print(f"task         {json.dumps(report['task'])}")
+    print(
+        f"base model   {report['base_model']['name_or_path']} ({report['base_model']['architecture']}, "
+        f"vocab {report['base_model']['vocab_size']}, hidden {report['base_model']['hidden_size']})"
+    )
+    print(
+        f"parameters   {n_ad:,} adapter / {n_base:,} base = {report['share']}; {size / 1024:.1f} KB on disk"
+    )
+    print(f"nearest vocabulary words of each virtual token, in {space}:")
+    for v in report["virtual_tokens"]:
+        pairs = ", ".join(f"{w!r} {c:.2f}" for w, c in zip(v["nearest"], v["cosine"], strict=True))
+        print(f"  [{v['index']:>3}] {pairs}")
+    return report
+
+
+def table_rows(base) -> int:
+    return base.get_input_embeddings().weight.shape[0]
+
+
+def cmd_assets(args) -> None:
+    from .assets import fetch_all
+
+    fetch_all(args.names or None)
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------
+
+
+def _add_model(p, default="smollm2-135m-instruct"):
+    p.add_argument(
+        "--model",
+        default=default,
+        help="hub id, local folder, or embedded asset name (default: %(default)s)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
+    parser.add_argument("--config", help="YAML file of flags (saved flags); command-line flags win")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an adapter")
+    _add_model(t)
+    t.add_argument("--method", choices=METHOD_NAMES, default="prefix")
+    t.add_argument(
+        "--train",
+        help="JSONL/CSV/TSV file, datasets folder, or rotten-tomatoes[:split] / aclsum[:split]",
+    )
+    t.add_argument(
+        "--eval", help="dev data: model selection and early stopping (never the test set)"
+    )
+    t.add_argument("--test", help="test data: zero-shot before and tuned metrics after training")
+    t.add_argument("--output", help="output folder (required)")
+    t.add_argument("--task", choices=["classify", "generate"], default="classify")
+    t.add_argument("--template", help='e.g. "[soft:10] Review: {text} Sentiment: {label}"')
+    t.add_argument("--verbalizer", help='JSON label -> word, e.g. \'{"positive": "great"}\'')
+    t.add_argument("--num-virtual-tokens", type=int, default=10)
+    t.add_argument("--init", choices=["vocab", "random", "text", "labels"], default="vocab")
+    t.add_argument("--init-text", help="text for --init text")
+    t.add_argument("--layers", help="deep/prefix: 'all', 'top_half' or indices like '6,7,8'")
+    t.add_argument("--prefix-hidden", type=int, default=512, help="prefix MLP width")
+    t.add_argument(
+        "--encoder", choices=["mlp", "lstm"], default="mlp", help="P-tuning prompt encoder"
+    )
+    t.add_argument("--epochs", type=float, default=3.0)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument(
+        "--lr",
+        type=float,
+        help="default: per method (prompt 3e-2, ptuning 3e-3, deep 5e-3, prefix 5e-4)",
+    )
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--warmup-ratio", type=float, default=0.06)
+    t.add_argument("--eval-every", type=int, default=50)
+    t.add_argument(
+        "--save-every", type=int, help="checkpoint every N steps (default: --eval-every)"
+    )
+    t.add_argument(
+        "--patience", type=int, default=5, help="evaluations without improvement before stopping"
+    )
+    t.add_argument("--eval-limit", type=int, help="use only the first N dev rows for selection")
+    t.add_argument("--eval-batch-size", type=int, default=32)
+    t.add_argument("--max-length", type=int, default=256, help="prompt tokens kept")
+    t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--name", default="default", help="adapter name")
+    t.add_argument("--resume", action="store_true", help="continue from output/checkpoint")
+    t.add_argument("--skip-bad", action="store_true", help="report and skip bad data rows")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser(
+        "demo", help="the embedded default: prefix on Rotten Tomatoes with SmolLM2 (offline)"
+    )
+    d.add_argument("--output", default=None)
+    d.add_argument("--method", choices=METHOD_NAMES, default=None)
+    d.add_argument("--max-steps", type=int, default=None)
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="metrics of an adapter on data (JSON on stdout)")
+    _add_model(e, default=None)
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument(
+        "--predictions", help="where to write predictions JSONL (default: beside the adapter)"
+    )
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--skip-bad", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="run an adapter on texts or a data file")
+    _add_model(g, default=None)
+    g.add_argument("--adapter", required=True)
+    g.add_argument("text", nargs="*")
+    g.add_argument("--data")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--skip-bad", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="what an adapter is and what its virtual tokens are near")
+    i.add_argument("adapter")
+    i.add_argument("--model", help="base model (default: the one the adapter names)")
+    i.add_argument("--top-k", type=int, default=5)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    a = sub.add_parser("assets", help="fetch the embedded offline models and data sets")
+    a.add_argument("names", nargs="*")
+    a.set_defaults(func=cmd_assets)
+    return parser
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise SoftPromptError(f"--config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SoftPromptError(f"--config {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise SoftPromptError(f"--config {path} must be a mapping of flag: value")
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
+        known = {a.dest for a in sub._actions}  # noqa: SLF001
+        defaults = {}
+        for key, value in data.items():
+            dest = str(key).replace("-", "_")
+            if dest not in known:
+                raise SoftPromptError(f"--config {path}: unknown flag {key!r} for '{args.command}'")
+            defaults[dest] = value
+        sub.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    parser = build_parser()
+    try:
+        args = _apply_config(parser, argv)
+        result = args.func(args)
+        if isinstance(result, dict):
+            result.pop("_model", None)
+        return 0
+    except SoftPromptError as e:
+        _err(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
