@@ -247,6 +247,56 @@ def train_step(model, opt, loss_fn: Callable, batch: dict) -> float:
 
 
 # ------------------------------------------------------------------------------ timing
+# This machine is shared (2 cores); other processes' CPU use slows torch's OpenMP threads a lot
+# (a thread descheduled at a barrier stalls every op). Each timed round therefore records how many
+# cores *other* processes used meanwhile, and waits (boundedly) for a quiet machine before it
+# starts. Rounds during which others used more than ``BUSY`` cores are flagged "contended".
+_HZ = os.sysconf("SC_CLK_TCK")
+BUSY = 0.25
+QUIET_WAIT_BUDGET = {"left": 120.0}  # seconds of waiting allowed per process (per section)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks used by this process and its threads)."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(parts) - parts[3] - (parts[4] if len(parts) > 4 else 0)  # minus idle, iowait
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    own = int(fields[11]) + int(fields[12])  # utime, stime
+    return busy, own
+
+
+class OthersCPU:
+    """Cores used by other processes between ``start()`` and ``stop()``."""
+
+    def start(self) -> None:
+        self.t0, (self.b0, self.o0) = time.perf_counter(), _cpu_ticks()
+
+    def stop(self) -> float:
+        b1, o1 = _cpu_ticks()
+        dt = max(time.perf_counter() - self.t0, 1e-3)
+        return max(0.0, ((b1 - self.b0) - (o1 - self.o0)) / _HZ / dt)
+
+
+def wait_quiet(threshold: float = BUSY / 2, window: float = 0.5) -> float:
+    """Wait until other processes use less than ``threshold`` cores (bounded by the budget).
+
+    Returns:
+        seconds waited.
+    """
+    waited = 0.0
+    probe = OthersCPU()
+    while QUIET_WAIT_BUDGET["left"] > 0:
+        probe.start()
+        time.sleep(window)
+        if probe.stop() < threshold:
+            break
+        waited += window
+        QUIET_WAIT_BUDGET["left"] -= window
+    return waited
+
+
 def interleaved(
     fns: dict[str, Callable[[int], object]], repeats: int, warmup: int
 ) -> dict[str, list[float]]:
@@ -256,15 +306,21 @@ def interleaved(
     and alternates direction, so slow drifts and neighbours' CPU load hit all of them alike.
 
     Returns:
-        name -> list of seconds, one per timed round (index = round).
+        name -> list of seconds, one per timed round (index = round), plus the key
+        ``"_others"``: cores used by other processes during each timed round, and ``"_waited"``:
+        seconds spent waiting for a quiet machine before each timed round.
     """
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
+    times["_others"], times["_waited"] = [], []
+    probe = OthersCPU()
     for r in range(warmup + repeats):
         k = r % len(names)
         order = names[k:] + names[:k]
         if r % 2:
             order = order[::-1]
+        waited = wait_quiet() if r >= warmup else 0.0
+        probe.start()
         for n in order:
             gc.collect()
             t0 = time.perf_counter()
@@ -272,7 +328,25 @@ def interleaved(
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[n].append(dt)
+        others = probe.stop()
+        if r >= warmup:
+            times["_others"].append(round(others, 3))
+            times["_waited"].append(waited)
     return times
+
+
+def clean(times: dict[str, list[float]], min_rounds: int = 3) -> tuple[dict[str, list[float]], int]:
+    """Drop contended rounds (others used > ``BUSY`` cores) if at least ``min_rounds`` remain.
+
+    Returns:
+        (name -> times without the private keys, number of rounds dropped).
+    """
+    others = times.get("_others", [])
+    keep = [i for i, o in enumerate(others) if o <= BUSY]
+    public = {k: v for k, v in times.items() if not k.startswith("_")}
+    if len(keep) < min(min_rounds, len(others)) or len(keep) == len(others):
+        return public, 0
+    return {k: [v[i] for i in keep] for k, v in public.items()}, len(others) - len(keep)
 
 
 def median(xs: list[float]) -> float:

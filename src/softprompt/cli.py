@@ -285,7 +285,8 @@ def cmd_demo(args) -> dict:
         argv += [f"--{k.replace('_', '-')}", str(v)]
     targs = parser.parse_args(argv)
     summary = cmd_train(targs)
-    model, task = summary.pop("_model"), summary.pop("_task")
+    summary.pop("_model")
+    task = summary.pop("_task")
     examples = [
         "A gorgeous, heartfelt film that earns every one of its tears.",
         "Two hours of my life I will never get back.",
@@ -597,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
         if isinstance(result, dict):
             result.pop("_model", None)
+            result.pop("_task", None)
         return 0
     except SoftPromptError as e:
         _err(f"error: {e}")
