@@ -565,3 +565,30 @@ def test_prefix_mlp_runs_once_per_forward_not_per_row():
     model.train()
     model(input_ids=IDS.repeat(8, 1)).logits.sum().backward()
     assert len(calls) == 1
+
+
+def test_generate_with_different_prompt_lengths_and_no_padding():
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("short", sp.PromptTuningConfig(num_virtual_tokens=2))
+    model.add_adapter("long", sp.PTuningConfig(num_virtual_tokens=5, encoder_hidden_size=16))
+    perturb(model)
+    ids = IDS[:1].repeat(2, 1)
+    with torch.no_grad():
+        both = model.generate(
+            input_ids=ids,
+            adapter_names=["short", "long"],
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        for b, name in enumerate(["short", "long"]):
+            alone = model.generate(
+                input_ids=ids[:1],
+                adapter_names=[name],
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            assert torch.equal(both[b], alone[0])

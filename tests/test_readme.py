@@ -26,8 +26,9 @@ def test_two_setup_commands_on_top_and_ci_runs_the_test_one():
 def test_python_example_runs(tmp_path):
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     assert len(code.strip().splitlines()) <= 22
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == "trainable 6,210,944 of 140,725,952 (4.414%)"

@@ -131,16 +131,19 @@ class _Layout:
 FILL = -(10**9)
 
 
-def _splice_layout(mask: torch.Tensor, counts: list[int], placements: list[str]) -> _Layout:
+def _splice_layout(
+    mask: torch.Tensor, counts: list[int], placements: list[str], fill_left: bool
+) -> _Layout:
     """Plan where each row's virtual tokens go.
 
     Virtual tokens go right before the row's first real token ("prepend") or right after its last
     ("append"). Rows with fewer virtual tokens than the longest get filler positions (mask 0) on the
-    padding side, so left-padded rows still end with their last real token.
+    left (``fill_left``: the model takes position ids, so they do not shift the real tokens) unless
+    the batch is right-padded, so rows end with their last real token, as generation needs.
     """
     batch, length = mask.shape
     pmax = max(counts)
-    left = bool((mask[:, 0] == 0).any()) and bool((mask[:, -1] == 1).all())
+    left = fill_left and not bool((mask[:, -1] == 0).any())
     srcs, outs, starts = [], [], []
     for b in range(batch):
         real = torch.nonzero(mask[b]).flatten().tolist()
@@ -394,7 +397,7 @@ class SoftPromptModel(nn.Module):
         if max(counts, default=0) == 0:
             emb = self._embed(input_ids, rows, prompts) if input_ids is not None else inputs_embeds
             return emb, attention_mask, position_ids, token_type_ids, labels, None
-        lay = _splice_layout(mask, counts, placements)
+        lay = _splice_layout(mask, counts, placements, fill_left=self._takes_position_ids)
         src = lay.src
         real, virt = src >= 0, (src < 0) & (src != FILL)
         ridx = src.clamp(min=0)
