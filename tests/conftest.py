@@ -24,22 +24,22 @@ import softprompt as sp
 V = 120  # vocabulary size of the tiny models
 
 
-def _gpt2():
+def _gpt2(vocab=V, pad=0, bos=1, eos=2):
     return GPT2LMHeadModel(
         GPT2Config(
             n_layer=2,
             n_embd=32,
             n_head=4,
-            vocab_size=V,
+            vocab_size=vocab,
             n_positions=64,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
         )
     )
 
 
-def _llama():  # grouped-query attention: 4 query heads, 2 key/value heads
+def _llama(vocab=V, pad=0, bos=1, eos=2):  # grouped-query attention: 4 query, 2 key/value heads
     return LlamaForCausalLM(
         LlamaConfig(
             num_hidden_layers=3,
@@ -47,15 +47,15 @@ def _llama():  # grouped-query attention: 4 query heads, 2 key/value heads
             num_attention_heads=4,
             num_key_value_heads=2,
             intermediate_size=64,
-            vocab_size=V,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
+            vocab_size=vocab,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
         )
     )
 
 
-def _qwen3():
+def _qwen3(vocab=V, pad=0, bos=1, eos=2):
     return Qwen3ForCausalLM(
         Qwen3Config(
             num_hidden_layers=2,
@@ -64,15 +64,15 @@ def _qwen3():
             num_key_value_heads=2,
             head_dim=8,
             intermediate_size=64,
-            vocab_size=V,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
+            vocab_size=vocab,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
         )
     )
 
 
-def _t5():
+def _t5(vocab=V, pad=0, bos=1, eos=2):
     return T5ForConditionalGeneration(
         T5Config(
             num_layers=3,
@@ -81,15 +81,15 @@ def _t5():
             d_kv=8,
             num_heads=4,
             d_ff=64,
-            vocab_size=V,
-            pad_token_id=0,
-            eos_token_id=2,
-            decoder_start_token_id=0,
+            vocab_size=vocab,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            decoder_start_token_id=pad,
         )
     )
 
 
-def _bart():
+def _bart(vocab=V, pad=0, bos=1, eos=2):
     return BartForConditionalGeneration(
         BartConfig(
             encoder_layers=2,
@@ -99,28 +99,28 @@ def _bart():
             decoder_attention_heads=4,
             encoder_ffn_dim=64,
             decoder_ffn_dim=64,
-            vocab_size=V,
-            max_position_embeddings=64,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            decoder_start_token_id=2,
+            vocab_size=vocab,
+            max_position_embeddings=256,
+            pad_token_id=pad,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            decoder_start_token_id=eos,
             forced_eos_token_id=None,
         )
     )
 
 
-def _bert():
+def _bert(vocab=V, pad=0, bos=1, eos=2):
     return BertModel(
         BertConfig(
             num_hidden_layers=2,
             hidden_size=32,
             num_attention_heads=4,
             intermediate_size=64,
-            vocab_size=V,
+            vocab_size=vocab,
             max_position_embeddings=64,
             type_vocab_size=2,
-            pad_token_id=0,
+            pad_token_id=pad,
         )
     )
 
@@ -207,54 +207,8 @@ def tiny_folders(tmp_path_factory):
     vocab = len(tok)
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    specs = {
-        "llama": LlamaForCausalLM(
-            LlamaConfig(
-                num_hidden_layers=2,
-                hidden_size=32,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                intermediate_size=64,
-                vocab_size=vocab,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                tie_word_embeddings=True,
-            )
-        ),
-        "t5": T5ForConditionalGeneration(
-            T5Config(
-                num_layers=2,
-                num_decoder_layers=2,
-                d_model=32,
-                d_kv=8,
-                num_heads=4,
-                d_ff=64,
-                vocab_size=vocab,
-                pad_token_id=tok.pad_token_id or 0,
-                eos_token_id=tok.eos_token_id,
-                decoder_start_token_id=tok.pad_token_id or 0,
-            )
-        ),
-        "bart": BartForConditionalGeneration(
-            BartConfig(
-                encoder_layers=2,
-                decoder_layers=2,
-                d_model=32,
-                encoder_attention_heads=4,
-                decoder_attention_heads=4,
-                encoder_ffn_dim=64,
-                decoder_ffn_dim=64,
-                vocab_size=vocab,
-                max_position_embeddings=256,
-                pad_token_id=tok.pad_token_id or 0,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-                decoder_start_token_id=tok.eos_token_id,
-                forced_eos_token_id=None,
-            )
-        ),
-    }
+    ids = dict(vocab=vocab, pad=tok.pad_token_id, bos=tok.bos_token_id, eos=tok.eos_token_id)
+    specs = {name: BUILDERS[name](**ids) for name in ("llama", "t5", "bart")}
     out = {}
     for name, model in specs.items():
         path = root / name
