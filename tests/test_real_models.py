@@ -14,6 +14,14 @@ from softprompt.lm import lm_loss, pad_left
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def smollm():
     path = resolve_model("smollm2-135m-instruct")

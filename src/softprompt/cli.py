@@ -1,4 +1,4 @@
-"""The ``softprompt`` command line: train, eval, generate, inspect, assets, demo.
+"""The ``softprompt`` command line: train, eval, generate, inspect, serve, export, assets, demo.
 
 Every subcommand has ``--help``. ``--config FILE.yaml`` reads flags from YAML (keys are flag
 names, with - or _); flags on the command line win. ``train`` saves its effective flags as
@@ -467,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
     parser.add_argument("--config", help="YAML file of flags (saved flags); command-line flags win")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .export import add_export_parser
+    from .server import add_serve_parser
 
     t = sub.add_parser("train", help="train an adapter")
     _add_model(t)
@@ -558,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("assets", help="fetch the embedded offline models and data sets")
     a.add_argument("names", nargs="*")
     a.set_defaults(func=cmd_assets)
+
+    add_serve_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -55,7 +55,7 @@ def load_base(name_or_path: str, dtype: str = "float32", device: str | None = No
     _config(path, name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise SoftPromptError(f"cannot load the tokenizer of {name_or_path!r}: {e}") from e
     cls = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM, "encoder": AutoModel}[
         model_kind(name_or_path)

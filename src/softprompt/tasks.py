@@ -148,8 +148,10 @@ class Task:
             hidden = model(input_ids=ids, attention_mask=mask, adapter_names=adapter_names)
             first = mask.argmax(1)  # first real token ([CLS]) of each left-padded row
             cls = hidden.last_hidden_state[torch.arange(len(prompts)), first]
-            name = model.active if adapter_names is None else adapter_names[0]
-            return model.adapters[name].task_head(cls)
+            names = [model.active] * len(prompts) if adapter_names is None else adapter_names
+            return torch.stack(
+                [model.adapters[n].task_head(cls[b]) for b, n in enumerate(names)]
+            )  # (B, C): each row through its own adapter's head
         return answer_logprobs(model, prompts, self.answers, adapter_names, self.pad_id)
 
     # ------------------------------------------------------------------ prediction

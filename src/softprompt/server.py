@@ -1,0 +1,1299 @@
+"""An HTTP server: one frozen model, many soft-prompt adapters, requests batched across adapters.
+
+    softprompt serve --model smollm2-135m-instruct \\
+        --adapter sentiment=runs/sent/adapter --adapter summary=runs/sum/adapter
+    curl -s 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
+        -d '{"model": "summary", "prompt": "...", "max_tokens": 32, "temperature": 0}'
+
+The API follows OpenAI's completions API (``POST /v1/completions``, ``GET /v1/models``), with
+``"model"`` naming the adapter (``"base"`` or the base model's name: no adapter). Classification
+adapters also answer ``POST /v1/classify``; ``POST /v1/adapters`` and ``DELETE
+/v1/adapters/{name}`` load and unload adapters while the server runs. See docs/serving.md.
+
+Design. Requests are validated and tokenized on the event loop, then queued as rows (one per
+prompt). One worker thread takes up to ``max_batch`` queued rows, waiting at most
+``max_wait_ms`` after the oldest arrived, and runs ONE model call per kind of row (generate,
+classify) with ``adapter_names=[...]``, one adapter per row. Generation settings never split a
+batch: sampling runs per row (own temperature, top-p and seeded generator), and each row stops
+on its own ``max_tokens``, EOS or stop strings; a row's answer is sent as soon as it is finished.
+A failing batch is retried row by row, so one bad row fails alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Sequence
+from concurrent.futures import Future, InvalidStateError
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import _hf
+from ._hf import SoftPromptError
+from .lm import pad_left
+
+log = logging.getLogger("softprompt.server")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+BASE_ALIAS = "base"
+API_KEY_ENV = "SOFTPROMPT_API_KEY"
+
+
+@dataclass
+class ServeSettings:
+    """Server limits and options (the ``softprompt serve`` flags).
+
+    Attributes:
+        model_name: the base model's name in the API (default: its ``name_or_path``); ``"base"``
+            always works too.
+        api_key: if set, every request except ``GET /health`` needs ``Authorization: Bearer KEY``.
+        adapter_roots: folders ``POST /v1/adapters`` may load from (symlinks resolved). None:
+            the parent folders of the adapters given at start.
+        max_batch: most rows (prompts) in one model call.
+        max_wait_ms: how long the oldest queued row waits for others before its batch runs.
+        max_queue: most rows waiting; more is answered 429.
+        max_body_bytes: largest request body; more is answered 413.
+        max_prompt_tokens: longest prompt in tokens (after the adapter's template).
+        max_tokens_limit: largest ``max_tokens`` a request may ask for.
+        max_prompts: most prompts (times ``n``) in one request.
+        default_max_tokens: ``max_tokens`` when a request gives none (OpenAI's default: 16).
+    """
+
+    model_name: str | None = None
+    api_key: str | None = None
+    adapter_roots: list[str] | None = None
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    max_queue: int = 256
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int = 2048
+    max_tokens_limit: int = 512
+    max_prompts: int = 64
+    default_max_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_batch",
+            "max_queue",
+            "max_body_bytes",
+            "max_prompt_tokens",
+            "max_tokens_limit",
+            "max_prompts",
+            "default_max_tokens",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SoftPromptError(
+                    f"ServeSettings.{name} must be a positive integer, got {value!r}"
+                )
+        if self.max_wait_ms < 0:
+            raise SoftPromptError(f"ServeSettings.max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+
+class ServeError(Exception):
+    """An error answered to one request: HTTP status, message, OpenAI error type and code."""
+
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        409: "conflict_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "service_unavailable",
+    }
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Running rows: generation and classification, each ONE model call for rows of many adapters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationRow:
+    """One prompt to complete.
+
+    Attributes:
+        ids: prompt token ids (negative ids: template virtual tokens, see softprompt.templates).
+        adapter: adapter name, or None for the bare model.
+        max_tokens: most new tokens.
+        temperature: 0 = greedy; otherwise sample from softmax(logits / temperature).
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
+        stop: strings that end the completion (not included in the text).
+        seed: seed of this row's own sampling generator (None: a random one).
+    """
+
+    ids: list[int]
+    adapter: str | None
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a completion: the generation config's and the tokenizer's EOS."""
+    ids = model.base_model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+class _RowSampler:
+    """Logits processor: rows with temperature > 0 draw their token with their own generator.
+
+    The drawn token gets logit 0 and every other -inf, so ``generate``'s greedy step picks it;
+    greedy rows pass through unchanged. A row's draws therefore do not depend on the other rows
+    of the batch: a seeded row gives the same text alone or batched.
+    """
+
+    def __init__(self, rows: Sequence[GenerationRow], device: torch.device) -> None:
+        self.sampled = []
+        for b, r in enumerate(rows):
+            if r.temperature > 0:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
+                self.sampled.append((b, r.temperature, r.top_p, gen))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.sampled:
+            return scores
+        scores = scores.clone()  # (B, V)
+        for b, temperature, top_p, gen in self.sampled:
+            logits = scores[b].float() / temperature  # (V,)
+            if top_p < 1.0:
+                ordered, order = logits.sort(descending=True)
+                probs = ordered.softmax(-1)
+                drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already enough
+                drop[0] = False
+                ordered = ordered.masked_fill(drop, float("-inf"))
+                logits = torch.full_like(logits, float("-inf")).scatter(0, order, ordered)
+            token = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+            row = torch.full_like(scores[b], float("-inf"))
+            row[token] = 0.0
+            scores[b] = row
+        return scores
+
+
+class _RowStops:
+    """Stopping criterion: each row ends on EOS, its own ``max_tokens`` or a stop string.
+
+    Calls ``on_done(b, result)`` the moment row b finishes, so its answer can go out while the
+    rest of the batch is still generating.
+    """
+
+    def __init__(self, rows, eos: list[int], decode, on_done) -> None:
+        self.rows = rows
+        self.eos = set(eos)
+        self.decode = decode
+        self.on_done = on_done
+        self.start: int | None = None
+        self.results: list[dict | None] = [None] * len(rows)
+
+    def _finish(self, b: int, tokens: list[int], reason: str) -> None:
+        text = self.decode(tokens)
+        stops = [i for i in (text.find(s) for s in self.rows[b].stop) if i >= 0]
+        if stops:
+            text, reason = text[: min(stops)], "stop"
+        result = {"text": text, "finish_reason": reason, "completion_tokens": len(tokens)}
+        self.results[b] = result
+        if self.on_done is not None:
+            self.on_done(b, result)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.start is None:  # first call: one new token so far
+            self.start = input_ids.shape[1] - 1
+        step = input_ids.shape[1] - self.start
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for b, row in enumerate(self.rows):
+            if self.results[b] is None:
+                new = input_ids[b, self.start :].tolist()
+                if new[-1] in self.eos:
+                    self._finish(b, new[:-1], "stop")
+                elif row.stop and any(s in self.decode(new) for s in row.stop):
+                    self._finish(b, new, "stop")
+                elif step >= row.max_tokens:
+                    self._finish(b, new, "length")
+            done[b] = self.results[b] is not None
+        return done
+
+
+@torch.no_grad()
+def generate_rows(model, tokenizer, rows: Sequence[GenerationRow], on_done=None, decode=None):
+    """Complete rows of different adapters and settings in ONE ``generate`` call.
+
+    Args:
+        model: a ``SoftPromptModel`` (decoder-only or encoder-decoder).
+        rows: the prompts and their settings.
+        on_done: ``on_done(b, result)`` is called as soon as row b is finished.
+        decode: token ids -> text (default: ``tokenizer.decode(..., skip_special_tokens=True)``).
+
+    Returns:
+        One dict per row: ``text``, ``finish_reason`` ("stop" or "length") and
+        ``completion_tokens``. A row's result equals that row run alone (greedy rows: the same
+        tokens; sampled rows: the same draws from its seeded generator).
+    """
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    if decode is None:
+
+        def decode(ids):
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+    pad = pad_id(tokenizer)
+    eos = eos_ids(model, tokenizer)
+    ids, mask = pad_left([r.ids for r in rows], pad, model.device)
+    stops = _RowStops(rows, eos, decode, on_done)
+    model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        adapter_names=[r.adapter for r in rows],
+        max_new_tokens=max(r.max_tokens for r in rows),
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+        logits_processor=LogitsProcessorList([_RowSampler(rows, model.device)]),
+        stopping_criteria=StoppingCriteriaList([stops]),
+    )
+    if any(r is None for r in stops.results):
+        raise RuntimeError("generate returned before every row finished")
+    return stops.results
+
+
+@torch.no_grad()
+def classify_rows(model, prompts: Sequence[Sequence[int]], adapters: Sequence[str], tasks) -> list:
+    """Class scores for rows of different classification adapters in ONE forward.
+
+    Each row uses its own adapter's task: its label words (verbalizer, scored as
+    ``Task.class_scores`` does: full-sequence log-probability) or its linear head (encoders).
+
+    Returns:
+        One (C_b,) tensor of class logits per row (C_b: that row's number of labels).
+    """
+    device = model.device
+    pad = pad_id(tasks[0].tok)
+    if tasks[0].spec.head:  # encoder + linear head on the first real token
+        ids, mask = pad_left(prompts, pad, device)
+        hidden = model(input_ids=ids, attention_mask=mask, adapter_names=list(adapters))
+        first = mask.argmax(1)
+        cls = hidden.last_hidden_state[torch.arange(len(prompts)), first]  # (B, d)
+        return [model.adapters[a].task_head(cls[b]).float() for b, a in enumerate(adapters)]
+    head = _hf.lm_body_and_head(model.base_model)[1]
+    if all(len(a) == 1 for t in tasks for a in t.answers):  # one forward over the prompts
+        ids, mask = pad_left(prompts, pad, device)
+        hidden = model(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=list(adapters),
+            body_only=True,
+            use_cache=False,
+        ).last_hidden_state[:, -1]  # (B, d)
+        logp = F.log_softmax(head(hidden).float(), dim=-1)  # (B, V)
+        return [logp[b, [a[0] for a in t.answers]] for b, t in enumerate(tasks)]
+    seqs, labels, names = [], [], []  # one sequence per (row, label word)
+    for b, (p, t) in enumerate(zip(prompts, tasks, strict=True)):
+        for a in t.answers:
+            seqs.append(list(p) + list(a))
+            labels.append([-100] * len(p) + list(a))
+            names.append(adapters[b])
+    ids, mask = pad_left(seqs, pad, device)
+    lab, _ = pad_left(labels, -100, device)
+    hidden = model(
+        input_ids=ids, attention_mask=mask, adapter_names=names, body_only=True, use_cache=False
+    ).last_hidden_state  # (S, T, d)
+    target = lab[:, 1:]
+    sel = target != -100  # (S, T-1)
+    logp = F.log_softmax(head(hidden[:, :-1][sel]).float(), dim=-1)  # (N, V)
+    tok = logp.gather(1, target[sel][:, None])[:, 0]  # (N,)
+    per_seq = torch.zeros(len(seqs), device=device).index_add(0, sel.nonzero()[:, 0], tok)
+    out, i = [], 0
+    for t in tasks:
+        out.append(per_seq[i : i + len(t.answers)])
+        i += len(t.answers)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The engine: adapters, validation, queue and the batching worker
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class AdapterEntry:
+    """A loaded adapter as the server sees it."""
+
+    name: str
+    path: Path
+    meta: dict
+    task: Any  # softprompt.tasks.Task or None
+    input_tokens: int  # virtual tokens it adds to the input (input-level methods), else 0
+    template_placement: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def describe(self, root: str) -> dict:
+        spec = None if self.task is None else self.task.spec
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "softprompt",
+            "root": root,
+            "parent": root,
+            "method": self.meta["method"],
+            "num_virtual_tokens": self.meta["config"].get("num_virtual_tokens"),
+            "task": None if spec is None else spec.kind,
+            "labels": None if spec is None or spec.kind != "classify" else list(spec.labels),
+        }
+
+
+@dataclass(eq=False)
+class _Row:
+    kind: str  # "generate" | "classify"
+    entry: AdapterEntry | None
+    ids: list[int]
+    gen: GenerationRow | None = None
+    future: Future = field(default_factory=Future)
+    enqueued: float = 0.0
+
+    @property
+    def adapter(self) -> str | None:
+        return None if self.entry is None else self.entry.name
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def resolve(self, value) -> None:
+        try:
+            self.future.set_result(value)
+        except InvalidStateError:  # already answered, or the client went away
+            pass
+
+    def fail(self, err: BaseException) -> None:
+        try:
+            self.future.set_exception(err)
+        except InvalidStateError:
+            pass
+
+
+class Engine:
+    """Owns the model, the adapter table and the batching worker thread.
+
+    Threads: HTTP handlers validate and enqueue on the event loop; the worker thread runs the
+    model. ``model_lock`` guards the model (worker calls, adapter load/unload); ``tok_lock``
+    guards the tokenizer (a fast tokenizer must not be used by two threads at once).
+    """
+
+    def __init__(self, model, tokenizer, settings: ServeSettings, roots: list[Path]) -> None:
+        self.model = model
+        self.tok = tokenizer
+        self.settings = settings
+        self.roots = [r.resolve() for r in roots]
+        self.base_name = settings.model_name or model.info.identity.get("name_or_path") or "base"
+        self.entries: dict[str, AdapterEntry] = {}
+        self.model_lock = threading.Lock()
+        self.tok_lock = threading.Lock()
+        self.created = int(time.time())
+        self._cond = threading.Condition()
+        self._queue: deque[_Row] = deque()
+        self._running = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.stats = {
+            "requests": 0,
+            "rows": 0,
+            "model_calls": 0,
+            "failed_calls": 0,
+            "rejected_queue_full": 0,
+            "batch_sizes": Counter(),
+            "mixed_adapter_calls": 0,
+            "max_adapters_in_call": 0,
+        }
+        cfg = model.base_model.config
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        self.can_generate = model.info.is_encoder_decoder or model.info.is_causal_lm
+
+    # ---------------------------------------------------------------- adapters
+    def load(self, name: str, path: str | Path, *, check_root: bool = True) -> AdapterEntry:
+        """Load adapter ``path`` as ``name`` (validated; see the HTTP errors it raises)."""
+        from .io import read_adapter_config
+        from .tasks import Task, TaskSpec
+
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ServeError(
+                400,
+                f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'",
+                param="name",
+            )
+        if name in (BASE_ALIAS, self.base_name):
+            raise ServeError(409, f"{name!r} is the base model's name; choose another", "conflict")
+        directory = self.allowed_path(path) if check_root else Path(path).resolve()
+        try:
+            meta = read_adapter_config(directory)
+        except SoftPromptError as e:
+            raise ServeError(400, str(e), "invalid_adapter", "path") from e
+        with self.model_lock:
+            if name in self.entries:
+                raise ServeError(
+                    409, f"an adapter named {name!r} is loaded; DELETE it first", "conflict"
+                )
+            mismatch = _hf.identity_mismatches(meta["base_model"], self.model.info.identity)
+            try:
+                import softprompt as sp
+
+                sp.load_adapter(self.model, directory, name=name)
+            except SoftPromptError as e:
+                status = 409 if mismatch else 400
+                raise ServeError(
+                    status, str(e), "adapter_model_mismatch" if mismatch else None
+                ) from e
+            try:
+                adapter = self.model.adapters[name]
+                task = None
+                if adapter.task:
+                    with self.tok_lock:
+                        task = Task(TaskSpec.from_dict(adapter.task), self.model, self.tok)
+                prompt = adapter.input_prompt()
+                placement = getattr(adapter.config, "placement", "prepend")
+                entry = AdapterEntry(
+                    name=name,
+                    path=directory,
+                    meta=meta,
+                    task=task,
+                    input_tokens=0 if prompt is None or placement == "template" else len(prompt),
+                    template_placement=placement == "template",
+                )
+            except (SoftPromptError, TypeError) as e:
+                self.model.delete_adapter(name)
+                raise ServeError(400, f"{directory}: bad task in adapter_config.json: {e}") from e
+            self.entries[name] = entry
+        log.info("loaded adapter %s from %s (%s)", name, directory, meta["method"])
+        return entry
+
+    def unload(self, name: str) -> None:
+        with self.model_lock:
+            if name not in self.entries:
+                raise ServeError(404, f"no adapter named {name!r} is loaded", "model_not_found")
+            del self.entries[name]
+            self.model.delete_adapter(name)
+        log.info("unloaded adapter %s", name)
+
+    def allowed_path(self, path: str | Path) -> Path:
+        """Resolve ``path`` (absolute, or relative to an adapter root) inside an allowed root."""
+        if not isinstance(path, str | Path) or not str(path) or "\x00" in str(path):
+            raise ServeError(400, "path must be a non-empty folder path", param="path")
+        if not self.roots:
+            raise ServeError(
+                403,
+                "loading adapters at run time is disabled: start the server with --adapter-root",
+                "forbidden_path",
+                "path",
+            )
+        given = Path(path)
+        candidates = [given] if given.is_absolute() else [root / given for root in self.roots]
+        for cand in candidates:
+            real = cand.resolve()
+            if not any(real == r or r in real.parents for r in self.roots):
+                raise ServeError(
+                    403,
+                    f"path {str(path)!r} is outside the allowed adapter folders (--adapter-root)",
+                    "forbidden_path",
+                    "path",
+                )
+            if real.is_dir():
+                return real
+        raise ServeError(
+            400,
+            f"no adapter folder {str(path)!r} under the adapter roots",
+            "invalid_adapter",
+            "path",
+        )
+
+    def resolve(self, name: str) -> AdapterEntry | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 if unknown."""
+        if name in (BASE_ALIAS, self.base_name):
+            return None
+        entry = self.entries.get(name)
+        if entry is None:
+            known = sorted(self.entries) + [BASE_ALIAS]
+            raise ServeError(
+                404,
+                f"the model {name!r} does not exist; loaded: {known}",
+                "model_not_found",
+                "model",
+            )
+        return entry
+
+    def models(self) -> list[dict]:
+        base = {
+            "id": self.base_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "softprompt",
+            "root": self.base_name,
+            "parent": None,
+            "aliases": [BASE_ALIAS],
+        }
+        return [base] + [e.describe(self.base_name) for e in list(self.entries.values())]
+
+    # ---------------------------------------------------------------- encoding
+    def _template_field(self, entry: AdapterEntry, preferred: str) -> str | None:
+        fields = entry.task.template.fields
+        if preferred in fields or not fields:
+            return preferred
+        return next(iter(fields)) if len(fields) == 1 else None
+
+    def encode_completion(self, entry: AdapterEntry | None, prompt: str, use_template: bool):
+        """Prompt ids: through the adapter's task template (its input field) or as raw text."""
+        if entry is not None and entry.task is not None and use_template:
+            main = "input" if entry.task.spec.kind == "generate" else "text"
+            name = self._template_field(entry, main)
+            if name is None:
+                raise ServeError(
+                    400,
+                    f"adapter {entry.name!r}'s template {entry.task.spec.template!r} needs fields "
+                    f"{sorted(entry.task.template.fields)}; a prompt fills one. Send "
+                    '"use_template": false with the full text',
+                    param="prompt",
+                )
+            ids = self._encode_row(entry, {name: prompt})
+        else:
+            if entry is not None and entry.template_placement:
+                raise ServeError(
+                    400,
+                    f"adapter {entry.name!r} places its virtual tokens with its template; "
+                    'send "use_template": true',
+                    param="use_template",
+                )
+            with self.tok_lock:
+                ids = list(self.tok(prompt)["input_ids"])
+        return self._check_prompt(ids)
+
+    def encode_classify(self, entry: AdapterEntry, item: str | dict[str, str]):
+        if isinstance(item, str):
+            name = self._template_field(entry, "text")
+            if name is None:
+                raise ServeError(
+                    400,
+                    f"adapter {entry.name!r}'s template needs fields "
+                    f"{sorted(entry.task.template.fields)}; give each input as an object of them",
+                    param="input",
+                )
+            item = {name: item}
+        return self._check_prompt(self._encode_row(entry, item))
+
+    def _encode_row(self, entry: AdapterEntry, row: dict) -> list[int]:
+        try:
+            with self.tok_lock:
+                return entry.task.template.encode(row, self.tok)
+        except SoftPromptError as e:
+            raise ServeError(400, str(e), param="prompt") from e
+
+    def _check_prompt(self, ids: list[int]) -> list[int]:
+        limit = self.settings.max_prompt_tokens
+        if not any(i >= 0 for i in ids):
+            raise ServeError(400, "the prompt is empty (no tokens)", param="prompt")
+        if len(ids) > limit:
+            raise ServeError(
+                400,
+                f"the prompt is {len(ids)} tokens; this server's limit is {limit} tokens "
+                "(--max-prompt-tokens)",
+                "prompt_too_long",
+                "prompt",
+            )
+        return ids
+
+    def check_context(self, entry: AdapterEntry | None, ids: list[int], max_tokens: int) -> None:
+        if self.max_positions is None:
+            return
+        extra = 0 if entry is None else entry.input_tokens
+        need = len(ids) + extra + (0 if self.model.info.is_encoder_decoder else max_tokens)
+        if need > self.max_positions:
+            raise ServeError(
+                400,
+                f"prompt ({len(ids)} tokens + {extra} virtual) plus max_tokens ({max_tokens}) "
+                f"exceeds the model's {self.max_positions} positions",
+                "context_length_exceeded",
+                "max_tokens",
+            )
+
+    # ---------------------------------------------------------------- queue and worker
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(
+                    target=self._loop, name="softprompt-batcher", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish every queued and running row, then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def submit(self, rows: list[_Row]) -> list[Future]:
+        """Queue a request's rows (all or none); 429 when the queue is full."""
+        with self._cond:
+            if self._stopping:
+                raise ServeError(503, "the server is shutting down", "shutting_down")
+            limit = self.settings.max_queue
+            if len(self._queue) + len(rows) > limit:
+                self.stats["rejected_queue_full"] += 1
+                raise ServeError(
+                    429,
+                    f"the queue is full ({len(self._queue)} rows waiting, limit {limit}, "
+                    "--max-queue); retry later",
+                    "queue_full",
+                    headers={"Retry-After": "1"},
+                )
+            now = time.monotonic()
+            for r in rows:
+                r.enqueued = now
+                self._queue.append(r)
+            self.stats["requests"] += 1
+            self._cond.notify_all()
+        if self._thread is None:
+            self.start()
+        return [r.future for r in rows]
+
+    def _take(self) -> list[_Row] | None:
+        s = self.settings
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return None  # stopping, and nothing left
+            deadline = self._queue[0].enqueued + s.max_wait_ms / 1000
+            while len(self._queue) < s.max_batch and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch = [self._queue.popleft() for _ in range(min(s.max_batch, len(self._queue)))]
+            self._running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._run_batch(batch)
+            except BaseException as e:  # never leave a client waiting
+                log.exception("batch failed")
+                for r in batch:
+                    r.fail(ServeError(500, f"internal error: {type(e).__name__}: {e}"))
+            finally:
+                self._running = 0
+
+    def _run_batch(self, batch: list[_Row]) -> None:
+        for kind in ("classify", "generate"):
+            rows = [r for r in batch if r.kind == kind]
+            if not rows:
+                continue
+            with self.model_lock:
+                live = []
+                for r in rows:
+                    if r.entry is not None and self.entries.get(r.entry.name) is not r.entry:
+                        r.fail(
+                            ServeError(
+                                404,
+                                f"adapter {r.entry.name!r} was unloaded before this request ran",
+                                "model_not_found",
+                            )
+                        )
+                    else:
+                        live.append(r)
+                if live:
+                    self._call(kind, live)
+
+    def _call(self, kind: str, rows: list[_Row]) -> None:
+        """One model call; if it fails, each unanswered row is retried alone."""
+        self.stats["model_calls"] += 1
+        try:
+            if kind == "generate":
+                self._generate(rows)
+            else:
+                self._classify(rows)
+        except Exception as e:
+            self.stats["failed_calls"] += 1
+            if len(rows) == 1:
+                log.warning("row failed: %s: %s", type(e).__name__, e)
+                if isinstance(e, ServeError):
+                    rows[0].fail(e)
+                elif isinstance(e, SoftPromptError):
+                    rows[0].fail(ServeError(400, str(e)))
+                else:
+                    rows[0].fail(ServeError(500, f"internal error: {type(e).__name__}: {e}"))
+                return
+            log.warning("batch of %d failed (%s); running its rows one by one", len(rows), e)
+            for r in rows:
+                if not r.done:
+                    self._call(kind, [r])
+            return
+        self.stats["rows"] += len(rows)
+        self.stats["batch_sizes"][len(rows)] += 1
+        adapters = {r.adapter for r in rows}
+        if len(adapters) > 1:
+            self.stats["mixed_adapter_calls"] += 1
+        self.stats["max_adapters_in_call"] = max(self.stats["max_adapters_in_call"], len(adapters))
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.tok_lock:
+            return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _generate(self, rows: list[_Row]) -> None:
+        def done(b: int, result: dict) -> None:
+            rows[b].resolve(result)
+
+        generate_rows(self.model, self.tok, [r.gen for r in rows], done, self._decode)
+
+    def _classify(self, rows: list[_Row]) -> None:
+        scores = classify_rows(
+            self.model,
+            [r.ids for r in rows],
+            [r.adapter for r in rows],
+            [r.entry.task for r in rows],
+        )
+        for r, s in zip(rows, scores, strict=True):
+            probs = s.float().softmax(-1).cpu().tolist()
+            labels = r.entry.task.spec.labels
+            best = max(range(len(probs)), key=probs.__getitem__)
+            r.resolve({"label": labels[best], "scores": dict(zip(labels, probs, strict=True))})
+
+    def snapshot(self) -> dict:
+        stats = dict(self.stats)
+        stats["batch_sizes"] = {str(k): v for k, v in sorted(self.stats["batch_sizes"].items())}
+        return {"queued": self.queued, "running": self.running, **stats}
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP
+# --------------------------------------------------------------------------------------------
+
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions`` (OpenAI's completions API; extensions: ``use_template``)."""
+
+    model_config = _STRICT
+    model: str
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    use_template: bool = True
+    user: str | None = None
+    # OpenAI fields accepted only at their neutral values
+    echo: bool = False
+    logprobs: None = None
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    suffix: None = None
+
+
+class ClassifyRequest(BaseModel):
+    """``POST /v1/classify``: one input (text, or an object of template fields) or a list."""
+
+    model_config = _STRICT
+    model: str
+    input: str | dict[str, str] | list[str | dict[str, str]]
+    user: str | None = None
+
+
+class AdapterRequest(BaseModel):
+    """``POST /v1/adapters``."""
+
+    model_config = _STRICT
+    name: str
+    path: str
+
+
+class _Guard:
+    """ASGI middleware run before any parsing: bearer token (401) and body size (413)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope.get("path") != "/health":
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                return await _send_json(
+                    send,
+                    ServeError(
+                        401,
+                        "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                        "invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    ),
+                )
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _send_json(send, ServeError(400, "bad Content-Length header"))
+            if int(length) > self.max_body:
+                return await _send_json(send, self._too_large())
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    from starlette.exceptions import HTTPException
+
+                    raise HTTPException(413, self._too_large().message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _too_large(self) -> ServeError:
+        return ServeError(
+            413,
+            f"request body is larger than this server's limit of {self.max_body} bytes "
+            "(--max-body-bytes)",
+            "request_too_large",
+        )
+
+
+async def _send_json(send, err: ServeError) -> None:
+    import json
+
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _validation_message(exc) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', '')})")
+        else:
+            parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def create_app(
+    model,
+    tokenizer,
+    adapters: dict[str, str | Path] | None = None,
+    settings: ServeSettings | None = None,
+):
+    """The FastAPI app serving ``model`` with ``adapters`` (name -> adapter folder).
+
+    Args:
+        model: a transformers model or a ``SoftPromptModel`` (adapters are added to it).
+        tokenizer: its tokenizer.
+        adapters: adapters to load at start; their parent folders are the default adapter roots.
+        settings: limits and options (``ServeSettings``).
+
+    Returns:
+        The app; ``app.state.engine`` is its ``Engine``. The batching worker starts with the
+        app's lifespan (or on the first request) and drains the queue at shutdown.
+
+    Raises:
+        SoftPromptError: an adapter that cannot be loaded.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    import softprompt as sp
+
+    settings = settings or ServeSettings()
+    adapters = dict(adapters or {})
+    if not isinstance(model, sp.SoftPromptModel):
+        model = sp.attach(model, tokenizer=tokenizer)
+    if settings.adapter_roots is not None:
+        roots = [Path(r) for r in settings.adapter_roots]
+    else:
+        roots = list(dict.fromkeys(Path(p).resolve().parent for p in adapters.values()))
+    engine = Engine(model, tokenizer, settings, roots)
+    for name, path in adapters.items():
+        try:
+            engine.load(name, path, check_root=False)
+        except ServeError as e:
+            raise SoftPromptError(f"--adapter {name}={path}: {e.message}") from e
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="softprompt", version=sp.__version__, lifespan=lifespan)
+    app.state.engine = engine
+    app.add_middleware(_Guard, api_key=settings.api_key, max_body=settings.max_body_bytes)
+
+    def error_response(err: ServeError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(ServeError(400, _validation_message(exc), "invalid_request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(ServeError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error")
+        return error_response(ServeError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+    async def wait(futures: list[Future]) -> list:
+        results = await asyncio.gather(
+            *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                if isinstance(r, ServeError):
+                    raise r
+                raise ServeError(500, f"internal error: {type(r).__name__}: {r}")
+        return results
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.base_name, "adapters": len(engine.entries)}
+
+    @app.get("/v1/stats")
+    async def stats():
+        return engine.snapshot()
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": engine.models()}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if req.stream:
+            raise ServeError(400, "streaming is not supported; send stream: false", param="stream")
+        for name, ok in (
+            ("echo", not req.echo),
+            ("best_of", req.best_of in (None, 1)),
+            ("presence_penalty", req.presence_penalty == 0),
+            ("frequency_penalty", req.frequency_penalty == 0),
+            ("logit_bias", not req.logit_bias),
+        ):
+            if not ok:
+                raise ServeError(400, f"{name} is not supported by this server", param=name)
+        if not engine.can_generate:
+            raise ServeError(400, "the base model is an encoder; it cannot generate text")
+        entry = engine.resolve(req.model)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not prompts:
+            raise ServeError(400, "prompt: give at least one prompt", param="prompt")
+        if len(prompts) * req.n > settings.max_prompts:
+            raise ServeError(
+                400,
+                f"{len(prompts)} prompts x n={req.n} exceeds this server's limit of "
+                f"{settings.max_prompts} completions per request",
+                param="prompt",
+            )
+        max_tokens = req.max_tokens or settings.default_max_tokens
+        if max_tokens > settings.max_tokens_limit:
+            raise ServeError(
+                400,
+                f"max_tokens is {max_tokens}; this server's limit is {settings.max_tokens_limit} "
+                "(--max-tokens-limit)",
+                "max_tokens_too_large",
+                "max_tokens",
+            )
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ServeError(400, "stop: at most 4 non-empty strings", param="stop")
+        rows, usage_prompt = [], 0
+        for p in prompts:
+            ids = engine.encode_completion(entry, p, req.use_template)
+            engine.check_context(entry, ids, max_tokens)
+            usage_prompt += sum(t >= 0 for t in ids)  # real tokens, once per prompt
+            for _ in range(req.n):
+                i = len(rows)
+                gen = GenerationRow(
+                    ids=ids,
+                    adapter=None if entry is None else entry.name,
+                    max_tokens=max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    stop=tuple(stop),
+                    seed=None if req.seed is None else req.seed + i,
+                )
+                rows.append(_Row("generate", entry, ids, gen))
+        results = await wait(engine.submit(rows))
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [
+                {
+                    "index": i,
+                    "text": r["text"],
+                    "finish_reason": r["finish_reason"],
+                    "logprobs": None,
+                }
+                for i, r in enumerate(results)
+            ],
+            "usage": {
+                "prompt_tokens": usage_prompt,
+                "completion_tokens": completion_tokens,
+                "total_tokens": usage_prompt + completion_tokens,
+            },
+        }
+
+    @app.post("/v1/classify")
+    async def classify(req: ClassifyRequest):
+        entry = engine.resolve(req.model)
+        if entry is None or entry.task is None or entry.task.spec.kind != "classify":
+            raise ServeError(
+                400,
+                f"{req.model!r} is not a classification adapter; see GET /v1/models (task)",
+                param="model",
+            )
+        items = [req.input] if isinstance(req.input, str | dict) else list(req.input)
+        if not items:
+            raise ServeError(400, "input: give at least one input", param="input")
+        if len(items) > settings.max_prompts:
+            raise ServeError(
+                400,
+                f"{len(items)} inputs exceed this server's limit of {settings.max_prompts}",
+                param="input",
+            )
+        rows = [_Row("classify", entry, engine.encode_classify(entry, it)) for it in items]
+        results = await wait(engine.submit(rows))
+        tokens = sum(sum(t >= 0 for t in r.ids) for r in rows)
+        return {
+            "id": f"clf-{uuid.uuid4().hex}",
+            "object": "classification",
+            "created": int(time.time()),
+            "model": req.model,
+            "data": [{"index": i, **r} for i, r in enumerate(results)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    @app.post("/v1/adapters", status_code=201)
+    def load_adapter(req: AdapterRequest):  # sync: runs in the thread pool (disk, model lock)
+        return engine.load(req.name, req.path).describe(engine.base_name)
+
+    @app.delete("/v1/adapters/{name}")
+    def unload_adapter(name: str):
+        engine.unload(name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: softprompt serve
+# --------------------------------------------------------------------------------------------
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _parse_adapter(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise SoftPromptError(f"--adapter takes NAME=DIR, got {value!r}")
+    if not NAME_RE.match(name):
+        raise SoftPromptError(
+            f"--adapter {value}: name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'"
+        )
+    return name, path
+
+
+def settings_from_args(args) -> tuple[str, dict[str, str], ServeSettings]:
+    """(model name, adapters name -> folder, settings) from ``softprompt serve`` flags."""
+    from .io import read_adapter_config
+
+    adapters = dict(_parse_adapter(v) for v in args.adapter or [])
+    model_name = args.model
+    if model_name is None:
+        if not adapters:
+            raise SoftPromptError("serve needs --model (or an --adapter that names its base model)")
+        first = next(iter(adapters.values()))
+        model_name = read_adapter_config(first)["base_model"].get("name_or_path")
+        if not model_name:
+            raise SoftPromptError(f"{first} does not name its base model; pass --model")
+    settings = ServeSettings(
+        model_name=model_name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        adapter_roots=args.adapter_root,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_prompts=args.max_prompts,
+    )
+    return model_name, adapters, settings
+
+
+def cmd_serve(args) -> int:
+    """Load the model and adapters and serve until interrupted (SIGINT/SIGTERM: graceful)."""
+    import uvicorn
+
+    from .loading import load_base
+
+    model_name, adapters, settings = settings_from_args(args)
+    if args.host not in LOOPBACK and not settings.api_key:
+        print(
+            f"warning: serving on {args.host} without an API key; anyone who can reach this "
+            f"port can use the model (set {API_KEY_ENV} or --api-key)",
+            file=sys.stderr,
+        )
+    base, tok = load_base(model_name, args.dtype)
+    app = create_app(base, tok, adapters, settings)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.graceful_timeout,
+    )
+    return 0
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``softprompt serve`` on a subparsers object."""
+    d = ServeSettings()
+    p = subparsers.add_parser(
+        "serve",
+        help="serve adapters over HTTP (OpenAI-style completions, classify)",
+        description=(
+            "Serve one base model with many adapters; requests to different adapters are "
+            "batched into one model call. See docs/serving.md."
+        ),
+    )
+    p.add_argument(
+        "--model",
+        help="hub id, local folder or embedded asset (default: the first adapter's base model)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=DIR",
+        help="an adapter to serve as NAME (repeatable)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)",
+    )
+    p.add_argument(
+        "--adapter-root",
+        action="append",
+        metavar="DIR",
+        help="folder POST /v1/adapters may load from (repeatable; default: the --adapter parents)",
+    )
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="rows per model call")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=d.max_wait_ms, help="batching wait of the oldest row"
+    )
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="rows waiting before 429")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit)
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts per request")
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=60.0,
+        help="seconds in-flight requests get to finish at shutdown",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+    return p

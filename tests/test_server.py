@@ -1,0 +1,734 @@
+"""The HTTP server: mixed-adapter batches, the OpenAI-style API, limits, adapters at run time.
+
+Tiny random Llama with the real SmolLM2 tokenizer; four adapters of four methods with different
+numbers of virtual tokens. Every answer is compared with the same prompt run alone offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from conftest import perturb, tiny_model
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+import softprompt as sp
+from softprompt import server as srv
+from softprompt.lm import pad_left
+from softprompt.server import GenerationRow, ServeSettings, create_app, generate_rows
+from softprompt.tasks import Task, TaskSpec
+
+PROMPTS = [
+    "a wonderful, moving film",
+    "boring and far too long",
+    "say hello to everyone",
+    "the plot is thin but the jokes land",
+    "great acting",
+    "what a waste of time",
+]
+CLASSIFY_WORDS = TaskSpec(
+    kind="classify",
+    template="Review: {text}\nSentiment: {label}",
+    labels=["negative", "positive"],
+)
+CLASSIFY_PHRASES = TaskSpec(  # multi-token label words: the full-sequence scoring path
+    kind="classify",
+    template="{text} Verdict: {label}",
+    labels=["bad", "good"],
+    verbalizer={"bad": "a terrible movie", "good": "a great film"},
+)
+GENERATE = TaskSpec(kind="generate", template="Input: {input}\nOutput: {target}")
+ADAPTERS = {  # name: (config, task)
+    "sent-prompt": (sp.PromptTuningConfig(num_virtual_tokens=3), CLASSIFY_WORDS),
+    "sent-prefix": (
+        sp.PrefixTuningConfig(num_virtual_tokens=2, encoder_hidden_size=16),
+        CLASSIFY_PHRASES,
+    ),
+    "gen-deep": (sp.DeepPromptConfig(num_virtual_tokens=4), GENERATE),
+    "gen-ptuning": (sp.PTuningConfig(num_virtual_tokens=5, encoder_hidden_size=16), GENERATE),
+}
+CLASSIFIERS = ("sent-prompt", "sent-prefix")
+GENERATORS = ("gen-deep", "gen-ptuning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared by the server worker, the HTTP threads and the clients."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bank(tiny_folders, tmp_path_factory):
+    """Four saved adapters (prompt, prefix+MLP, deep, P-tuning) on the tiny Llama, one on T5."""
+    root = tmp_path_factory.mktemp("adapters")
+    folder = tiny_folders["llama"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(folder), tokenizer=tok)
+    for name, (config, task) in ADAPTERS.items():
+        model.add_adapter(name, copy.deepcopy(config)).task = task.to_dict()
+    perturb(model)
+    for name in ADAPTERS:
+        model.save_adapter(root / name, name)
+    t5 = sp.attach(AutoModelForSeq2SeqLM.from_pretrained(tiny_folders["t5"]))
+    t5.add_adapter("t5", sp.DeepPromptConfig(num_virtual_tokens=2))
+    t5.save_adapter(root / "t5-deep", "t5")
+    return {
+        "root": root,
+        "folder": folder,
+        "tok": tok,
+        "dirs": {name: str(root / name) for name in ADAPTERS},
+    }
+
+
+class Reference:
+    """The offline truth: the same adapters on another copy of the model, one prompt at a time."""
+
+    def __init__(self, bank) -> None:
+        self.tok = bank["tok"]
+        model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]), tokenizer=self.tok)
+        for name, path in bank["dirs"].items():
+            sp.load_adapter(model, path, name=name)
+        self.model = model
+        self.tasks = {
+            n: Task(TaskSpec.from_dict(model.adapters[n].task), model, self.tok) for n in ADAPTERS
+        }
+        self.eos = srv.eos_ids(model, self.tok)
+        self.cache = {}
+
+    def ids(self, name: str | None, text: str) -> list[int]:
+        if name is None:
+            return self.tok(text)["input_ids"]
+        task = self.tasks[name]
+        return task.prompt_ids({"text" if task.spec.kind == "classify" else "input": text})
+
+    def greedy(self, name: str | None, text: str, max_tokens: int) -> dict:
+        """model.generate on the prompt alone."""
+        key = ("greedy", name, text, max_tokens)
+        if key not in self.cache:
+            ids = self.ids(name, text)
+            out = self.model.generate(
+                input_ids=torch.tensor([ids]),
+                adapter_names=[name],
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=srv.pad_id(self.tok),
+                eos_token_id=self.eos,
+            )
+            new = out[0, len(ids) :].tolist()
+            stop = next((i for i, t in enumerate(new) if t in self.eos), None)
+            new = new if stop is None else new[:stop]
+            text_out = self.tok.decode(new, skip_special_tokens=True)
+            self.cache[key] = {
+                "text": text_out,
+                "finish_reason": "length" if stop is None else "stop",
+            }
+        return self.cache[key]
+
+    def sampled(self, name: str, text: str, max_tokens: int, seed: int) -> dict:
+        key = ("sample", name, text, max_tokens, seed)
+        if key not in self.cache:
+            row = GenerationRow(
+                self.ids(name, text), name, max_tokens, temperature=0.8, top_p=0.9, seed=seed
+            )
+            got = generate_rows(self.model, self.tok, [row])[0]
+            self.cache[key] = {k: got[k] for k in ("text", "finish_reason")}
+        return self.cache[key]
+
+    def classify(self, name: str, text: str) -> dict:
+        key = ("classify", name, text)
+        if key not in self.cache:
+            task = self.tasks[name]
+            with torch.no_grad():
+                probs = task.class_scores([self.ids(name, text)], [name]).softmax(-1)[0]
+            labels = task.spec.labels
+            self.cache[key] = {
+                "label": labels[int(probs.argmax())],
+                "scores": dict(zip(labels, probs.tolist(), strict=True)),
+            }
+        return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def ref(bank):
+    return Reference(bank)
+
+
+def make_app(bank, adapters=None, **settings):
+    model = AutoModelForCausalLM.from_pretrained(bank["folder"])
+    tok = copy.deepcopy(bank["tok"])
+    settings.setdefault("max_wait_ms", 5)
+    return create_app(
+        model, tok, bank["dirs"] if adapters is None else adapters, ServeSettings(**settings)
+    )
+
+
+def complete(client, model, prompt, **kw):
+    return client.post("/v1/completions", json={"model": model, "prompt": prompt, **kw})
+
+
+def assert_scores(got: dict, want: dict) -> None:
+    assert got["label"] == want["label"]
+    assert got["scores"].keys() == want["scores"].keys()
+    for k in want["scores"]:
+        assert abs(got["scores"][k] - want["scores"][k]) <= 1e-5, (k, got, want)
+
+
+# ------------------------------------------------------------------------------ the bank
+
+
+def test_bank_rows_equal_rows_alone_and_prefix_mlp_never_runs(ref):
+    """Mixed methods and prompt lengths in one forward/generate; each row as if alone."""
+    model, names = ref.model, [*ADAPTERS, None]
+    calls = []
+    for name in ("sent-prefix", "gen-ptuning"):  # reparameterisations: baked at load
+        ad = model.adapters[name]
+        assert ad.is_baked
+        for module in ad.children():
+            module.register_forward_hook(lambda *a: calls.append(1))
+    prompts = [ref.tok(p)["input_ids"] for p in PROMPTS[: len(names)]]
+    ids, mask = pad_left(prompts, srv.pad_id(ref.tok))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        for b, (p, name) in enumerate(zip(prompts, names, strict=True)):
+            alone = model(input_ids=torch.tensor([p]), adapter_names=[name]).logits[0]
+            torch.testing.assert_close(mixed[b, -len(p) :], alone, atol=1e-4, rtol=0)
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=srv.pad_id(ref.tok))
+        gen = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kw)
+        for b, (p, name) in enumerate(zip(prompts, names, strict=True)):
+            one = model.generate(input_ids=torch.tensor([p]), adapter_names=[name], **kw)
+            new = one[0, len(p) :].tolist()
+            assert gen[b, ids.shape[1] :].tolist()[: len(new)] == new
+    assert calls == []
+
+
+def test_row_sampler_follows_each_rows_temperature_and_top_p():
+    """Greedy rows untouched; sampled rows draw from softmax(logits / T) cut to top-p."""
+    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    rows = [
+        GenerationRow([1], None, 1),  # greedy
+        GenerationRow([1], None, 1, temperature=1.0, top_p=0.5, seed=0),  # only the top token
+        GenerationRow([1], None, 1, temperature=1.0, top_p=0.9, seed=1),  # top three
+        GenerationRow([1], None, 1, temperature=2.0, seed=2),  # flatter: softmax(log p / 2)
+    ]
+    sampler = srv._RowSampler(rows, torch.device("cpu"))
+    counts = torch.zeros(4, 4)
+    for _ in range(3000):
+        scores = probs.log().repeat(4, 1)
+        out = sampler(None, scores)
+        assert torch.equal(out[0], scores[0])
+        counts[1:] += (out[1:] == 0).float()
+    freq = counts[1:] / 3000
+    assert freq[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert freq[1, 3] == 0 and abs(freq[1, 0] - 0.6 / 0.95) < 0.04
+    flat = probs.sqrt() / probs.sqrt().sum()
+    assert (freq[2] - flat).abs().max() < 0.04
+
+
+def test_classify_rows_with_heads_uses_each_rows_own_head():
+    """Encoders (P-tuning v2 heads): one forward, each row read by its own adapter's head."""
+    model = sp.attach(tiny_model("bert"))
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    tasks = {}
+    for i, name in enumerate(("h1", "h2")):
+        ad = model.add_adapter(name, sp.DeepPromptConfig(num_virtual_tokens=2 + i))
+        ad.set_task_head(2 + i)
+        spec = TaskSpec("classify", "{text}", labels=[f"l{j}" for j in range(2 + i)], head=True)
+        tasks[name] = Task(spec, model, tok)
+    perturb(model)
+    rows = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    names = ["h1", "h2", "h1"]
+    with torch.no_grad():
+        got = srv.classify_rows(model, rows, names, [tasks[n] for n in names])
+        for row, name, scores in zip(rows, names, got, strict=True):
+            alone = tasks[name].class_scores([row], [name])[0]
+            torch.testing.assert_close(scores, alone, atol=1e-5, rtol=0)
+
+
+def test_an_encoder_decoder_model_is_served(tiny_folders, bank):
+    folder = tiny_folders["t5"]
+    ref = sp.load_adapter(AutoModelForSeq2SeqLM.from_pretrained(folder), bank["root"] / "t5-deep")
+    tok = copy.deepcopy(bank["tok"])
+    app = create_app(
+        AutoModelForSeq2SeqLM.from_pretrained(folder),
+        tok,
+        {"t5": bank["root"] / "t5-deep"},
+        ServeSettings(max_wait_ms=20),
+    )
+    with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
+        futs = [
+            pool.submit(complete, c, name, PROMPTS[:2], max_tokens=3, temperature=0)
+            for name in ("t5", "base")
+        ]
+        for name, fut in zip(("t5", "base"), futs, strict=True):
+            r = fut.result()
+            assert r.status_code == 200, r.text
+            for p, choice in zip(PROMPTS, r.json()["choices"], strict=False):
+                ids = torch.tensor([tok(p)["input_ids"]])
+                out = ref.generate(
+                    input_ids=ids,
+                    adapter_names=[None if name == "base" else "t5"],
+                    max_new_tokens=3,
+                    do_sample=False,
+                )
+                new = [t for t in out[0, 1:].tolist() if t != tok.eos_token_id]  # drop start
+                assert choice["text"] == tok.decode(new, skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------ in process
+
+
+def test_completions_models_and_health(bank, ref):
+    app = make_app(bank)
+    engine = app.state.engine
+    calls = []
+    for name in ("sent-prefix", "gen-ptuning"):
+        for module in engine.model.adapters[name].children():
+            module.register_forward_hook(lambda *a: calls.append(1))
+    with TestClient(app) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        models = client.get("/v1/models").json()
+        ids = [m["id"] for m in models["data"]]
+        assert models["object"] == "list" and ids == [engine.base_name, *ADAPTERS]
+        by_id = {m["id"]: m for m in models["data"]}
+        assert by_id["sent-prefix"]["method"] == "prefix"
+        assert by_id["gen-ptuning"]["num_virtual_tokens"] == 5
+        assert by_id["sent-prompt"]["labels"] == ["negative", "positive"]
+        for name in [*ADAPTERS, "base"]:
+            r = complete(client, name, PROMPTS[:3], max_tokens=3, temperature=0)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["object"] == "text_completion" and body["model"] == name
+            assert body["id"].startswith("cmpl-") and isinstance(body["created"], int)
+            real = None if name == "base" else name
+            for i, choice in enumerate(body["choices"]):
+                want = ref.greedy(real, PROMPTS[i], 3)
+                assert choice["index"] == i
+                assert (choice["text"], choice["finish_reason"]) == (
+                    want["text"],
+                    want["finish_reason"],
+                )
+            prompt_tokens = sum(sum(t >= 0 for t in ref.ids(real, p)) for p in PROMPTS[:3])
+            usage = body["usage"]
+            assert usage["prompt_tokens"] == prompt_tokens
+            assert usage["total_tokens"] == prompt_tokens + usage["completion_tokens"]
+        # the base model's own name works as well as "base"
+        r = complete(client, engine.base_name, PROMPTS[0], max_tokens=2, temperature=0)
+        assert r.json()["choices"][0]["text"] == ref.greedy(None, PROMPTS[0], 2)["text"]
+        # seeded sampling: the same text every time, batched or alone
+        one = complete(
+            client, "gen-deep", PROMPTS[1], max_tokens=4, temperature=0.8, top_p=0.9, seed=7
+        )
+        two = complete(
+            client, "gen-deep", PROMPTS[1], max_tokens=4, temperature=0.8, top_p=0.9, seed=7
+        )
+        assert one.json()["choices"] == two.json()["choices"]
+        assert one.json()["choices"][0]["text"] == ref.sampled("gen-deep", PROMPTS[1], 4, 7)["text"]
+        # n copies get seeds seed, seed+1, ...
+        r = complete(
+            client, "gen-deep", PROMPTS[1], max_tokens=4, temperature=0.8, top_p=0.9, seed=6, n=2
+        )
+        assert r.json()["choices"][1]["text"] == one.json()["choices"][0]["text"]
+        # a stop string cuts the text before it
+        full = ref.greedy("gen-ptuning", PROMPTS[2], 6)["text"]
+        cut = len(full) // 2
+        stop = full[cut : cut + 2]
+        r = complete(client, "gen-ptuning", PROMPTS[2], max_tokens=6, temperature=0, stop=[stop])
+        choice = r.json()["choices"][0]
+        assert choice["text"] == full[: full.find(stop)] and choice["finish_reason"] == "stop"
+        stats = client.get("/v1/stats").json()
+        assert stats["model_calls"] >= 1 and stats["failed_calls"] == 0
+    assert calls == []  # prefix MLP / P-tuning encoder never ran: baked when loaded
+    assert not engine._thread.is_alive()  # lifespan shutdown stopped the worker
+
+
+def test_classify_matches_task_class_scores(bank, ref):
+    with TestClient(make_app(bank, max_wait_ms=50)) as client:
+        with ThreadPoolExecutor(2) as pool:  # both adapters in one batch: mixed answers
+            futs = {
+                name: pool.submit(
+                    client.post, "/v1/classify", json={"model": name, "input": PROMPTS}
+                )
+                for name in CLASSIFIERS
+            }
+            for name, fut in futs.items():
+                r = fut.result()
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert body["object"] == "classification" and body["model"] == name
+                for i, item in enumerate(body["data"]):
+                    assert item["index"] == i
+                    assert_scores(item, ref.classify(name, PROMPTS[i]))
+        # one adapter alone: the single-token path; an object of template fields works too
+        r = client.post(
+            "/v1/classify", json={"model": "sent-prompt", "input": {"text": PROMPTS[4]}}
+        )
+        assert_scores(r.json()["data"][0], ref.classify("sent-prompt", PROMPTS[4]))
+        r = client.post("/v1/classify", json={"model": "gen-deep", "input": "x"})
+        assert (
+            r.status_code == 400 and "not a classification adapter" in r.json()["error"]["message"]
+        )
+
+
+def test_adapters_load_and_unload_at_run_time(bank, ref, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (bank["root"] / "escape").unlink(missing_ok=True)
+    (bank["root"] / "escape").symlink_to(outside, target_is_directory=True)
+    with TestClient(make_app(bank, adapters={"sent-prompt": bank["dirs"]["sent-prompt"]})) as c:
+        assert complete(c, "late", PROMPTS[0], max_tokens=2).status_code == 404
+        r = c.post("/v1/adapters", json={"name": "late", "path": "gen-deep"})
+        assert r.status_code == 201, r.text
+        assert r.json()["id"] == "late" and r.json()["method"] == "deep"
+        r = complete(c, "late", PROMPTS[0], max_tokens=3, temperature=0)
+        assert r.json()["choices"][0]["text"] == ref.greedy("gen-deep", PROMPTS[0], 3)["text"]
+        assert "late" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+        # absolute paths inside the root are fine
+        r = c.post("/v1/adapters", json={"name": "abs", "path": bank["dirs"]["gen-ptuning"]})
+        assert r.status_code == 201
+        assert c.delete("/v1/adapters/late").json() == {
+            "id": "late",
+            "object": "model",
+            "deleted": True,
+        }
+        r = complete(c, "late", PROMPTS[0], max_tokens=2)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert c.delete("/v1/adapters/late").status_code == 404
+        assert "late" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+        # refused: traversal, absolute paths outside, symlinks out, bad names, clashes, other models
+        for path in ("../../etc", "/etc", str(outside), "escape", "gen-deep/../../.."):
+            r = c.post("/v1/adapters", json={"name": "x", "path": path})
+            assert r.status_code == 403, (path, r.text)
+            assert "outside the allowed adapter folders" in r.json()["error"]["message"]
+        r = c.post("/v1/adapters", json={"name": "x", "path": "no-such-adapter"})
+        assert r.status_code == 400
+        for bad in ("../x", "a b", "x" * 65, "", "a.b"):
+            r = c.post("/v1/adapters", json={"name": bad, "path": "gen-deep"})
+            assert r.status_code == 400 and "invalid" in r.json()["error"]["message"], bad
+        assert c.post("/v1/adapters", json={"name": "abs", "path": "gen-deep"}).status_code == 409
+        assert c.post("/v1/adapters", json={"name": "base", "path": "gen-deep"}).status_code == 409
+        r = c.post("/v1/adapters", json={"name": "t5", "path": "t5-deep"})
+        assert r.status_code == 409, r.text
+        assert "made for another base model" in r.json()["error"]["message"]
+        assert "t5" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+
+
+def test_bad_requests_get_clear_errors(bank):
+    app = make_app(
+        bank, api_key="sekrit", max_prompt_tokens=12, max_tokens_limit=8, max_body_bytes=2000
+    )
+    auth = {"Authorization": "Bearer sekrit"}
+    with TestClient(app) as c:
+
+        def post(body=None, **kw):
+            return c.post("/v1/completions", json=body, headers=kw.pop("headers", auth), **kw)
+
+        ok = {"model": "gen-deep", "prompt": "hi", "max_tokens": 2}
+        assert post(ok).status_code == 200
+        assert c.get("/health").status_code == 200  # open without a key
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
+            r = post(ok, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert r.json()["error"]["type"] == "authentication_error"
+        assert c.get("/v1/models").status_code == 401
+        r = post({**ok, "model": "nope"})
+        assert r.status_code == 404 and "'nope' does not exist" in r.json()["error"]["message"]
+        r = post({**ok, "prompt": "word " * 500})
+        assert r.status_code == 413 and "2000 bytes" in r.json()["error"]["message"]
+        r = post({**ok, "prompt": "word " * 50})
+        assert r.status_code == 400 and "limit is 12 tokens" in r.json()["error"]["message"]
+        r = post({**ok, "max_tokens": 9})
+        assert r.status_code == 400 and "limit is 8" in r.json()["error"]["message"]
+        r = c.post(
+            "/v1/completions",
+            content=b'{"model": "gen-deep", "prompt": ',
+            headers={**auth, "content-type": "application/json"},
+        )
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        for body, field in (
+            ({**ok, "max_tokens": "2"}, "max_tokens"),
+            ({**ok, "prompt": 5}, "prompt"),
+            ({**ok, "temperature": -1}, "temperature"),
+            ({**ok, "prompt": ["a", 3]}, "prompt"),
+            ({"prompt": "hi"}, "model"),
+            ({**ok, "frobnicate": 1}, "frobnicate"),
+            ({**ok, "stream": True}, "stream"),
+            ({**ok, "logit_bias": {"5": 1.0}}, "logit_bias"),
+            ({**ok, "prompt": []}, "prompt"),
+            ({**ok, "model": "base", "prompt": ""}, "prompt"),
+            ([1, 2], "body"),
+        ):
+            r = post(body)
+            assert r.status_code == 400, (body, r.text)
+            assert field in r.json()["error"]["message"], (field, r.json())
+        assert c.get("/v1/nothing-here", headers=auth).status_code == 404
+        assert post(ok).status_code == 200  # and the server still answers
+
+
+def test_queue_full_is_429_and_a_failing_row_fails_alone(bank, ref, monkeypatch):
+    app = make_app(bank, max_queue=2, max_wait_ms=0)
+    engine = app.state.engine
+    real = srv.generate_rows
+    poison = ref.ids("gen-deep", "POISON")
+
+    def flaky(model, tok, rows, *a, **kw):
+        if any(r.ids == poison for r in rows):
+            raise ValueError("poisoned row")
+        return real(model, tok, rows, *a, **kw)
+
+    monkeypatch.setattr(srv, "generate_rows", flaky)
+    with TestClient(app) as c, ThreadPoolExecutor(4) as pool:
+        engine.model_lock.acquire()  # hold the worker: requests pile up
+        try:
+            first = pool.submit(complete, c, "gen-deep", PROMPTS[0], max_tokens=2, temperature=0)
+            wait_for(lambda: engine.running == 1)
+            queued = [
+                pool.submit(complete, c, "gen-deep", "POISON", max_tokens=2, temperature=0),
+                pool.submit(complete, c, "gen-ptuning", PROMPTS[1], max_tokens=2, temperature=0),
+            ]
+            wait_for(lambda: engine.queued == 2)
+            r = complete(c, "gen-deep", PROMPTS[2], max_tokens=2)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert "queue is full" in r.json()["error"]["message"]
+        finally:
+            engine.model_lock.release()
+        assert (
+            first.result().json()["choices"][0]["text"]
+            == ref.greedy("gen-deep", PROMPTS[0], 2)["text"]
+        )
+        bad, good = (f.result() for f in queued)
+        assert bad.status_code == 500 and "poisoned row" in bad.json()["error"]["message"]
+        assert good.status_code == 200, good.text
+        assert good.json()["choices"][0]["text"] == ref.greedy("gen-ptuning", PROMPTS[1], 2)["text"]
+        assert engine.stats["failed_calls"] == 2  # the batch of two, then the poisoned row alone
+        assert engine.stats["rejected_queue_full"] == 1
+
+
+def wait_for(cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.005)
+
+
+# ------------------------------------------------------------------------------ a real server
+
+
+class LiveServer:
+    """uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
+        self.thread.start()
+        wait_for(lambda: self.server.started)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def plan(client: int, j: int):
+    """The load test's request number j of a client: (path, body, expected)."""
+    k = client * 21 + j  # 21: coprime to 4, 5 and 6, so concurrent clients differ
+    prompt = PROMPTS[k % len(PROMPTS)]
+    kind = k % 4
+    if client % 8 == 0 and j == 10:
+        return "/v1/completions", {"model": "nope", "prompt": prompt}, 404
+    if client % 8 == 1 and j == 10:
+        return "/v1/completions", {"model": "gen-deep", "prompt": prompt, "max_tokens": 10**6}, 400
+    if client % 8 == 2 and j == 10:
+        return "/v1/classify", {"model": "sent-prompt", "input": 7}, 400
+    if kind in (0, 1):
+        name = [*ADAPTERS, "base"][k % 5]
+        n = 2 + k % 2
+        body = {"model": name, "prompt": prompt, "max_tokens": n, "temperature": 0}
+        return "/v1/completions", body, ("greedy", None if name == "base" else name, prompt, n)
+    if kind == 2:
+        name = list(ADAPTERS)[k % 4]
+        seed = PROMPTS.index(prompt)
+        body = {
+            "model": name,
+            "prompt": prompt,
+            "max_tokens": 3,
+            "temperature": 0.8,
+            "top_p": 0.9,
+            "seed": seed,
+        }
+        return "/v1/completions", body, ("sample", name, prompt, 3, seed)
+    name = CLASSIFIERS[k % 2]
+    return "/v1/classify", {"model": name, "input": prompt}, ("classify", name, prompt)
+
+
+def expected(ref, spec):
+    kind, *rest = spec
+    return {"greedy": ref.greedy, "sample": ref.sampled, "classify": ref.classify}[kind](*rest)
+
+
+def test_load_on_a_real_server_then_graceful_shutdown(bank, ref):
+    clients, per_client = 32, 20
+    specs = [plan(c, j)[2] for c in range(clients) for j in range(per_client)]
+    for spec in specs:  # offline, one prompt at a time
+        if not isinstance(spec, int):
+            expected(ref, spec)
+    app = make_app(bank, max_batch=16, max_wait_ms=20, max_queue=1024)
+    engine = app.state.engine
+    live = LiveServer(app)
+    try:
+
+        def run_client(c: int) -> list[tuple]:
+            out = []
+            with httpx.Client(base_url=live.url, timeout=60) as http:
+                for j in range(per_client):
+                    path, body, spec = plan(c, j)
+                    out.append((spec, http.post(path, json=body)))
+            return out
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(clients) as pool:
+            answers = [a for part in pool.map(run_client, range(clients)) for a in part]
+        elapsed = time.monotonic() - t0
+        errors, checked = [], 0
+        for spec, r in answers:
+            if isinstance(spec, int):
+                if r.status_code != spec:
+                    errors.append((spec, r.status_code, r.text))
+                continue
+            if r.status_code != 200:
+                errors.append((spec, r.status_code, r.text))
+                continue
+            want = expected(ref, spec)
+            if spec[0] == "classify":
+                assert_scores(r.json()["data"][0], want)
+            else:
+                choice = r.json()["choices"][0]
+                assert (choice["text"], choice["finish_reason"]) == (
+                    want["text"],
+                    want["finish_reason"],
+                ), spec
+            checked += 1
+        assert errors == []
+        assert checked == clients * per_client - 12  # 12 planned bad requests answered 4xx
+        stats = engine.snapshot()
+        print(f"\n{len(answers)} requests in {elapsed:.1f}s; stats {json.dumps(stats)}")
+        sizes = {int(k): v for k, v in stats["batch_sizes"].items()}
+        assert stats["rows"] == checked and stats["failed_calls"] == 0
+        assert stats["model_calls"] < checked / 3  # batching happened
+        assert max(sizes) > 4 and stats["mixed_adapter_calls"] > 0
+        assert stats["max_adapters_in_call"] >= 3
+
+        # graceful shutdown: requests in flight when the server is told to stop still complete
+        engine.model_lock.acquire()
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                futs = [
+                    pool.submit(
+                        httpx.post, f"{live.url}/v1/completions", json=plan(0, j)[1], timeout=60
+                    )
+                    for j in (0, 1, 5)
+                ]
+                wait_for(lambda: engine.running + engine.queued == 3)
+                live.server.should_exit = True
+                wait_for(lambda: not _port_open(live.url))  # no new connections
+                engine.model_lock.release()
+                for j, fut in zip((0, 1, 5), futs, strict=True):
+                    r = fut.result()
+                    assert r.status_code == 200, r.text
+                    want = expected(ref, plan(0, j)[2])
+                    assert r.json()["choices"][0]["text"] == want["text"]
+        finally:
+            if engine.model_lock.locked():
+                engine.model_lock.release()
+    finally:
+        live.stop()
+    assert not live.thread.is_alive() and not engine._thread.is_alive()
+
+
+def _port_open(url: str) -> bool:
+    host, port = url.rsplit("//", 1)[1].split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def test_chunked_body_over_the_limit_is_413(bank):
+    live = LiveServer(make_app(bank, max_body_bytes=1000))
+    try:
+
+        def chunks():
+            yield b'{"model": "gen-deep", "prompt": "'
+            for _ in range(100):
+                yield b"word " * 10
+            yield b'"}'
+
+        r = httpx.post(
+            f"{live.url}/v1/completions",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 413 and "1000 bytes" in r.json()["error"]["message"]
+        ok = httpx.post(
+            f"{live.url}/v1/completions",
+            json={"model": "gen-deep", "prompt": "hi", "max_tokens": 1},
+        )
+        assert ok.status_code == 200
+    finally:
+        live.stop()
+
+
+# ------------------------------------------------------------------------------ CLI glue
+
+
+def test_serve_command_line(bank, monkeypatch):
+    parser = argparse.ArgumentParser(prog="softprompt")
+    srv.add_serve_parser(parser.add_subparsers(dest="command"))
+    d = bank["dirs"]
+    args = parser.parse_args(
+        ["serve", "--adapter", f"a={d['gen-deep']}", "--adapter", f"b={d['sent-prompt']}"]
+    )
+    assert (args.host, args.port, args.func) == ("127.0.0.1", 8000, srv.cmd_serve)
+    monkeypatch.setenv("SOFTPROMPT_API_KEY", "from-env")
+    model, adapters, settings = srv.settings_from_args(args)
+    assert model == bank["folder"]  # the adapters name their base model
+    assert adapters == {"a": d["gen-deep"], "b": d["sent-prompt"]}
+    assert settings.api_key == "from-env" and settings.adapter_roots is None
+    for bad in ("nodir", "=x", "a/b=x"):
+        with pytest.raises(sp.SoftPromptError, match="--adapter"):
+            srv.settings_from_args(parser.parse_args(["serve", "--adapter", bad]))
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    args = parser.parse_args(
+        ["serve", "--model", bank["folder"], "--adapter", f"a={d['gen-deep']}", "--port", "0"]
+    )
+    assert args.func(args) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 0)
+    with TestClient(seen["app"]) as c:
+        r = c.get("/v1/models", headers={"Authorization": "Bearer from-env"})
+        assert [m["id"] for m in r.json()["data"]] == [bank["folder"], "a"]
+    monkeypatch.delenv("SOFTPROMPT_API_KEY")
+    args = parser.parse_args(
+        ["serve", "--model", bank["folder"], "--adapter", "a=" + str(os.devnull)]
+    )
+    with pytest.raises(sp.SoftPromptError, match="does not exist|not a softprompt adapter"):
+        args.func(args)
