@@ -90,15 +90,13 @@ def _load_data(path, task, skip_bad, template):
 def _load_adapter_and_task(model_name, adapter_dir, dtype):
     import softprompt as sp
 
-    from .io import read_adapter_config
+    from .io import read_adapter_config, recorded_base_model
     from .loading import load_base
     from .tasks import Task, TaskSpec
 
     meta = read_adapter_config(adapter_dir)
     if model_name is None:
-        model_name = meta["base_model"].get("name_or_path") or None
-        if not model_name:
-            raise SoftPromptError(f"{adapter_dir} does not name its base model; pass --model")
+        model_name = recorded_base_model(meta, adapter_dir)
     base, tok = load_base(model_name, dtype)
     model = sp.load_adapter(base, adapter_dir, name="adapter")
     model.tokenizer = tok
@@ -364,11 +362,11 @@ def cmd_inspect(args) -> dict:
     import softprompt as sp
 
     from . import _hf
-    from .io import read_adapter_config
+    from .io import read_adapter_config, recorded_base_model
     from .loading import load_base
 
     meta = read_adapter_config(args.adapter)
-    model_name = args.model or meta["base_model"].get("name_or_path")
+    model_name = args.model or recorded_base_model(meta, args.adapter)
     base, tok = load_base(model_name, "float32")
     model = sp.load_adapter(base, args.adapter, name="adapter")
     ad = model.adapters["adapter"]

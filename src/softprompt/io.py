@@ -136,6 +136,21 @@ def read_adapter_config(directory: str | Path) -> dict:
     return meta
 
 
+def recorded_base_model(meta: dict, where: str | Path) -> str:
+    """The base model an adapter config names (for loading it without --model).
+
+    An embedded asset's cache folder recorded on another machine resolves to the asset's name.
+    """
+    from .assets import ASSETS
+
+    name = meta["base_model"].get("name_or_path") or ""
+    if not name:
+        raise SoftPromptError(f"{where} does not name its base model; pass --model")
+    if not Path(name).exists() and Path(name).name in ASSETS:
+        return Path(name).name
+    return name
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise SoftPromptError(f"{path} is missing")

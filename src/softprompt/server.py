@@ -1194,7 +1194,7 @@ def _parse_adapter(value: str) -> tuple[str, str]:
 
 def settings_from_args(args) -> tuple[str, dict[str, str], ServeSettings]:
     """(model name, adapters name -> folder, settings) from ``softprompt serve`` flags."""
-    from .io import read_adapter_config
+    from .io import read_adapter_config, recorded_base_model
 
     adapters = dict(_parse_adapter(v) for v in args.adapter or [])
     model_name = args.model
@@ -1202,9 +1202,7 @@ def settings_from_args(args) -> tuple[str, dict[str, str], ServeSettings]:
         if not adapters:
             raise SoftPromptError("serve needs --model (or an --adapter that names its base model)")
         first = next(iter(adapters.values()))
-        model_name = read_adapter_config(first)["base_model"].get("name_or_path")
-        if not model_name:
-            raise SoftPromptError(f"{first} does not name its base model; pass --model")
+        model_name = recorded_base_model(read_adapter_config(first), first)
     settings = ServeSettings(
         model_name=model_name,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
