@@ -266,9 +266,9 @@ DEMO = dict(
     test="rotten-tomatoes:test",
     template="Review: {text}\nSentiment: {label}",
     num_virtual_tokens=10,
-    max_steps=120,
+    max_steps=150,
     batch_size=8,
-    eval_every=40,
+    eval_every=50,
     eval_limit=200,
     output="runs/demo",
 )
@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--lr",
         type=float,
-        help="default: per method (prompt 3e-2, ptuning 3e-3, deep 5e-3, prefix 5e-4)",
+        help="default: per method (prompt 3e-2, ptuning 3e-3, deep 5e-3, prefix 1e-4)",
     )
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--grad-accum", type=int, default=1)
