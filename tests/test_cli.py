@@ -477,3 +477,24 @@ def test_two_processes_reach_the_single_process_adapter(tmp_path, tiny_folders, 
         a, load_file(tmp_path / "one" / "checkpoint" / "trainable.safetensors")["prefix"] * 0
     )
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prompt", "prefix", "deep", "ptuning"])
+def test_every_method_trains_from_the_cli_on_smollm2(tmp_path, capsys, cls_data, method):
+    torch.set_num_threads(2)
+    out = tmp_path / "smol"
+    args = train_args(
+        "smollm2-135m-instruct", cls_data, out, method, "--batch-size", 2, "--eval-limit", 2
+    )
+    args[args.index("--max-steps") + 1] = 2
+    args[args.index("--prefix-hidden") + 1] = 64
+    code, stdout, err = run_cli(capsys, *args)
+    torch.set_num_threads(1)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"]["steps"] == 2
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["base_model"]["model_type"] == "llama" and meta["base_model"]["vocab_size"] == 49152
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > 0 for r in log if "loss" in r)
