@@ -25,7 +25,7 @@ def test_two_setup_commands_on_top_and_ci_runs_the_test_one():
 @pytest.mark.slow
 def test_python_example_runs(tmp_path):
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
-    assert len(code.strip().splitlines()) <= 22
+    assert len(code.strip().splitlines()) <= 18
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
