@@ -1,0 +1,64 @@
+"""Run every benchmark section, each in a fresh process, then render docs/benchmarks.md.
+
+    python bench/run_all.py            # full run, about 12-15 minutes on 2 CPU cores
+    python bench/run_all.py --quick    # smoke run, under 3 minutes; numbers not trustworthy
+    python bench/run_all.py --only train_speed generate_speed --out docs/benchmarks.md
+
+Each section script writes ``bench/results/<section>.json``; ``bench/report.py`` renders every
+result file present (so a section added later, e.g. quality, only has to write its JSON and be
+listed in ``SECTIONS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+SECTIONS = ["train_speed", "generate_speed", "mixed_speed"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--only", nargs="*", default=None, help="sections to run (default: all)")
+    ap.add_argument("--results", type=Path, default=BENCH / "results")
+    args = ap.parse_args()
+    sections = args.only or SECTIONS
+    failed = []
+    t_start = time.perf_counter()
+    for name in sections:
+        script = BENCH / f"{name}.py"
+        cmd = [sys.executable, str(script), "--out", str(args.results / f"{name}.json")]
+        if args.quick:
+            cmd.append("--quick")
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
+        print(f"== {name}: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
+        if rc:
+            failed.append(name)
+    rc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "report.py"),
+            "--results",
+            str(args.results),
+            "--out",
+            str(args.out),
+        ],
+        cwd=ROOT,
+        check=False,
+    ).returncode
+    print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
+    if failed or rc:
+        sys.exit(f"failed: {failed + (['report'] if rc else [])}")
+
+
+if __name__ == "__main__":
+    main()
