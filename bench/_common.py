@@ -48,9 +48,9 @@ METHODS = {
 
 def setup(threads: int = THREADS, quick: bool = False) -> None:
     """Fix threads, silence library chatter (progress bars, deprecation notes); a full run
-    waits at most 30 s in total for a quiet machine, a quick run does not wait."""
+    waits at most 15 s in total for a quiet machine, a quick run does not wait."""
     torch.set_num_threads(threads)
-    QUIET_WAIT_BUDGET["left"] = 0.0 if quick else 30.0
+    QUIET_WAIT_BUDGET["left"] = 0.0 if quick else 15.0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
@@ -258,7 +258,7 @@ def train_step(model, opt, loss_fn: Callable, batch: dict) -> float:
 # running, keeps neighbours to about 0.25 cores. machine_info records the setting.)
 _HZ = os.sysconf("SC_CLK_TCK")
 BUSY = 0.3
-QUIET_WAIT_BUDGET = {"left": 30.0}  # seconds of waiting allowed per process (per section)
+QUIET_WAIT_BUDGET = {"left": 15.0}  # seconds of waiting allowed per process (per section)
 
 
 def _cpu_ticks() -> tuple[int, int]:

@@ -160,7 +160,7 @@ def render(results_dir: Path, out: Path) -> str:
         "The benchmark machine may be shared with other work (here: 2 cores). When another "
         "process takes CPU, torch's OpenMP threads stall at every barrier and an op can take many "
         "times longer. The scripts therefore (1) interleave all variants within each round in "
-        "rotating order, (2) compare variants by per-round paired ratios, (3) wait (at most 30 s "
+        "rotating order, (2) compare variants by per-round paired ratios, (3) wait (at most 15 s "
         "per section in total) for a quiet machine before each round, and (4) drop rounds during "
         "which other processes used more than 0.3 cores, when at least 3 clean rounds remain. "
         "Linux autogroup scheduling shares CPU equally between sessions whatever a process's "

@@ -457,8 +457,8 @@ def main() -> None:
     rows, info = run_speed(args.methods, args.repeats, args.warmup)
     mem_methods = args.methods[:1] if args.quick else args.methods
     mem = []
-    for i, method in enumerate(mem_methods):  # the full-loss variant for two methods suffices
-        libs = ("sp", "sp_full", "peft") if i < 2 and not args.quick else ("sp", "peft")
+    for i, method in enumerate(mem_methods):  # the full-loss variant for one method suffices
+        libs = ("sp", "sp_full", "peft") if i == 0 and not args.quick else ("sp", "peft")
         mem += run_memory([method], args.mem_steps, libs)
     C.write_result("train_speed", build_result(rows, mem, info, args, machine), args.out)
 

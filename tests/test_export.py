@@ -33,15 +33,6 @@ ADAPTERS = {
 ROWS = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]  # two rows of different lengths: left padding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is many times faster than two on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def saved(tiny_folders, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")

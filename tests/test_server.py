@@ -61,15 +61,6 @@ CLASSIFIERS = ("sent-prompt", "sent-prefix")
 GENERATORS = ("gen-deep", "gen-ptuning")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared by the server worker, the HTTP threads and the clients."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def bank(tiny_folders, tmp_path_factory):
     """Four saved adapters (prompt, prefix+MLP, deep, P-tuning) on the tiny Llama, one on T5."""
