@@ -126,7 +126,7 @@ def main() -> None:
                 "slower: the prefill computes 20 more positions per row whatever the library "
                 "does; see the discussion for a fix (cache the virtual tokens' K/V)"
                 if m == "prompt"
-                else f"softprompt with no adapter: {pct(over['sp_none'])} (the seam itself); the "
+                else f"softprompt with no adapter: {pct(over['sp_none'])} (seam, frozen weights, noise); the "
                 "rest is 20 more keys in every attention call and, in softprompt, re-joining "
                 "the prefix to the cached keys/values at every decoding step (see the "
                 "discussion)"

@@ -1,11 +1,12 @@
 """Profile one training step (or generate call) of softprompt and PEFT side by side.
 
     python bench/profile_step.py --method prompt [--loss full|sp] [--what step|generate|fwd]
-                                 [--rows 25] [--steps 3]
+                                 [--rows 25] [--steps 3] [--libs sp peft bare]
 
 Not part of run_all: a tool for finding where time goes when softprompt loses. Prints, for each
 library, torch.profiler's top operators by self CPU time (summed over ``--steps`` profiled steps
-after one warm-up) and the total, so the difference can be attributed to operators.
+after one warm-up) and the total, so the difference can be attributed to operators. Compare
+call counts (stable) rather than times (profiled runs are sequential, not interleaved).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def main() -> None:
     ap.add_argument("--what", default="step", choices=["step", "generate", "fwd"])
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--libs", nargs="*", default=["sp", "peft"])
+    ap.add_argument(
+        "--libs", nargs="*", default=["sp", "peft"], help="sp, peft, bare (the untouched model)"
+    )
     ap.add_argument("--sort", default="self_cpu_time_total")
     args = ap.parse_args()
     C.setup()
@@ -42,7 +45,11 @@ def main() -> None:
     prompts = C.generation_prompts(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for lib in args.libs:
-        if lib == "sp":
+        if lib == "bare":
+            model = C.load_base()
+            params = [p for p in model.parameters() if p.requires_grad]
+            loss_fn = C.full_loss
+        elif lib == "sp":
             model = C.make_sp(args.method)
             params = model.parameters_to_train()
             if args.loss == "sp":
