@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import _hf
 from ._hf import SoftPromptError
 from .lm import pad_left
+from .tasks import pad_id
 
 log = logging.getLogger("softprompt.server")
 
@@ -181,14 +182,6 @@ def eos_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            return int(v)
-    return 0
 
 
 class _RowSampler:

@@ -72,7 +72,7 @@ class Task:
         self.template = Template.parse(spec.template)
         self.enc_dec = model.info.is_encoder_decoder
         self.encoder_only = not self.enc_dec and not model.info.is_causal_lm
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_id(tokenizer)
         if spec.kind == "classify":
             if self.enc_dec:
                 raise SoftPromptError(
@@ -214,7 +214,8 @@ class Task:
         return generation_metrics([p["prediction"] for p in predictions], refs)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The id to pad with: the pad token, else EOS, else UNK, else 0."""
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         v = getattr(tokenizer, attr, None)
         if v is not None:
