@@ -592,3 +592,105 @@ def test_generate_with_different_prompt_lengths_and_no_padding():
                 eos_token_id=None,
             )
             assert torch.equal(both[b], alone[0])
+
+
+# ------------------------------------------------------------------------------ shared prompts
+
+
+def _bank(family: str) -> sp.SoftPromptModel:
+    model = sp.attach(tiny_model(family))
+    model.add_adapter("p3", sp.PromptTuningConfig(num_virtual_tokens=3))
+    model.add_adapter("p5", sp.PTuningConfig(num_virtual_tokens=5, encoder_hidden_size=16))
+    model.add_adapter("pre", sp.PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16))
+    perturb(model)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prompt_applies_to_rotary_causal_lms_only(family):
+    info = sp.attach(tiny_model(family)).info
+    assert info.shares_prompt == (family in ("llama", "qwen3"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_shared_prompt_equals_splicing(family):
+    """Prepended virtual tokens run once as a key/value prefix: the same logits, gradients and
+    generated tokens as splicing them into every row (left padding, mixed adapters)."""
+    model = _bank(family)
+    ids, mask = left_pad(IDS.repeat(2, 1), MASK.repeat(2, 1))
+    rows = ["p3", "p5", "pre", None, "p5", "p3"]
+
+    def run(shared: bool):
+        model.info.shares_prompt = shared
+        model.zero_grad()
+        model.set_active("p5")
+        out = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+        (out * mask[..., None]).square().sum().backward()
+        grad = model.adapters["p5"].embedding.grad.clone()
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                adapter_names=rows,
+                max_new_tokens=5,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        return out.detach() * mask[..., None], grad, gen
+
+    calls = []
+    orig = sp._hf.prompt_kv
+    sp._hf.prompt_kv = lambda *a: calls.append(1) or orig(*a)
+    try:
+        fast = run(True)
+        assert calls, "the shared path was not taken"
+        n_fast = len(calls)
+        slow = run(False)
+        assert len(calls) == n_fast, "the splice path computed shared prompts"
+    finally:
+        sp._hf.prompt_kv = orig
+    assert_close(fast[0], slow[0], **TOL)
+    assert_close(fast[1], slow[1], atol=1e-5, rtol=1e-4)
+    assert fast[1].abs().max() > 1e-3
+    assert torch.equal(fast[2], slow[2])
+
+
+def test_shared_prompt_keeps_the_cache_to_real_tokens():
+    model = _bank("llama")
+    with torch.no_grad():
+        out = model(input_ids=IDS, attention_mask=MASK, adapter_names="p5", use_cache=True)
+    assert out.past_key_values.get_seq_length() == IDS.shape[1]
+    model.info.shares_prompt = False
+    with torch.no_grad():
+        out = model(input_ids=IDS, attention_mask=MASK, adapter_names="p5", use_cache=True)
+    assert out.past_key_values.get_seq_length() == IDS.shape[1] + 5
+
+
+def test_shared_prompt_is_memoised_without_grad_until_the_adapter_changes():
+    model = _bank("llama")
+    calls = []
+    orig = sp._hf.prompt_kv
+    sp._hf.prompt_kv = lambda *a: calls.append(1) or orig(*a)
+    try:
+        with torch.no_grad():
+            first = model(input_ids=IDS, adapter_names="p3").logits
+            again = model(input_ids=IDS, adapter_names="p3").logits
+            assert len(calls) == 1
+            model.adapters["p3"].embedding.add_(0.5)
+            moved = model(input_ids=IDS, adapter_names="p3").logits
+            assert len(calls) == 2
+        model(input_ids=IDS, adapter_names="p3")  # with autograd: always computed afresh
+        model(input_ids=IDS, adapter_names="p3")
+        assert len(calls) == 4
+    finally:
+        sp._hf.prompt_kv = orig
+    assert torch.equal(first, again)
+    assert (moved - first).abs().max() > 1e-4
+    model.delete_adapter("p3")
+    model.add_adapter("p3", sp.PromptTuningConfig(num_virtual_tokens=3, seed=7))
+    with torch.no_grad():
+        fresh = model(input_ids=IDS, adapter_names="p3").logits
+        model.info.shares_prompt = False
+        spliced = model(input_ids=IDS, adapter_names="p3").logits
+    assert_close(fresh, spliced, **TOL)

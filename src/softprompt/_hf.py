@@ -90,6 +90,7 @@ class ModelInfo:
     is_encoder_decoder: bool
     is_causal_lm: bool
     identity: dict
+    shares_prompt: bool = False  # see ``shares_prepended_prompt``
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,9 +157,25 @@ def _softprompt_attention(base: str) -> Callable:
         if prefix is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
         k_p, v_p, valid = prefix  # (B, kvh, P, hd), (B, kvh, P, hd), (B, P)
-        attention_mask = _extend_mask(
-            attention_mask, valid, module, query, key, kwargs.get("is_causal")
+        # Every layer of one forward gets the same mask object: extend it once, not per layer.
+        is_causal = kwargs.get("is_causal")
+        memo_key = (
+            attention_mask,
+            valid,
+            query.shape[2],
+            key.shape[2],
+            is_causal,
+            getattr(module, "is_causal", True),
         )
+        memo = getattr(state, "_softprompt_mask_memo", None)
+        if memo is not None and all(
+            a is b if isinstance(a, torch.Tensor | type(None)) else a == b
+            for a, b in zip(memo[0], memo_key, strict=True)
+        ):
+            attention_mask = memo[1]
+        else:
+            attention_mask = _extend_mask(attention_mask, valid, module, query, key, is_causal)
+            state._softprompt_mask_memo = (memo_key, attention_mask)
         kwargs["is_causal"] = False
         bias = kwargs.get("position_bias")
         if bias is not None:  # T5: relative position bias (B|1, H, q, k); prefix keys get none
@@ -324,7 +341,87 @@ def inspect_model(model: PreTrainedModel) -> ModelInfo:
         is_encoder_decoder=bool(model.config.is_encoder_decoder),
         is_causal_lm=not model.config.is_encoder_decoder and lm_body_and_head(model) is not None,
         identity=model_identity(model, order),
+        shares_prompt=shares_prepended_prompt(model),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Prepended virtual tokens as a shared key/value prefix.
+# --------------------------------------------------------------------------------------------
+
+_RELATIVE_ROPE = {"default", "linear", "llama3", "yarn"}
+
+
+def _rope_types(cfg) -> list[str]:
+    rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rp, dict):
+        return ["unknown"]
+    groups = list(rp.values()) if rp and all(isinstance(v, dict) for v in rp.values()) else [rp]
+    return [g.get("rope_type", g.get("type", "default")) for g in groups]
+
+
+def shares_prepended_prompt(model: PreTrainedModel) -> bool:
+    """Whether prepended virtual tokens can run once per adapter instead of once per row.
+
+    In a causal LM, virtual tokens placed before a row's first real token never see the row: their
+    keys and values at every layer are the same for all rows. When the model encodes positions
+    only through rotary embeddings that depend on relative positions (no learned absolute table,
+    no sliding window, no length-dependent rope scaling), running them once at positions -P..-1
+    and handing their keys/values to every row as a layer prefix, with the real tokens at
+    0..T-1, gives the same attention scores as splicing them into each row at 0..P-1 with the real
+    tokens at P..P+T-1: the transformer then processes B*T + P positions instead of B*(T+P),
+    and the KV cache holds only real tokens.
+    """
+    cfg = model.config
+    parts = lm_body_and_head(model)
+    if cfg.is_encoder_decoder or parts is None:
+        return False
+    body = parts[0]
+    if not isinstance(getattr(body, "rotary_emb", None), nn.Module):
+        return False
+    for name, _ in body.named_modules():
+        if name.split(".")[-1] in ("embed_positions", "wpe", "position_embeddings"):
+            return False
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True):
+        return False
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+        return False
+    return all(t in _RELATIVE_ROPE for t in _rope_types(cfg))
+
+
+class _CaptureRows:
+    """A state that keeps every slot's keys and values for all rows (with autograd) and adds
+    nothing."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def prefix_for(self, module, query, key, value):
+        # (n, kvh, P, hd) -> (n, P, kvh, hd)
+        self.kv[self.info.module_slot[id(module)]] = (key.transpose(1, 2), value.transpose(1, 2))
+        return None
+
+
+def prompt_kv(
+    model: PreTrainedModel, info: ModelInfo, embeds: torch.Tensor
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of virtual tokens read alone at positions -P..-1 (see
+    ``shares_prepended_prompt``); differentiable with respect to ``embeds``.
+
+    Args:
+        embeds: (n, P, d) the virtual-token embeddings of n adapters.
+
+    Returns:
+        slot index -> (key, value), each (n, P, kv_heads, head_dim).
+    """
+    n, plen = embeds.shape[:2]
+    body = lm_body_and_head(model)[0]
+    pos = torch.arange(-plen, 0, device=embeds.device).expand(n, -1)
+    cap = _CaptureRows(info)
+    body(inputs_embeds=embeds, position_ids=pos, use_cache=False, **{STATE_KWARG: cap})
+    return cap.kv
 
 
 # --------------------------------------------------------------------------------------------

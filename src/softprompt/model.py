@@ -9,6 +9,11 @@
 * hands per-layer key/value prefixes (prefix tuning, deep prompts) to the attention seam in
   ``softprompt._hf`` through the ``softprompt_state`` keyword.
 
+On causal LMs with rotary positions (``_hf.shares_prepended_prompt``), prepended virtual tokens
+instead run once per adapter, at positions -P..-1, and reach every row as a key/value prefix: the
+same attention scores as the splice, without P extra positions per row in the forward, the
+backward or the KV cache.
+
 Position ids: when the caller gives none, real and virtual tokens get ``cumsum(mask) - 1`` (as
 ``generate`` does), so left padding never shifts a row's positions; caller-given position ids are
 kept, shifted past inserted virtual tokens.
@@ -63,6 +68,7 @@ class PrefixState:
             self.names[first - 1] if first and all(u == first for u in self.row_uid) else None
         )
         self._memo: dict[tuple[int, int], tuple | None] = {}
+        self._valids: dict[tuple, torch.Tensor] = {}
 
     def prefix_for(self, module, query, key, value):
         slot = self.info.module_slot.get(id(module))
@@ -84,14 +90,13 @@ class PrefixState:
                 return None
             k, v = (t.permute(1, 0, 2)[None].to(device) for t in kv)  # (1, kvh, P, hd)
             k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
-            valid = torch.ones(batch, k.shape[2], dtype=torch.bool, device=device)
-            return k, v, valid
+            return k, v, self._valid(batch, (k.shape[2],), device)
         entries = [self.kvs[n].get(slot) for n in self.names]
         plen = max((e[0].shape[0] for e in entries if e is not None), default=0)
         if plen == 0:
             return None
         g = self.info.slots[slot]
-        ks, vs, valids = [], [], []
+        ks, vs, lengths = [], [], []
         for e in [None, *entries]:
             n = 0 if e is None else e[0].shape[0]
             pad = torch.zeros(plen - n, g.kv_heads, g.head_dim, device=device)
@@ -99,14 +104,33 @@ class PrefixState:
             v = pad if e is None else torch.cat([e[1].to(device), pad.to(e[1].dtype)])
             ks.append(k.permute(1, 0, 2))  # (kvh, P, hd)
             vs.append(v.permute(1, 0, 2))
-            valids.append(torch.arange(plen, device=device) < n)
+            lengths.append(n)
+        idx = self._row_index(batch, device)
+        return torch.stack(ks)[idx], torch.stack(vs)[idx], self._valid(batch, tuple(lengths), device)
+
+    def _row_index(self, batch: int, device: torch.device) -> torch.Tensor:
         idx = torch.tensor(self.row_uid, device=device)
         rows = len(self.row_uid)
         if batch != rows:  # beam search / num_return_sequences expand rows in place
             if batch % rows:
                 raise SoftPromptError(f"batch of {batch} rows does not match {rows} adapter rows")
             idx = idx.repeat_interleave(batch // rows)
-        return torch.stack(ks)[idx], torch.stack(vs)[idx], torch.stack(valids)[idx]
+        return idx
+
+    def _valid(self, batch: int, lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """(B, P) which prefix entries each row attends to; one object per (batch, lengths), so
+        the attention seam can extend a forward's mask once for all layers that share it."""
+        key = (batch, lengths)
+        if key not in self._valids:
+            if len(lengths) == 1:  # every row has the one adapter
+                self._valids[key] = torch.ones(batch, lengths[0], dtype=torch.bool, device=device)
+            else:  # lengths[u]: prefix length of adapter uid u (0: none)
+                plen = max(lengths)
+                table = torch.arange(plen, device=device)[None] < torch.tensor(
+                    lengths, device=device
+                )[:, None]
+                self._valids[key] = table[self._row_index(batch, device)]
+        return self._valids[key]
 
 
 @dataclass
@@ -253,6 +277,7 @@ class SoftPromptModel(nn.Module):
                 gen.seed()
             ctx = InitContext(self.base_model, self.info, tokenizer or self.tokenizer, gen)
         adapter = METHODS[config.method][1](config, self.info, ctx)
+        self._forget_prompt_kv(name)
         self.adapters[name] = adapter.to(self.device)
         self.set_active(name)
         return adapter
@@ -260,6 +285,7 @@ class SoftPromptModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         self._check_names([name])
         del self.adapters[name]
+        self._forget_prompt_kv(name)
         if self.active == name:
             self.active = None
 
@@ -281,6 +307,7 @@ class SoftPromptModel(nn.Module):
         name = name or self.active
         self._check_names([name])
         self.adapters[name].bake()
+        self._forget_prompt_kv(name)
         self.set_active(self.active)
 
     def save_adapter(self, directory, name: str | None = None, *, trainable: bool = False):
@@ -326,13 +353,62 @@ class SoftPromptModel(nn.Module):
         return adapter_names
 
     # ------------------------------------------------------------------ pieces of a forward
-    def _prefix_state(self, rows: list[str | None]) -> PrefixState | None:
-        kvs = {}
+    def _prefix_state(self, rows: list[str | None], shared=None) -> PrefixState | None:
+        """Each row's key/value prefix; ``shared``: prompt adapters' virtual tokens as prefixes
+        (from ``_prompt_kvs``)."""
+        kvs = dict(shared or {})
         for name in set(rows) - {None}:
             kv = self.adapters[name].kv()
             if kv:
                 kvs[name] = kv
         return PrefixState(self.info, rows, kvs) if kvs else None
+
+    def _shared_ok(self, prompts, input_ids, position_ids, past_key_values, kwargs) -> bool:
+        """Can this call hand its prepended virtual tokens to the rows as a shared prefix?
+        (see ``_hf.shares_prepended_prompt``)"""
+        if not prompts or not self.info.shares_prompt or position_ids is not None:
+            return False
+        if kwargs.get("output_attentions") or (input_ids is not None and (input_ids < 0).any()):
+            return False
+        if getattr(past_key_values, "_softprompt_layout", None) is not None:
+            return False  # the cache holds spliced virtual tokens
+        return all(
+            getattr(self.adapters[n].config, "placement", "prepend") == "prepend" for n in prompts
+        )
+
+    def _forget_prompt_kv(self, name: str) -> None:
+        self.__dict__.setdefault("_prompt_kv_memo", {}).pop(name, None)
+
+    def _prompt_kvs(self, prompts: dict[str, torch.Tensor]) -> dict[str, dict[int, tuple]]:
+        """Each prompt adapter's virtual tokens as a per-slot key/value prefix.
+
+        Adapters with prompts of one length and dtype run as one batch. Without autograd the
+        result is kept per adapter until its parameters change (manual decoding loops, serving).
+        """
+        out: dict[str, dict[int, tuple]] = {}
+        memo = self.__dict__.setdefault("_prompt_kv_memo", {})
+        keys = {}
+        groups: dict[tuple, list[str]] = {}
+        for name, p in sorted(prompts.items()):
+            ad = self.adapters[name]
+            key = None
+            if not torch.is_grad_enabled():
+                tensors = [*ad.parameters(), *ad.buffers()]
+                key = (p.shape, p.dtype, p.device, tuple((id(t), t._version) for t in tensors))
+                hit = memo.get(name)
+                if hit is not None and hit[0] == key:
+                    out[name] = hit[1]
+                    continue
+            keys[name] = key
+            groups.setdefault((p.shape, p.dtype), []).append(name)
+        for names in groups.values():
+            emb = torch.stack([prompts[n] for n in names])  # (n, P, d)
+            kv = _hf.prompt_kv(self.base_model, self.info, emb)
+            for i, n in enumerate(names):
+                out[n] = {slot: (k[i], v[i]) for slot, (k, v) in kv.items()}
+                if keys[n] is not None:
+                    memo[n] = (keys[n], out[n])
+        return out
 
     def _prompts(self, rows: list[str | None]) -> dict[str, torch.Tensor]:
         out = {}
@@ -493,7 +569,10 @@ class SoftPromptModel(nn.Module):
         prompts = self._prompts(rows)
         cached = past_key_values is not None and past_key_values.get_seq_length() > 0
         lay = None
-        if cached or (not prompts and (input_ids is None or not (input_ids < 0).any())):
+        shared = None
+        if self._shared_ok(prompts, input_ids, position_ids, past_key_values, kwargs):
+            shared = self._prompt_kvs(prompts)
+        elif cached or (not prompts and (input_ids is None or not (input_ids < 0).any())):
             if cached:
                 attention_mask, position_ids = self._cached_mask(
                     past_key_values, attention_mask, position_ids
@@ -516,7 +595,7 @@ class SoftPromptModel(nn.Module):
             if attention_mask.dim() == 2 and (attention_mask[:, 0] == 0).any():
                 q = (input_ids if input_ids is not None else inputs_embeds).shape[1]
                 position_ids = mask_positions(attention_mask)[:, -q:]
-        state = self._prefix_state(rows)
+        state = self._prefix_state(rows, shared)
         call = dict(kwargs)
         if self._checkpointing and self.training:
             call.setdefault("use_cache", False)  # a cache would be filled again on recompute
@@ -561,7 +640,10 @@ class SoftPromptModel(nn.Module):
             raise SoftPromptError("generate needs input_ids")
         rows = self._rows(adapter_names, input_ids.shape[0])
         prompts = self._prompts(rows)
-        state = self._prefix_state(rows)
+        shared = None
+        if self._shared_ok(prompts, input_ids, kwargs.get("position_ids"), None, kwargs):
+            shared, prompts = self._prompt_kvs(prompts), {}
+        state = self._prefix_state(rows, shared)
         if not prompts and not (input_ids < 0).any():
             with _hf.generation_state(state):
                 return self.base_model.generate(
