@@ -106,7 +106,11 @@ class PrefixState:
             vs.append(v.permute(1, 0, 2))
             lengths.append(n)
         idx = self._row_index(batch, device)
-        return torch.stack(ks)[idx], torch.stack(vs)[idx], self._valid(batch, tuple(lengths), device)
+        return (
+            torch.stack(ks)[idx],
+            torch.stack(vs)[idx],
+            self._valid(batch, tuple(lengths), device),
+        )
 
     def _row_index(self, batch: int, device: torch.device) -> torch.Tensor:
         idx = torch.tensor(self.row_uid, device=device)
@@ -126,9 +130,10 @@ class PrefixState:
                 self._valids[key] = torch.ones(batch, lengths[0], dtype=torch.bool, device=device)
             else:  # lengths[u]: prefix length of adapter uid u (0: none)
                 plen = max(lengths)
-                table = torch.arange(plen, device=device)[None] < torch.tensor(
-                    lengths, device=device
-                )[:, None]
+                table = (
+                    torch.arange(plen, device=device)[None]
+                    < torch.tensor(lengths, device=device)[:, None]
+                )
                 self._valids[key] = table[self._row_index(batch, device)]
         return self._valids[key]
 
