@@ -239,6 +239,7 @@ def _train_args(args):
         lr=args.lr,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
+        group_by_length=args.group_by_length,
         warmup_ratio=args.warmup_ratio,
         eval_every=args.eval_every,
         save_every=args.save_every,
@@ -500,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batch rows of similar length together (less padding, faster steps)",
+    )
     t.add_argument("--warmup-ratio", type=float, default=0.06)
     t.add_argument("--eval-every", type=int, default=50)
     t.add_argument(

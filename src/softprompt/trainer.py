@@ -65,6 +65,7 @@ class TrainArgs:
     eval_batch_size: int = 32
     eval_limit: int | None = None
     progress: bool = True
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_every", "log_every", "eval_batch_size"):
@@ -74,6 +75,24 @@ class TrainArgs:
             raise SoftPromptError("--max-steps must be >= 1")
         if self.epochs <= 0:
             raise SoftPromptError("--epochs must be > 0")
+
+
+def length_grouped_batches(
+    order: list[int], lengths: Sequence[int], batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Batches of rows of similar length, in random order.
+
+    The (already shuffled) ``order`` is cut into pools of 64 batches' rows; each pool is sorted
+    by length and cut into batches, and the batches are shuffled. Only the last pool can leave a
+    short batch, as with plain batching.
+    """
+    pool = batch_size * 64
+    batches = []
+    for i in range(0, len(order), pool):
+        chunk = sorted(order[i : i + pool], key=lambda j: -lengths[j])
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[k] for k in perm]
 
 
 def _atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
@@ -122,6 +141,7 @@ class Trainer:
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.out = Path(args.output_dir)
         self.items = [task.encode(ex) for ex in train_examples]
+        self._lengths = [len(it["prompt"]) + len(it.get("target", ())) for it in self.items]
         self.eval_examples = list(eval_examples or [])[: args.eval_limit]
         method = model.adapters[model.active].config.method
         self.lr = args.lr if args.lr is not None else DEFAULT_LR[method]
@@ -153,7 +173,9 @@ class Trainer:
         g = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
         order = torch.randperm(len(self.items), generator=g).tolist()
         b = self.args.batch_size
-        return [order[i : i + b] for i in range(0, len(order), b)]
+        if not self.args.group_by_length:
+            return [order[i : i + b] for i in range(0, len(order), b)]
+        return length_grouped_batches(order, self._lengths, b, g)
 
     def _my_slice(self, rows: list[int]) -> list[int]:
         return rows[self.acc.process_index :: self.acc.num_processes]
