@@ -107,19 +107,30 @@ def train_batches(tok, n_batches: int, batch: int = 8, lo: int = 34, hi: int = 4
             examples.append((prompt, answer))
         if len(examples) >= n_batches * batch:
             break
+    return [pack_batch(examples[i * batch : (i + 1) * batch], pad) for i in range(n_batches)]
+
+
+def pack_batch(examples: list[tuple[list[int], list[int]]], pad: int) -> dict:
+    """Right-padded batch of (prompt, answer) id lists; labels only on the answer tokens."""
+    width = max(len(p) + len(a) for p, a in examples)
+    n = len(examples)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    for b, (p, a) in enumerate(examples):
+        k = len(p) + len(a)
+        ids[b, :k] = torch.tensor(p + a)
+        mask[b, :k] = 1
+        labels[b, len(p) : k] = torch.tensor(a)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def review_examples(tok, n: int, offset: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of ``n`` training reviews, all lengths, in file order."""
     out = []
-    for i in range(n_batches):
-        chunk = examples[i * batch : (i + 1) * batch]
-        width = max(len(p) + len(a) for p, a in chunk)
-        ids = torch.full((batch, width), pad, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        labels = torch.full((batch, width), -100, dtype=torch.long)
-        for b, (p, a) in enumerate(chunk):
-            n = len(p) + len(a)
-            ids[b, :n] = torch.tensor(p + a)
-            mask[b, :n] = 1
-            labels[b, len(p) : n] = torch.tensor(a)
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    for r in _rows()[offset : offset + n]:
+        prompt = tok(f"Review: {r['text']}\nSentiment:")["input_ids"]
+        out.append((prompt, tok(f" {r['label']}", add_special_tokens=False)["input_ids"]))
     return out
 
 

@@ -41,7 +41,13 @@ def bar_plot(spec: dict, path: Path) -> None:
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(labels))]
         ax.bar(xs, vals, width=width, label=name)
     if spec.get("ref") is not None:
-        ax.axhline(spec["ref"], color="k", linestyle="--", linewidth=1, label="target")
+        ax.axhline(
+            spec["ref"],
+            color="k",
+            linestyle="--",
+            linewidth=1,
+            label=spec.get("ref_label", "target"),
+        )
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(
         labels,
@@ -49,6 +55,8 @@ def bar_plot(spec: dict, path: Path) -> None:
         ha="right" if len(labels) > 4 else "center",
         fontsize=8,
     )
+    if spec.get("ylim"):
+        ax.set_ylim(*spec["ylim"])
     ax.set_ylabel(spec.get("ylabel", ""))
     ax.set_title(spec.get("title", ""), fontsize=10)
     ax.legend(fontsize=8)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-SECTIONS = ["train_speed", "generate_speed", "mixed_speed"]
+SECTIONS = ["train_speed", "generate_speed", "mixed_speed", "quality"]
 
 
 def main() -> None:

@@ -138,6 +138,17 @@ def time_method(method: str, bare, batches: list[dict], repeats: int, warmup: in
     lm = loss_name == "softprompt.lm.lm_loss"
     if lm:
         fns["sp_step_full"] = step(spm, sp_opt, C.full_loss)
+    shared = method in INPUT_LEVEL and spm.info.shares_prompt
+    if shared:  # ablation: virtual tokens spliced into every row instead of a shared prefix
+
+        def splice_step(r):
+            spm.info.shares_prompt = False
+            try:
+                return C.train_step(spm, sp_opt, C.sp_loss, batch(r))
+            finally:
+                spm.info.shares_prompt = True
+
+        fns["sp_step_splice"] = splice_step
     t_all = C.interleaved(fns, repeats=repeats, warmup=warmup)
     t, dropped = C.clean(t_all)
     rounds = [warmup + i for i, o in enumerate(t_all["_others"]) if not dropped or o <= C.BUSY]
@@ -173,11 +184,114 @@ def time_method(method: str, bare, batches: list[dict], repeats: int, warmup: in
         "others_cores_max": max(t_all["_others"]),
         "times": t_all,
     }
+    if shared:
+        row["shared_prompt_speedup"] = C.paired_ratio(t["sp_step_splice"], t["sp_step"])
+        row["shared_prompt_speedup_range"] = C.ratio_range(t["sp_step_splice"], t["sp_step"])
+        row["throughput_ratio_splice"] = C.paired_ratio(t["peft_step"], t["sp_step_splice"])
     if lm:
         row["throughput_ratio_full_loss"] = C.paired_ratio(t["peft_step"], t["sp_step_full"])
         row["throughput_ratio_full_loss_range"] = C.ratio_range(t["peft_step"], t["sp_step_full"])
         row["sp_full_step_over_bare_fwd"] = C.paired_ratio(t["sp_step_full"], t["bare_fwd"])
     return row
+
+
+def bucketing(repeats: int, warmup: int, rows: int = 64, batch: int = 8) -> dict:
+    """Length-bucketed vs random batches of the same training rows (the trainer's
+    ``--group-by-length``): padding share over an epoch of 2,048 rows, and the time of one pass
+    over ``rows`` rows (prompt tuning, the trainer's loss), both orders timed interleaved."""
+    from softprompt.trainer import length_grouped_batches
+
+    tok = C.load_tokenizer()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ex = C.review_examples(tok, 2048)
+    lengths = [len(p) + len(a) for p, a in ex]
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(ex), generator=g).tolist()
+    plain = [order[i : i + batch] for i in range(0, len(order), batch)]
+    grouped = length_grouped_batches(order, lengths, batch, g)
+
+    def share(batches):
+        slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        return 1 - sum(lengths) / slots
+
+    sub = order[:rows]  # one pool's worth of rows, batched both ways
+    sets = {
+        "random": [
+            C.pack_batch([ex[i] for i in sub[k : k + batch]], pad) for k in range(0, rows, batch)
+        ],
+        "grouped": [
+            C.pack_batch([ex[i] for i in b], pad)
+            for b in length_grouped_batches(sub, lengths, batch, torch.Generator().manual_seed(1))
+        ],
+    }
+    model = C.make_sp("prompt")
+    model.train()
+    C.resolve_sp_loss(model, sets["random"][0])
+    opt = torch.optim.AdamW(model.parameters_to_train(), lr=1e-3)
+
+    def epoch(name):
+        return lambda r: [C.train_step(model, opt, C.sp_loss, b) for b in sets[name]]
+
+    t_all = C.interleaved({k: epoch(k) for k in sets}, repeats=repeats, warmup=warmup)
+    t, dropped = C.clean(t_all)
+    return {
+        "padding_random": share(plain),
+        "padding_grouped": share(grouped),
+        "slots": {k: int(sum(b["input_ids"].numel() for b in v)) for k, v in sets.items()},
+        "real_tokens": int(sum(lengths[i] for i in sub)),
+        "random_s": C.median(t["random"]),
+        "grouped_s": C.median(t["grouped"]),
+        "speedup": C.paired_ratio(t["random"], t["grouped"]),
+        "speedup_range": C.ratio_range(t["random"], t["grouped"]),
+        "rounds_used": len(t["random"]),
+        "rounds_dropped_contended": dropped,
+        "times": t_all,
+    }
+
+
+def deep_layers(batches: list[dict], repeats: int, warmup: int) -> dict:
+    """Deep prompts on all 30 layers vs on the top 15 (``layers="top_half"``): backward stops
+    at the lowest prompted layer, because nothing below it depends on the adapter."""
+    import softprompt as sp
+
+    model = sp.attach(C.load_base())
+    opts = {}
+    for name, layers in (("all", None), ("top_half", "top_half")):
+        model.add_adapter(
+            name, sp.DeepPromptConfig(num_virtual_tokens=C.NUM_VIRTUAL, layers=layers)
+        )
+        opts[name] = torch.optim.AdamW(model.adapters[name].parameters(), lr=1e-3)
+    model.train()
+    C.resolve_sp_loss(model, batches[0])
+
+    def step(name):
+        def f(r):
+            model.set_active(name)
+            C.train_step(model, opts[name], C.sp_loss, batches[r % len(batches)])
+
+        return f
+
+    def fwd(name):
+        def f(r):
+            model.set_active(name)
+            with torch.no_grad():
+                C.sp_loss(model, batches[r % len(batches)])
+
+        return f
+
+    fns = {f"{k}_{n}": f(n) for n in opts for k, f in (("step", step), ("fwd", fwd))}
+    t_all = C.interleaved(fns, repeats=repeats, warmup=warmup)
+    t, dropped = C.clean(t_all)
+    return {
+        **{f"{k}_s": C.median(v) for k, v in t.items()},
+        "speedup": C.paired_ratio(t["step_all"], t["step_top_half"]),
+        "speedup_range": C.ratio_range(t["step_all"], t["step_top_half"]),
+        "step_over_fwd_all": C.paired_ratio(t["step_all"], t["fwd_all"]),
+        "step_over_fwd_top_half": C.paired_ratio(t["step_top_half"], t["fwd_top_half"]),
+        "rounds_used": len(t["step_all"]),
+        "rounds_dropped_contended": dropped,
+        "times": t_all,
+    }
 
 
 def run_speed(methods: list[str], repeats: int, warmup: int) -> tuple[list[dict], dict]:
@@ -202,7 +316,7 @@ def run_speed(methods: list[str], repeats: int, warmup: int) -> tuple[list[dict]
     return rows, {"times": raw, **info}
 
 
-def build_result(rows, mem, info, args, machine) -> dict:
+def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dict:
     x = C.fmt_x
     lm = info["sp_loss"] == "softprompt.lm.lm_loss"
     speed_cols = ["method (softprompt / PEFT)", "sp step (s)"]
@@ -272,6 +386,84 @@ def build_result(rows, mem, info, args, machine) -> dict:
             cells.append("-")
         mem_rows.append(cells)
 
+    shared_rows = [
+        [
+            r["method"],
+            f"{r['sp_step_splice_s']:.3f}",
+            f"{r['sp_step_s']:.3f}",
+            x(r["shared_prompt_speedup"]) + " " + C.fmt_range(*r["shared_prompt_speedup_range"]),
+            x(r["throughput_ratio_splice"]),
+            x(r["throughput_ratio"]),
+        ]
+        for r in rows
+        if "shared_prompt_speedup" in r
+    ]
+    bucket_tables = []
+    if buckets:
+        bucket_tables.append(
+            {
+                "title": "Length-bucketed batches (`softprompt train --group-by-length`) vs random "
+                "batches, prompt tuning",
+                "columns": [
+                    "order",
+                    "padding share (epoch of 2,048 rows)",
+                    f"padded slots ({buckets['real_tokens']} real tokens)",
+                    "time for the same rows (s)",
+                    "speedup",
+                ],
+                "rows": [
+                    [
+                        "random",
+                        f"{buckets['padding_random']:.0%}",
+                        f"{buckets['slots']['random']}",
+                        f"{buckets['random_s']:.2f}",
+                        "-",
+                    ],
+                    [
+                        "grouped by length",
+                        f"{buckets['padding_grouped']:.0%}",
+                        f"{buckets['slots']['grouped']}",
+                        f"{buckets['grouped_s']:.2f}",
+                        x(buckets["speedup"]) + " " + C.fmt_range(*buckets["speedup_range"]),
+                    ],
+                ],
+                "notes": "The same 64 training reviews (all lengths, as the trainer sees them) "
+                "batched 8 at a time in random order or grouped by length, one training step per "
+                f"batch, both timed interleaved over {buckets['rounds_used']} rounds. Off by "
+                "default (as in transformers' Trainer): batches of similar rows change the "
+                "gradient noise a little.",
+            }
+        )
+    if deep:
+        bucket_tables.append(
+            {
+                "title": "Deep prompts on the top half of the layers vs on all layers",
+                "columns": ["layers", "step (s)", "no-grad fwd (s)", "step / fwd", "speedup"],
+                "rows": [
+                    [
+                        "all 30",
+                        f"{deep['step_all_s']:.3f}",
+                        f"{deep['fwd_all_s']:.3f}",
+                        x(deep["step_over_fwd_all"]),
+                        "-",
+                    ],
+                    [
+                        'top 15 (`layers="top_half"`)',
+                        f"{deep['step_top_half_s']:.3f}",
+                        f"{deep['fwd_top_half_s']:.3f}",
+                        x(deep["step_over_fwd_top_half"]),
+                        x(deep["speedup"]) + " " + C.fmt_range(*deep["speedup_range"]),
+                    ],
+                ],
+                "notes": "Same model and batches, interleaved. Nothing below the lowest prompted "
+                "layer depends on the adapter, so autograd records nothing there and backward "
+                "stops at layer 15 by itself. Caching the frozen lower layers' outputs across "
+                "epochs (so their forward runs once per row, not once per epoch) is not "
+                "implemented: it needs running the decoder from a middle layer; the forward of "
+                "the lower 15 layers, about half of the no-grad forward above, bounds what it "
+                "would save per step.",
+            }
+        )
     targets = []
     for r in rows:
         tr = r["throughput_ratio"]
@@ -279,7 +471,14 @@ def build_result(rows, mem, info, args, machine) -> dict:
         if tr < TARGET_THROUGHPUT:
             hf = info["lm_head_fraction"]["with_20_virtual"]
             same = x(r.get("throughput_ratio_full_loss", tr))
-            if r["method"] in INPUT_LEVEL:
+            if r["method"] in INPUT_LEVEL and "shared_prompt_speedup" in r:
+                why = (
+                    f"with PEFT's full-head loss softprompt is {same} PEFT. Two gains stack: the "
+                    f"LM head only on answer tokens ({hf:.0%} of a forward's multiply-adds) and "
+                    f"the virtual tokens run once per batch instead of once per row "
+                    f"({x(r['shared_prompt_speedup'])} in this run)"
+                )
+            elif r["method"] in INPUT_LEVEL:
                 why = (
                     f"with PEFT's full-head loss softprompt is {same} PEFT: both run the same "
                     f"transformer on the same {C.NUM_VIRTUAL}+T positions. The gain comes from "
@@ -404,6 +603,30 @@ def build_result(rows, mem, info, args, machine) -> dict:
         "intro": intro,
         "tables": [
             {"title": "Step time and throughput", "columns": speed_cols, "rows": speed_rows},
+            *(
+                [
+                    {
+                        "title": "Input-level methods: virtual tokens spliced into every row vs "
+                        "run once as a shared key/value prefix (softprompt's default on rotary "
+                        "causal LMs)",
+                        "columns": [
+                            "method",
+                            "sp step, spliced (s)",
+                            "sp step, shared (s)",
+                            "speedup",
+                            "sp/PEFT spliced",
+                            "sp/PEFT shared",
+                        ],
+                        "rows": shared_rows,
+                        "notes": "Same model, optimiser and batches, interleaved in the same "
+                        "rounds; only `model.info.shares_prompt` differs. The two give the same "
+                        "loss and gradients (tests/test_model.py::test_shared_prompt_equals_"
+                        "splicing).",
+                    }
+                ]
+                if shared_rows
+                else []
+            ),
             {
                 "title": "Step time relative to forward passes",
                 "columns": ratio_cols,
@@ -413,6 +636,7 @@ def build_result(rows, mem, info, args, machine) -> dict:
                 "as its training step. The floor for a frozen model's step is about 2x a "
                 "forward (forward + backward through activations).",
             },
+            *bucket_tables,
             {
                 "title": "Peak training memory (MB above the loaded model)",
                 "columns": ["method", "sp", "sp, full-head loss", "PEFT", "sp / PEFT"],
@@ -425,7 +649,7 @@ def build_result(rows, mem, info, args, machine) -> dict:
         ],
         "targets": targets,
         "plots": plots,
-        "raw": {"rows": rows, "memory": mem, **info},
+        "raw": {"rows": rows, "memory": mem, "bucketing": buckets, "deep_layers": deep, **info},
     }
 
 
@@ -455,12 +679,18 @@ def main() -> None:
     C.setup(quick=args.quick)
     machine = C.machine_info()
     rows, info = run_speed(args.methods, args.repeats, args.warmup)
+    C.log("speed: length bucketing")
+    buckets = bucketing(max(2, args.repeats - 2), args.warmup)
+    C.log("speed: deep prompts on the top half")
+    deep = deep_layers(C.train_batches(C.load_tokenizer(), n_batches=4), args.repeats, args.warmup)
     mem_methods = args.methods[:1] if args.quick else args.methods
     mem = []
     for i, method in enumerate(mem_methods):  # the full-loss variant for one method suffices
         libs = ("sp", "sp_full", "peft") if i == 0 and not args.quick else ("sp", "peft")
         mem += run_memory([method], args.mem_steps, libs)
-    C.write_result("train_speed", build_result(rows, mem, info, args, machine), args.out)
+    C.write_result(
+        "train_speed", build_result(rows, mem, info, args, machine, buckets, deep), args.out
+    )
 
 
 if __name__ == "__main__":
