@@ -1,12 +1,11 @@
 """Run every benchmark section, each in a fresh process, then render docs/benchmarks.md.
 
-    python bench/run_all.py            # full run, about 12-15 minutes on 2 CPU cores
-    python bench/run_all.py --quick    # smoke run, under 3 minutes; numbers not trustworthy
+    python bench/run_all.py            # full run on 2 CPU cores: speed ~16 min, quality ~75 min
+    python bench/run_all.py --quick    # smoke run, about 7 minutes; numbers not trustworthy
     python bench/run_all.py --only train_speed generate_speed --out docs/benchmarks.md
 
 Each section script writes ``bench/results/<section>.json``; ``bench/report.py`` renders every
-result file present (so a section added later, e.g. quality, only has to write its JSON and be
-listed in ``SECTIONS``).
+result file present (a new section only has to write its JSON and be listed in ``SECTIONS``).
 """
 
 from __future__ import annotations
