@@ -75,14 +75,16 @@ def last_logits(model, prompts, lib: str, pad: int):
     return model(input_ids=ids, attention_mask=mask).logits[:, -1]
 
 
-def run(lib, method, prompts, ys, test, tok, steps, seed, lr=None, init=None):
-    """Train one contender; returns (accuracy, trainable params, adapter bytes, seconds)."""
-    import tempfile
+def contender(lib, method, tok, seed, lr=None, init=None):
+    """A freshly loaded model set up for one contender; returns (model, trainable params, lr).
+
+    lib: "softprompt", "peft", "full" (every weight trains) or anything else (zero-shot).
+    Learning rates: softprompt's per-method defaults for both libraries, 2e-5 for full tuning.
+    """
+    from softprompt.trainer import DEFAULT_LR
 
     torch.manual_seed(seed)
     base = C.load_base()
-    lids = label_ids(tok)
-    pad = tok.pad_token_id
     if lib == "softprompt":
         import softprompt as sp
 
@@ -94,32 +96,39 @@ def run(lib, method, prompts, ys, test, tok, steps, seed, lr=None, init=None):
                     "Is this movie review positive or negative?" if init == "text" else LABELS
                 )
         model = sp.attach(base, cfg, name="a", tokenizer=tok)
-        params = model.parameters_to_train()
-        from softprompt.trainer import DEFAULT_LR
-
-        lr = lr or DEFAULT_LR[SP_METHODS[method]]
-    elif lib == "peft":
+        return model, model.parameters_to_train(), lr or DEFAULT_LR[SP_METHODS[method]]
+    if lib == "peft":
         model = C.make_peft(method, base)
         params = [p for p in model.parameters() if p.requires_grad]
-        from softprompt.trainer import DEFAULT_LR
-
-        lr = lr or DEFAULT_LR[SP_METHODS[method]]
-    elif lib == "full":
-        model = base
-        for p in model.parameters():
+        return model, params, lr or DEFAULT_LR[SP_METHODS[method]]
+    if lib == "full":
+        for p in base.parameters():
             p.requires_grad_(True)
-        params = list(model.parameters())
-        lr = lr or 2e-5
-    else:  # zero-shot
-        model, params = base, []
+        return base, list(base.parameters()), lr or 2e-5
+    return base, [], None
+
+
+def batch_order(n: int, count: int, seed: int) -> list[int]:
+    """At least ``count`` row indices: seeded permutations of ``n`` rows, one after another."""
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    while len(order) < count:
+        order += torch.randperm(n, generator=g).tolist()
+    return order
+
+
+def run(lib, method, prompts, ys, test, tok, steps, seed, lr=None, init=None):
+    """Train one contender; returns (accuracy, trainable params, adapter bytes, seconds)."""
+    import tempfile
+
+    lids = label_ids(tok)
+    pad = tok.pad_token_id
+    model, params, lr = contender(lib, method, tok, seed, lr, init)
     n_train = sum(p.numel() for p in params)
     t0 = time.perf_counter()
     if params and steps:
         opt = torch.optim.AdamW(params, lr=lr)
-        g = torch.Generator().manual_seed(seed)
-        order = []
-        while len(order) < steps * 8:
-            order += torch.randperm(len(prompts), generator=g).tolist()
+        order = batch_order(len(prompts), steps * 8, seed)
         model.train() if lib != "full" else model.eval()  # frozen parts keep dropout off
         for s in range(steps):
             idx = order[s * 8 : (s + 1) * 8]
@@ -167,31 +176,13 @@ def run_gen(lib, method, train, test, tok, steps, seed, batch=4, max_new=48):
     from softprompt.lm import lm_loss, pad_left
     from softprompt.metrics import generation_metrics
 
-    torch.manual_seed(seed)
-    base = C.load_base()
     pad, eos = tok.pad_token_id, tok.eos_token_id
-    if lib == "softprompt":
-        import softprompt as sp
-        from softprompt.trainer import DEFAULT_LR
-
-        model = sp.attach(base, C.sp_config(method, seed=seed), name="a", tokenizer=tok)
-        params, lr = model.parameters_to_train(), DEFAULT_LR[SP_METHODS[method]]
-    elif lib == "peft":
-        from softprompt.trainer import DEFAULT_LR
-
-        model = C.make_peft(method, base)
-        params = [p for p in model.parameters() if p.requires_grad]
-        lr = DEFAULT_LR[SP_METHODS[method]]
-    else:
-        model, params, lr = base, [], None
+    model, params, lr = contender(lib, method, tok, seed)
     n_train = sum(p.numel() for p in params)
     t0 = time.perf_counter()
     if params and steps:
         opt = torch.optim.AdamW(params, lr=lr)
-        g = torch.Generator().manual_seed(seed)
-        order = []
-        while len(order) < steps * batch:
-            order += torch.randperm(len(train[0]), generator=g).tolist()
+        order = batch_order(len(train[0]), steps * batch, seed)
         model.train()
         for s in range(steps):
             idx = order[s * batch : (s + 1) * batch]
