@@ -81,7 +81,7 @@ def contender(lib, method, tok, seed, lr=None, init=None):
     lib: "softprompt", "peft", "full" (every weight trains) or anything else (zero-shot).
     Learning rates: softprompt's per-method defaults for both libraries, 2e-5 for full tuning.
     """
-    from softprompt.trainer import DEFAULT_LR
+    from softprompt.trainer import default_lr
 
     torch.manual_seed(seed)
     base = C.load_base()
@@ -96,11 +96,12 @@ def contender(lib, method, tok, seed, lr=None, init=None):
                     "Is this movie review positive or negative?" if init == "text" else LABELS
                 )
         model = sp.attach(base, cfg, name="a", tokenizer=tok)
-        return model, model.parameters_to_train(), lr or DEFAULT_LR[SP_METHODS[method]]
+        return model, model.parameters_to_train(), lr or default_lr(base, SP_METHODS[method])
     if lib == "peft":
+        lr = lr or default_lr(base, SP_METHODS[method])
         model = C.make_peft(method, base)
         params = [p for p in model.parameters() if p.requires_grad]
-        return model, params, lr or DEFAULT_LR[SP_METHODS[method]]
+        return model, params, lr
     if lib == "full":
         for p in base.parameters():
             p.requires_grad_(True)

@@ -532,6 +532,23 @@ def test_prefix_mlp_init_reproduces_the_activations(family):
         assert_close(k0, cap[0][0]) and assert_close(v0, cap[0][1])
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("method", ["deep", "prefix"])
+def test_text_init_prefix_equals_reading_the_text_first(family, method):
+    """On rotary causal LMs a prefix from text init is the text's K/V at positions -P..-1, so at
+    step 0 the adapter gives exactly what the text prepended to the input gives."""
+    model = sp.attach(tiny_model(family))
+    text = [21, 22, 23, 24]
+    model.add_adapter("t", method_config(method, n=4, init="text", init_token_ids=text))
+    ids = IDS[:1]
+    with torch.no_grad():
+        got = model(input_ids=ids).logits[0]
+        ref = model.base_model(input_ids=torch.cat([torch.tensor([text]), ids], 1)).logits[0, 4:]
+        bare = model.base_model(input_ids=ids).logits[0]
+    assert_close(got, ref, atol=1e-4, rtol=0)
+    assert (got - bare).abs().max() > 1e-2  # the prefix does change the output
+
+
 def test_deep_prompt_on_top_half_only():
     model = sp.attach(tiny_model("llama"))  # 3 layers
     ad = model.add_adapter("d", sp.DeepPromptConfig(num_virtual_tokens=2, layers="top_half"))

@@ -62,3 +62,46 @@ def test_group_by_length_trains(task, tmp_path):
     tr.train()
     after = tr.task.loss(tr.items[:16]).item()
     assert after < before
+
+
+def test_top_layer_training_caches_the_lower_blocks_and_ends_the_same(tiny_folders, tmp_path):
+    """Deep prompts on the top blocks only: the second and third epochs start at the lowest
+    prompted block, and training ends with the adapter an uncached run ends with."""
+    path = tiny_folders["llama"]
+    spec = TaskSpec(kind="classify", template="{text} -> {label}", labels=["neg", "pos"])
+    tok = AutoTokenizer.from_pretrained(path)
+    ends, seen = [], []
+    for mb in (0, 64):
+        model = sp.attach(AutoModelForCausalLM.from_pretrained(path))
+        model.add_adapter("a", sp.DeepPromptConfig(num_virtual_tokens=2, layers=[1, 2], seed=0))
+        task = Task(spec, model, tok)
+        args = TrainArgs(
+            output_dir=str(tmp_path / str(mb)),
+            batch_size=4,
+            epochs=3,
+            lr=0.05,
+            eval_every=1000,
+            progress=False,
+            lower_layer_cache_mb=mb,
+        )
+        tr = Trainer(model, task, rows(24), None, args, log=seen.append)
+        start = model.adapters["a"].prefix.detach().clone()
+        calls = []
+        original = model.cache_lower_layers
+
+        def spy(max_bytes, original=original, calls=calls):
+            lc = original(max_bytes)
+            calls.append(lc)
+            return lc
+
+        model.cache_lower_layers = spy
+        tr.train()
+        ends.append(model.adapters["a"].prefix.detach().clone())
+        assert (ends[-1] - start).abs().max() > 1e-2  # it trained
+        if mb:
+            lc = calls[0]
+            assert lc.layer == 1 and len(lc.rows) == len({tuple(it["prompt"]) for it in tr.items})
+            assert lc.misses + lc.hits == 18 and lc.hits >= 12  # epochs 2-3 hit every batch
+            assert model._layer_cache is None  # freed at the end
+    assert any("caching the frozen blocks below block 1" in m for m in seen)
+    assert (ends[0] - ends[1]).abs().max() < 1e-4

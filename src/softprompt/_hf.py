@@ -254,7 +254,11 @@ def capture_attention_kv(
     """The frozen model's keys and values at every slot while it reads ``ids``.
 
     For encoder-decoder models the text is read by the encoder and by the decoder, so encoder,
-    decoder and cross-attention slots all get activations of the same text.
+    decoder and cross-attention slots all get activations of the same text. Where prefixes
+    combine with rotary positions only (``info.shares_prompt``), the text is read at positions
+    -P..-1, as if it preceded the input: a prefix initialised this way gives exactly what the
+    same text prepended to every row gives, instead of keys rotated for positions 0..P-1 that
+    overlap the real tokens'.
 
     Returns:
         slot index -> (key, value), each (len(ids), kv_heads, head_dim) in float32 on the CPU.
@@ -263,6 +267,8 @@ def capture_attention_kv(
     inputs = {"input_ids": t}
     if info.is_encoder_decoder:
         inputs["decoder_input_ids"] = t
+    if info.shares_prompt:
+        inputs["position_ids"] = torch.arange(-len(ids), 0, device=model.device)[None]
     cap = _Capture(info)
     was_training = model.training
     model.eval()
@@ -547,3 +553,76 @@ def token_keys(
             raise SoftPromptError(f"slot {slot} was not reached")
         out.append(st.keys.float().cpu())
     return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Running a decoder-only LM from a middle layer (caching frozen lower layers).
+# --------------------------------------------------------------------------------------------
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a frozen lower layer whose output is already known."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList | None:
+    """The decoder blocks of a decoder-only LM (``body.layers``), or None."""
+    parts = lm_body_and_head(model)
+    layers = getattr(parts[0], "layers", None) if parts else None
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+@contextlib.contextmanager
+def layer_inputs(model: PreTrainedModel, layer: int) -> Iterator[list[torch.Tensor]]:
+    """Record (detached) the hidden states that enter decoder block ``layer`` during the
+    forwards run inside the block; yields the list they are appended to."""
+    got: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        got.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def start_at_layer(model: PreTrainedModel, layer: int) -> Iterator[None]:
+    """Run the decoder from block ``layer`` on: blocks 0..layer-1 pass their input through, so
+    ``inputs_embeds`` given to the forwards inside must be what enters block ``layer``. The
+    model object is changed while the block runs: do not share it with another thread."""
+    layers = decoder_layers(model)
+    saved = [layers[i] for i in range(layer)]
+    for i in range(layer):
+        layers[i] = _PassThrough()
+    try:
+        yield
+    finally:
+        for i, m in enumerate(saved):
+            layers[i] = m
+
+
+@torch.no_grad()
+def can_start_at_layer(model: PreTrainedModel) -> bool:
+    """Whether ``start_at_layer`` reproduces a full forward on this model: checked by a probe,
+    since some bodies change ``inputs_embeds`` before the first block (scaling, position
+    tables)."""
+    layers = decoder_layers(model)
+    if layers is None or len(layers) < 2:
+        return False
+    body = lm_body_and_head(model)[0]
+    ids = torch.tensor([[3, 4, 5, 6]], device=model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with layer_inputs(model, 1) as got:
+            ref = body(input_ids=ids, use_cache=False).last_hidden_state
+        with start_at_layer(model, 1):
+            out = body(inputs_embeds=got[0], use_cache=False).last_hidden_state
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(out.float(), ref.float(), atol=1e-4, rtol=1e-4))

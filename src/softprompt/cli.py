@@ -240,6 +240,7 @@ def _train_args(args):
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         group_by_length=args.group_by_length,
+        lower_layer_cache_mb=args.lower_layer_cache_mb,
         warmup_ratio=args.warmup_ratio,
         eval_every=args.eval_every,
         save_every=args.save_every,
@@ -497,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--lr",
         type=float,
-        help="default: per method (prompt 3e-2, ptuning 3e-3, deep 5e-3, prefix 1e-4)",
+        help="default: per method: prompt 0.075 and ptuning 0.0075 times the embedding table's "
+        "RMS (SmolLM2: 1e-2, 1e-3), deep 5e-3, prefix 1e-4",
     )
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--grad-accum", type=int, default=1)
@@ -505,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-by-length",
         action="store_true",
         help="batch rows of similar length together (less padding, faster steps)",
+    )
+    t.add_argument(
+        "--lower-layer-cache-mb",
+        type=int,
+        default=1024,
+        help="adapters on upper layers only (--layers): memory for caching the frozen blocks "
+        "below them after the first epoch (0: off)",
     )
     t.add_argument("--warmup-ratio", type=float, default=0.06)
     t.add_argument("--eval-every", type=int, default=50)

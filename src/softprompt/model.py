@@ -32,6 +32,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from . import _hf
 from ._hf import STATE_KWARG, ModelInfo, SoftPromptError
+from .layer_cache import LayerCache
 from .methods.base import METHODS, Adapter, AdapterConfig, InitContext
 
 
@@ -228,6 +229,7 @@ class SoftPromptModel(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
         self._checkpointing = False
+        self._layer_cache: LayerCache | None = None
         params = inspect.signature(base_model.forward).parameters
         self._takes_position_ids = "position_ids" in params and not info.is_encoder_decoder
 
@@ -245,6 +247,37 @@ class SoftPromptModel(nn.Module):
         """Recompute the frozen model's activations in backward instead of storing them."""
         self._checkpointing = True
         _hf.enable_gradient_checkpointing(self.base_model)
+
+    def cache_lower_layers(self, max_bytes: int = 1 << 30) -> LayerCache | None:
+        """While training, keep what enters the lowest block the active adapter prompts and skip
+        the frozen blocks below it once a sequence has been seen (``softprompt.layer_cache``).
+
+        Returns the (new, empty) cache, or None where it does not apply: the active adapter
+        changes block 0 (input-level virtual tokens, prefixes on every layer), or the model is
+        not a decoder-only LM whose forward can start at a middle block. Only training-mode
+        calls with ``use_cache=False`` and no caller ``position_ids`` use it; ``None`` turns it
+        off (``max_bytes=0``).
+        """
+        self._layer_cache = None
+        if not max_bytes or self.active is None:
+            return None
+        first = self.adapters[self.active].first_layer
+        if first == 0 or not _hf.can_start_at_layer(self.base_model):
+            return None
+        self._layer_cache = LayerCache(first, max_bytes)
+        return self._layer_cache
+
+    def _layer_cache_for(self, rows, input_ids, caller_positions, kwargs) -> LayerCache | None:
+        lc = self._layer_cache
+        if lc is None or not self.training or input_ids is None or caller_positions:
+            return None
+        if kwargs.get("use_cache") is not False or kwargs.get("token_type_ids") is not None:
+            return None
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            return None
+        if any(self.adapters[n].first_layer < lc.layer for n in set(rows) - {None}):
+            return None
+        return lc
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -572,6 +605,7 @@ class SoftPromptModel(nn.Module):
             raise SoftPromptError("forward needs input_ids or inputs_embeds")
         rows = self._rows(adapter_names, ref.shape[0])
         prompts = self._prompts(rows)
+        caller_positions = position_ids is not None
         cached = past_key_values is not None and past_key_values.get_seq_length() > 0
         lay = None
         shared = None
@@ -621,9 +655,25 @@ class SoftPromptModel(nn.Module):
             if parts is None:
                 raise SoftPromptError("body_only needs a decoder-only language model")
             call.pop("labels", None)
-            out = parts[0](**call)
+            run = parts[0]
         else:
-            out = self.base_model(**call)
+            run = self.base_model
+        lc = None
+        if not prompts and past_key_values is None and inputs_embeds is None:
+            lc = self._layer_cache_for(rows, input_ids, caller_positions, call)
+        if lc is None:
+            out = run(**call)
+        else:
+            below = lc.lookup(input_ids, attention_mask)
+            if below is not None:
+                call.pop("input_ids")
+                call["inputs_embeds"] = below
+                with _hf.start_at_layer(self.base_model, lc.layer):
+                    out = run(**call)
+            else:
+                with _hf.layer_inputs(self.base_model, lc.layer) as got:
+                    out = run(**call)
+                lc.store(input_ids, attention_mask, got[0])
         if lay is not None:
             cache = out.get("past_key_values") if isinstance(out, ModelOutput) else None
             if cache is not None:

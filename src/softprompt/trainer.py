@@ -13,6 +13,9 @@ never looks at the method: it asks the task for a loss and the model for its tra
 * Checkpoints (``output/checkpoint``: trainable adapter, optimizer, scheduler, RNG and loop state)
   are written to a temporary folder and swapped in by rename; after a kill -9, ``resume=True``
   continues and ends with the adapter an uninterrupted run with the same seed ends with.
+* Adapters that prompt only upper blocks (``layers="top_half"`` or a list without 0) train
+  without rerunning the frozen blocks below them after the first epoch: what enters their lowest
+  block is cached per sequence, up to ``lower_layer_cache_mb`` (``softprompt.layer_cache``).
 * Logs: ``metrics.jsonl`` (one JSON object per log/eval step) and ``training_curve.png``.
 """
 
@@ -39,8 +42,23 @@ from .io import save_adapter
 from .model import SoftPromptModel
 from .tasks import Task, headline
 
-# Learning rates that train without collapsing, per method (the README's benchmark table).
-DEFAULT_LR = {"prompt": 3e-2, "ptuning": 3e-3, "deep": 5e-3, "prefix": 1e-4}
+# AdamW learning rates that train without collapsing at small budgets (docs/benchmarks.md,
+# section 4: at 3e-2 / 3e-3 one prompt-tuning and one P-tuning seed in three collapsed to one
+# class). Input-level methods move virtual-token embeddings, so their rate is relative to the
+# embedding table's RMS: SmolLM2's 0.136 gives 1e-2 and 1e-3; T5's much larger embeddings get
+# rates near Lester et al.'s 0.3. Per-layer methods' rates are absolute.
+RELATIVE_LR = {"prompt": 0.075, "ptuning": 0.0075}
+DEFAULT_LR = {"deep": 5e-3, "prefix": 1e-4}
+
+
+def default_lr(base_model: torch.nn.Module, method: str) -> float:
+    """The learning rate ``method`` trains ``base_model`` with when none is given
+    (see ``RELATIVE_LR``)."""
+    if method in RELATIVE_LR:
+        table = base_model.get_input_embeddings().weight.detach()
+        rms = table.float().pow(2).mean().sqrt().item()
+        return float(f"{RELATIVE_LR[method] * rms:.2g}")
+    return DEFAULT_LR[method]
 
 
 @dataclass
@@ -66,6 +84,7 @@ class TrainArgs:
     eval_limit: int | None = None
     progress: bool = True
     group_by_length: bool = False
+    lower_layer_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_every", "log_every", "eval_batch_size"):
@@ -144,7 +163,7 @@ class Trainer:
         self._lengths = [len(it["prompt"]) + len(it.get("target", ())) for it in self.items]
         self.eval_examples = list(eval_examples or [])[: args.eval_limit]
         method = model.adapters[model.active].config.method
-        self.lr = args.lr if args.lr is not None else DEFAULT_LR[method]
+        self.lr = args.lr if args.lr is not None else default_lr(model.base_model, method)
         self.params = model.parameters_to_train()
         if not self.params:
             raise SoftPromptError(f"adapter {model.active!r} has nothing to train (is it baked?)")
@@ -265,6 +284,16 @@ class Trainer:
         _, _, line = model.trainable_parameters()
         self.log(f"{line}; {len(self.items)} training rows, {self.total} steps, lr {self.lr:g}")
         model.train()
+        lc = model.cache_lower_layers(args.lower_layer_cache_mb << 20)
+        if lc is not None:
+            self.log(f"caching the frozen blocks below block {lc.layer} after the first epoch")
+        try:
+            return self._loop()
+        finally:
+            model.cache_lower_layers(0)  # frees the cache
+
+    def _loop(self) -> dict:
+        args, acc, model = self.args, self.acc, self.model
         save_every = args.save_every or args.eval_every
         bar = tqdm(
             total=self.total,

@@ -130,6 +130,15 @@ class Adapter(nn.Module):
     def num_virtual_tokens(self) -> int:
         return self.config.num_virtual_tokens
 
+    @property
+    def first_layer(self) -> int:
+        """The lowest block this adapter changes: 0 for input-level virtual tokens, else the
+        lowest layer given a prefix."""
+        layout = getattr(self, "layout", None)
+        if layout is None or not layout.slots:
+            return 0
+        return min(self.info.slots[s].layer for s in layout.slots)
+
     # -- files -----------------------------------------------------------------------------
     def baked_tensors(self) -> dict[str, torch.Tensor]:
         """The inference form: plain tensors, no reparameterisation."""
