@@ -119,7 +119,7 @@ def batch_order(n: int, count: int, seed: int) -> list[int]:
 
 
 def run(lib, method, prompts, ys, test, tok, steps, seed, lr=None, init=None):
-    """Train one contender; returns (accuracy, trainable params, adapter bytes, seconds)."""
+    """Train one contender; returns (accuracy, trainable params, adapter bytes, seconds, lr)."""
     import tempfile
 
     lids = label_ids(tok)
@@ -156,7 +156,7 @@ def run(lib, method, prompts, ys, test, tok, steps, seed, lr=None, init=None):
             else:
                 model.save_pretrained(d)
             size = sum(p.stat().st_size for p in Path(d).rglob("*") if p.is_file())
-    return correct / len(ty), n_train, size, train_s
+    return correct / len(ty), n_train, size, train_s, lr
 
 
 GEN_TEMPLATE = "Abstract: {input}\nApproach in one sentence:"
@@ -262,16 +262,23 @@ def main() -> None:
 
     acc0, *_ = run("zero", None, *train, test, tok, 0, 0)
     record(lib="zero-shot", method="-", seed=0, acc=acc0, params=0, bytes=0, train_s=0)
-    table = [["zero-shot", "-", f"{acc0:.3f}", "0", "-", "-"]]
+    table = [["zero-shot", "-", "-", f"{acc0:.3f}", "0", "-", "-"]]
     results = {}
     for method, (sp_name, peft_name) in C.METHODS.items():
         for lib, label in (("softprompt", sp_name), ("peft", peft_name)):
             accs = []
             for seed in seeds:
-                acc, n, size, secs = run(lib, method, *train, test, tok, args.steps, seed)
+                acc, n, size, secs, lr = run(lib, method, *train, test, tok, args.steps, seed)
                 accs.append(acc)
                 record(
-                    lib=lib, method=method, seed=seed, acc=acc, params=n, bytes=size, train_s=secs
+                    lib=lib,
+                    method=method,
+                    seed=seed,
+                    acc=acc,
+                    params=n,
+                    bytes=size,
+                    train_s=secs,
+                    lr=lr,
                 )
             m, s = mean_std(accs)
             results[(lib, method)] = m
@@ -279,6 +286,7 @@ def main() -> None:
                 [
                     lib,
                     label,
+                    f"{lr:g}",
                     f"{m:.3f} ± {s:.3f}",
                     f"{n:,}",
                     f"{size / 1024:.0f} KB",
@@ -288,12 +296,20 @@ def main() -> None:
     if not args.skip_full:
         accs = []
         for seed in seeds[:1] if args.quick else seeds:
-            acc, n, _, secs = run("full", None, *train, test, tok, args.steps, seed)
+            acc, n, _, secs, _ = run("full", None, *train, test, tok, args.steps, seed)
             accs.append(acc)
             record(lib="full", method="-", seed=seed, acc=acc, params=n, bytes=0, train_s=secs)
         m, s = mean_std(accs)
         table.append(
-            ["full fine-tuning", "lr 2e-5", f"{m:.3f} ± {s:.3f}", f"{n:,}", "-", f"{secs:.0f} s"]
+            [
+                "full fine-tuning",
+                "all weights",
+                "2e-05",
+                f"{m:.3f} ± {s:.3f}",
+                f"{n:,}",
+                "-",
+                f"{secs:.0f} s",
+            ]
         )
     claims = []
     pre, pro = results[("softprompt", "prefix_mlp")], results[("softprompt", "prompt")]
@@ -403,6 +419,7 @@ def main() -> None:
             "columns": [
                 "library",
                 "method",
+                "lr",
                 "accuracy",
                 "trainable params",
                 "adapter on disk",

@@ -699,6 +699,11 @@ def main() -> None:
     )
     ap.add_argument("--memory-child", nargs=2, metavar=("LIB", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--only-deep",
+        action="store_true",
+        help="rerun only the deep-prompt ablation and update the existing result file",
+    )
     args = ap.parse_args()
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child, args.steps)))
@@ -709,6 +714,23 @@ def main() -> None:
     args.methods = args.methods or (["prompt", "prefix_mlp"] if args.quick else list(C.METHODS))
     C.setup(quick=args.quick)
     machine = C.machine_info()
+    if args.only_deep:  # rerun one ablation; everything else from the result file as it is
+        old = json.loads(args.out.read_text())
+        raw = old["raw"]
+        info = {k: v for k, v in raw.items() if k not in ("rows", "memory", "bucketing")}
+        info.pop("deep_layers")
+        C.log("speed: deep prompts on the top half")
+        batches = C.train_batches(C.load_tokenizer(), n_batches=4)
+        deep = deep_layers(batches, args.repeats, args.warmup)
+        result = build_result(
+            raw["rows"], raw["memory"], info, args, old["machine"], raw["bucketing"], deep
+        )
+        result.setdefault("notes", []).append(
+            f"The deep-prompt ablation was rerun alone on {machine.get('date', 'a later date')} "
+            "(`--only-deep`); the other tables are from the full run."
+        )
+        C.write_result("train_speed", result, args.out)
+        return
     rows, info = run_speed(args.methods, args.repeats, args.warmup)
     C.log("speed: length bucketing")
     buckets = bucketing(max(2, args.repeats - 2), args.warmup)

@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         help="default: per method: prompt 0.075 and ptuning 0.0075 times the embedding table's "
-        "RMS (SmolLM2: 1e-2, 1e-3), deep 5e-3, prefix 1e-4",
+        "RMS (SmolLM2: 1e-2, 1e-3), deep 5e-3, prefix 3e-5",
     )
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--grad-accum", type=int, default=1)
