@@ -239,6 +239,30 @@ def main() -> None:
     ap.add_argument("--skip-gen", action="store_true", help="skip the ACLSum generation part")
     ap.add_argument("--gen-steps", type=int, default=50)
     ap.add_argument("--gen-test-rows", type=int, default=50)
+    ap.add_argument(
+        "--resume",
+        type=Path,
+        help="the JSON lines an interrupted run printed: runs found there are not run again "
+        "(each run seeds itself, so the result is the uninterrupted run's)",
+    )
+    ap.add_argument(
+        "--reuse-baselines",
+        type=Path,
+        help="an earlier result file: take its zero-shot and full fine-tuning runs (they use "
+        "neither library) instead of running them again; the report says so",
+    )
+    ap.add_argument(
+        "--reuse-aclsum",
+        action="store_true",
+        help="with --reuse-baselines: take the ACLSum runs from that file too (the report "
+        "says they were not rerun)",
+    )
+    ap.add_argument(
+        "--reuse-init",
+        action="store_true",
+        help="with --reuse-baselines: take the init-study runs from that file too (the report "
+        "says they were not rerun)",
+    )
     args = ap.parse_args()
     C.setup(quick=args.quick)
     if args.quick:
@@ -260,14 +284,51 @@ def main() -> None:
         raw["runs"].append(kw)
         print(json.dumps(kw), flush=True)
 
-    acc0, *_ = run("zero", None, *train, test, tok, 0, 0)
-    record(lib="zero-shot", method="-", seed=0, acc=acc0, params=0, bytes=0, train_s=0)
+    prior: list[dict] = []
+    if args.resume and args.resume.exists():
+        prior += [json.loads(x) for x in args.resume.read_text().splitlines() if x.startswith("{")]
+    reused: list[dict] = []
+    if args.reuse_baselines:
+        old = json.loads(args.reuse_baselines.read_text())
+        reused = [
+            r
+            for r in old["raw"]["runs"]
+            if r["lib"] in ("zero-shot", "full")
+            or (args.reuse_aclsum and "task" in r)
+            or (args.reuse_init and "init" in r)
+        ]
+        prior += reused
+        raw["reused_baselines_from"] = old.get("machine", {}).get("date")
+
+    def earlier(**key) -> dict | None:
+        """A run with exactly these settings from --resume / --reuse-baselines, recorded again."""
+        kind = ("init" in key, "task" in key)
+        for r in prior:
+            if ("init" in r, "task" in r) == kind and all(r.get(k) == v for k, v in key.items()):
+                raw["runs"].append(r)
+                print(json.dumps(r | {"reused": True}), flush=True)
+                return r
+        return None
+
+    r0 = earlier(lib="zero-shot", method="-", seed=0)
+    if r0:
+        acc0 = r0["acc"]
+    else:
+        acc0, *_ = run("zero", None, *train, test, tok, 0, 0)
+        record(lib="zero-shot", method="-", seed=0, acc=acc0, params=0, bytes=0, train_s=0)
     table = [["zero-shot", "-", "-", f"{acc0:.3f}", "0", "-", "-"]]
     results = {}
     for method, (sp_name, peft_name) in C.METHODS.items():
         for lib, label in (("softprompt", sp_name), ("peft", peft_name)):
             accs = []
             for seed in seeds:
+                r = earlier(lib=lib, method=method, seed=seed)
+                if r:
+                    acc, n, size, secs, lr = (
+                        r[k] for k in ("acc", "params", "bytes", "train_s", "lr")
+                    )
+                    accs.append(acc)
+                    continue
                 acc, n, size, secs, lr = run(lib, method, *train, test, tok, args.steps, seed)
                 accs.append(acc)
                 record(
@@ -296,6 +357,11 @@ def main() -> None:
     if not args.skip_full:
         accs = []
         for seed in seeds[:1] if args.quick else seeds:
+            r = earlier(lib="full", method="-", seed=seed)
+            if r:
+                acc, n, secs = r["acc"], r["params"], r["train_s"]
+                accs.append(acc)
+                continue
             acc, n, _, secs, _ = run("full", None, *train, test, tok, args.steps, seed)
             accs.append(acc)
             record(lib="full", method="-", seed=seed, acc=acc, params=n, bytes=0, train_s=secs)
@@ -331,6 +397,12 @@ def main() -> None:
             steps = min(args.steps, max(4, 3 * n_ex // 8))
             accs = {}
             for init in ("random", "text", "labels"):
+                r = earlier(
+                    lib="softprompt", method="prompt", init=init, examples=n_ex, steps=steps
+                )
+                if r:
+                    accs[init] = r["acc"]
+                    continue
                 acc, *_ = run("softprompt", "prompt", *sub, test, tok, steps, 0, init=init)
                 accs[init] = acc
                 record(
@@ -375,17 +447,22 @@ def main() -> None:
         ]
         for lib, method in contenders:
             steps = 0 if method is None else args.gen_steps
-            sc, n, secs = run_gen(lib, method, gtrain, gtest, tok, steps, 0)
+            r = earlier(lib=lib, method=method or "-", task="aclsum", steps=steps)
+            if r:
+                sc = {k: r[k] for k in ("rouge1", "rouge2", "rougeL", "bleu")}
+                n, secs = r["params"], r["train_s"]
+            else:
+                sc, n, secs = run_gen(lib, method, gtrain, gtest, tok, steps, 0)
+                record(
+                    lib=lib,
+                    method=method or "-",
+                    task="aclsum",
+                    steps=steps,
+                    params=n,
+                    train_s=secs,
+                    **sc,
+                )
             rouge[(lib, method)] = sc["rougeL"]
-            record(
-                lib=lib,
-                method=method or "-",
-                task="aclsum",
-                steps=steps,
-                params=n,
-                train_s=secs,
-                **sc,
-            )
             label = "-" if method is None else C.METHODS[method][0 if lib == "softprompt" else 1]
             gen_rows.append(
                 [
@@ -487,6 +564,25 @@ def main() -> None:
         "notes": [],
         "raw": raw,
     }
+    if reused:
+        out["notes"].append(
+            f"The zero-shot and full fine-tuning rows are the runs of {raw['reused_baselines_from']} "
+            "(`--reuse-baselines`): they use neither library, and their code path has not "
+            "changed since."
+        )
+    if reused and args.reuse_init:
+        out["notes"].append(
+            f"The initialisation table is from the run of {raw['reused_baselines_from']} "
+            "(`--reuse-init`), not rerun with the current defaults, for lack of CPU time: "
+            "there prompt tuning trained at lr 3e-2 (now 1e-2)."
+        )
+    if reused and args.reuse_aclsum:
+        out["notes"].append(
+            f"The ACLSum table is from the run of {raw['reused_baselines_from']} "
+            "(`--reuse-aclsum`), not rerun with the current defaults, for lack of CPU time: "
+            "there softprompt's prompt tuning trained at lr 3e-2 and its prefix at 1e-4 from "
+            "keys captured at positions 0..P-1 (PEFT at the same rates)."
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
 
