@@ -286,7 +286,8 @@ def main() -> None:
 
     prior: list[dict] = []
     if args.resume and args.resume.exists():
-        prior += [json.loads(x) for x in args.resume.read_text().splitlines() if x.startswith("{")]
+        lines = [x for x in args.resume.read_text().splitlines() if x.startswith("{")]
+        prior += [{k: v for k, v in json.loads(x).items() if k != "reused"} for x in lines]
     reused: list[dict] = []
     if args.reuse_baselines:
         old = json.loads(args.reuse_baselines.read_text())
