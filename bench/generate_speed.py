@@ -37,13 +37,15 @@ PEFT_ANCHOR = {"prompt": 28.0, "prefix_mlp": 28.0}  # NOTES section 5
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=C.RESULTS / "generate_speed.json")
+    ap.add_argument("--out", type=Path, default=None)
+    C.add_device_arg(ap)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     args = ap.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 6)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
-    C.setup(quick=args.quick)
+    args.out = args.out or C.default_out("generate_speed", args.device)
+    C.setup(quick=args.quick, device=args.device)
     machine = C.machine_info()
     tok = C.load_tokenizer()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -75,11 +77,11 @@ def main() -> None:
         return lambda r: peft_models[method].generate(**p(r), **gen_kw)
 
     def sp_spliced(r):
-        spm.info.shares_prompt = False
+        spm.prompt_sharing = "never"
         try:
             return spm.generate(**p(r), adapter_names=["prompt"] * 8, **gen_kw)
         finally:
-            spm.info.shares_prompt = shared
+            spm.prompt_sharing = "auto"
 
     shared = spm.info.shares_prompt
     fns = {

@@ -97,13 +97,15 @@ class PeftServer:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=C.RESULTS / "mixed_speed.json")
+    ap.add_argument("--out", type=Path, default=None)
+    C.add_device_arg(ap)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     args = ap.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
-    C.setup(quick=args.quick)
+    args.out = args.out or C.default_out("mixed_speed", args.device)
+    C.setup(quick=args.quick, device=args.device)
     machine = C.machine_info()
     tok = C.load_tokenizer()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -68,9 +68,14 @@ def bar_plot(spec: dict, path: Path) -> None:
 
 
 def machine_block(results: list[dict]) -> str:
-    m = next((r["machine"] for r in results if r.get("machine")), None)
-    if m is None:
+    m = next(
+        (r["machine"] for r in results if r.get("machine") and not r["machine"].get("device")), None
+    )
+    gpus = [r for r in results if r.get("machine", {}).get("device")]
+    if m is None and not gpus:
         return "- (no machine information in the result files)"
+    if m is None:
+        m = gpus[0]["machine"]
     lines = [
         f"- Date: {m['date']}",
         f"- CPU: {m['cpu']}, {m['cpu_count']} logical CPUs, {m.get('memory_gb')} GB RAM; "
@@ -90,6 +95,14 @@ def machine_block(results: list[dict]) -> str:
         f"- 1-minute load average at start -> end of each section: {loads}. The "
         "machine is shared; see 'Noise' below."
     )
+    if gpus:
+        g = gpus[0]["machine"]
+        lines.append(
+            f"- GPU sections ({', '.join(r['section'] for r in gpus)}): {g['device']}, "
+            f"{g.get('gpu_memory_gb')} GB, CUDA {g.get('cuda')}, TF32 off (fp32 as on the CPU); "
+            f"host: {g['cpu']}, {g['cpu_count']} logical CPUs; torch {g['torch']}, "
+            f"transformers {g['transformers']}, PEFT {g['peft']}; run {g['date']}"
+        )
     return "\n".join(lines)
 
 
@@ -125,8 +138,12 @@ def render(results_dir: Path, out: Path) -> str:
 
     all_targets = [(r["title"], t) for r in results for t in r.get("targets", [])]
     if all_targets:
-        met = sum(t["met"] for _, t in all_targets)
-        parts += ["## Targets", "", f"{met} of {len(all_targets)} met.", ""]
+        gpu = [t for _, t in all_targets if t["name"].endswith("(GPU)")]
+        cpu = [t for _, t in all_targets if not t["name"].endswith("(GPU)")]
+        line = f"{sum(t['met'] for t in cpu)} of {len(cpu)} met on the CPU (the issue's setting)."
+        if gpu:
+            line += f" On the GPU: {sum(t['met'] for t in gpu)} of {len(gpu)}."
+        parts += ["## Targets", "", line, ""]
         parts.append(
             md_table(
                 ["section", "target", "goal", "measured", "met", "detail", "why (if missed)"],

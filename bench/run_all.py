@@ -3,6 +3,7 @@
     python bench/run_all.py            # full run on 2 CPU cores: speed ~16 min, quality ~75 min
     python bench/run_all.py --quick    # smoke run, about 7 minutes; numbers not trustworthy
     python bench/run_all.py --only train_speed generate_speed --out docs/benchmarks.md
+    python bench/run_all.py --device cuda  # the speed sections again on a GPU (<section>_gpu)
 
 Each section script writes ``bench/results/<section>.json``; ``bench/report.py`` renders every
 result file present (a new section only has to write its JSON and be listed in ``SECTIONS``).
@@ -18,7 +19,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-SECTIONS = ["train_speed", "generate_speed", "mixed_speed", "quality"]
+SECTIONS = ["train_speed", "share_sweep", "generate_speed", "mixed_speed", "quality"]
 
 
 def main() -> None:
@@ -27,13 +28,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--only", nargs="*", default=None, help="sections to run (default: all)")
     ap.add_argument("--results", type=Path, default=BENCH / "results")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cuda: the speed sections on the GPU, written as <section>_gpu beside the CPU ones "
+        "(quality is not device-bound and is skipped)",
+    )
     args = ap.parse_args()
     sections = args.only or SECTIONS
+    if args.device == "cuda":
+        sections = [s for s in sections if s != "quality"]
     failed = []
     t_start = time.perf_counter()
     for name in sections:
         script = BENCH / f"{name}.py"
-        cmd = [sys.executable, str(script), "--out", str(args.results / f"{name}.json")]
+        out = args.results / (f"{name}_gpu.json" if args.device == "cuda" else f"{name}.json")
+        cmd = [sys.executable, str(script), "--out", str(out)]
+        if args.device == "cuda":
+            cmd += ["--device", "cuda"]
         if args.quick:
             cmd.append("--quick")
         print(f"== {name}", flush=True)

@@ -44,9 +44,10 @@ INPUT_LEVEL = ("prompt", "ptuning_mlp")  # virtual tokens lengthen the sequence
 TARGET_STEP_OVER_FWD = 2.2
 
 
-def memory_child(lib: str, method: str, steps: int) -> dict:
-    """Runs in a fresh process: extra resident memory of ``steps`` training steps."""
-    C.setup()
+def memory_child(lib: str, method: str, steps: int, device: str = "cpu") -> dict:
+    """Runs in a fresh process: extra resident memory (on a GPU: extra peak CUDA allocation) of
+    ``steps`` training steps."""
+    C.setup(device=device)
     tok = C.load_tokenizer()
     batches = C.train_batches(tok, n_batches=max(steps, 1))
     if lib.startswith("sp"):
@@ -69,11 +70,22 @@ def memory_child(lib: str, method: str, steps: int) -> dict:
     # paging in the 538 MB model.
     with torch.no_grad():
         model(**batches[0])
-    reset_ok = C.reset_peak_rss()
-    before = C.rss_mb()
+    if C.on_gpu():
+        C.sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(C.DEVICE)
+        reset_ok = True
+        before = torch.cuda.memory_allocated(C.DEVICE) / 2**20
+    else:
+        reset_ok = C.reset_peak_rss()
+        before = C.rss_mb()
     for i in range(steps):
         C.train_step(model, opt, loss_fn, batches[i % len(batches)])
-    peak = C.peak_rss_mb()
+    if C.on_gpu():
+        C.sync()
+        peak = torch.cuda.max_memory_allocated(C.DEVICE) / 2**20
+    else:
+        peak = C.peak_rss_mb()
     return {
         "lib": lib,
         "method": method,
@@ -93,6 +105,7 @@ def run_memory(methods: list[str], steps: int, libs=("sp", "sp_full", "peft")) -
         for lib in libs:
             C.log(f"memory: {lib} {method}")
             cmd = [sys.executable, __file__, "--memory-child", lib, method, "--steps", str(steps)]
+            cmd += ["--device", C.DEVICE.type]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 out.append({"lib": lib, "method": method, "error": proc.stderr[-2000:]})
@@ -121,17 +134,29 @@ def time_method(method: str, bare, batches: list[dict], repeats: int, warmup: in
     def step(model, opt, loss_fn):
         return lambda r: C.train_step(model, opt, loss_fn, batch(r))
 
-    def nograd(model, loss_fn):
+    def nograd(model, loss_fn, sharing=None):
         def f(r):
-            with torch.no_grad():
-                loss_fn(model, batch(r))
+            if sharing:
+                model.prompt_sharing = sharing
+            try:
+                with torch.no_grad():
+                    loss_fn(model, batch(r))
+            finally:
+                if sharing:
+                    model.prompt_sharing = "auto"
 
         return f
 
+    # the no-grad forward runs the virtual tokens the way the training step does ("auto" may
+    # share them without autograd but splice them under it, e.g. on a GPU)
+    step_shares = spm.info.shares_prompt and spm._shared_ok(
+        spm._prompts([spm.active] * 8), batches[0]["input_ids"], None, None, {}
+    )
+    fwd_sharing = ("always" if step_shares else "never") if spm.info.shares_prompt else None
     fns = {
         "sp_step": step(spm, sp_opt, C.sp_loss),
         "peft_step": step(pm, peft_opt, C.full_loss),
-        "sp_fwd": nograd(spm, C.sp_loss),
+        "sp_fwd": nograd(spm, C.sp_loss, fwd_sharing),
         "peft_fwd": nograd(pm, C.full_loss),
         "bare_fwd": nograd(bare, C.full_loss),
     }
@@ -139,16 +164,20 @@ def time_method(method: str, bare, batches: list[dict], repeats: int, warmup: in
     if lm:
         fns["sp_step_full"] = step(spm, sp_opt, C.full_loss)
     shared = method in INPUT_LEVEL and spm.info.shares_prompt
-    if shared:  # ablation: virtual tokens spliced into every row instead of a shared prefix
+    if shared:  # ablation: virtual tokens spliced into every row vs a shared prefix
 
-        def splice_step(r):
-            spm.info.shares_prompt = False
-            try:
-                return C.train_step(spm, sp_opt, C.sp_loss, batch(r))
-            finally:
-                spm.info.shares_prompt = True
+        def sharing_step(mode):
+            def f(r):
+                spm.prompt_sharing = mode
+                try:
+                    return C.train_step(spm, sp_opt, C.sp_loss, batch(r))
+                finally:
+                    spm.prompt_sharing = "auto"
 
-        fns["sp_step_splice"] = splice_step
+            return f
+
+        fns["sp_step_splice"] = sharing_step("never")
+        fns["sp_step_shared"] = sharing_step("always")
     t_all = C.interleaved(fns, repeats=repeats, warmup=warmup)
     t, dropped = C.clean(t_all)
     rounds = [warmup + i for i, o in enumerate(t_all["_others"]) if not dropped or o <= C.BUSY]
@@ -185,9 +214,14 @@ def time_method(method: str, bare, batches: list[dict], repeats: int, warmup: in
         "times": t_all,
     }
     if shared:
-        row["shared_prompt_speedup"] = C.paired_ratio(t["sp_step_splice"], t["sp_step"])
-        row["shared_prompt_speedup_range"] = C.ratio_range(t["sp_step_splice"], t["sp_step"])
+        row["shared_prompt_speedup"] = C.paired_ratio(t["sp_step_splice"], t["sp_step_shared"])
+        row["shared_prompt_speedup_range"] = C.ratio_range(t["sp_step_splice"], t["sp_step_shared"])
         row["throughput_ratio_splice"] = C.paired_ratio(t["peft_step"], t["sp_step_splice"])
+        row["throughput_ratio_shared"] = C.paired_ratio(t["peft_step"], t["sp_step_shared"])
+        # which of the two the default ("auto") takes for a training step (autograd on)
+        row["auto_shares"] = spm._shared_ok(
+            spm._prompts([spm.active] * 8), batches[0]["input_ids"], None, None, {}
+        )
     if lm:
         row["throughput_ratio_full_loss"] = C.paired_ratio(t["peft_step"], t["sp_step_full"])
         row["throughput_ratio_full_loss_range"] = C.ratio_range(t["peft_step"], t["sp_step_full"])
@@ -411,10 +445,11 @@ def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dic
         [
             r["method"],
             f"{r['sp_step_splice_s']:.3f}",
-            f"{r['sp_step_s']:.3f}",
+            f"{r['sp_step_shared_s']:.3f}",
             x(r["shared_prompt_speedup"]) + " " + C.fmt_range(*r["shared_prompt_speedup_range"]),
             x(r["throughput_ratio_splice"]),
-            x(r["throughput_ratio"]),
+            x(r["throughput_ratio_shared"]),
+            "shared" if r.get("auto_shares") else "spliced",
         ]
         for r in rows
         if "shared_prompt_speedup" in r
@@ -580,7 +615,8 @@ def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dic
     plots = [
         {
             "file": "train_step_time.png",
-            "title": "Training step time (median), batch 8 x ~40 tokens, 2 threads",
+            "title": "Training step time (median), batch 8 x ~40 tokens, "
+            + (C.device_label() if C.on_gpu() else f"{machine['torch_threads']} threads"),
             "ylabel": "seconds per step",
             "labels": labels,
             "series": {
@@ -599,7 +635,9 @@ def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dic
         plots.append(
             {
                 "file": "train_memory.png",
-                "title": "Extra resident memory of training steps (VmHWM - RSS before)",
+                "title": "Extra peak CUDA memory of training steps"
+                if C.on_gpu()
+                else "Extra resident memory of training steps (VmHWM - RSS before)",
                 "ylabel": "MB",
                 "labels": [c[0] for c in mem_rows],
                 "series": {
@@ -609,7 +647,13 @@ def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dic
             }
         )
     intro = [
-        f"SmolLM2-135M-Instruct fp32, CPU, {machine['torch_threads']} threads; batch 8 rows of "
+        "SmolLM2-135M-Instruct fp32, "
+        + (
+            f"{C.device_label()} (TF32 off, the host clock read after a device synchronise)"
+            if C.on_gpu()
+            else f"CPU, {machine['torch_threads']} threads"
+        )
+        + "; batch 8 rows of "
         f"Rotten Tomatoes reviews, {min(info['real_tokens_per_batch'])}-"
         f"{max(info['real_tokens_per_batch'])} real tokens per batch (shapes "
         f"{info['batch_shapes']}), loss on the answer token only; {C.NUM_VIRTUAL} virtual "
@@ -638,8 +682,8 @@ def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dic
                 [
                     {
                         "title": "Input-level methods: virtual tokens spliced into every row vs "
-                        "run once as a shared key/value prefix (softprompt's default on rotary "
-                        "causal LMs)",
+                        "run once as a shared key/value prefix (`model.prompt_sharing`; rotary "
+                        "causal LMs only)",
                         "columns": [
                             "method",
                             "sp step, spliced (s)",
@@ -647,10 +691,11 @@ def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dic
                             "speedup",
                             "sp/PEFT spliced",
                             "sp/PEFT shared",
+                            "default (auto) takes",
                         ],
                         "rows": shared_rows,
                         "notes": "Same model, optimiser and batches, interleaved in the same "
-                        "rounds; only `model.info.shares_prompt` differs. The two give the same "
+                        "rounds; only `model.prompt_sharing` ('never' / 'always') differs. The two give the same "
                         "loss and gradients (tests/test_model.py::test_shared_prompt_equals_"
                         "splicing).",
                     }
@@ -673,9 +718,16 @@ def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dic
                 "columns": ["method", "sp", "sp, full-head loss", "PEFT", "sp / PEFT"],
                 "rows": mem_rows,
                 "notes": f"Each cell is a fresh process running {args.mem_steps} training step(s): "
-                "VmHWM (kernel peak RSS, reset via /proc/self/clear_refs after loading and "
-                "malloc_trim) minus RSS before the first step. Includes activations, "
-                "gradients, AdamW state and allocator slack; excludes the 538 MB model.",
+                + (
+                    "`torch.cuda.max_memory_allocated` after the steps minus "
+                    "`memory_allocated` before them (peak reset after loading and one no-grad "
+                    "forward). Includes activations, gradients and AdamW state; excludes the "
+                    "538 MB model and the caching allocator's reserve."
+                    if C.on_gpu()
+                    else "VmHWM (kernel peak RSS, reset via /proc/self/clear_refs after loading "
+                    "and malloc_trim) minus RSS before the first step. Includes activations, "
+                    "gradients, AdamW state and allocator slack; excludes the 538 MB model."
+                ),
             },
         ],
         "targets": targets,
@@ -687,7 +739,8 @@ def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repeats, one method for memory")
-    ap.add_argument("--out", type=Path, default=C.RESULTS / "train_speed.json")
+    ap.add_argument("--out", type=Path, default=None)
+    C.add_device_arg(ap)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--mem-steps", type=int, default=None)
@@ -706,13 +759,14 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.memory_child:
-        print(json.dumps(memory_child(*args.memory_child, args.steps)))
+        print(json.dumps(memory_child(*args.memory_child, args.steps, args.device)))
         return
+    args.out = args.out or C.default_out("train_speed", args.device)
     args.repeats = args.repeats or (1 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     args.mem_steps = args.mem_steps or (1 if args.quick else 2)
     args.methods = args.methods or (["prompt", "prefix_mlp"] if args.quick else list(C.METHODS))
-    C.setup(quick=args.quick)
+    C.setup(quick=args.quick, device=args.device)
     machine = C.machine_info()
     if args.only_deep:  # rerun one ablation; everything else from the result file as it is
         old = json.loads(args.out.read_text())

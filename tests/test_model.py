@@ -20,6 +20,7 @@ from torch.testing import assert_close
 from transformers import DynamicCache
 
 import softprompt as sp
+from softprompt.model import PrefixState
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0], [14, 15, 16, 17, 0, 0]])
 MASK = (IDS != 0).long()
@@ -638,7 +639,7 @@ def test_shared_prompt_equals_splicing(family):
     rows = ["p3", "p5", "pre", None, "p5", "p3"]
 
     def run(shared: bool):
-        model.info.shares_prompt = shared
+        model.prompt_sharing = "always" if shared else "never"
         model.zero_grad()
         model.set_active("p5")
         out = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
@@ -671,6 +672,28 @@ def test_shared_prompt_equals_splicing(family):
     assert_close(fast[1], slow[1], atol=1e-5, rtol=1e-4)
     assert fast[1].abs().max() > 1e-3
     assert torch.equal(fast[2], slow[2])
+
+
+def test_prompt_sharing_auto_splices_under_autograd_on_an_accelerator(monkeypatch):
+    """The default shares on the CPU; on an accelerator only without autograd (serving), where
+    the shared prefix is memoised; 'always'/'never' override; nonsense is refused."""
+    model = _bank("llama")
+    prompts = model._prompts(["p5"])
+
+    def shares(grad: bool) -> bool:
+        with torch.set_grad_enabled(grad):
+            return model._shared_ok(prompts, IDS, None, None, {})
+
+    assert model.prompt_sharing == "auto"
+    assert shares(True) and shares(False)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    assert not shares(True) and shares(False)
+    model.prompt_sharing = "always"
+    assert shares(True) and shares(False)
+    model.prompt_sharing = "never"
+    assert not shares(True) and not shares(False)
+    with pytest.raises(sp.SoftPromptError, match="prompt_sharing must be"):
+        model.prompt_sharing = "sometimes"
 
 
 def test_shared_prompt_keeps_the_cache_to_real_tokens():
@@ -711,3 +734,45 @@ def test_shared_prompt_is_memoised_without_grad_until_the_adapter_changes():
         model.info.shares_prompt = False
         spliced = model(input_ids=IDS, adapter_names="p3").logits
     assert_close(fresh, spliced, **TOL)
+
+
+# ------------------------------------------------------------------------------ prefix tables
+def test_mixed_prefix_tables_are_kept_across_no_grad_calls_until_an_adapter_changes():
+    """A mixed batch reads its per-slot prefixes from stacked tables; without autograd they are
+    built once per adapter set and reused, and rebuilt when any adapter's prefix changes."""
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("a", sp.PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16))
+    model.add_adapter("b", sp.DeepPromptConfig(num_virtual_tokens=2))
+    perturb(model)
+    model.eval()
+    rows = ["a", "b", None]
+    ids, mask = left_pad(IDS.repeat(2, 1)[:3], MASK.repeat(2, 1)[:3])
+    built = []
+    orig = PrefixState._table
+    PrefixState._table = lambda self, *a: built.append(1) or orig(self, *a)
+    try:
+        with torch.no_grad():
+            first = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+            n = len(built)
+            assert n == len(model.info.slots)
+            again = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+            assert len(built) == n, "tables were rebuilt for the same adapters"
+            model.adapters["b"].prefix.add_(0.25)  # in place: the version moves
+            moved = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+            assert len(built) == 2 * n
+        with torch.enable_grad():
+            model(input_ids=ids, attention_mask=mask, adapter_names=rows)
+            assert len(built) == 3 * n, "under autograd the tables are built afresh"
+    finally:
+        PrefixState._table = orig
+    assert torch.equal(first, again)
+    # row by row, each adapter alone (no tables): the same logits as the mixed batch
+    for b, name in enumerate(rows):
+        with torch.no_grad():
+            alone = model(
+                input_ids=ids[b : b + 1], attention_mask=mask[b : b + 1], adapter_names=[name]
+            )
+        real = mask[b].bool()
+        assert_close(moved[b][real], alone.logits[0][real], **TOL)
+    assert not torch.allclose(moved[1][mask[1].bool()], first[1][mask[1].bool()])
+    assert_close(moved[0], first[0], **TOL)  # row "a" did not change

@@ -51,6 +51,10 @@ class PrefixState:
 
     The attention seam calls ``prefix_for`` once per attention call; results are memoised per
     slot and batch size, so a ``generate`` call builds each slot's prefix once.
+
+    Rows of several adapters read each slot's prefixes from one table (adapters stacked, padded
+    to the longest); ``bank``, when given, keeps those tables across calls (no-grad serving:
+    see ``SoftPromptModel._bank_for``), so a mixed batch costs one row gather per slot.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class PrefixState:
         info: ModelInfo,
         rows: Sequence[str | None],
         kvs: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]],
+        bank: dict | None = None,
     ) -> None:
         self.info = info
         self.kvs = kvs
@@ -70,6 +75,8 @@ class PrefixState:
         )
         self._memo: dict[tuple[int, int], tuple | None] = {}
         self._valids: dict[tuple, torch.Tensor] = {}
+        self._indices: dict[tuple, torch.Tensor] = {}
+        self._bank = bank
 
     def prefix_for(self, module, query, key, value):
         slot = self.info.module_slot.get(id(module))
@@ -92,6 +99,22 @@ class PrefixState:
             k, v = (t.permute(1, 0, 2)[None].to(device) for t in kv)  # (1, kvh, P, hd)
             k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
             return k, v, self._valid(batch, (k.shape[2],), device)
+        key = (slot, device)
+        if self._bank is not None and key in self._bank:
+            table = self._bank[key]
+        else:
+            table = self._table(slot, device)
+            if self._bank is not None:
+                self._bank[key] = table
+        if table is None:
+            return None
+        ks, vs, lengths = table
+        idx = self._row_index(batch, device)
+        return ks[idx], vs[idx], self._valid(batch, lengths, device)
+
+    def _table(self, slot: int, device: torch.device):
+        """Every adapter's prefix at ``slot``, stacked: ((n+1, kvh, P, hd) keys, the same for
+        values, per-uid lengths); uid 0 (rows without a prefix) is all padding."""
         entries = [self.kvs[n].get(slot) for n in self.names]
         plen = max((e[0].shape[0] for e in entries if e is not None), default=0)
         if plen == 0:
@@ -106,20 +129,19 @@ class PrefixState:
             ks.append(k.permute(1, 0, 2))  # (kvh, P, hd)
             vs.append(v.permute(1, 0, 2))
             lengths.append(n)
-        idx = self._row_index(batch, device)
-        return (
-            torch.stack(ks)[idx],
-            torch.stack(vs)[idx],
-            self._valid(batch, tuple(lengths), device),
-        )
+        return torch.stack(ks), torch.stack(vs), tuple(lengths)
 
     def _row_index(self, batch: int, device: torch.device) -> torch.Tensor:
+        key = (batch, device)
+        if key in self._indices:
+            return self._indices[key]
         idx = torch.tensor(self.row_uid, device=device)
         rows = len(self.row_uid)
         if batch != rows:  # beam search / num_return_sequences expand rows in place
             if batch % rows:
                 raise SoftPromptError(f"batch of {batch} rows does not match {rows} adapter rows")
             idx = idx.repeat_interleave(batch // rows)
+        self._indices[key] = idx
         return idx
 
     def _valid(self, batch: int, lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -230,6 +252,7 @@ class SoftPromptModel(nn.Module):
         self.active: str | None = None
         self._checkpointing = False
         self._layer_cache: LayerCache | None = None
+        self.prompt_sharing = "auto"
         params = inspect.signature(base_model.forward).parameters
         self._takes_position_ids = "position_ids" in params and not info.is_encoder_decoder
 
@@ -399,12 +422,77 @@ class SoftPromptModel(nn.Module):
             kv = self.adapters[name].kv()
             if kv:
                 kvs[name] = kv
-        return PrefixState(self.info, rows, kvs) if kvs else None
+        if not kvs:
+            return None
+        return PrefixState(self.info, rows, kvs, self._bank_for(rows, kvs))
+
+    _BANKS = 4  # stacked prefix tables kept for this many adapter sets
+
+    def _bank_for(self, rows, kvs) -> dict | None:
+        """Without autograd, rows of several adapters: the per-slot stacked prefix tables of this
+        set of adapters, kept across calls until any of their prefixes changes (a server's
+        mixed batches). Keyed by the identity and version of each adapter's prefix tensors; the
+        entry holds those tensors, so their memory cannot be reused under the key."""
+        if torch.is_grad_enabled() or len({r if r in kvs else None for r in rows}) < 2:
+            return None  # autograd, or one prefix for every row (PrefixState.single)
+        fingerprint = []
+        for name in sorted(kvs):
+            for slot, (k, v) in sorted(kvs[name].items()):
+                for t in (k, v):
+                    fingerprint.append(
+                        (
+                            name,
+                            slot,
+                            t.untyped_storage().data_ptr(),
+                            t.storage_offset(),
+                            t._version,
+                            t.shape,
+                            t.dtype,
+                        )
+                    )
+        key = tuple(fingerprint)
+        banks = self.__dict__.setdefault("_prefix_banks", {})
+        hit = banks.pop(key, None)
+        if hit is None:
+            hit = (kvs, {})
+            while len(banks) >= self._BANKS:
+                banks.pop(next(iter(banks)))
+        banks[key] = hit  # most recent last
+        return hit[1]
+
+    @property
+    def prompt_sharing(self) -> str:
+        """How prepended virtual tokens (prompt tuning, P-tuning) run on models where that is
+        exact (``info.shares_prompt``: rotary causal LMs):
+
+        * ``"always"``: once per adapter and call, handed to the rows as a key/value prefix
+          (the rows' attention reads it like a prefix-tuning prefix);
+        * ``"never"``: spliced into every row, as PEFT does;
+        * ``"auto"`` (default): shared, except under autograd on an accelerator, where the
+          extra sequential pass over the virtual tokens costs more launches than the spliced
+          tokens cost arithmetic at training batch sizes (bench/share_sweep.py measures both).
+          Without autograd the shared prefix is computed once and kept, so it is always shared.
+
+        The two give the same outputs and gradients (tests/test_model.py).
+        """
+        return self._prompt_sharing
+
+    @prompt_sharing.setter
+    def prompt_sharing(self, value: str) -> None:
+        if value not in ("auto", "always", "never"):
+            raise SoftPromptError(
+                f"prompt_sharing must be 'auto', 'always' or 'never', not {value!r}"
+            )
+        self._prompt_sharing = value
 
     def _shared_ok(self, prompts, input_ids, position_ids, past_key_values, kwargs) -> bool:
         """Can this call hand its prepended virtual tokens to the rows as a shared prefix?
-        (see ``_hf.shares_prepended_prompt``)"""
+        (see ``_hf.shares_prepended_prompt`` and ``prompt_sharing``)"""
         if not prompts or not self.info.shares_prompt or position_ids is not None:
+            return False
+        if self._prompt_sharing == "never":
+            return False
+        if self._prompt_sharing == "auto" and torch.is_grad_enabled() and self.device.type != "cpu":
             return False
         if kwargs.get("output_attentions") or (input_ids is not None and (input_ids < 0).any()):
             return False
