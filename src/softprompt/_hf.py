@@ -147,6 +147,74 @@ def _extend_mask(
     return torch.cat([torch.where(pre, zero, neg), mask], dim=-1)
 
 
+_DECODE_KWARGS = frozenset(
+    {
+        "dropout",
+        "scaling",
+        "is_causal",
+        "sliding_window",
+        "position_ids",
+        "use_cache",
+        "cache_position",
+    }
+)
+
+
+def _decode_ok(module, query, key, attention_mask, kwargs) -> bool:
+    """Can ``_decode_attention`` stand in for sdpa here? One query per row (a decoding step),
+    no autograd, plain scaled softmax attention (no dropout, bias, softcap, window or sinks)."""
+    return (
+        query.shape[2] == 1
+        and not torch.is_grad_enabled()
+        and set(kwargs) <= _DECODE_KWARGS
+        and not kwargs.get("dropout")
+        and kwargs.get("sliding_window") is None
+        and getattr(module, "sinks", None) is None
+        and query.shape[1] % key.shape[1] == 0
+        and (
+            attention_mask is None
+            or (attention_mask.dim() == 4 and attention_mask.shape[-1] == key.shape[2])
+        )
+    )
+
+
+def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scaling):
+    """One decoding step's attention over [prefix; cache] without joining them: the prefix's
+    and the cache's scores are computed apart (query heads grouped by key/value head, as
+    transformers' ``pack_gqa``), joined (B, kvh, g, P + T, a few KB), softmaxed in fp32, and
+    applied to each part's values. Saves copying every layer's whole cache at every step.
+
+    Args:
+        query: (B, H, 1, hd); key, value: (B, kvh, T, hd); attention_mask: None or
+            (B|1, 1|H, 1, T) bool (True = attend) or additive float; k_p, v_p: (B, kvh, P, hd);
+            valid: (B, P) bool.
+
+    Returns:
+        (B, 1, H, hd), as the attention functions return it.
+    """
+    batch, heads, _, hd = query.shape
+    kvh = key.shape[1]
+    g = heads // kvh
+    q = query.reshape(batch, kvh, g, hd)
+    scale = scaling if scaling is not None else hd**-0.5
+    s_p = torch.matmul(q, k_p.to(q.dtype).transpose(-1, -2))  # (B, kvh, g, P)
+    s_c = torch.matmul(q, key.transpose(-1, -2))  # (B, kvh, g, T)
+    scores = torch.cat([s_p, s_c], dim=-1).float() * scale
+    neg = torch.finfo(torch.float32).min
+    scores[..., : k_p.shape[2]].masked_fill_(~valid[:, None, None, :], neg)
+    if attention_mask is not None:
+        m = attention_mask[..., 0, :]  # (B|1, 1|H, T)
+        m = m.reshape(m.shape[0], kvh, g, -1) if m.shape[1] == heads else m[:, :, None, :]
+        if m.dtype == torch.bool:
+            scores[..., k_p.shape[2] :].masked_fill_(~m, neg)
+        else:
+            scores[..., k_p.shape[2] :] += m.float()
+    probs = scores.softmax(dim=-1).to(value.dtype)
+    out = torch.matmul(probs[..., : k_p.shape[2]], v_p.to(value.dtype))
+    out = out + torch.matmul(probs[..., k_p.shape[2] :], value)  # (B, kvh, g, hd)
+    return out.reshape(batch, heads, 1, hd).transpose(1, 2).contiguous()
+
+
 def _softprompt_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         state = kwargs.pop(STATE_KWARG, None) or _GENERATE_STATE.get()
@@ -157,6 +225,11 @@ def _softprompt_attention(base: str) -> Callable:
         if prefix is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
         k_p, v_p, valid = prefix  # (B, kvh, P, hd), (B, kvh, P, hd), (B, P)
+        if base == "sdpa" and _decode_ok(module, query, key, attention_mask, kwargs):
+            out = _decode_attention(
+                query, key, value, attention_mask, k_p, v_p, valid, kwargs.get("scaling")
+            )
+            return out, None
         # Every layer of one forward gets the same mask object: extend it once, not per layer.
         is_causal = kwargs.get("is_causal")
         memo_key = (

@@ -1,0 +1,99 @@
+"""The attention seam's decoding-step path (``_hf._decode_attention``): the same attention as
+joining the prefix to the cache and calling sdpa, for every mask kind, and the same tokens and
+scores from ``generate`` with and without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import method_config, perturb, tiny_model
+from torch.testing import assert_close
+
+import softprompt as sp
+from softprompt import _hf
+
+IDS = torch.tensor([[0, 0, 5, 6, 7, 8], [0, 0, 0, 11, 12, 13], [9, 14, 15, 16, 17, 3]])
+MASK = (IDS != 0).long()
+
+
+def _reference(query, key, value, mask, k_p, v_p, valid, scale):
+    """Join prefix and cache, expand the key/value heads, call sdpa."""
+    g = query.shape[1] // key.shape[1]
+    k = torch.cat([k_p, key], dim=2).repeat_interleave(g, dim=1)
+    v = torch.cat([v_p, value], dim=2).repeat_interleave(g, dim=1)
+    pre = valid[:, None, None, :]
+    if mask is None:
+        full = torch.cat([pre, torch.ones(*valid.shape[:1], 1, 1, key.shape[2]).bool()], -1)
+    elif mask.dtype == torch.bool:
+        full = torch.cat(
+            [pre.expand(-1, mask.shape[1], -1, -1), mask.expand(len(valid), -1, -1, -1)], -1
+        )
+    else:
+        add = torch.where(pre, 0.0, torch.finfo(torch.float32).min)
+        full = torch.cat(
+            [add.expand(-1, mask.shape[1], -1, -1), mask.expand(len(valid), -1, -1, -1)], -1
+        )
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=full, scale=scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "bool_per_head"])
+def test_decode_attention_equals_joining_prefix_and_cache(mask_kind):
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kvh, t, plen, hd = 3, 6, 2, 7, 4, 8
+    query = torch.randn(batch, heads, 1, hd, generator=gen)
+    key, value = (torch.randn(batch, kvh, t, hd, generator=gen) for _ in range(2))
+    k_p, v_p = (torch.randn(batch, kvh, plen, hd, generator=gen) for _ in range(2))
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]).bool()  # mixed rows
+    pad = torch.ones(batch, t).bool()
+    pad[1, :2] = False  # left padding in row 1
+    mask = {
+        "none": None,
+        "bool": pad[:, None, None, :],
+        "float": torch.where(pad, 0.0, torch.finfo(torch.float32).min)[:, None, None, :],
+        "bool_per_head": pad[:, None, None, :].expand(-1, heads, -1, -1).clone(),
+    }[mask_kind]
+    if mask_kind == "bool_per_head":
+        mask[0, 3, 0, 4] = False  # one head of one row sees one key less
+    with torch.no_grad():
+        got = _hf._decode_attention(query, key, value, mask, k_p, v_p, valid, 0.3)
+        want = _reference(query, key, value, mask, k_p, v_p, valid, 0.3)
+    assert got.shape == (batch, 1, heads, hd)
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "bart"])
+@pytest.mark.parametrize("method", ["prefix", "deep"])
+def test_generate_with_the_decode_path_equals_joining(family, method, monkeypatch):
+    """Mixed rows (prefix, none), left padding: the same greedy tokens and step scores with the
+    decode path as with the prefix joined to the cache at every step."""
+    model = sp.attach(tiny_model(family))
+    model.add_adapter("a", method_config(method))
+    perturb(model)
+    model.eval()
+    kw = dict(
+        input_ids=IDS,
+        attention_mask=MASK,
+        adapter_names=["a", None, "a"],
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    if family == "bart":
+        kw.pop("adapter_names")
+    calls = []
+    orig = _hf._decode_attention
+    monkeypatch.setattr(_hf, "_decode_attention", lambda *a: calls.append(1) or orig(*a))
+    fast = model.generate(**kw)
+    assert calls, "the decode path was not taken"
+    monkeypatch.setattr(_hf, "_decode_ok", lambda *a: False)
+    n = len(calls)
+    slow = model.generate(**kw)
+    assert len(calls) == n
+    assert torch.equal(fast.sequences, slow.sequences)
+    for a, b in zip(fast.scores, slow.scores, strict=True):
+        assert_close(a, b, atol=1e-4, rtol=1e-4)
