@@ -758,6 +758,7 @@ def test_mixed_prefix_tables_are_kept_across_no_grad_calls_until_an_adapter_chan
             again = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
             assert len(built) == n, "tables were rebuilt for the same adapters"
             model.adapters["b"].prefix.add_(0.25)  # in place: the version moves
+            moved_prefix = model.adapters["b"].prefix.detach().clone()
             moved = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
             assert len(built) == 2 * n
         with torch.enable_grad():
@@ -766,6 +767,12 @@ def test_mixed_prefix_tables_are_kept_across_no_grad_calls_until_an_adapter_chan
     finally:
         PrefixState._table = orig
     assert torch.equal(first, again)
+    assert len(model._prefix_banks) == 1
+    model.delete_adapter("b")  # a deleted adapter's tensors are not kept alive by the tables
+    assert not model._prefix_banks
+    model.add_adapter("b", sp.DeepPromptConfig(num_virtual_tokens=2))
+    with torch.no_grad():
+        model.adapters["b"].prefix.copy_(moved_prefix)
     # row by row, each adapter alone (no tables): the same logits as the mixed batch
     for b, name in enumerate(rows):
         with torch.no_grad():

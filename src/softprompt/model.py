@@ -450,15 +450,16 @@ class SoftPromptModel(nn.Module):
                             t.dtype,
                         )
                     )
-        key = tuple(fingerprint)
-        banks = self.__dict__.setdefault("_prefix_banks", {})
-        hit = banks.pop(key, None)
-        if hit is None:
-            hit = (kvs, {})
+        fingerprint = tuple(fingerprint)
+        names = tuple(sorted(kvs))
+        banks = self.__dict__.setdefault("_prefix_banks", {})  # names -> (fingerprint, kvs, tables)
+        hit = banks.pop(names, None)
+        if hit is None or hit[0] != fingerprint:  # new set, or a prefix changed: start afresh
+            hit = (fingerprint, kvs, {})
             while len(banks) >= self._BANKS:
                 banks.pop(next(iter(banks)))
-        banks[key] = hit  # most recent last
-        return hit[1]
+        banks[names] = hit  # most recent last
+        return hit[2]
 
     @property
     def prompt_sharing(self) -> str:
@@ -503,7 +504,12 @@ class SoftPromptModel(nn.Module):
         )
 
     def _forget_prompt_kv(self, name: str) -> None:
+        """Drop what is kept for adapter ``name`` between no-grad calls (added, replaced,
+        deleted or baked): its shared prompt and every stacked prefix table that holds it."""
         self.__dict__.setdefault("_prompt_kv_memo", {}).pop(name, None)
+        banks = self.__dict__.get("_prefix_banks", {})
+        for names in [k for k in banks if name in k]:
+            del banks[names]
 
     def _prompt_kvs(self, prompts: dict[str, torch.Tensor]) -> dict[str, dict[int, tuple]]:
         """Each prompt adapter's virtual tokens as a per-slot key/value prefix.
