@@ -1,6 +1,6 @@
 """Run every benchmark section, each in a fresh process, then render docs/benchmarks.md.
 
-    python bench/run_all.py            # full run on 2 CPU cores: speed ~16 min, quality ~75 min
+    python bench/run_all.py            # full run on 2 CPU cores: speed ~22 min, quality ~75 min
     python bench/run_all.py --quick    # smoke run, about 7 minutes; numbers not trustworthy
     python bench/run_all.py --only train_speed generate_speed --out docs/benchmarks.md
     python bench/run_all.py --device cuda  # the speed sections again on a GPU (<section>_gpu)

@@ -44,6 +44,23 @@ INPUT_LEVEL = ("prompt", "ptuning_mlp")  # virtual tokens lengthen the sequence
 TARGET_STEP_OVER_FWD = 2.2
 
 
+def gpu_throughput_why(same_loss: str) -> str:
+    return (
+        f"host-bound: at 8 x ~40 tokens a step is ~0.1 s of kernel launches and Python for both "
+        f"libraries, the arithmetic well under 1 ms; softprompt's CPU gains (LM head only on "
+        f"answer tokens, prompt run once per batch) remove arithmetic, not launches. With "
+        f"PEFT's full-head loss: {same_loss}. Fewer launches (CUDA graphs, torch.compile of the "
+        f"frozen body) or larger batches would move it; not tried"
+    )
+
+
+def gpu_step_why(peft: str) -> str:
+    return (
+        f"PEFT: {peft}. Host-bound: backward launches about twice the kernels of a forward, "
+        "so on a launch-bound GPU the ratio follows kernel counts, not arithmetic"
+    )
+
+
 def memory_child(lib: str, method: str, steps: int, device: str = "cpu") -> dict:
     """Runs in a fresh process: extra resident memory (on a GPU: extra peak CUDA allocation) of
     ``steps`` training steps."""
@@ -537,7 +554,9 @@ def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dic
         if tr < TARGET_THROUGHPUT:
             hf = info["lm_head_fraction"]["with_20_virtual"]
             same = x(r.get("throughput_ratio_full_loss", tr))
-            if r["method"] in INPUT_LEVEL and "shared_prompt_speedup" in r:
+            if C.on_gpu():
+                why = gpu_throughput_why(same)
+            elif r["method"] in INPUT_LEVEL and "shared_prompt_speedup" in r:
                 why = (
                     f"with PEFT's full-head loss softprompt is {same} PEFT. Two gains stack: the "
                     f"LM head only on answer tokens ({hf:.0%} of a forward's multiply-adds) and "
@@ -576,7 +595,9 @@ def build_result(rows, mem, info, args, machine, buckets=None, deep=None) -> dic
     for r in rows:
         v = r["sp_step_over_own_fwd"]
         why = ""
-        if v > TARGET_STEP_OVER_FWD:
+        if v > TARGET_STEP_OVER_FWD and C.on_gpu():
+            why = gpu_step_why(x(r["peft_step_over_own_fwd"]))
+        elif v > TARGET_STEP_OVER_FWD:
             why = (
                 f"PEFT: {x(r['peft_step_over_own_fwd'])}. Backward through a frozen model "
                 "costs about one forward in matmuls, but attention and elementwise backward "
