@@ -3,7 +3,9 @@
     python bench/run_all.py            # full run on 2 CPU cores: speed ~22 min, quality ~75 min
     python bench/run_all.py --quick    # smoke run, about 7 minutes; numbers not trustworthy
     python bench/run_all.py --only train_speed generate_speed --out docs/benchmarks.md
-    python bench/run_all.py --device cuda  # the speed sections again on a GPU (<section>_gpu)
+
+On a machine with a GPU the same command also runs the speed sections there (``--device auto``,
+the default), written as ``<section>_gpu``; ``--device cpu`` / ``--device cuda`` pick one.
 
 Each section script writes ``bench/results/<section>.json``; ``bench/report.py`` renders every
 result file present (a new section only has to write its JSON and be listed in ``SECTIONS``).
@@ -22,6 +24,12 @@ ROOT = BENCH.parent
 SECTIONS = ["train_speed", "share_sweep", "generate_speed", "mixed_speed", "quality"]
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
@@ -30,25 +38,30 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=BENCH / "results")
     ap.add_argument(
         "--device",
-        default="cpu",
-        choices=("cpu", "cuda"),
-        help="cuda: the speed sections on the GPU, written as <section>_gpu beside the CPU ones "
-        "(quality is not device-bound and is skipped)",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto (default): every section on the CPU, then the speed sections again on the GPU "
+        "when torch sees one; cpu: the CPU only; cuda: the GPU speed sections only. GPU results "
+        "are written as <section>_gpu beside the CPU ones (quality is not device-bound)",
     )
     args = ap.parse_args()
     sections = args.only or SECTIONS
-    if args.device == "cuda":
-        sections = [s for s in sections if s != "quality"]
+    runs = []  # (section, device)
+    if args.device in ("auto", "cpu"):
+        runs += [(name, "cpu") for name in sections]
+    if args.device == "cuda" or (args.device == "auto" and _cuda()):
+        runs += [(name, "cuda") for name in sections if name != "quality"]
     failed = []
     t_start = time.perf_counter()
-    for name in sections:
+    for name, device in runs:
         script = BENCH / f"{name}.py"
-        out = args.results / (f"{name}_gpu.json" if args.device == "cuda" else f"{name}.json")
+        out = args.results / (f"{name}_gpu.json" if device == "cuda" else f"{name}.json")
         cmd = [sys.executable, str(script), "--out", str(out)]
-        if args.device == "cuda":
+        if device == "cuda":
             cmd += ["--device", "cuda"]
         if args.quick:
             cmd.append("--quick")
+        name = f"{name}_gpu" if device == "cuda" else name
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
