@@ -97,3 +97,36 @@ def test_generate_with_the_decode_path_equals_joining(family, method, monkeypatc
     assert torch.equal(fast.sequences, slow.sequences)
     for a, b in zip(fast.scores, slow.scores, strict=True):
         assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_beam_search_with_the_decode_path_equals_joining(monkeypatch):
+    """Beam search expands each row's prefix over its beams and reorders the cache: the decode
+    path must give the same beams and scores."""
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("a", method_config("prefix"))
+    model.add_adapter("b", method_config("deep"))
+    perturb(model)
+    model.eval()
+    kw = dict(
+        input_ids=IDS,
+        attention_mask=MASK,
+        adapter_names=["a", "b", None],
+        max_new_tokens=5,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    calls = []
+    orig = _hf._decode_attention
+    monkeypatch.setattr(_hf, "_decode_attention", lambda *a: calls.append(1) or orig(*a))
+    fast = model.generate(**kw)
+    assert calls
+    monkeypatch.setattr(_hf, "_decode_ok", lambda *a: False)
+    slow = model.generate(**kw)
+    assert fast.sequences.shape[0] == 6
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert_close(fast.sequences_scores, slow.sequences_scores, atol=1e-4, rtol=1e-4)
