@@ -195,7 +195,7 @@ def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scalin
     batch, heads, _, hd = query.shape
     kvh = key.shape[1]
     g = heads // kvh
-    q = query.reshape(batch, kvh, g, hd)
+    q = query.reshape(batch, kvh, g, hd)  # (B, kvh, g, hd): head h = kv head h // g, as repeat_kv
     scale = scaling if scaling is not None else hd**-0.5
     s_p = torch.matmul(q, k_p.to(q.dtype).transpose(-1, -2))  # (B, kvh, g, P)
     s_c = torch.matmul(q, key.transpose(-1, -2))  # (B, kvh, g, T)
@@ -204,6 +204,7 @@ def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scalin
     scores[..., : k_p.shape[2]].masked_fill_(~valid[:, None, None, :], neg)
     if attention_mask is not None:
         m = attention_mask[..., 0, :]  # (B|1, 1|H, T)
+        # (B|1, kvh, g, T) per head, or (B|1, 1, 1, T) shared by the heads
         m = m.reshape(m.shape[0], kvh, g, -1) if m.shape[1] == heads else m[:, :, None, :]
         if m.dtype == torch.bool:
             scores[..., k_p.shape[2] :].masked_fill_(~m, neg)
@@ -212,7 +213,7 @@ def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scalin
     probs = scores.softmax(dim=-1).to(value.dtype)
     out = torch.matmul(probs[..., : k_p.shape[2]], v_p.to(value.dtype))
     out = out + torch.matmul(probs[..., k_p.shape[2] :], value)  # (B, kvh, g, hd)
-    return out.reshape(batch, heads, 1, hd).transpose(1, 2).contiguous()
+    return out.reshape(batch, heads, 1, hd).transpose(1, 2).contiguous()  # (B, 1, H, hd)
 
 
 def _softprompt_attention(base: str) -> Callable:
