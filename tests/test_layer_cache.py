@@ -127,3 +127,23 @@ def test_byte_limit_and_holes():
     got = lc.lookup(IDS, MASK)
     assert_close(got[MASK.bool()], hidden[MASK.bool()])
     assert (got[~MASK.bool()] == 0).all()
+
+
+def test_store_reuses_the_lookups_keys_unless_the_ids_were_written_to():
+    """A missed lookup's row keys serve the store that follows it; ids rewritten in place (a
+    reused buffer) are keyed afresh."""
+    lc = LayerCache(layer=1, max_bytes=1 << 20)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    hidden = torch.randn(2, 3, 4)
+    computed = []
+    orig = lc._keys
+    lc._keys = lambda *a: computed.append(1) or orig(*a)
+    assert lc.lookup(ids, None) is None
+    lc.store(ids, None, hidden)
+    assert len(computed) == 1
+    assert_close(lc.lookup(ids, None), hidden)
+    ids[0, 0] = 11  # the same tensor, new content
+    assert lc.lookup(ids, None) is None
+    assert len(computed) == 3
+    lc.store(ids, None, hidden * 2)  # row 1 is known already and keeps its first value
+    assert_close(lc.lookup(ids, None), torch.stack([hidden[0] * 2, hidden[1]]))

@@ -31,6 +31,7 @@ class LayerCache:
         self.hits = 0  # batches served from the cache
         self.misses = 0  # batches that ran the lower blocks
         self.full = False
+        self._last: tuple | None = None  # (ids, mask, their versions, keep, keys): last lookup
 
     @staticmethod
     def _keep(input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -49,13 +50,25 @@ class LayerCache:
     def _keys(self, input_ids: torch.Tensor, keep: torch.Tensor) -> list[tuple[int, ...]]:
         return [tuple(row[k].tolist()) for row, k in zip(input_ids.cpu(), keep.cpu(), strict=True)]
 
+    def _rows_of(self, input_ids, mask) -> tuple[torch.Tensor | None, list | None]:
+        """(keep, keys) of a batch; the ``store`` after a missed ``lookup`` of the same tensors
+        reuses the lookup's."""
+        stamp = (input_ids._version, None if mask is None else mask._version)
+        last = self._last
+        if last is not None and last[0] is input_ids and last[1] is mask and last[2] == stamp:
+            return last[3], last[4]  # same tensors, not written to since
+        keep = self._keep(input_ids, mask)
+        keys = None if keep is None else self._keys(input_ids, keep)
+        self._last = (input_ids, mask, stamp, keep, keys)
+        return keep, keys
+
     def lookup(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """(B, T, d) inputs of block ``layer`` if every row is cached (padding: zeros), else
         None."""
-        keep = self._keep(input_ids, mask)
+        keep, keys = self._rows_of(input_ids, mask)
         if keep is None:
             return None
-        found = [self.rows.get(k) for k in self._keys(input_ids, keep)]
+        found = [self.rows.get(k) for k in keys]
         if any(f is None for f in found):
             self.misses += 1
             return None
@@ -67,10 +80,11 @@ class LayerCache:
 
     def store(self, input_ids: torch.Tensor, mask: torch.Tensor | None, hidden: torch.Tensor):
         """Keep each row's real-token slice of ``hidden`` (B, T, d), while there is room."""
-        keep = self._keep(input_ids, mask)
+        keep, keys = self._rows_of(input_ids, mask)
+        self._last = None
         if keep is None or self.full:
             return
-        for b, key in enumerate(self._keys(input_ids, keep)):
+        for b, key in enumerate(keys):
             if key in self.rows:
                 continue
             h = hidden[b, keep[b]].detach().clone()
