@@ -193,7 +193,7 @@ def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scalin
         (B, 1, H, hd), as the attention functions return it.
     """
     batch, heads, _, hd = query.shape
-    kvh = key.shape[1]
+    kvh, plen = key.shape[1], k_p.shape[2]
     g = heads // kvh
     q = query.reshape(batch, kvh, g, hd)  # (B, kvh, g, hd): head h = kv head h // g, as repeat_kv
     scale = scaling if scaling is not None else hd**-0.5
@@ -201,18 +201,18 @@ def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scalin
     s_c = torch.matmul(q, key.transpose(-1, -2))  # (B, kvh, g, T)
     scores = torch.cat([s_p, s_c], dim=-1).float() * scale
     neg = torch.finfo(torch.float32).min
-    scores[..., : k_p.shape[2]].masked_fill_(~valid[:, None, None, :], neg)
+    scores[..., :plen].masked_fill_(~valid[:, None, None, :], neg)
     if attention_mask is not None:
         m = attention_mask[..., 0, :]  # (B|1, 1|H, T)
         # (B|1, kvh, g, T) per head, or (B|1, 1, 1, T) shared by the heads
         m = m.reshape(m.shape[0], kvh, g, -1) if m.shape[1] == heads else m[:, :, None, :]
         if m.dtype == torch.bool:
-            scores[..., k_p.shape[2] :].masked_fill_(~m, neg)
+            scores[..., plen:].masked_fill_(~m, neg)
         else:
-            scores[..., k_p.shape[2] :] += m.float()
+            scores[..., plen:] += m.float()
     probs = scores.softmax(dim=-1).to(value.dtype)
-    out = torch.matmul(probs[..., : k_p.shape[2]], v_p.to(value.dtype))
-    out = out + torch.matmul(probs[..., k_p.shape[2] :], value)  # (B, kvh, g, hd)
+    out = torch.matmul(probs[..., :plen], v_p.to(value.dtype))
+    out = out + torch.matmul(probs[..., plen:], value)  # (B, kvh, g, hd)
     return out.reshape(batch, heads, 1, hd).transpose(1, 2).contiguous()  # (B, 1, H, hd)
 
 

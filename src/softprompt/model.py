@@ -76,7 +76,7 @@ class PrefixState:
         self._memo: dict[tuple[int, int], tuple | None] = {}
         self._valids: dict[tuple, torch.Tensor] = {}
         self._indices: dict[tuple, torch.Tensor] = {}
-        self._bank = bank
+        self._tables = bank if bank is not None else {}  # (slot, device) -> stacked table
 
     def prefix_for(self, module, query, key, value):
         slot = self.info.module_slot.get(id(module))
@@ -100,12 +100,9 @@ class PrefixState:
             k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
             return k, v, self._valid(batch, (k.shape[2],), device)
         key = (slot, device)
-        if self._bank is not None and key in self._bank:
-            table = self._bank[key]
-        else:
-            table = self._table(slot, device)
-            if self._bank is not None:
-                self._bank[key] = table
+        if key not in self._tables:
+            self._tables[key] = self._table(slot, device)
+        table = self._tables[key]
         if table is None:
             return None
         ks, vs, lengths = table

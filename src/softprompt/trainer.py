@@ -44,9 +44,9 @@ from .tasks import Task, headline
 
 # AdamW learning rates that train without collapsing at small budgets (docs/benchmarks.md,
 # section 4: at the earlier 3e-2 / 3e-3 / 1e-4 one prompt-tuning, P-tuning and prefix seed in
-# three collapsed to one class). Input-level methods move virtual-token embeddings, so their rate is relative to the
-# embedding table's RMS: SmolLM2's 0.136 gives 1e-2 and 1e-3; T5's much larger embeddings get
-# rates near Lester et al.'s 0.3. Per-layer methods' rates are absolute.
+# three collapsed to one class). Input-level methods move virtual-token embeddings, so their
+# rate is relative to the embedding table's RMS: SmolLM2's 0.136 gives 1e-2 and 1e-3; T5's much
+# larger embeddings get rates near Lester et al.'s 0.3. Per-layer methods' rates are absolute.
 RELATIVE_LR = {"prompt": 0.075, "ptuning": 0.0075}
 DEFAULT_LR = {"deep": 5e-3, "prefix": 3e-5}
 
