@@ -15,6 +15,7 @@ any section, including ones added later (quality):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as _dt
 import gc
@@ -264,6 +265,30 @@ def make_peft(method: str, base=None, name: str = "default"):
     return peft.get_peft_model(
         base if base is not None else load_base(), peft_config(method), adapter_name=name
     )
+
+
+# ------------------------------------------------------------------------------ prompt sharing
+@contextlib.contextmanager
+def sharing(model, mode: str | None):
+    """Run with ``model.prompt_sharing = mode``, then restore it; ``mode=None`` changes nothing
+    (and takes any model, PEFT's or a bare one)."""
+    if mode is None:
+        yield
+        return
+    before = model.prompt_sharing
+    model.prompt_sharing = mode
+    try:
+        yield
+    finally:
+        model.prompt_sharing = before
+
+
+def auto_shares(model, batch: dict) -> bool:
+    """Does the default ("auto") run the active adapter's prepended virtual tokens as a shared
+    prefix in a training step (autograd on) on this batch?"""
+    ids = batch["input_ids"]
+    with torch.enable_grad():
+        return model._shared_ok(model._prompts([model.active] * len(ids)), ids, None, None, {})
 
 
 # ------------------------------------------------------------------------------ losses

@@ -77,11 +77,8 @@ def main() -> None:
         return lambda r: peft_models[method].generate(**p(r), **gen_kw)
 
     def sp_spliced(r):
-        spm.prompt_sharing = "never"
-        try:
+        with C.sharing(spm, "never"):
             return spm.generate(**p(r), adapter_names=["prompt"] * 8, **gen_kw)
-        finally:
-            spm.prompt_sharing = "auto"
 
     shared = spm.info.shares_prompt
     fns = {

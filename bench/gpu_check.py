@@ -22,6 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+import _common as C  # noqa: E402
 from conftest import method_config, perturb, tiny_model  # noqa: E402
 
 import softprompt as sp  # noqa: E402
@@ -101,15 +103,14 @@ def main() -> None:
     gpu.set_active("p")
     out = {}
     for mode in ("auto", "always"):
-        gpu.prompt_sharing = mode
         gpu.zero_grad()
-        logits = gpu(input_ids=ids, attention_mask=mask).logits
-        loss = (logits * mask[..., None]).square().mean()
-        loss.backward()
+        with C.sharing(gpu, mode):
+            logits = gpu(input_ids=ids, attention_mask=mask).logits
+            loss = (logits * mask[..., None]).square().mean()
+            loss.backward()
         out[mode] = (float(loss.detach()), gpu.adapters["p"].embedding.grad.detach().clone())
-    gpu.prompt_sharing = "auto"
-    auto_shares = gpu._shared_ok(gpu._prompts(["p"] * 3), ids, None, None, {})
-    check("auto splices under autograd here", auto_shares == (dev.type == "cpu"))
+    shares = C.auto_shares(gpu, {"input_ids": ids})
+    check("auto splices under autograd here", shares == (dev.type == "cpu"))
     dl = abs(out["auto"][0] - out["always"][0])
     dg = float((out["auto"][1] - out["always"][1]).abs().max())
     check("training: spliced == shared", dl < 1e-5 and dg < 1e-5, f"loss {dl:.1e}, grad {dg:.1e}")

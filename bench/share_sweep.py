@@ -45,20 +45,12 @@ def main() -> None:
     batches = {b: C.train_batches(tok, n_batches=2, batch=b) for b in sizes}
     C.resolve_sp_loss(model, batches[sizes[0]][0])
     opt = torch.optim.AdamW(model.parameters_to_train(), lr=1e-3)
-    auto = {}
-    for b in sizes:
-        with torch.enable_grad():
-            auto[b] = model._shared_ok(
-                model._prompts([model.active] * b), batches[b][0]["input_ids"], None, None, {}
-            )
+    auto = {b: C.auto_shares(model, batches[b][0]) for b in sizes}
 
     def step(b, mode):
         def f(r):
-            model.prompt_sharing = mode
-            try:
+            with C.sharing(model, mode):
                 C.train_step(model, opt, C.sp_loss, batches[b][r % 2])
-            finally:
-                model.prompt_sharing = "auto"
 
         return f
 

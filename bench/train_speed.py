@@ -151,24 +151,16 @@ def time_method(method: str, bare, batches: list[dict], repeats: int, warmup: in
     def step(model, opt, loss_fn):
         return lambda r: C.train_step(model, opt, loss_fn, batch(r))
 
-    def nograd(model, loss_fn, sharing=None):
+    def nograd(model, loss_fn, mode=None):
         def f(r):
-            if sharing:
-                model.prompt_sharing = sharing
-            try:
-                with torch.no_grad():
-                    loss_fn(model, batch(r))
-            finally:
-                if sharing:
-                    model.prompt_sharing = "auto"
+            with C.sharing(model, mode), torch.no_grad():
+                loss_fn(model, batch(r))
 
         return f
 
     # the no-grad forward runs the virtual tokens the way the training step does ("auto" may
     # share them without autograd but splice them under it, e.g. on a GPU)
-    step_shares = spm.info.shares_prompt and spm._shared_ok(
-        spm._prompts([spm.active] * 8), batches[0]["input_ids"], None, None, {}
-    )
+    step_shares = C.auto_shares(spm, batches[0])
     fwd_sharing = ("always" if step_shares else "never") if spm.info.shares_prompt else None
     fns = {
         "sp_step": step(spm, sp_opt, C.sp_loss),
@@ -185,11 +177,8 @@ def time_method(method: str, bare, batches: list[dict], repeats: int, warmup: in
 
         def sharing_step(mode):
             def f(r):
-                spm.prompt_sharing = mode
-                try:
+                with C.sharing(spm, mode):
                     return C.train_step(spm, sp_opt, C.sp_loss, batch(r))
-                finally:
-                    spm.prompt_sharing = "auto"
 
             return f
 
@@ -235,10 +224,7 @@ def time_method(method: str, bare, batches: list[dict], repeats: int, warmup: in
         row["shared_prompt_speedup_range"] = C.ratio_range(t["sp_step_splice"], t["sp_step_shared"])
         row["throughput_ratio_splice"] = C.paired_ratio(t["peft_step"], t["sp_step_splice"])
         row["throughput_ratio_shared"] = C.paired_ratio(t["peft_step"], t["sp_step_shared"])
-        # which of the two the default ("auto") takes for a training step (autograd on)
-        row["auto_shares"] = spm._shared_ok(
-            spm._prompts([spm.active] * 8), batches[0]["input_ids"], None, None, {}
-        )
+        row["auto_shares"] = step_shares  # which of the two the default takes in training
     if lm:
         row["throughput_ratio_full_loss"] = C.paired_ratio(t["peft_step"], t["sp_step_full"])
         row["throughput_ratio_full_loss_range"] = C.ratio_range(t["peft_step"], t["sp_step_full"])
