@@ -63,6 +63,32 @@ def test_decode_attention_equals_joining_prefix_and_cache(mask_kind):
     assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _with_and_without_decode_path(model, monkeypatch, **kw):
+    """``generate(**kw)`` twice: with the decode path (asserting it was taken), then with the
+    prefix joined to the cache at every step (asserting the decode path was not taken)."""
+    kw = dict(
+        input_ids=IDS,
+        attention_mask=MASK,
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+    calls = []
+    orig = _hf._decode_attention
+    monkeypatch.setattr(_hf, "_decode_attention", lambda *a: calls.append(1) or orig(*a))
+    fast = model.generate(**kw)
+    assert calls, "the decode path was not taken"
+    n = len(calls)
+    monkeypatch.setattr(_hf, "_decode_ok", lambda *a: False)
+    slow = model.generate(**kw)
+    assert len(calls) == n
+    return fast, slow
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "bart"])
 @pytest.mark.parametrize("method", ["prefix", "deep"])
 def test_generate_with_the_decode_path_equals_joining(family, method, monkeypatch):
@@ -72,28 +98,8 @@ def test_generate_with_the_decode_path_equals_joining(family, method, monkeypatc
     model.add_adapter("a", method_config(method))
     perturb(model)
     model.eval()
-    kw = dict(
-        input_ids=IDS,
-        attention_mask=MASK,
-        adapter_names=["a", None, "a"],
-        max_new_tokens=5,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    if family == "bart":
-        kw.pop("adapter_names")
-    calls = []
-    orig = _hf._decode_attention
-    monkeypatch.setattr(_hf, "_decode_attention", lambda *a: calls.append(1) or orig(*a))
-    fast = model.generate(**kw)
-    assert calls, "the decode path was not taken"
-    monkeypatch.setattr(_hf, "_decode_ok", lambda *a: False)
-    n = len(calls)
-    slow = model.generate(**kw)
-    assert len(calls) == n
+    rows = {} if family == "bart" else {"adapter_names": ["a", None, "a"]}
+    fast, slow = _with_and_without_decode_path(model, monkeypatch, **rows)
     assert torch.equal(fast.sequences, slow.sequences)
     for a, b in zip(fast.scores, slow.scores, strict=True):
         assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -107,26 +113,9 @@ def test_beam_search_with_the_decode_path_equals_joining(monkeypatch):
     model.add_adapter("b", method_config("deep"))
     perturb(model)
     model.eval()
-    kw = dict(
-        input_ids=IDS,
-        attention_mask=MASK,
-        adapter_names=["a", "b", None],
-        max_new_tokens=5,
-        num_beams=3,
-        num_return_sequences=2,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-        output_scores=True,
-        return_dict_in_generate=True,
+    fast, slow = _with_and_without_decode_path(
+        model, monkeypatch, adapter_names=["a", "b", None], num_beams=3, num_return_sequences=2
     )
-    calls = []
-    orig = _hf._decode_attention
-    monkeypatch.setattr(_hf, "_decode_attention", lambda *a: calls.append(1) or orig(*a))
-    fast = model.generate(**kw)
-    assert calls
-    monkeypatch.setattr(_hf, "_decode_ok", lambda *a: False)
-    slow = model.generate(**kw)
     assert fast.sequences.shape[0] == 6
     assert torch.equal(fast.sequences, slow.sequences)
     assert_close(fast.sequences_scores, slow.sequences_scores, atol=1e-4, rtol=1e-4)
