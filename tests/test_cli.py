@@ -423,62 +423,6 @@ def test_resume_after_kill_ends_with_the_same_adapter(tmp_path, tiny_folders, cl
     assert steps == sorted(steps) and steps[-1] == 16
 
 
-def test_two_processes_reach_the_single_process_adapter(tmp_path, tiny_folders, cls_data):
-    common = [
-        "--model",
-        tiny_folders["llama"],
-        "--method",
-        "deep",
-        "--train",
-        cls_data / "train.jsonl",
-        "--max-steps",
-        4,
-        "--batch-size",
-        4,
-        "--eval-every",
-        100,
-        "--num-virtual-tokens",
-        3,
-        "--no-progress",
-    ]
-    one = _cli("train", *common, "--output", tmp_path / "one")
-    assert one.wait(timeout=600) == 0, one.stderr.read()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "2",
-            "--cpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "softprompt.cli",
-            "train",
-            *map(str, common),
-            "--output",
-            str(tmp_path / "two"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors")["prefix"]
-    b = load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")["prefix"]
-    assert not torch.equal(
-        a, load_file(tmp_path / "one" / "checkpoint" / "trainable.safetensors")["prefix"] * 0
-    )
-    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["prompt", "prefix", "deep", "ptuning"])
 def test_every_method_trains_from_the_cli_on_smollm2(tmp_path, capsys, cls_data, method):

@@ -132,7 +132,10 @@ def cmd_train(args) -> dict:
     for flag in ("train", "output"):
         if not getattr(args, flag):
             raise SoftPromptError(f"train needs --{flag} (on the command line or in --config)")
+    from .distributed import check_world_size
+
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    check_world_size(acc.num_processes)
     main = acc.is_main_process
     log = print if main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
@@ -193,6 +196,8 @@ def cmd_train(args) -> dict:
         "task": args.task,
         "train_rows": len(train_rows),
         "template": text,
+        "world_size": acc.num_processes,
+        "distributed_type": str(acc.distributed_type).split(".")[-1],
     }
     trainer = Trainer(model, task, train_rows, eval_rows, _train_args(args), acc, log=log)
     if test_rows and not spec.head and not args.resume:
@@ -250,6 +255,7 @@ def _train_args(args):
         eval_batch_size=args.eval_batch_size,
         eval_limit=args.eval_limit,
         progress=not args.no_progress,
+        log_rows=args.log_rows,
     )
 
 
@@ -532,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from output/checkpoint")
     t.add_argument("--skip-bad", action="store_true", help="report and skip bad data rows")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument(
+        "--log-rows",
+        action="store_true",
+        help="each process writes the training rows it ran to OUTPUT/rows.rank<R>.jsonl",
+    )
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser(

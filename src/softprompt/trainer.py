@@ -3,7 +3,8 @@
 Only the active adapter's parameters train; the base model stays frozen and in eval mode. The loop
 never looks at the method: it asks the task for a loss and the model for its trainable parameters.
 
-* Data parallel: ``accelerate launch --num_processes N`` (gloo on CPU). Every process walks the
+* Data parallel: ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun
+  --nproc_per_node N`` (gloo on CPU; see ``softprompt.distributed``). Every process walks the
   same seeded sequence of global batches and takes its slice; gradients are summed across
   processes, each slice's loss weighted by its share of the global batch, so N processes reach
   the single-process adapter up to float summation order.
@@ -85,6 +86,7 @@ class TrainArgs:
     progress: bool = True
     group_by_length: bool = False
     lower_layer_cache_mb: int = 1024
+    log_rows: bool = False  # each process writes the rows it trained on to rows.rank<R>.jsonl
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_every", "log_every", "eval_batch_size"):
@@ -258,6 +260,17 @@ class Trainer:
             log.write_text("".join(k + "\n" for k in keep))
         self.log(f"resumed from {ck} at step {self.step}")
 
+    def _log_rows(self, rows: list[int]) -> None:
+        """Record which training rows this process ran at this step (``--log-rows``)."""
+        record = {
+            "step": self.step + 1,
+            "rank": self.acc.process_index,
+            "world_size": self.acc.num_processes,
+            "rows": [self.items[i]["source"] for i in rows],
+        }
+        with open(self.out / f"rows.rank{self.acc.process_index}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def _write_log(self, record: dict) -> None:
         if self.acc.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
@@ -281,6 +294,14 @@ class Trainer:
             self._resume()
         elif acc.is_main_process and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()
+        rows_log = self.out / f"rows.rank{acc.process_index}.jsonl"
+        if rows_log.exists():  # keep what the checkpoint covers, as for metrics.jsonl
+            keep = [
+                ln
+                for ln in rows_log.read_text().splitlines()
+                if args.resume and ln and json.loads(ln)["step"] <= self.step
+            ]
+            rows_log.write_text("".join(k + "\n" for k in keep))
         _, _, line = model.trainable_parameters()
         self.log(f"{line}; {len(self.items)} training rows, {self.total} steps, lr {self.lr:g}")
         model.train()
@@ -317,6 +338,8 @@ class Trainer:
                     mine = self._my_slice(rows)
                     if not mine:
                         continue
+                    if args.log_rows:
+                        self._log_rows(mine)
                     weight = len(mine) / len(rows) / len(group)
                     loss = self.task.loss([self.items[i] for i in mine])
                     acc.backward(loss * weight)

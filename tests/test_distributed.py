@@ -1,0 +1,157 @@
+"""Data-parallel training really runs N processes, each on its own rows (softprompt.distributed).
+
+The adapter of a two-process run equals the one-process adapter either way, so that alone cannot
+tell whether a second process existed: each test also reads the world size the run recorded and
+the rows each rank wrote (``--log-rows``), and ``assert_ran_on`` is shown to fail on a one-process
+run, which is what a launcher that silently falls back produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softprompt.distributed import launcher_request
+
+STEPS, BATCH = 4, 4
+POS = ["a wonderful, moving film", "brilliant and funny", "a joy to watch", "great acting"]
+NEG = ["a dull, tedious mess", "boring and far too long", "awful script", "a waste of time"]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("dp")
+    rows = [{"text": t, "label": "positive"} for t in POS] + [
+        {"text": t, "label": "negative"} for t in NEG
+    ]
+    path = d / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _train_argv(model: str, train: Path, out: Path) -> list[str]:
+    return [
+        "-m",
+        "softprompt.cli",
+        "train",
+        "--model",
+        model,
+        "--method",
+        "deep",
+        "--train",
+        str(train),
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        str(BATCH),
+        "--eval-every",
+        "100",
+        "--num-virtual-tokens",
+        "3",
+        "--no-progress",
+        "--log-rows",
+        "--output",
+        str(out),
+    ]
+
+
+def _run(prefix: list[str], argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [*prefix, *argv], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+ACCELERATE_FLAGS = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCHERS = {
+    "accelerate": [*ACCELERATE, "--multi_gpu", "--num_processes", "2", *ACCELERATE_FLAGS],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+}
+
+
+def _rows(out: Path, rank: int) -> dict[int, list[str]]:
+    path = out / f"rows.rank{rank}.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return {r["step"]: r["rows"] for r in recs if r["rank"] == rank}
+
+
+def assert_ran_on(out: Path, n: int, reference: Path) -> None:
+    """The run in ``out`` had ``n`` processes and each trained on its own slice of every global
+    batch of the one-process ``reference`` run."""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == n, summary
+    ref = _rows(reference, 0)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    per_rank = [_rows(out, r) for r in range(n)]
+    for rank, rows in enumerate(per_rank):
+        assert sorted(rows) == sorted(ref), f"rank {rank} ran steps {sorted(rows)}"
+        for step, got in rows.items():
+            assert got == ref[step][rank::n], (rank, step)  # its own slice, nobody else's
+    for step in ref:
+        union = [x for rows in per_rank for x in rows[step]]
+        assert sorted(union) == sorted(ref[step]) and len(set(union)) == len(union)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_folders, train_file) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    res = _run([sys.executable], _train_argv(tiny_folders["llama"], train_file, out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_each_train_their_rows_and_reach_the_one_process_adapter(
+    tmp_path, tiny_folders, train_file, one_process, launcher
+):
+    out = tmp_path / "two"
+    argv = _train_argv(tiny_folders["llama"], train_file, out)
+    res = _run(LAUNCHERS[launcher], argv)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_ran_on(out, 2, one_process)
+    a = load_file(one_process / "adapter" / "adapter.safetensors")["prefix"]
+    b = load_file(out / "adapter" / "adapter.safetensors")["prefix"]
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_the_assertions_fail_on_a_one_process_run(one_process):
+    """What a silent fallback to one process leaves behind does not pass ``assert_ran_on``."""
+    with pytest.raises(AssertionError):
+        assert_ran_on(one_process, 2, one_process)
+
+
+def test_accelerate_without_multi_gpu_fails_loudly(tmp_path, tiny_folders, train_file):
+    """accelerate's simple launcher starts one process whatever --num_processes says: the run
+    stops with an error naming the command that works, and trains nothing."""
+    out = tmp_path / "fallback"
+    argv = _train_argv(tiny_folders["llama"], train_file, out)
+    res = _run([*ACCELERATE, "--cpu", "--num_processes", "2", *ACCELERATE_FLAGS], argv)
+    assert res.returncode != 0
+    assert "asked for 2 processes but this run has 1" in res.stderr
+    assert "--multi_gpu" in res.stderr and "torchrun" in res.stderr
+    assert not (out / "adapter").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["/x/bin/python", "/x/bin/accelerate", "launch", "--num_processes", "2", "-m", "a"], 2),
+        (["python", "-m", "accelerate.commands.launch", "--num_processes=3", "t.py"], 3),
+        (["accelerate", "launch", "--cpu", "t.py"], None),
+        (["/usr/bin/torchrun", "--nproc_per_node", "4", "t.py"], 4),
+        (["python", "-m", "torch.distributed.run", "--nproc-per-node=2", "t.py"], 2),
+        (["bash", "-c", "softprompt train --num_processes 2"], None),
+        (["python", "-m", "pytest", "--num_processes", "2"], None),
+    ],
+)
+def test_launcher_request_reads_the_count_a_launcher_was_asked_for(argv, expected):
+    assert launcher_request(argv) == expected
