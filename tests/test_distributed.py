@@ -155,3 +155,73 @@ def test_accelerate_without_multi_gpu_fails_loudly(tmp_path, tiny_folders, train
 )
 def test_launcher_request_reads_the_count_a_launcher_was_asked_for(argv, expected):
     assert launcher_request(argv) == expected
+
+
+# ------------------------------------------------------------------------------ sharded base
+
+
+@pytest.mark.parametrize("method", ["deep", "prompt"])
+def test_fsdp_shards_the_base_and_reaches_the_one_process_adapter(
+    tmp_path, tiny_folders, train_file, method
+):
+    """``train --fsdp`` under a two-process launch (accelerate's own ``--use_fsdp`` launcher
+    needs a GPU; on one it sets what ``--fsdp`` sets): each process holds about half of the
+    frozen blocks' weights, evaluation on an odd number of dev rows runs in step on both, and the adapter (the
+    only thing replicated and saved) equals the one-process adapter."""
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(train_file.read_text().splitlines(keepends=True)[:7]))
+
+    def argv(out: Path) -> list[str]:
+        a = _train_argv(tiny_folders["llama"], train_file, out)
+        a[a.index("deep")] = method
+        return [*a, "--eval", str(dev), "--eval-every", "2"]
+
+    one = _run([sys.executable], argv(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    res = _run(LAUNCHERS["accelerate"], [*argv(tmp_path / "two"), "--fsdp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_ran_on(tmp_path / "two", 2, tmp_path / "one")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["fsdp"] is True
+    # each process keeps half of the blocks' weights (the tiny model's 49k-word embedding and
+    # head, kept whole, are most of its size)
+    from transformers import AutoModelForCausalLM
+
+    blocks = AutoModelForCausalLM.from_pretrained(tiny_folders["llama"]).model.layers
+    in_blocks = sum(p.numel() for p in blocks.parameters())
+    dropped = summary["base_parameters"] - summary["base_local_parameters"]
+    assert abs(dropped - in_blocks / 2) <= 0.02 * in_blocks, (dropped, in_blocks)
+    single = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert single["fsdp"] is False
+    assert single["base_local_parameters"] == single["base_parameters"]
+    key = "prefix" if method == "deep" else "prompt"
+    a = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors")[key]
+    b = load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")[key]
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    evals = [
+        json.loads(x)["eval"]
+        for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+        if "eval" in json.loads(x)
+    ]
+    ref = [
+        json.loads(x)["eval"]
+        for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+        if "eval" in json.loads(x)
+    ]
+    assert [e["accuracy"] for e in evals] == [e["accuracy"] for e in ref] and len(ref) == 2
+
+
+def test_fsdp_without_processes_is_a_clear_error(tmp_path, tiny_folders, train_file):
+    res = _run(
+        [sys.executable], [*_train_argv(tiny_folders["llama"], train_file, tmp_path), "--fsdp"]
+    )
+    assert res.returncode == 2 and "launch with several" in res.stderr
+
+
+def test_fsdp_on_an_encoder_decoder_is_a_clear_error(tmp_path, tiny_folders, train_file):
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"input": f"say {w}", "target": w}) + "\n" for w in "abcd"))
+    argv = [*_train_argv(tiny_folders["t5"], gen, tmp_path / "t5"), "--fsdp"]
+    res = _run(LAUNCHERS["torchrun"], [*argv, "--task", "generate"])
+    assert res.returncode != 0
+    assert "shards the decoder blocks of decoder-only LMs" in res.stderr

@@ -209,6 +209,9 @@ def cmd_train(args) -> dict:
         log(f"zero-shot {name} on {args.test}: {value:.4f}")
     result = trainer.train()
     summary["train"] = result
+    summary["fsdp"] = trainer.args.fsdp
+    summary["base_parameters"] = sum(p.numel() for p in base.parameters())
+    summary["base_local_parameters"] = trainer.base_local_parameters or summary["base_parameters"]
     best_dir = out / "adapter"
     model.delete_adapter(args.name)
     sp.load_adapter(model, best_dir, name=args.name)
@@ -235,6 +238,7 @@ def cmd_train(args) -> dict:
 
 
 def _train_args(args):
+    from .distributed import fsdp_requested
     from .trainer import TrainArgs
 
     return TrainArgs(
@@ -256,6 +260,7 @@ def _train_args(args):
         eval_limit=args.eval_limit,
         progress=not args.no_progress,
         log_rows=args.log_rows,
+        fsdp=fsdp_requested(args.fsdp),
     )
 
 
@@ -542,6 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-rows",
         action="store_true",
         help="each process writes the training rows it ran to OUTPUT/rows.rank<R>.jsonl",
+    )
+    t.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the frozen base's decoder blocks across the processes (FSDP2); implied by "
+        "`accelerate launch --use_fsdp`",
     )
     t.set_defaults(func=cmd_train)
 

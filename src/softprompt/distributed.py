@@ -83,3 +83,72 @@ def check_world_size(got: int) -> None:
             f"...` (on a CPU machine it starts {asked} gloo processes) or `torchrun "
             f"--nproc_per_node {asked} -m softprompt.cli train ...`"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# A frozen base sharded across the processes (FSDP2), the adapter replicated.
+# --------------------------------------------------------------------------------------------
+
+
+def fsdp_requested(flag: bool = False) -> bool:
+    """``--fsdp``, or an ``accelerate launch --use_fsdp`` / FSDP config (``ACCELERATE_USE_FSDP``)."""
+    return flag or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def shard_frozen_base(model) -> int:
+    """Shard every decoder block of ``model``'s frozen base across the processes.
+
+    Each block becomes an FSDP2 unit (``torch.distributed.fsdp.fully_shard`` over a 1-D mesh of
+    all processes): a process keeps 1/N of each block's weights and gathers a block's weights
+    only while that block runs, forward and backward. The adapter is not sharded: every process
+    holds it whole, its gradients are summed across processes as in data parallel, and the main
+    process saves it. The input embeddings, final norm and LM head stay whole as well: they run
+    outside the blocks (virtual tokens are spliced into the embeddings, the head runs only on
+    supervised positions), and on the models this is for they are a small part of the weights.
+
+    Every process must then run the same sequence of forwards and backwards (each block's
+    all-gather is a collective): the trainer gives a process with no rows in a micro-batch a
+    zero-weight row, evaluates equal numbers of rows per process and decodes with
+    ``synced_gpus``, and turns the lower-layer cache off. Prepended virtual tokens are spliced
+    (``prompt_sharing = "never"``).
+
+    Args:
+        model: a ``SoftPromptModel`` on a decoder-only LM, in a process group of N >= 2.
+
+    Returns:
+        The number of base-model parameters this process holds.
+
+    Raises:
+        SoftPromptError: not launched with several processes, or a base whose blocks softprompt
+            cannot find (encoder-decoder and encoder models).
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from . import _hf
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        raise SoftPromptError(
+            "--fsdp shards the base model across processes: launch with several, e.g. "
+            "`accelerate launch --multi_gpu --num_processes 2 -m softprompt.cli train --fsdp ...` "
+            "(or `accelerate launch --use_fsdp ...` on GPUs)"
+        )
+    layers = _hf.decoder_layers(model.base_model)
+    if layers is None:
+        raise SoftPromptError(
+            f"--fsdp shards the decoder blocks of decoder-only LMs; "
+            f"{type(model.base_model).__name__} has none softprompt can find: train it without "
+            "--fsdp (data parallel keeps a whole copy per process)"
+        )
+    mesh = init_device_mesh(model.device.type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    # The shared prompt prefix reads the virtual tokens' keys and values from inside the blocks,
+    # not from a block's output, so FSDP's pre-backward hooks (on block outputs) would not
+    # gather the weights again for its backward: splice the virtual tokens instead.
+    model.prompt_sharing = "never"
+    return sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel()
+        for p in model.base_model.parameters()
+    )

@@ -157,9 +157,10 @@ class Task:
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
     def predict(
-        self, examples: Sequence[Example], batch_size: int = 16, progress=None
+        self, examples: Sequence[Example], batch_size: int = 16, progress=None, **gen
     ) -> list[dict]:
-        """Predictions for rows: classify -> label + scores; generate -> text."""
+        """Predictions for rows: classify -> label + scores; generate -> text (``gen``: extra
+        ``generate`` arguments)."""
         out: list[dict] = []
         items = [self.prompt_ids(ex.fields) for ex in examples]
         order = sorted(range(len(items)), key=lambda i: len(items[i]))  # length buckets
@@ -178,7 +179,7 @@ class Task:
                         },
                     }
             else:
-                for i, text in zip(idx, self.generate_ids(prompts), strict=True):
+                for i, text in zip(idx, self.generate_ids(prompts, **gen), strict=True):
                     results[i] = {"prediction": text}
             if progress is not None:
                 progress(len(idx))

@@ -87,6 +87,7 @@ class TrainArgs:
     group_by_length: bool = False
     lower_layer_cache_mb: int = 1024
     log_rows: bool = False  # each process writes the rows it trained on to rows.rank<R>.jsonl
+    fsdp: bool = False  # shard the frozen base's blocks across the processes (distributed.py)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_every", "log_every", "eval_batch_size"):
@@ -167,6 +168,11 @@ class Trainer:
         method = model.adapters[model.active].config.method
         self.lr = args.lr if args.lr is not None else default_lr(model.base_model, method)
         self.params = model.parameters_to_train()
+        self.base_local_parameters = None
+        if args.fsdp:
+            from .distributed import shard_frozen_base
+
+            self.base_local_parameters = shard_frozen_base(model)
         if not self.params:
             raise SoftPromptError(f"adapter {model.active!r} has nothing to train (is it baked?)")
         n_batches = math.ceil(len(self.items) / args.batch_size)
@@ -279,8 +285,16 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, examples: Sequence[Example]) -> tuple[dict, list[dict]]:
         """Metrics and predictions on ``examples``, sharded across processes."""
-        mine = list(range(self.acc.process_index, len(examples), self.acc.num_processes))
-        preds = self.task.predict([examples[i] for i in mine], self.args.eval_batch_size)
+        n, rank = self.acc.num_processes, self.acc.process_index
+        mine = list(range(rank, len(examples), n))
+        gen = {}
+        if self.args.fsdp:  # every process runs as many batches and decoding steps as the others
+            have = len(mine)
+            mine += [mine[0] if mine else 0] * (math.ceil(len(examples) / n) - have)
+            gen["synced_gpus"] = True
+        preds = self.task.predict([examples[i] for i in mine], self.args.eval_batch_size, **gen)
+        if self.args.fsdp:
+            mine, preds = mine[:have], preds[:have]
         if self.acc.num_processes > 1:
             pairs = gather_object(list(zip(mine, preds, strict=True)))
             preds = [p for _, p in sorted(pairs, key=lambda x: x[0])]
@@ -305,7 +319,7 @@ class Trainer:
         _, _, line = model.trainable_parameters()
         self.log(f"{line}; {len(self.items)} training rows, {self.total} steps, lr {self.lr:g}")
         model.train()
-        lc = model.cache_lower_layers(args.lower_layer_cache_mb << 20)
+        lc = model.cache_lower_layers(0 if args.fsdp else args.lower_layer_cache_mb << 20)
         if lc is not None:
             self.log(f"caching the frozen blocks below block {lc.layer} after the first epoch")
         try:
@@ -336,11 +350,13 @@ class Trainer:
                     group = batches  # fewer batches than one accumulation step
                 for rows in group:
                     mine = self._my_slice(rows)
-                    if not mine:
+                    if not mine and not args.fsdp:
                         continue
-                    if args.log_rows:
+                    if args.log_rows and mine:
                         self._log_rows(mine)
                     weight = len(mine) / len(rows) / len(group)
+                    if not mine:  # sharded blocks gather collectively: run a row, weighted 0
+                        mine = rows[:1]
                     loss = self.task.loss([self.items[i] for i in mine])
                     acc.backward(loss * weight)
                     loss_sum += loss.item() * weight
