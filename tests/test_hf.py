@@ -81,15 +81,19 @@ def _with_and_without_decode_path(model, monkeypatch, **kw):
     orig = _hf._decode_attention
     monkeypatch.setattr(_hf, "_decode_attention", lambda *a: calls.append(1) or orig(*a))
     fast = model.generate(**kw)
-    assert calls, "the decode path was not taken"
+    # every decoding step, at every slot that has a prefix and runs at decode time: the prefill
+    # of a decoder-only LM is the first new token; an encoder-decoder decodes all of them
+    steps = kw["max_new_tokens"] - (0 if model.info.is_encoder_decoder else 1)
+    slots = sum(s.kind != "encoder" for s in model.info.slots)
     n = len(calls)
+    assert n == steps * slots, f"the decode path ran {n} times, not {steps} x {slots}"
     monkeypatch.setattr(_hf, "_decode_ok", lambda *a: False)
     slow = model.generate(**kw)
     assert len(calls) == n
     return fast, slow
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "bart"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "bart", "t5"])
 @pytest.mark.parametrize("method", ["prefix", "deep"])
 def test_generate_with_the_decode_path_equals_joining(family, method, monkeypatch):
     """Mixed rows (prefix, none), left padding: the same greedy tokens and step scores with the
@@ -98,7 +102,7 @@ def test_generate_with_the_decode_path_equals_joining(family, method, monkeypatc
     model.add_adapter("a", method_config(method))
     perturb(model)
     model.eval()
-    rows = {} if family == "bart" else {"adapter_names": ["a", None, "a"]}
+    rows = {} if family in ("bart", "t5") else {"adapter_names": ["a", None, "a"]}
     fast, slow = _with_and_without_decode_path(model, monkeypatch, **rows)
     assert torch.equal(fast.sequences, slow.sequences)
     for a, b in zip(fast.scores, slow.scores, strict=True):
@@ -119,3 +123,42 @@ def test_beam_search_with_the_decode_path_equals_joining(monkeypatch):
     assert fast.sequences.shape[0] == 6
     assert torch.equal(fast.sequences, slow.sequences)
     assert_close(fast.sequences_scores, slow.sequences_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_attention_adds_t5s_position_bias_to_the_cache_only():
+    """T5 hands its relative position bias (1, H, 1, T) to the attention function: it applies to
+    the cache's keys, the prefix keys get none (as the joining path pads it with zeros)."""
+    gen = torch.Generator().manual_seed(1)
+    batch, heads, kvh, t, plen, hd = 2, 4, 4, 5, 3, 8
+    query = torch.randn(batch, heads, 1, hd, generator=gen)
+    key, value = (torch.randn(batch, kvh, t, hd, generator=gen) for _ in range(2))
+    k_p, v_p = (torch.randn(batch, kvh, plen, hd, generator=gen) for _ in range(2))
+    valid = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
+    bias = torch.randn(1, heads, 1, t, generator=gen)
+    with torch.no_grad():
+        got = _hf._decode_attention(query, key, value, None, k_p, v_p, valid, 1.0, bias)
+        want = _reference(query, key, value, bias.expand(batch, -1, -1, -1), k_p, v_p, valid, 1.0)
+        plain = _hf._decode_attention(query, key, value, None, k_p, v_p, valid, 1.0)
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the bias mattered
+
+
+@pytest.mark.parametrize(
+    "family, masks", [("llama", 1), ("qwen3", 1), ("gpt2", 1), ("bert", 1), ("bart", 3), ("t5", 3)]
+)
+def test_the_extended_mask_is_built_once_per_kind_of_attention_per_forward(
+    family, masks, monkeypatch
+):
+    """Every layer of a forward shares its mask: the prefix columns are added once per kind of
+    attention (self; or encoder, decoder and cross), not once per layer."""
+    from conftest import inputs_for
+
+    model = sp.attach(tiny_model(family))
+    model.add_adapter("a", method_config("deep"))
+    model.eval()
+    calls = []
+    orig = _hf._extend_mask
+    monkeypatch.setattr(_hf, "_extend_mask", lambda *a: calls.append(1) or orig(*a))
+    with torch.no_grad():
+        model(**inputs_for(family, IDS, MASK))
+    assert len(calls) == masks

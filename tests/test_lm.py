@@ -25,7 +25,13 @@ def test_lm_loss_equals_full_head_loss(method):
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :-2] = -100  # answer-only supervision
     ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    head_inputs = []
+    hook = model.base_model.lm_head.register_forward_hook(
+        lambda m, args, out: head_inputs.append(tuple(args[0].shape))
+    )
     got = lm_loss(model, ids, mask, labels)
+    hook.remove()
+    assert head_inputs == [(2 * 2, 32)]  # 2 rows x 2 supervised targets, not (B, T, d)
     assert_close(got, ref, atol=1e-5, rtol=1e-5)
     # gradients agree too
     g1 = torch.autograd.grad(ref, model.parameters_to_train())
@@ -38,9 +44,18 @@ def test_lm_loss_equals_full_head_loss(method):
 def test_answer_logprobs_match_manual_scoring(method):
     model = _model(method)
     prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    head_inputs = []
+    hook = model.base_model.lm_head.register_forward_hook(
+        lambda m, args, out: head_inputs.append(tuple(args[0].shape))
+    )
     with torch.no_grad():
         single = answer_logprobs(model, prompts, [[20], [21], [22]])
         multi = answer_logprobs(model, prompts, [[20, 30], [21]])
+    hook.remove()
+    # one-token answers: the head reads each prompt's last position only; multi-token: only
+    # the answer tokens' positions (2 prompts x (2 + 1) answer tokens)
+    assert head_inputs == [(2, 32), (6, 32)]
+    with torch.no_grad():
         for b, p in enumerate(prompts):
             logits = model(input_ids=torch.tensor([p + [20, 30]])).logits[0].log_softmax(-1)
             n = len(p)

@@ -16,6 +16,7 @@ from conftest import (
     perturb,
     tiny_model,
 )
+from torch import nn
 from torch.testing import assert_close
 from transformers import DynamicCache
 
@@ -267,16 +268,31 @@ def _flat_grad(model, kw):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "bart", "bert"])
 def test_gradient_checkpointing_gives_the_same_gradients(family, method):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     grads = []
     for ckpt in (False, True):
         model = attached(family, method)
         if ckpt:
             model.gradient_checkpointing_enable()
         model.train()
+        # a layer's submodules run again in backward exactly when the layer is recomputed
+        layers = [
+            m for m in model.base_model.modules() if isinstance(m, GradientCheckpointingLayer)
+        ]
+        runs = []
+        for layer in layers:
+            inner = next(
+                m for m in layer.modules() if m is not layer and not isinstance(m, nn.ModuleList)
+            )
+            inner.register_forward_pre_hook(lambda *a, runs=runs: runs.append(1))
         kw = inputs_for(family, IDS, MASK)
         out = model(**kw)
         t = out_tensor(family, out)
+        in_forward = len(runs)
         (t * torch.linspace(-1, 1, t.shape[-1])).sum().backward()
+        assert in_forward >= len(layers)
+        assert len(runs) - in_forward == (in_forward if ckpt else 0)  # each layer call recomputed
         grads.append([p.grad.clone() for p in model.parameters_to_train()])
     for a, b in zip(*grads, strict=True):
         assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -420,6 +436,11 @@ def test_continue_generation_from_returned_cache(method):
             pad_token_id=0,
             return_dict_in_generate=True,
         )
+        seen = []  # query lengths entering block 0: the continuation must read only new tokens
+        hook = model.base_model.model.layers[0].register_forward_pre_hook(
+            lambda m, args, kw: seen.append((args[0] if args else kw["hidden_states"]).shape[1]),
+            with_kwargs=True,
+        )
         more = model.generate(
             input_ids=first.sequences,
             past_key_values=first.past_key_values,
@@ -427,7 +448,9 @@ def test_continue_generation_from_returned_cache(method):
             do_sample=False,
             pad_token_id=0,
         )
+        hook.remove()
     assert torch.equal(more, full)
+    assert seen == [1, 1, 1, 1], seen  # the cache was used, nothing recomputed
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -579,10 +602,11 @@ def test_prefix_memoises_in_eval_and_reruns_after_an_update():
 def test_prefix_mlp_runs_once_per_forward_not_per_row():
     model = attached("llama", "prefix")
     calls = []
-    model.adapters["a"].mlp.register_forward_hook(lambda *a: calls.append(1))
+    model.adapters["a"].mlp.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
     model.train()
     model(input_ids=IDS.repeat(8, 1)).logits.sum().backward()
-    assert len(calls) == 1
+    ad = model.adapters["a"]
+    assert calls == [(ad.num_virtual_tokens, model.info.hidden_size)]  # (P, d), not B copies
 
 
 def test_generate_with_different_prompt_lengths_and_no_padding():
@@ -657,17 +681,21 @@ def test_shared_prompt_equals_splicing(family):
             )
         return out.detach() * mask[..., None], grad, gen
 
-    calls = []
-    orig = sp._hf.prompt_kv
+    calls, splices = [], []
+    orig, orig_splice = sp._hf.prompt_kv, model._splice
     sp._hf.prompt_kv = lambda *a: calls.append(1) or orig(*a)
+    model._splice = lambda *a: splices.append(1) or orig_splice(*a)
     try:
         fast = run(True)
-        assert calls, "the shared path was not taken"
-        n_fast = len(calls)
+        # p3 and p5 differ in length: one pass each in the forward and in generate
+        assert len(calls) == 4, f"the shared path ran {len(calls)} times"
+        assert not splices, "the shared run spliced"
         slow = run(False)
-        assert len(calls) == n_fast, "the splice path computed shared prompts"
+        assert len(calls) == 4, "the splice path computed shared prompts"
+        assert splices, "the 'never' run did not splice"
     finally:
         sp._hf.prompt_kv = orig
+        del model._splice
     assert_close(fast[0], slow[0], **TOL)
     assert_close(fast[1], slow[1], atol=1e-5, rtol=1e-4)
     assert fast[1].abs().max() > 1e-3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import perturb
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import softprompt as sp
@@ -56,12 +57,57 @@ def test_group_by_length_keeps_every_row_once_and_cuts_padding(task, tmp_path):
     assert grouped._micro_batches(0) != grouped._micro_batches(1)
 
 
-def test_group_by_length_trains(task, tmp_path):
+def test_group_by_length_trains(task, tmp_path, monkeypatch):
     tr = trainer(task, tmp_path, group_by_length=True, max_steps=6, lr=0.1, eval_every=100)
     before = tr.task.loss(tr.items[:16]).item()
+    trained = []  # the batches the loop really ran: length-grouped ones
+    loss = tr.task.loss
+    monkeypatch.setattr(tr.task, "loss", lambda batch: trained.append(batch) or loss(batch))
     tr.train()
+    monkeypatch.undo()
     after = tr.task.loss(tr.items[:16]).item()
     assert after < before
+    assert len(trained) == 6
+    spans = [[len(b["prompt"]) for b in batch] for batch in trained]
+    pad = sum(len(x) * max(x) - sum(x) for x in spans) / sum(len(x) * max(x) for x in spans)
+    assert pad < 0.25 * padding_share(tr, trainer(task, tmp_path)._micro_batches(0))
+
+
+def test_early_stopping_keeps_the_best_dev_adapter(task, tmp_path, monkeypatch):
+    """Dev scores 0.5, 0.9, 0.4, 0.3 with patience 2: training stops at step 4, and adapter/
+    holds the step-2 adapter, not the last one."""
+    tr = Trainer(
+        task.model,
+        task,
+        rows(64),
+        rows(4),
+        TrainArgs(
+            output_dir=str(tmp_path),
+            batch_size=4,
+            eval_every=1,
+            patience=2,
+            max_steps=20,
+            lr=0.05,
+            progress=False,
+        ),
+        log=lambda _: None,
+    )
+    scores = iter([0.5, 0.9, 0.4, 0.3])
+    monkeypatch.setattr(tr, "evaluate", lambda examples: ({"accuracy": next(scores)}, []))
+    saved = {}
+    save = tr._save_best
+
+    def save_best():
+        saved[tr.step] = task.model.adapters["a"].embedding.detach().clone()
+        save()
+
+    monkeypatch.setattr(tr, "_save_best", save_best)
+    result = tr.train()
+    assert result["stopped_early"] and result["steps"] == 4 and result["best"] == 0.9
+    assert sorted(saved) == [1, 2]
+    best = load_file(tmp_path / "adapter" / "adapter.safetensors")["prompt"]
+    assert torch.equal(best, saved[2])
+    assert not torch.allclose(best, task.model.adapters["a"].embedding.detach())
 
 
 def test_top_layer_training_caches_the_lower_blocks_and_ends_the_same(tiny_folders, tmp_path):

@@ -156,6 +156,7 @@ _DECODE_KWARGS = frozenset(
         "position_ids",
         "use_cache",
         "cache_position",
+        "position_bias",
     }
 )
 
@@ -175,10 +176,20 @@ def _decode_ok(module, query, key, attention_mask, kwargs) -> bool:
             attention_mask is None
             or (attention_mask.dim() == 4 and attention_mask.shape[-1] == key.shape[2])
         )
+        and _bias_ok(kwargs.get("position_bias"), query, key)
     )
 
 
-def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scaling):
+def _bias_ok(bias, query, key) -> bool:
+    """T5's relative position bias, if any, is one row of per-head scores over the cache."""
+    return bias is None or (
+        bias.dim() == 4
+        and bias.shape[1:] == (query.shape[1], 1, key.shape[2])
+        and bias.shape[0] in (1, query.shape[0])
+    )
+
+
+def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scaling, bias=None):
     """One decoding step's attention over [prefix; cache] without joining them: the prefix's
     and the cache's scores are computed apart (query heads grouped by key/value head, as
     transformers' ``pack_gqa``), joined (B, kvh, g, P + T, a few KB), softmaxed in fp32, and
@@ -187,7 +198,8 @@ def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scalin
     Args:
         query: (B, H, 1, hd); key, value: (B, kvh, T, hd); attention_mask: None or
             (B|1, 1|H, 1, T) bool (True = attend) or additive float; k_p, v_p: (B, kvh, P, hd);
-            valid: (B, P) bool.
+            valid: (B, P) bool; bias: None or T5's relative position bias over the cache,
+            (B|1, H, 1, T) (prefix keys get none).
 
     Returns:
         (B, 1, H, hd), as the attention functions return it.
@@ -210,6 +222,8 @@ def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scalin
             scores[..., plen:].masked_fill_(~m, neg)
         else:
             scores[..., plen:] += m.float()
+    if bias is not None:
+        scores[..., plen:] += bias[..., 0, :].reshape(bias.shape[0], kvh, g, -1).float()
     probs = scores.softmax(dim=-1).to(value.dtype)
     out = torch.matmul(probs[..., :plen], v_p.to(value.dtype))
     out = out + torch.matmul(probs[..., plen:], value)  # (B, kvh, g, hd)
@@ -228,7 +242,15 @@ def _softprompt_attention(base: str) -> Callable:
         k_p, v_p, valid = prefix  # (B, kvh, P, hd), (B, kvh, P, hd), (B, P)
         if base == "sdpa" and _decode_ok(module, query, key, attention_mask, kwargs):
             out = _decode_attention(
-                query, key, value, attention_mask, k_p, v_p, valid, kwargs.get("scaling")
+                query,
+                key,
+                value,
+                attention_mask,
+                k_p,
+                v_p,
+                valid,
+                kwargs.get("scaling"),
+                kwargs.get("position_bias"),
             )
             return out, None
         # Every layer of one forward gets the same mask object: extend it once, not per layer.
@@ -241,15 +263,25 @@ def _softprompt_attention(base: str) -> Callable:
             is_causal,
             getattr(module, "is_causal", True),
         )
-        memo = getattr(state, "_softprompt_mask_memo", None)
-        if memo is not None and all(
-            a is b if isinstance(a, torch.Tensor | type(None)) else a == b
-            for a, b in zip(memo[0], memo_key, strict=True)
-        ):
-            attention_mask = memo[1]
+        # a few entries: encoder-decoder layers alternate self- and cross-attention masks
+        memo = state.__dict__.setdefault("_softprompt_mask_memo", [])
+        hit = next(
+            (
+                m
+                for k, m in memo
+                if all(
+                    a is b if isinstance(a, torch.Tensor | type(None)) else a == b
+                    for a, b in zip(k, memo_key, strict=True)
+                )
+            ),
+            None,
+        )
+        if hit is not None:
+            attention_mask = hit
         else:
             attention_mask = _extend_mask(attention_mask, valid, module, query, key, is_causal)
-            state._softprompt_mask_memo = (memo_key, attention_mask)
+            memo.append((memo_key, attention_mask))
+            del memo[:-4]
         kwargs["is_causal"] = False
         bias = kwargs.get("position_bias")
         if bias is not None:  # T5: relative position bias (B|1, H, q, k); prefix keys get none
