@@ -162,3 +162,65 @@ def test_the_extended_mask_is_built_once_per_kind_of_attention_per_forward(
     with torch.no_grad():
         model(**inputs_for(family, IDS, MASK))
     assert len(calls) == masks
+
+
+# ------------------------------------------------------------------------------ half precision
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["prompt", "prefix", "deep", "ptuning"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "bert"])
+def test_a_half_precision_base_trains_float32_adapters(family, method, dtype):
+    """The frozen base runs in half precision, the adapter stays float32 (master weights: its
+    gradients and optimiser state are float32), the prompt is cast at the seam; the outputs
+    follow the float32 model's within half-precision rounding, and the loss falls."""
+    from conftest import inputs_for, out_tensor
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [11, 12, 13, 14, 3]])
+    kw = inputs_for(family, ids, torch.ones_like(ids))
+    ref = sp.attach(tiny_model(family))
+    ref.add_adapter("a", method_config(method))
+    perturb(ref)
+    half = sp.attach(tiny_model(family).to(dtype))
+    half.add_adapter("a", method_config(method))
+    half.adapters["a"].load_state_dict(ref.adapters["a"].state_dict())
+    params = half.parameters_to_train()
+    assert params and all(p.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        want = out_tensor(family, ref(**kw)).float()
+        got = out_tensor(family, half(**kw)).float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max() + 0.02
+    opt = torch.optim.AdamW(params, lr=3e-2)
+    direction = torch.randn(want.shape[-1], generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(4):
+        out = out_tensor(family, half(**kw)).float()
+        loss = (out * direction).mean()  # push the outputs along a direction: must go down
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+        assert all(torch.isfinite(p.grad).all() for p in params)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+
+
+def test_a_bfloat16_adapter_file_loads_into_a_float32_base_and_back(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    for method in ("prompt", "prefix"):
+        model = sp.attach(tiny_model("llama"))
+        model.add_adapter("a", method_config(method))
+        perturb(model)
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        folder = model.save_adapter(tmp_path / method)
+        weights = folder / "adapter.safetensors"
+        save_file({k: v.bfloat16() for k, v in load_file(weights).items()}, weights)
+        for dtype in (torch.float32, torch.bfloat16):
+            back = sp.load_adapter(tiny_model("llama").to(dtype), folder)
+            with torch.no_grad():
+                got = back(input_ids=ids).logits.float()
+            assert (got - want).abs().max() <= 0.02 * want.abs().max() + 0.02, (method, dtype)
