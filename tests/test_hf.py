@@ -224,3 +224,48 @@ def test_a_bfloat16_adapter_file_loads_into_a_float32_base_and_back(tmp_path):
             with torch.no_grad():
                 got = back(input_ids=ids).logits.float()
             assert (got - want).abs().max() <= 0.02 * want.abs().max() + 0.02, (method, dtype)
+
+
+# ------------------------------------------------------------------------------ attention kernels
+
+
+@pytest.mark.slow  # flex attention compiles its kernel (about 20 s on 2 CPU cores)
+# transformers 5.23's flex mask passes create_block_mask's deprecated _compile flag (torch 2.13)
+@pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")
+def test_flex_attention_keeps_flex_with_the_prefix_inside(monkeypatch):
+    """A model loaded with flex attention stays on flex: the prefix columns enter its block
+    mask (per-row validity, the model's causal and padding mask shifted past them). Mixed rows
+    (a shared prompt, a prefix, deep prompts, none) with left padding give the sdpa logits."""
+    import torch._dynamo
+
+    # transformers compiles flex_attention with dynamic shapes after a recompile, which
+    # inductor's CPU flex template cannot build (torch 2.13): keep every compile static
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13], [0, 14, 15, 16, 17], [0, 0, 0, 4, 5]])
+    mask = (ids != 0).long()
+    out = {}
+    for attn in ("sdpa", "flex_attention"):
+        model = sp.attach(tiny_model("llama", attn=attn))
+        for name, method in (("p", "prompt"), ("x", "prefix"), ("d", "deep")):
+            model.add_adapter(name, method_config(method))
+        perturb(model)
+        assert model.base_model.config._attn_implementation == f"softprompt_{attn}"
+        with torch.no_grad():
+            out[attn] = model(
+                input_ids=ids, attention_mask=mask, adapter_names=["p", "x", "d", None]
+            )
+    real = mask.bool()
+    assert_close(out["flex_attention"].logits[real], out["sdpa"].logits[real], atol=1e-5, rtol=1e-5)
+
+
+def test_an_attention_kernel_that_cannot_take_prefixes_is_named_not_switched_silently():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("some_kernel", sdpa_attention_forward)
+    AttentionMaskInterface.register("some_kernel", sdpa_mask)
+    base = tiny_model("llama", attn="some_kernel")
+    with pytest.warns(UserWarning, match="'some_kernel' cannot take per-row key/value prefixes"):
+        model = sp.attach(base)
+    assert model.base_model.config._attn_implementation == "softprompt_sdpa"

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,10 +30,19 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    eager_mask,
+    flex_attention_mask,
+    sdpa_mask,
+)
 
 STATE_KWARG = "softprompt_state"
-_WRAPPED = {"sdpa": "softprompt_sdpa", "eager": "softprompt_eager"}
+_WRAPPED = {
+    "sdpa": "softprompt_sdpa",
+    "eager": "softprompt_eager",
+    "flex_attention": "softprompt_flex_attention",
+}
 _BASE_OF = {v: k for k, v in _WRAPPED.items()}
 SLOT_KINDS = ("self", "encoder", "decoder", "cross")
 # generate() validates model kwargs against the forward signature and refuses unknown ones, so
@@ -147,6 +157,46 @@ def _extend_mask(
     return torch.cat([torch.where(pre, zero, neg), mask], dim=-1)
 
 
+def _extend_block_mask(
+    block_mask,
+    valid: torch.Tensor,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    is_causal: bool | None,
+):
+    """Flex attention: a ``BlockMask`` over [prefix; keys] from the model's own one (or None).
+
+    Prefix column j is open to row b where ``valid[b, j]``; the other columns keep the model's
+    mask function (its causal pattern, padding and offsets), shifted by the prefix length.
+
+    Args:
+        block_mask: the ``BlockMask`` transformers built for the real keys, or None.
+        valid: (B, P) bool; key: (B, kvh, k, hd) the real keys.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, plen = valid.shape
+    q_len, k_len = query.shape[2], key.shape[2]
+    if block_mask is not None:
+        inner = block_mask.mask_mod
+    else:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        shift = k_len - q_len  # bottom-right aligned: the queries are the last q keys
+
+        def inner(b, h, q, kv):
+            return (q + shift >= kv) if (causal and q_len > 1) else (kv >= 0)
+
+    open_ = torch.cat([valid, valid.new_ones(batch, k_len)], dim=1)  # (B, P + k)
+
+    def mask_mod(b, h, q, kv):
+        is_pre = kv < plen
+        real = (kv - plen) * (~is_pre)  # 0 on the prefix columns, where it is not read
+        return open_[b, kv] & (is_pre | inner(b, h, q, real))
+
+    return create_block_mask(mask_mod, batch, None, q_len, plen + k_len, device=query.device)
+
+
 _DECODE_KWARGS = frozenset(
     {
         "dropout",
@@ -233,7 +283,10 @@ def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scalin
 def _softprompt_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         state = kwargs.pop(STATE_KWARG, None) or _GENERATE_STATE.get()
-        fn = sdpa_attention_forward if base == "sdpa" else _eager_for(module)
+        if base == "flex_attention":
+            from transformers.integrations.flex_attention import flex_attention_forward as fn
+        else:
+            fn = sdpa_attention_forward if base == "sdpa" else _eager_for(module)
         if state is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
         prefix = state.prefix_for(module, query, key, value)
@@ -279,7 +332,11 @@ def _softprompt_attention(base: str) -> Callable:
         if hit is not None:
             attention_mask = hit
         else:
-            attention_mask = _extend_mask(attention_mask, valid, module, query, key, is_causal)
+            if base == "flex_attention" and not isinstance(attention_mask, torch.Tensor):
+                extend = _extend_block_mask  # None or a BlockMask; tensors go through score_mod
+            else:
+                extend = _extend_mask
+            attention_mask = extend(attention_mask, valid, module, query, key, is_causal)
             memo.append((memo_key, attention_mask))
             del memo[:-4]
         kwargs["is_causal"] = False
@@ -305,6 +362,8 @@ def _register() -> None:
     AttentionInterface.register(_WRAPPED["eager"], _softprompt_attention("eager"))
     AttentionMaskInterface.register(_WRAPPED["sdpa"], sdpa_mask)
     AttentionMaskInterface.register(_WRAPPED["eager"], eager_mask)
+    AttentionInterface.register(_WRAPPED["flex_attention"], _softprompt_attention("flex_attention"))
+    AttentionMaskInterface.register(_WRAPPED["flex_attention"], flex_attention_mask)
     _registered = True
 
 
@@ -419,6 +478,11 @@ def inspect_model(model: PreTrainedModel) -> ModelInfo:
     """
     impl = base_attn_implementation(model)
     if impl not in _WRAPPED:
+        warnings.warn(
+            f"softprompt: attention implementation {impl!r} cannot take per-row key/value "
+            f"prefixes; {type(model).__name__} now runs 'sdpa' (others: {sorted(_WRAPPED)})",
+            stacklevel=3,
+        )
         impl = "sdpa"
     set_attn_implementation(model, impl)
     recorder = _Recorder()
