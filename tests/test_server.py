@@ -765,6 +765,16 @@ def test_seed_outside_64_bits_is_400_before_the_batch(bank, ref):
         assert engine.stats["failed_calls"] == 0
 
 
+def test_a_tiny_temperature_samples_the_greedy_token(bank, ref):
+    """T -> 0 is greedy; logits / 1e-300 used to overflow to NaN probabilities (500)."""
+    with TestClient(make_app(bank)) as c:
+        want = ref.greedy("gen-deep", PROMPTS[2], 3)["text"]
+        for t in (1e-300, 5e-324, 1e-30):
+            r = complete(c, "gen-deep", PROMPTS[2], max_tokens=3, temperature=t, seed=1)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want, t
+
+
 def test_lone_surrogates_are_400_naming_the_field(bank):
     with TestClient(make_app(bank)) as c:
         engine = c.app.state.engine

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import json
 import logging
 import os
 import re
@@ -227,7 +228,9 @@ class _RowSampler:
             return scores
         scores = scores.clone()  # (B, V)
         for b, temperature, top_p, gen in self.sampled:
-            logits = scores[b].float() / temperature  # (V,)
+            logits = scores[b].float()  # (V,)
+            # <= 0, max 0, divided in float64: a tiny temperature gives -inf, never NaN
+            logits = ((logits - logits.max()).double() / temperature).float()
             if top_p < 1.0:
                 ordered, order = logits.sort(descending=True)
                 probs = ordered.softmax(-1)
@@ -518,10 +521,19 @@ class Engine:
                 param="name",
             )
         if name in (BASE_ALIAS, self.base_name):
-            raise ServeError(409, f"{name!r} is the base model's name; choose another", "conflict")
-        directory = self.allowed_path(path) if check_root else Path(path).resolve()
+            raise ServeError(
+                409, f"name: {name!r} is the base model's name; choose another", "conflict", "name"
+            )
         if check_root:
-            self._check_files_inside(path, directory)
+            try:
+                directory = self.allowed_path(path)
+                self._check_files_inside(path, directory)
+            except (OSError, RuntimeError) as e:  # name too long, symlink loop, no permission
+                raise ServeError(
+                    400, f"path: cannot read {str(path)[:200]!r}: {e}", "invalid_adapter", "path"
+                ) from e
+        else:
+            directory = Path(path).resolve()
         try:
             meta = read_adapter_config(directory)
         except SoftPromptError as e:
@@ -529,7 +541,10 @@ class Engine:
         with self.model_lock:
             if name in self.entries:
                 raise ServeError(
-                    409, f"an adapter named {name!r} is loaded; DELETE it first", "conflict"
+                    409,
+                    f"name: an adapter named {name!r} is loaded; DELETE it first",
+                    "conflict",
+                    "name",
                 )
             mismatch = _hf.identity_mismatches(meta["base_model"], self.model.info.identity)
             try:
@@ -539,7 +554,10 @@ class Engine:
             except SoftPromptError as e:
                 status = 409 if mismatch else 400
                 raise ServeError(
-                    status, str(e), "adapter_model_mismatch" if mismatch else None
+                    status,
+                    str(e),
+                    "adapter_model_mismatch" if mismatch else "invalid_adapter",
+                    "path",
                 ) from e
             try:
                 adapter = self.model.adapters[name]
@@ -670,7 +688,7 @@ class Engine:
                     '"use_template": false with the full text',
                     param="prompt",
                 )
-            ids = self._encode_row(entry, {name: prompt})
+            ids = self._encode_row(entry, {name: prompt}, "prompt")
         else:
             if entry is not None and entry.template_placement:
                 raise ServeError(
@@ -694,26 +712,31 @@ class Engine:
                     param="input",
                 )
             item = {name: item}
-        return self._check_prompt(self._encode_row(entry, item))
+        return self._check_prompt(self._encode_row(entry, item, "input"), "input")
 
-    def _encode_row(self, entry: AdapterEntry, row: dict) -> list[int]:
+    def _encode_row(self, entry: AdapterEntry, row: dict, param: str) -> list[int]:
         try:
             with self.tok_lock:
                 return entry.task.template.encode(row, self.tok)
         except SoftPromptError as e:
-            raise ServeError(400, str(e), param="prompt") from e
+            fields = sorted(entry.task.template.fields)
+            raise ServeError(
+                400,
+                f"{param}: {e} (adapter {entry.name!r}'s template fields: {fields})",
+                param=param,
+            ) from e
 
-    def _check_prompt(self, ids: list[int]) -> list[int]:
+    def _check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
         limit = self.settings.max_prompt_tokens
         if not any(i >= 0 for i in ids):
-            raise ServeError(400, "the prompt is empty (no tokens)", param="prompt")
+            raise ServeError(400, f"{param}: the prompt is empty (no tokens)", param=param)
         if len(ids) > limit:
             raise ServeError(
                 400,
-                f"the prompt is {len(ids)} tokens; this server's limit is {limit} tokens "
-                "(--max-prompt-tokens)",
+                f"{param}: the prompt is {len(ids)} tokens; this server's limit is {limit} "
+                "tokens (--max-prompt-tokens)",
                 "prompt_too_long",
-                "prompt",
+                param,
             )
         return ids
 
@@ -1086,7 +1109,6 @@ class _Guard:
 
 
 async def _send_json(send, err: ServeError) -> None:
-    import json
 
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -1115,6 +1137,12 @@ def _validation_message(exc) -> str:
         ]
         if e.get("type") == "json_invalid":
             parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', '')})")
+        elif e.get("type") == "string_unicode":  # e.g. a field name with a lone surrogate
+            shown = json.dumps(e.get("input"), ensure_ascii=True)[:80]
+            parts.append(
+                f"{'.'.join(loc) or 'body'}: {shown} is not valid Unicode text (a lone "
+                "surrogate); send UTF-8 text"
+            )
         else:
             parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
     return "; ".join(dict.fromkeys(parts))
