@@ -1109,7 +1109,6 @@ class _Guard:
 
 
 async def _send_json(send, err: ServeError) -> None:
-
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
@@ -1131,7 +1130,7 @@ def _validation_message(exc) -> str:
         if str(e.get("type", "")).endswith("_type") and e["loc"][:1] in specific:
             continue
         loc = [
-            "(key)" if x == "[key]" else str(x)
+            "(key)" if x == "[key]" else str(x) or '""'
             for x in e["loc"]
             if not (isinstance(x, str) and _UNION_TAG.match(x))
         ]
