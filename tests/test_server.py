@@ -887,6 +887,34 @@ def test_a_non_finite_adapter_is_a_4xx_never_a_500(bank, tmp_path):
             assert "not finite" in err["message"], err
 
 
+def test_drain_lets_rows_finish_within_the_grace_then_answers_503(bank, ref):
+    app = make_app(bank, max_batch=1, max_tokens_limit=2000, max_wait_ms=0)
+    engine = app.state.engine
+    with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
+        engine.model_lock.acquire()  # both rows wait: the drain starts with them in flight
+        try:
+            short = pool.submit(complete, c, "gen-deep", PROMPTS[0], max_tokens=3, temperature=0)
+            wait_for(lambda: engine.running == 1)
+            long = pool.submit(complete, c, "gen-deep", PROMPTS[1], max_tokens=2000, temperature=0)
+            wait_for(lambda: engine.queued == 1)
+            t0 = time.monotonic()
+            engine.drain(1.0)
+            wait_for(lambda: engine._stopping)
+            err = assert_error(complete(c, "gen-deep", PROMPTS[2], max_tokens=2), 503, "")
+            assert err["code"] == "shutting_down"
+        finally:
+            engine.model_lock.release()
+        r = short.result()  # finished within the grace: answered as usual
+        assert r.json()["choices"][0]["text"] == ref.greedy("gen-deep", PROMPTS[0], 3)["text"]
+        r = long.result()  # still generating at the grace: 503 at once
+        elapsed = time.monotonic() - t0
+        err = assert_error(r, 503, "")
+        assert err["code"] == "shutting_down" and "--graceful-timeout" in err["message"]
+        assert 1.0 - 0.05 <= elapsed < 1.0 + 3, elapsed
+        engine._thread.join(5)
+        assert not engine._thread.is_alive()  # the worker stopped: nothing left to run
+
+
 def test_sigterm_answers_503_at_the_graceful_timeout_and_exits(bank, tmp_path):
     """A real `softprompt serve` process: SIGTERM mid-generation; the long request gets its
     grace, then a JSON 503; the process exits long before the request would have finished."""
