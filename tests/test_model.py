@@ -328,6 +328,55 @@ def test_greedy_generate_equals_manual_loop(family, method):
     assert torch.equal(gen, ref)
 
 
+def _greedy_scores(model, ids, mask, **kw):
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+    return out.sequences, torch.stack(out.scores, 1)  # (B, T + 5), (B, 5, V)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning", None])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_takes_caller_position_ids(family, method):
+    """Caller position ids are extended over the spliced virtual tokens at every step: the
+    positions generate would make give the same tokens and scores; other positions are used."""
+    model = attached(family, method)
+    ids, mask = left_pad(IDS, MASK)
+    pos = sp.model.mask_positions(mask)  # (B, T): what generate makes from the mask
+    with torch.no_grad():
+        seqs, scores = _greedy_scores(model, ids, mask)
+        got_seqs, got_scores = _greedy_scores(model, ids, mask, position_ids=pos)
+        assert torch.equal(got_seqs, seqs)
+        assert_close(got_scores, scores, atol=1e-5, rtol=0)
+        # positions 7 on: GPT-2's learned positions see them; the manual loop agrees at each step
+        later = pos + 7
+        got_seqs, got_scores = _greedy_scores(model, ids, mask, position_ids=later)
+        steps = got_seqs.shape[1] - ids.shape[1]
+        full = torch.cat([mask, torch.ones(mask.shape[0], steps, dtype=mask.dtype)], 1)
+        full_pos = torch.cat([later, later[:, -1:] + 1 + torch.arange(steps)], 1)
+        for t in range(steps):
+            n = ids.shape[1] + t
+            logits = model(
+                input_ids=got_seqs[:, :n], attention_mask=full[:, :n], position_ids=full_pos[:, :n]
+            ).logits[:, -1]
+            assert_close(got_scores[:, t], logits, atol=1e-4, rtol=0)
+            assert torch.equal(got_seqs[:, n], logits.argmax(-1))
+        if method is None:  # the bare model: exactly the base model's generate
+            base = _greedy_scores(model.base_model, ids, mask, position_ids=later)
+            assert torch.equal(base[0], got_seqs)
+            assert_close(base[1], got_scores, atol=0, rtol=0)
+    if family == "gpt2":
+        assert (got_scores - scores).abs().max() > 1e-3  # the later positions were used
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", ENC_DEC)
 def test_encoder_decoder_greedy_generate_equals_manual_loop(family, method):

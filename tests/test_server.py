@@ -708,12 +708,18 @@ def test_serve_command_line(bank, monkeypatch):
         with pytest.raises(sp.SoftPromptError, match="--adapter"):
             srv.settings_from_args(parser.parse_args(["serve", "--adapter", bad]))
     seen = {}
-    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+
+    def run(server):
+        cfg = server.config
+        seen.update(app=cfg.app, host=cfg.host, port=cfg.port, grace=cfg.timeout_graceful_shutdown)
+
+    monkeypatch.setattr("uvicorn.Server.run", run)
     args = parser.parse_args(
         ["serve", "--model", bank["folder"], "--adapter", f"a={d['gen-deep']}", "--port", "0"]
     )
     assert args.func(args) == 0
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 0)
+    assert seen["grace"] == 60 + srv.GRACE_MARGIN_S  # the engine answers at 60 s, uvicorn after
     with TestClient(seen["app"]) as c:
         r = c.get("/v1/models", headers={"Authorization": "Bearer from-env"})
         assert [m["id"] for m in r.json()["data"]] == [bank["folder"], "a"]
@@ -723,3 +729,247 @@ def test_serve_command_line(bank, monkeypatch):
     )
     with pytest.raises(sp.SoftPromptError, match="does not exist|not a softprompt adapter"):
         args.func(args)
+
+
+# ------------------------------------------------------------------------------ hardening
+
+
+def _raw(client, path, text: str, **kw):
+    """POST a JSON body given as text (lone surrogates as \\ud800 escapes survive)."""
+    return client.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+def assert_error(r, status: int, field: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert field in err["message"] or err["param"] == field, (field, err)
+    return err
+
+
+def test_seed_outside_64_bits_is_400_before_the_batch(bank, ref):
+    with TestClient(make_app(bank)) as c:
+        engine = c.app.state.engine
+        base = {"model": "gen-deep", "prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0.8}
+        for seed in (2**64, 2**63, -(2**63) - 1, 10**30):
+            err = assert_error(complete(c, **{**base, "seed": seed}), 400, "seed")
+            assert err["message"].startswith("seed:")
+        assert engine.stats["model_calls"] == 0  # never reached a batch
+        # the ends of the range work, with n copies past 2**63 - 1 (seed + i)
+        top = complete(c, **{**base, "top_p": 0.9, "seed": 2**63 - 1, "n": 3})
+        assert top.status_code == 200, top.text
+        low = complete(c, **{**base, "top_p": 0.9, "seed": -(2**63)})
+        assert low.status_code == 200, low.text
+        one = complete(c, **{**base, "top_p": 0.9, "seed": 7})
+        assert one.json()["choices"][0]["text"] == ref.sampled("gen-deep", PROMPTS[1], 4, 7)["text"]
+        assert engine.stats["failed_calls"] == 0
+
+
+def test_a_tiny_temperature_samples_the_greedy_token(bank, ref):
+    """T -> 0 is greedy; logits / 1e-300 used to overflow to NaN probabilities (500)."""
+    with TestClient(make_app(bank)) as c:
+        want = ref.greedy("gen-deep", PROMPTS[2], 3)["text"]
+        for t in (1e-300, 5e-324, 1e-30):
+            r = complete(c, "gen-deep", PROMPTS[2], max_tokens=3, temperature=t, seed=1)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want, t
+
+
+def test_lone_surrogates_are_400_naming_the_field(bank):
+    with TestClient(make_app(bank)) as c:
+        engine = c.app.state.engine
+        cases = [
+            ("/v1/completions", '{"model": "gen-deep", "prompt": "a\\ud800b"}', "prompt"),
+            ("/v1/completions", '{"model": "gen-deep", "prompt": ["ok", "\\udfff"]}', "prompt.1"),
+            ("/v1/completions", '{"model": "\\ud800", "prompt": "hi"}', "model"),
+            ("/v1/completions", '{"model": "base", "prompt": "hi", "stop": "\\ud800"}', "stop"),
+            ("/v1/completions", '{"model": "base", "prompt": "hi", "user": "\\ud800"}', "user"),
+            ("/v1/classify", '{"model": "sent-prompt", "input": "\\ud800"}', "input"),
+            ("/v1/classify", '{"model": "sent-prompt", "input": {"\\ud800": "x"}}', "input"),
+            ("/v1/classify", '{"model": "sent-prompt", "input": [{"text": "\\udc00"}]}', "input"),
+            ("/v1/adapters", '{"name": "\\ud800", "path": "gen-deep"}', "name"),
+            ("/v1/adapters", '{"name": "x", "path": "gen-\\ud800"}', "path"),
+            ("/v1/completions", '{"model": "base", "prompt": "hi", "\\ud800": 1}', "body"),
+        ]
+        for path, body, field in cases:
+            err = assert_error(_raw(c, path, body), 400, field)
+            assert err["type"] == "invalid_request_error"
+            if field != "body":
+                assert "lone surrogate" in err["message"], (body, err)
+        # a surrogate pair (an escaped emoji) is valid text
+        r = _raw(
+            c, "/v1/completions", '{"model": "base", "prompt": "\\ud83d\\ude00", "max_tokens": 1}'
+        )
+        assert r.status_code == 200, r.text
+        assert engine.stats["failed_calls"] == 0
+
+
+def test_more_rows_than_the_queue_holds_is_400_not_429(bank):
+    with TestClient(make_app(bank, max_queue=3)) as c:
+        r = complete(c, "gen-deep", PROMPTS[:4], max_tokens=1)
+        err = assert_error(r, 400, "prompt")
+        assert "--max-queue" in err["message"] and "4 rows" in err["message"]
+        assert "retry-after" not in r.headers
+        err = assert_error(complete(c, "gen-deep", PROMPTS[:2], max_tokens=1, n=2), 400, "prompt")
+        assert "--max-queue" in err["message"]
+        r = c.post("/v1/classify", json={"model": "sent-prompt", "input": PROMPTS[:4]})
+        assert "--max-queue" in assert_error(r, 400, "input")["message"]
+        assert complete(c, "gen-deep", PROMPTS[:3], max_tokens=1).status_code == 200
+        assert c.app.state.engine.stats["rejected_queue_full"] == 0
+
+
+def test_adapter_files_symlinked_out_of_the_roots_are_refused(bank, ref, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    src = bank["root"] / "gen-deep"
+    (outside / "adapter.safetensors").write_bytes((src / "adapter.safetensors").read_bytes())
+    (outside / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+    cases = {  # folder name: the file that leads out
+        "link-weights": "adapter.safetensors",
+        "link-config": "adapter_config.json",
+        "link-trainable": "trainable.safetensors",
+    }
+    for name, file in cases.items():
+        d = bank["root"] / name
+        d.mkdir(exist_ok=True)
+        for f in ("adapter_config.json", "adapter.safetensors"):
+            (d / f).unlink(missing_ok=True)
+            (d / f).write_bytes((src / f).read_bytes())
+        (d / file).unlink(missing_ok=True)
+        (d / file).symlink_to(outside / ("adapter.safetensors" if "safetensors" in file else file))
+    inside = bank["root"] / "link-inside"  # a file symlink that stays inside the root is fine
+    inside.mkdir(exist_ok=True)
+    (inside / "adapter_config.json").unlink(missing_ok=True)
+    (inside / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+    (inside / "adapter.safetensors").unlink(missing_ok=True)
+    (inside / "adapter.safetensors").symlink_to(src / "adapter.safetensors")
+    app = make_app(bank, adapters={"sent-prompt": bank["dirs"]["sent-prompt"]})
+    with TestClient(app) as c:
+        for name, file in cases.items():
+            r = c.post("/v1/adapters", json={"name": "x", "path": name})
+            err = assert_error(r, 403, "path")
+            assert file in err["message"] and "--adapter-root" in err["message"]
+        assert "x" not in app.state.engine.entries
+        r = c.post("/v1/adapters", json={"name": "ok", "path": "link-inside"})
+        assert r.status_code == 201, r.text
+        r = complete(c, "ok", PROMPTS[0], max_tokens=3, temperature=0)
+        assert r.json()["choices"][0]["text"] == ref.greedy("gen-deep", PROMPTS[0], 3)["text"]
+
+
+def test_a_non_finite_adapter_is_a_4xx_never_a_500(bank, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for name in ("sent-prompt", "gen-deep"):
+        bad = bank["root"] / f"nan-{name}"
+        bad.mkdir(exist_ok=True)
+        src = bank["root"] / name
+        (bad / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+        tensors = load_file(src / "adapter.safetensors")
+        save_file(
+            {k: torch.full_like(v, float("nan")) for k, v in tensors.items()},
+            bad / "adapter.safetensors",
+        )
+    app = make_app(bank, adapters={"sent-prompt": bank["dirs"]["sent-prompt"]}, max_wait_ms=50)
+    with TestClient(app) as c:
+        for name in ("sent-prompt", "gen-deep"):
+            r = c.post("/v1/adapters", json={"name": f"nan-{name}", "path": f"nan-{name}"})
+            if r.status_code != 201:  # refused at load (non-finite weights): a 4xx
+                assert 400 <= r.status_code < 500 and r.json()["error"]["message"], r.text
+                continue
+            if name == "sent-prompt":  # with a good row in the same batch: it is answered
+                with ThreadPoolExecutor(2) as pool:
+                    good = pool.submit(c.post, "/v1/classify", json={"model": name, "input": "x"})
+                    r = c.post("/v1/classify", json={"model": f"nan-{name}", "input": "x"})
+                    assert good.result().status_code == 200
+            else:
+                r = complete(c, f"nan-{name}", "x", max_tokens=2, temperature=0)
+            err = assert_error(r, 400, "model")
+            assert "not finite" in err["message"], err
+
+
+def test_drain_lets_rows_finish_within_the_grace_then_answers_503(bank, ref):
+    app = make_app(bank, max_batch=1, max_tokens_limit=2000, max_wait_ms=0)
+    engine = app.state.engine
+    with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
+        engine.model_lock.acquire()  # both rows wait: the drain starts with them in flight
+        try:
+            short = pool.submit(complete, c, "gen-deep", PROMPTS[0], max_tokens=3, temperature=0)
+            wait_for(lambda: engine.running == 1)
+            long = pool.submit(complete, c, "gen-deep", PROMPTS[1], max_tokens=2000, temperature=0)
+            wait_for(lambda: engine.queued == 1)
+            t0 = time.monotonic()
+            engine.drain(1.0)
+            wait_for(lambda: engine._stopping)
+            err = assert_error(complete(c, "gen-deep", PROMPTS[2], max_tokens=2), 503, "")
+            assert err["code"] == "shutting_down"
+        finally:
+            engine.model_lock.release()
+        r = short.result()  # finished within the grace: answered as usual
+        assert r.json()["choices"][0]["text"] == ref.greedy("gen-deep", PROMPTS[0], 3)["text"]
+        r = long.result()  # still generating at the grace: 503 at once
+        elapsed = time.monotonic() - t0
+        err = assert_error(r, 503, "")
+        assert err["code"] == "shutting_down" and "--graceful-timeout" in err["message"]
+        assert 1.0 - 0.05 <= elapsed < 1.0 + 3, elapsed
+        engine._thread.join(5)
+        assert not engine._thread.is_alive()  # the worker stopped: nothing left to run
+
+
+def test_sigterm_answers_503_at_the_graceful_timeout_and_exits(bank, tmp_path):
+    """A real `softprompt serve` process: SIGTERM mid-generation; the long request gets its
+    grace, then a JSON 503; the process exits long before the request would have finished."""
+    import signal
+    import subprocess
+    import sys
+
+    grace = 1.5
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["serve", "--model", bank["folder"], "--adapter", f"gen={bank['dirs']['gen-deep']}"]
+    argv += ["--port", str(port), "--graceful-timeout", str(grace), "--max-tokens-limit", "2000"]
+    argv += ["--max-batch", "1", "--log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softprompt.cli", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        long = {"model": "gen", "prompt": "go", "max_tokens": 2000, "temperature": 0}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/completions", json=long, timeout=120)
+            wait_for(lambda: httpx.get(f"{url}/v1/stats").json()["running"] == 1)
+            queued = pool.submit(httpx.post, f"{url}/v1/completions", json=long, timeout=120)
+            wait_for(lambda: httpx.get(f"{url}/v1/stats").json()["queued"] == 1)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            answers = [f.result() for f in (first, queued)]
+            answered = time.monotonic() - t0
+            proc.wait(timeout=grace + 30)
+            exited = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for r in answers:
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["type"] == "service_unavailable" and err["code"] == "shutting_down"
+        assert "--graceful-timeout" in err["message"]
+    assert grace - 0.2 <= answered < grace + 3, answered  # in flight got the grace, no more
+    assert exited < grace + 4 < grace + srv.GRACE_MARGIN_S, exited  # not uvicorn's cut-off
+    assert proc.returncode in (0, -signal.SIGTERM), proc.returncode

@@ -795,9 +795,14 @@ class SoftPromptModel(nn.Module):
                 return self.base_model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, **kwargs
                 )
-        emb, mask, _, _, _, lay = self._splice(
-            rows, prompts, input_ids, None, attention_mask, None, None, None
+        # caller position ids cover the real tokens: extend them over the spliced virtual ones
+        # (as forward does); generate then continues them by one per new token
+        positions = kwargs.pop("position_ids", None)
+        emb, mask, positions, _, _, lay = self._splice(
+            rows, prompts, input_ids, None, attention_mask, positions, None, None
         )
+        if positions is not None:
+            kwargs["position_ids"] = positions
         if mask is None:
             mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
         with _hf.generation_state(state):

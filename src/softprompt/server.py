@@ -17,6 +17,10 @@ classify) with ``adapter_names=[...]``, one adapter per row. Generation settings
 batch: sampling runs per row (own temperature, top-p and seeded generator), and each row stops
 on its own ``max_tokens``, EOS or stop strings; a row's answer is sent as soon as it is finished.
 A failing batch is retried row by row, so one bad row fails alone.
+
+Shutdown (``Engine.drain``, on SIGTERM/SIGINT in ``softprompt serve``): no new rows are taken,
+rows in flight get ``graceful_timeout`` seconds to finish, then what remains is cancelled
+(answered 503) and ``generate`` stops at its next decode step.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import json
 import logging
 import os
 import re
@@ -38,11 +43,11 @@ from concurrent.futures import Future, InvalidStateError
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from . import _hf
 from ._hf import SoftPromptError
@@ -74,6 +79,8 @@ class ServeSettings:
         max_tokens_limit: largest ``max_tokens`` a request may ask for.
         max_prompts: most prompts (times ``n``) in one request.
         default_max_tokens: ``max_tokens`` when a request gives none (OpenAI's default: 16).
+        graceful_timeout: seconds rows in flight get to finish at shutdown before they are
+            cancelled (503).
     """
 
     model_name: str | None = None
@@ -87,6 +94,7 @@ class ServeSettings:
     max_tokens_limit: int = 512
     max_prompts: int = 64
     default_max_tokens: int = 16
+    graceful_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -103,8 +111,12 @@ class ServeSettings:
                 raise SoftPromptError(
                     f"ServeSettings.{name} must be a positive integer, got {value!r}"
                 )
-        if self.max_wait_ms < 0:
-            raise SoftPromptError(f"ServeSettings.max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        for name in ("max_wait_ms", "graceful_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise SoftPromptError(
+                    f"ServeSettings.{name} must be a finite number >= 0, got {value!r}"
+                )
 
 
 class ServeError(Exception):
@@ -129,6 +141,8 @@ class ServeError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        # a lone surrogate from the request (echoed in a message) cannot be encoded as UTF-8
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message
@@ -163,7 +177,8 @@ class GenerationRow:
         temperature: 0 = greedy; otherwise sample from softmax(logits / temperature).
         top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
         stop: strings that end the completion (not included in the text).
-        seed: seed of this row's own sampling generator (None: a random one).
+        seed: seed of this row's own sampling generator (None: a random one); any integer,
+            taken modulo 2**64.
     """
 
     ids: list[int]
@@ -197,15 +212,25 @@ class _RowSampler:
         for b, r in enumerate(rows):
             if r.temperature > 0:
                 gen = torch.Generator(device=device)
-                gen.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
+                gen.manual_seed(r.seed % 2**64 if r.seed is not None else secrets.randbits(63))
                 self.sampled.append((b, r.temperature, r.top_p, gen))
+        self.adapters = [r.adapter for r in rows]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = scores.isnan().any(-1)  # (B,)
+        if bad.any():
+            b = int(bad.nonzero()[0, 0])
+            raise SoftPromptError(
+                f"adapter {self.adapters[b]!r} gave NaN logits; its weights are not finite "
+                "(or overflow in this dtype): load a good adapter"
+            )
         if not self.sampled:
             return scores
         scores = scores.clone()  # (B, V)
         for b, temperature, top_p, gen in self.sampled:
-            logits = scores[b].float() / temperature  # (V,)
+            logits = scores[b].float()  # (V,)
+            # <= 0, max 0, divided in float64: a tiny temperature gives -inf, never NaN
+            logits = ((logits - logits.max()).double() / temperature).float()
             if top_p < 1.0:
                 ordered, order = logits.sort(descending=True)
                 probs = ordered.softmax(-1)
@@ -220,15 +245,21 @@ class _RowSampler:
         return scores
 
 
+class Cancelled(Exception):
+    """``generate_rows`` was cancelled (``cancel`` set) before every row finished."""
+
+
 class _RowStops:
-    """Stopping criterion: each row ends on EOS, its own ``max_tokens`` or a stop string.
+    """Stopping criterion: each row ends on EOS, its own ``max_tokens`` or a stop string; every
+    row ends at once when ``cancel`` is set (checked between decode steps).
 
     Calls ``on_done(b, result)`` the moment row b finishes, so its answer can go out while the
     rest of the batch is still generating.
     """
 
-    def __init__(self, rows, eos: list[int], decode, on_done) -> None:
+    def __init__(self, rows, eos: list[int], decode, on_done, cancel=None) -> None:
         self.rows = rows
+        self.cancel = cancel
         self.eos = set(eos)
         self.decode = decode
         self.on_done = on_done
@@ -249,6 +280,8 @@ class _RowStops:
         if self.start is None:  # first call: one new token so far
             self.start = input_ids.shape[1] - 1
         step = input_ids.shape[1] - self.start
+        if self.cancel is not None and self.cancel.is_set():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for b, row in enumerate(self.rows):
             if self.results[b] is None:
@@ -264,7 +297,14 @@ class _RowStops:
 
 
 @torch.no_grad()
-def generate_rows(model, tokenizer, rows: Sequence[GenerationRow], on_done=None, decode=None):
+def generate_rows(
+    model,
+    tokenizer,
+    rows: Sequence[GenerationRow],
+    on_done=None,
+    decode=None,
+    cancel: threading.Event | None = None,
+):
     """Complete rows of different adapters and settings in ONE ``generate`` call.
 
     Args:
@@ -272,11 +312,17 @@ def generate_rows(model, tokenizer, rows: Sequence[GenerationRow], on_done=None,
         rows: the prompts and their settings.
         on_done: ``on_done(b, result)`` is called as soon as row b is finished.
         decode: token ids -> text (default: ``tokenizer.decode(..., skip_special_tokens=True)``).
+        cancel: when set, generation stops after the current decode step.
 
     Returns:
         One dict per row: ``text``, ``finish_reason`` ("stop" or "length") and
         ``completion_tokens``. A row's result equals that row run alone (greedy rows: the same
         tokens; sampled rows: the same draws from its seeded generator).
+
+    Raises:
+        Cancelled: ``cancel`` was set before every row finished (finished rows were passed to
+            ``on_done``).
+        SoftPromptError: a row's logits are NaN (a non-finite adapter).
     """
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -288,7 +334,7 @@ def generate_rows(model, tokenizer, rows: Sequence[GenerationRow], on_done=None,
     pad = pad_id(tokenizer)
     eos = eos_ids(model, tokenizer)
     ids, mask = pad_left([r.ids for r in rows], pad, model.device)
-    stops = _RowStops(rows, eos, decode, on_done)
+    stops = _RowStops(rows, eos, decode, on_done, cancel)
     model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -301,6 +347,8 @@ def generate_rows(model, tokenizer, rows: Sequence[GenerationRow], on_done=None,
         stopping_criteria=StoppingCriteriaList([stops]),
     )
     if any(r is None for r in stops.results):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled before every row finished")
         raise RuntimeError("generate returned before every row finished")
     return stops.results
 
@@ -443,6 +491,8 @@ class Engine:
         self._queue: deque[_Row] = deque()
         self._running = 0
         self._stopping = False
+        self._cancel = threading.Event()  # set: unfinished rows are answered 503
+        self._draining = False
         self._thread: threading.Thread | None = None
         self.stats = {
             "requests": 0,
@@ -471,8 +521,19 @@ class Engine:
                 param="name",
             )
         if name in (BASE_ALIAS, self.base_name):
-            raise ServeError(409, f"{name!r} is the base model's name; choose another", "conflict")
-        directory = self.allowed_path(path) if check_root else Path(path).resolve()
+            raise ServeError(
+                409, f"name: {name!r} is the base model's name; choose another", "conflict", "name"
+            )
+        if check_root:
+            try:
+                directory = self.allowed_path(path)
+                self._check_files_inside(path, directory)
+            except (OSError, RuntimeError) as e:  # name too long, symlink loop, no permission
+                raise ServeError(
+                    400, f"path: cannot read {str(path)[:200]!r}: {e}", "invalid_adapter", "path"
+                ) from e
+        else:
+            directory = Path(path).resolve()
         try:
             meta = read_adapter_config(directory)
         except SoftPromptError as e:
@@ -480,7 +541,10 @@ class Engine:
         with self.model_lock:
             if name in self.entries:
                 raise ServeError(
-                    409, f"an adapter named {name!r} is loaded; DELETE it first", "conflict"
+                    409,
+                    f"name: an adapter named {name!r} is loaded; DELETE it first",
+                    "conflict",
+                    "name",
                 )
             mismatch = _hf.identity_mismatches(meta["base_model"], self.model.info.identity)
             try:
@@ -490,7 +554,10 @@ class Engine:
             except SoftPromptError as e:
                 status = 409 if mismatch else 400
                 raise ServeError(
-                    status, str(e), "adapter_model_mismatch" if mismatch else None
+                    status,
+                    str(e),
+                    "adapter_model_mismatch" if mismatch else "invalid_adapter",
+                    "path",
                 ) from e
             try:
                 adapter = self.model.adapters[name]
@@ -554,6 +621,26 @@ class Engine:
             "path",
         )
 
+    def _check_files_inside(self, path: str | Path, directory: Path) -> None:
+        """403 unless every adapter file of ``directory`` (and of a run folder's ``adapter/``)
+        resolves inside an allowed root: a file symlink must not lead out either."""
+        from .io import CONFIG_NAME, TRAINABLE_NAME, WEIGHTS_NAME
+
+        for folder in (directory, directory / "adapter"):
+            for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINABLE_NAME):
+                file = folder / name
+                if not (file.exists() or file.is_symlink()):
+                    continue
+                real = file.resolve()
+                if not any(real == r or r in real.parents for r in self.roots):
+                    raise ServeError(
+                        403,
+                        f"{file.relative_to(directory)} in {str(path)!r} leads outside the allowed "
+                        "adapter folders (--adapter-root)",
+                        "forbidden_path",
+                        "path",
+                    )
+
     def resolve(self, name: str) -> AdapterEntry | None:
         """The adapter a request's ``model`` names (None: the base model); 404 if unknown."""
         if name in (BASE_ALIAS, self.base_name):
@@ -601,7 +688,7 @@ class Engine:
                     '"use_template": false with the full text',
                     param="prompt",
                 )
-            ids = self._encode_row(entry, {name: prompt})
+            ids = self._encode_row(entry, {name: prompt}, "prompt")
         else:
             if entry is not None and entry.template_placement:
                 raise ServeError(
@@ -625,26 +712,31 @@ class Engine:
                     param="input",
                 )
             item = {name: item}
-        return self._check_prompt(self._encode_row(entry, item))
+        return self._check_prompt(self._encode_row(entry, item, "input"), "input")
 
-    def _encode_row(self, entry: AdapterEntry, row: dict) -> list[int]:
+    def _encode_row(self, entry: AdapterEntry, row: dict, param: str) -> list[int]:
         try:
             with self.tok_lock:
                 return entry.task.template.encode(row, self.tok)
         except SoftPromptError as e:
-            raise ServeError(400, str(e), param="prompt") from e
+            fields = sorted(entry.task.template.fields)
+            raise ServeError(
+                400,
+                f"{param}: {e} (adapter {entry.name!r}'s template fields: {fields})",
+                param=param,
+            ) from e
 
-    def _check_prompt(self, ids: list[int]) -> list[int]:
+    def _check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
         limit = self.settings.max_prompt_tokens
         if not any(i >= 0 for i in ids):
-            raise ServeError(400, "the prompt is empty (no tokens)", param="prompt")
+            raise ServeError(400, f"{param}: the prompt is empty (no tokens)", param=param)
         if len(ids) > limit:
             raise ServeError(
                 400,
-                f"the prompt is {len(ids)} tokens; this server's limit is {limit} tokens "
-                "(--max-prompt-tokens)",
+                f"{param}: the prompt is {len(ids)} tokens; this server's limit is {limit} "
+                "tokens (--max-prompt-tokens)",
                 "prompt_too_long",
-                "prompt",
+                param,
             )
         return ids
 
@@ -666,7 +758,8 @@ class Engine:
     def start(self) -> None:
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
-                self._stopping = False
+                self._stopping = self._draining = False
+                self._cancel.clear()
                 self._thread = threading.Thread(
                     target=self._loop, name="softprompt-batcher", daemon=True
                 )
@@ -680,6 +773,49 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def drain(self, grace: float | None = None) -> None:
+        """Begin shutting down; returns at once (safe to call from a signal handler).
+
+        New requests get 503; rows queued or running get ``grace`` seconds (default:
+        ``settings.graceful_timeout``) to finish, then the rest are cancelled (``cancel``).
+        A second call cancels at once.
+        """
+        grace = self.settings.graceful_timeout if grace is None else grace
+        again = self._draining
+        self._draining = True
+        timer = threading.Timer(0 if again else grace, self._begin_stop_then_cancel)
+        timer.daemon = True
+        timer.start()
+        if not again:  # stop taking rows now, off the signal handler's thread
+            threading.Thread(target=self._begin_stop, daemon=True).start()
+
+    def _begin_stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def _begin_stop_then_cancel(self) -> None:
+        self._begin_stop()
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Answer every queued row 503 now and stop the running batch at its next decode step."""
+        self._cancel.set()
+        with self._cond:
+            rows = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for r in rows:
+            r.fail(self._cancelled())
+
+    def _cancelled(self) -> ServeError:
+        return ServeError(
+            503,
+            "the server shut down before this request finished (--graceful-timeout "
+            f"{self.settings.graceful_timeout:g} s); retry it",
+            "shutting_down",
+        )
+
     @property
     def queued(self) -> int:
         return len(self._queue)
@@ -688,12 +824,21 @@ class Engine:
     def running(self) -> int:
         return self._running
 
-    def submit(self, rows: list[_Row]) -> list[Future]:
-        """Queue a request's rows (all or none); 429 when the queue is full."""
+    def submit(self, rows: list[_Row], param: str | None = None) -> list[Future]:
+        """Queue a request's rows (all or none); 429 when the queue is full, 400 when it could
+        never hold them (``param``: the request field that holds the rows)."""
         with self._cond:
             if self._stopping:
                 raise ServeError(503, "the server is shutting down", "shutting_down")
             limit = self.settings.max_queue
+            if len(rows) > limit:  # never fits: not a retry-later
+                raise ServeError(
+                    400,
+                    f"this request has {len(rows)} rows (prompts x n); the queue holds at most "
+                    f"{limit} rows (--max-queue): send at most {limit} per request",
+                    "too_many_rows",
+                    param,
+                )
             if len(self._queue) + len(rows) > limit:
                 self.stats["rejected_queue_full"] += 1
                 raise ServeError(
@@ -767,6 +912,10 @@ class Engine:
 
     def _call(self, kind: str, rows: list[_Row]) -> None:
         """One model call; if it fails, each unanswered row is retried alone."""
+        if self._cancel.is_set():
+            for r in rows:
+                r.fail(self._cancelled())
+            return
         self.stats["model_calls"] += 1
         try:
             if kind == "generate":
@@ -774,13 +923,17 @@ class Engine:
             else:
                 self._classify(rows)
         except Exception as e:
+            if self._cancel.is_set():  # Cancelled, or a failure while shutting down
+                for r in rows:
+                    r.fail(self._cancelled())
+                return
             self.stats["failed_calls"] += 1
             if len(rows) == 1:
                 log.warning("row failed: %s: %s", type(e).__name__, e)
                 if isinstance(e, ServeError):
                     rows[0].fail(e)
                 elif isinstance(e, SoftPromptError):
-                    rows[0].fail(ServeError(400, str(e)))
+                    rows[0].fail(ServeError(400, str(e), "invalid_adapter", "model"))
                 else:
                     rows[0].fail(ServeError(500, f"internal error: {type(e).__name__}: {e}"))
                 return
@@ -804,7 +957,7 @@ class Engine:
         def done(b: int, result: dict) -> None:
             rows[b].resolve(result)
 
-        generate_rows(self.model, self.tok, [r.gen for r in rows], done, self._decode)
+        generate_rows(self.model, self.tok, [r.gen for r in rows], done, self._decode, self._cancel)
 
     def _classify(self, rows: list[_Row]) -> None:
         scores = classify_rows(
@@ -814,7 +967,19 @@ class Engine:
             [r.entry.task for r in rows],
         )
         for r, s in zip(rows, scores, strict=True):
-            probs = s.float().softmax(-1).cpu().tolist()
+            probs = s.float().softmax(-1)  # (C,)
+            if not torch.isfinite(probs).all():  # this row alone: the others are answered
+                r.fail(
+                    ServeError(
+                        400,
+                        f"adapter {r.adapter!r} gave non-finite class scores; its weights are "
+                        "not finite (or overflow in this dtype): load a good adapter",
+                        "invalid_adapter",
+                        "model",
+                    )
+                )
+                continue
+            probs = probs.cpu().tolist()
             labels = r.entry.task.spec.labels
             best = max(range(len(probs)), key=probs.__getitem__)
             r.resolve({"label": labels[best], "scores": dict(zip(labels, probs, strict=True))})
@@ -831,30 +996,44 @@ class Engine:
 
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's seed is a 64-bit integer
+
+
+def _utf8_text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"not valid Unicode text: a lone surrogate at character {e.start} (send UTF-8 text)"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8_text)]  # a str that is valid Unicode (no surrogates)
 
 
 class CompletionRequest(BaseModel):
     """``POST /v1/completions`` (OpenAI's completions API; extensions: ``use_template``)."""
 
     model_config = _STRICT
-    model: str
-    prompt: str | list[str]
+    model: Text
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(1, ge=1)
     stream: bool = False
     use_template: bool = True
-    user: str | None = None
+    user: Text | None = None
     # OpenAI fields accepted only at their neutral values
     echo: bool = False
     logprobs: None = None
     best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Text, float] | None = None
     suffix: None = None
 
 
@@ -862,17 +1041,17 @@ class ClassifyRequest(BaseModel):
     """``POST /v1/classify``: one input (text, or an object of template fields) or a list."""
 
     model_config = _STRICT
-    model: str
-    input: str | dict[str, str] | list[str | dict[str, str]]
-    user: str | None = None
+    model: Text
+    input: Text | dict[Text, Text] | list[Text | dict[Text, Text]]
+    user: Text | None = None
 
 
 class AdapterRequest(BaseModel):
     """``POST /v1/adapters``."""
 
     model_config = _STRICT
-    name: str
-    path: str
+    name: Text
+    path: Text
 
 
 class _Guard:
@@ -930,8 +1109,6 @@ class _Guard:
 
 
 async def _send_json(send, err: ServeError) -> None:
-    import json
-
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
@@ -939,12 +1116,32 @@ async def _send_json(send, err: ServeError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|(list|dict|union|function-\w+)\[.*\])$")
+
+
 def _validation_message(exc) -> str:
+    """pydantic's errors as ``field.sub: message``; pydantic's union-member tags are left out,
+    and where one member of a field's union gives a specific error, the others' "should be a
+    valid <type>" are too."""
+    errors = [dict(e, loc=tuple(x for x in e.get("loc", ()) if x != "body")) for e in exc.errors()]
+    specific = {e["loc"][:1] for e in errors if not str(e.get("type", "")).endswith("_type")}
     parts = []
-    for e in exc.errors():
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    for e in errors:
+        if str(e.get("type", "")).endswith("_type") and e["loc"][:1] in specific:
+            continue
+        loc = [
+            "(key)" if x == "[key]" else str(x) or '""'
+            for x in e["loc"]
+            if not (isinstance(x, str) and _UNION_TAG.match(x))
+        ]
         if e.get("type") == "json_invalid":
             parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', '')})")
+        elif e.get("type") == "string_unicode":  # e.g. a field name with a lone surrogate
+            shown = json.dumps(e.get("input"), ensure_ascii=True)[:80]
+            parts.append(
+                f"{'.'.join(loc) or 'body'}: {shown} is not valid Unicode text (a lone "
+                "surrogate); send UTF-8 text"
+            )
         else:
             parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
     return "; ".join(dict.fromkeys(parts))
@@ -1011,6 +1208,10 @@ def create_app(
     async def _serve_error(request: Request, exc: ServeError):
         return error_response(exc)
 
+    @app.exception_handler(SoftPromptError)
+    async def _softprompt_error(request: Request, exc: SoftPromptError):
+        return error_response(ServeError(400, str(exc), "invalid_request"))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         return error_response(ServeError(400, _validation_message(exc), "invalid_request"))
@@ -1032,6 +1233,8 @@ def create_app(
             if isinstance(r, BaseException):
                 if isinstance(r, ServeError):
                     raise r
+                if isinstance(r, SoftPromptError):
+                    raise ServeError(400, str(r), "invalid_request")
                 raise ServeError(500, f"internal error: {type(r).__name__}: {r}")
         return results
 
@@ -1102,7 +1305,7 @@ def create_app(
                     seed=None if req.seed is None else req.seed + i,
                 )
                 rows.append(_Row("generate", entry, ids, gen))
-        results = await wait(engine.submit(rows))
+        results = await wait(engine.submit(rows, "prompt"))
         completion_tokens = sum(r["completion_tokens"] for r in results)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -1144,7 +1347,7 @@ def create_app(
                 param="input",
             )
         rows = [_Row("classify", entry, engine.encode_classify(entry, it)) for it in items]
-        results = await wait(engine.submit(rows))
+        results = await wait(engine.submit(rows, "input"))
         tokens = sum(sum(t >= 0 for t in r.ids) for r in rows)
         return {
             "id": f"clf-{uuid.uuid4().hex}",
@@ -1172,6 +1375,7 @@ def create_app(
 # --------------------------------------------------------------------------------------------
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+GRACE_MARGIN_S = 5.0  # uvicorn waits this much longer than --graceful-timeout
 
 
 def _parse_adapter(value: str) -> tuple[str, str]:
@@ -1207,6 +1411,7 @@ def settings_from_args(args) -> tuple[str, dict[str, str], ServeSettings]:
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit,
         max_prompts=args.max_prompts,
+        graceful_timeout=args.graceful_timeout,
     )
     return model_name, adapters, settings
 
@@ -1226,13 +1431,23 @@ def cmd_serve(args) -> int:
         )
     base, tok = load_base(model_name, args.dtype)
     app = create_app(base, tok, adapters, settings)
-    uvicorn.run(
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGINT/SIGTERM (a second one: cancel now)
+            engine.drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=args.graceful_timeout,
+        # the engine answers what is left at graceful_timeout (503); uvicorn's own cut-off
+        # (a bare 500 to each open request) only backs it up
+        timeout_graceful_shutdown=settings.graceful_timeout + GRACE_MARGIN_S,
     )
+    Server(config).run()
     return 0
 
 
@@ -1283,7 +1498,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "--graceful-timeout",
         type=float,
         default=60.0,
-        help="seconds in-flight requests get to finish at shutdown",
+        help="seconds in-flight requests get to finish at shutdown (SIGTERM, Ctrl-C); then "
+        "they are answered 503",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
