@@ -346,7 +346,16 @@ def test_completions_models_and_health(bank, ref):
 
 
 def test_classify_matches_task_class_scores(bank, ref):
-    with TestClient(make_app(bank, max_wait_ms=50)) as client:
+    # the worker waits up to 2 s for a full batch: both requests' 12 rows go in ONE model call
+    app = make_app(bank, max_wait_ms=2000)
+    engine = app.state.engine
+    calls = []
+    with TestClient(app) as client:
+        forward = engine.model.forward
+        engine.model.forward = lambda *a, **kw: (
+            calls.append((kw["input_ids"].shape[0], set(kw.get("adapter_names") or [])))
+            or forward(*a, **kw)
+        )
         with ThreadPoolExecutor(2) as pool:  # both adapters in one batch: mixed answers
             futs = {
                 name: pool.submit(
@@ -354,14 +363,22 @@ def test_classify_matches_task_class_scores(bank, ref):
                 )
                 for name in CLASSIFIERS
             }
-            for name, fut in futs.items():
-                r = fut.result()
-                assert r.status_code == 200, r.text
-                body = r.json()
-                assert body["object"] == "classification" and body["model"] == name
-                for i, item in enumerate(body["data"]):
-                    assert item["index"] == i
-                    assert_scores(item, ref.classify(name, PROMPTS[i]))
+            results = {name: fut.result() for name, fut in futs.items()}
+        stats = client.get("/v1/stats").json()
+        assert stats["model_calls"] == 1 and stats["mixed_adapter_calls"] == 1, stats
+        assert stats["batch_sizes"] == {str(2 * len(PROMPTS)): 1}
+        # one forward with rows of both adapters (multi-token label words: each prompt is
+        # scored with each of the 2 labels, so 12 prompts make 24 sequences)
+        assert len(calls) == 1 and calls[0][1] == set(CLASSIFIERS), calls
+        assert calls[0][0] == 2 * len(PROMPTS) * 2
+        del engine.model.forward
+        for name, r in results.items():
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["object"] == "classification" and body["model"] == name
+            for i, item in enumerate(body["data"]):
+                assert item["index"] == i
+                assert_scores(item, ref.classify(name, PROMPTS[i]))
         # one adapter alone: the single-token path; an object of template fields works too
         r = client.post(
             "/v1/classify", json={"model": "sent-prompt", "input": {"text": PROMPTS[4]}}
