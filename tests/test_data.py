@@ -18,7 +18,7 @@ from softprompt.data import (
     parse_source,
 )
 
-SKIP = "or pass skip_bad=True to skip bad rows"
+SKIP = "or pass --skip-bad to skip bad rows"
 
 
 def write(path: Path, text: str) -> Path:
