@@ -497,6 +497,7 @@ def prompt_kv(
         slot index -> (key, value), each (n, P, kv_heads, head_dim).
     """
     n, plen = embeds.shape[:2]
+    embeds = embeds.to(model.get_input_embeddings().weight.dtype)  # fp32 prompt, fp16/bf16 model
     body = lm_body_and_head(model)[0]
     pos = torch.arange(-plen, 0, device=embeds.device).expand(n, -1)
     cap = _CaptureRows(info)

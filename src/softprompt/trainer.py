@@ -367,6 +367,15 @@ class Trainer:
                 + ". Resume with the same ones, or train into a new --output"
             )
 
+    def _adapter_finite(self) -> bool:
+        """Whether the trained weights and what they give (the baked prompt / prefix that is
+        saved) are all finite: only such a state is ever checkpointed."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            return False
+        with torch.no_grad():
+            baked = self.model.adapters[self.model.active].baked_tensors()
+            return all(bool(torch.isfinite(t).all()) for t in baked.values())
+
     def _nonfinite(self, what: str) -> SoftPromptError:
         ck = f"{self.out / 'checkpoint'} (step {self.saved_step})" if self.saved_step else None
         ad = f"{self.out / 'adapter'} (step {self.adapter_step})" if self.adapter_step else None
@@ -463,9 +472,14 @@ class Trainer:
                     raise self._nonfinite("the gradient")
                 if args.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
-                self.opt.step()
-                if not all(bool(torch.isfinite(p).all()) for p in self.params):
-                    raise self._nonfinite("an adapter weight after the update")
+                try:
+                    self.opt.step()
+                except RuntimeError as e:  # the step size itself overflows (lr near 1e38)
+                    if "overflow" not in str(e):
+                        raise
+                    raise self._nonfinite("the update") from e
+                if not self._adapter_finite():
+                    raise self._nonfinite("the adapter after the update")
                 self.sched.step()
                 self.step += 1
                 self.recent.append(loss_sum)
