@@ -115,13 +115,24 @@ def _is_instance(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
-def _type_name(hint: Any) -> str:
+_NAMES = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+}
+_NAMES[bool] = ("true or false", "booleans")
+
+
+def _type_name(hint: Any, plural: bool = False) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
+        return " or ".join(_type_name(a, plural) for a in args)
     if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    return "null" if hint is type(None) else f"a {getattr(hint, '__name__', hint)}"
+        return f"a list of {_type_name(args[0], plural=True)}"
+    if hint is type(None):
+        return "null"
+    names = _NAMES.get(hint, (f"a {getattr(hint, '__name__', hint)}",) * 2)
+    return names[plural]
 
 
 @dataclass
