@@ -100,7 +100,7 @@ class TrainArgs:
             if not ok:
                 kind = "an integer" if cls is int else "a finite number"
                 bound = f"{'>=' if low_ok else '>'} {low:g}" + (
-                    f" and <= {high:g}" if high < math.inf else ""
+                    f" and <= {high}" if high < math.inf else ""
                 )
                 raise SoftPromptError(f"{flag(name)} must be {kind} {bound}, got {value!r}")
 
