@@ -728,9 +728,9 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
 
 def _config_value(action: argparse.Action, value, where: str):
     """A --config value checked and converted as argparse would the same flag on the command
-    line (its type and choices; true/false for switches); None leaves the flag unset."""
+    line (its type and choices; true/false for switches); null is the flag's default."""
     if value is None:
-        return None
+        return action.default
     if action.nargs == 0:  # store_true and friends
         if not isinstance(value, bool):
             raise SoftPromptError(f"{where} must be true or false, got {value!r}")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
-from ._hf import SoftPromptError
+from ._hf import SoftPromptError, check_virtual_tokens
 from .data import Example
 from .lm import answer_logprobs, lm_loss, pad_left
 from .metrics import classification_metrics, generation_metrics
@@ -102,6 +102,8 @@ class Task:
         self.model = model
         self.tok = tokenizer
         self.template = Template.parse(spec.template)
+        # a template's [soft:N] segments must fit the model before any row is encoded
+        check_virtual_tokens(model.base_model, self.template.num_soft, "the template's [soft:N]")
         main = "text" if spec.kind == "classify" else "input"
         if main not in self.template.fields:
             raise SoftPromptError(
