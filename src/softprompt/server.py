@@ -461,7 +461,7 @@ class Engine:
     # ---------------------------------------------------------------- adapters
     def load(self, name: str, path: str | Path, *, check_root: bool = True) -> AdapterEntry:
         """Load adapter ``path`` as ``name`` (validated; see the HTTP errors it raises)."""
-        from .io import read_adapter_config
+        from .io import read_adapter_config, resolve_adapter_dir
         from .tasks import Task, TaskSpec
 
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -473,6 +473,9 @@ class Engine:
         if name in (BASE_ALIAS, self.base_name):
             raise ServeError(409, f"{name!r} is the base model's name; choose another", "conflict")
         directory = self.allowed_path(path) if check_root else Path(path).resolve()
+        if resolve_adapter_dir(directory) != directory:  # a run folder: its adapter/, checked too
+            directory = resolve_adapter_dir(directory)
+            directory = self.allowed_path(directory) if check_root else directory.resolve()
         try:
             meta = read_adapter_config(directory)
         except SoftPromptError as e:
