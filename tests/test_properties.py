@@ -336,3 +336,38 @@ def test_damaged_adapter_files_load_or_name_the_file(
         data = b""
     f.write_bytes(data)
     _load_outcome(model, target)
+
+
+# ------------------------------------------------------------------------------ command-line flags
+
+NUMERIC_FLAGS = [
+    a
+    for a in _TRAIN._actions
+    if a.type is not None and a.option_strings  # noqa: SLF001
+]
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(
+    action=st.sampled_from(NUMERIC_FLAGS),
+    value=st.one_of(
+        st.text(max_size=10),
+        st.integers().map(str),
+        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+        st.sampled_from(["nan", "inf", "-inf", "1e999", "0", "-1", "1_000", " 3 ", "0x10"]),
+    ),
+)
+def test_numeric_flags_parse_to_valid_values_or_exit_2(capsys, action, value):
+    flag = action.option_strings[-1]
+    try:
+        args = build_parser().parse_args(["train", f"{flag}={value}"])
+    except SystemExit as e:
+        assert e.code == 2 and f"argument {flag}" in capsys.readouterr().err
+        return
+    got = getattr(args, action.dest)
+    assert isinstance(got, int | float) and not isinstance(got, bool) and math.isfinite(got)
+    assert got >= 0
+    loop_fields = {"epochs", "lr", "batch_size", "grad_accum", "warmup_ratio", "eval_every"}
+    if action.dest in loop_fields:
+        args.output = "x"
+        _train_args(args)  # the library agrees with the flag's check
