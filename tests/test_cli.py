@@ -422,6 +422,16 @@ def test_resume_after_kill_ends_with_the_same_adapter(tmp_path, tiny_folders, cl
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 16
 
+    def losses(folder):
+        recs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
+    # the log window that straddles the kill averages the same steps as the uninterrupted run
+    ref_losses, got_losses = losses(tmp_path / "ref"), losses(run)
+    assert [s for s, _ in got_losses] == [s for s, _ in ref_losses] == [10, 16]
+    for (_, a), (_, b) in zip(got_losses, ref_losses, strict=True):
+        assert abs(a - b) <= 1e-6
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["prompt", "prefix", "deep", "ptuning"])
@@ -442,3 +452,162 @@ def test_every_method_trains_from_the_cli_on_smollm2(tmp_path, capsys, cls_data,
     assert meta["base_model"]["model_type"] == "llama" and meta["base_model"]["vocab_size"] == 49152
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] > 0 for r in log if "loss" in r)
+
+
+# ------------------------------------------------------------------------------ hardening
+
+
+def run_cli_refused(capsys, *argv) -> str:
+    """Run the CLI on argv that argparse must refuse; returns stderr (exit status 2 checked)."""
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+        (["train", "--lr", "inf"], "argument --lr: must be a finite number > 0, got 'inf'"),
+        (["train", "--lr", "-1"], "argument --lr: must be a finite number > 0"),
+        (["train", "--lr", "0"], "argument --lr: must be a finite number > 0"),
+        (["train", "--epochs", "inf"], "argument --epochs: must be a finite number > 0"),
+        (["train", "--warmup-ratio", "2"], "argument --warmup-ratio: must be a finite number >= 0"),
+        (["train", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+        (["train", "--num-virtual-tokens", "0"], "argument --num-virtual-tokens: must be an"),
+        (["train", "--seed", "-1"], "argument --seed: must be an integer in [0, 4294967295]"),
+        (["train", "--max-steps", "1.5"], "argument --max-steps: must be an integer, got '1.5'"),
+        (["eval", "--adapter", "a", "--data", "d", "--batch-size", "0"], "argument --batch-size"),
+        (["generate", "--adapter", "a", "x", "--batch-size", "0"], "argument --batch-size"),
+        (["generate", "--adapter", "a", "x", "--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["generate", "--adapter", "a", "x", "--max-new-tokens", "0"], "must be an integer >= 1"),
+    ],
+)
+def test_bad_numbers_are_refused_by_the_flags(capsys, argv, message):
+    err = run_cli_refused(capsys, *argv)
+    assert "error: " in err and message in err
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("method: bogus\n", "method must be one of prompt, prefix, deep, ptuning, got 'bogus'"),
+        ("lr: [0.1, 0.2]\n", "lr must be a single value, got [0.1, 0.2]"),
+        ("lr: .nan\n", "lr must be a finite number > 0"),
+        ("batch_size: 0\n", "batch_size must be an integer >= 1, got 0"),
+        ("num-virtual-tokens: {a: 1}\n", "num-virtual-tokens must be a single value"),
+        ("resume: 3\n", "resume must be true or false, got 3"),
+        ("epochs: many\n", "epochs must be a number, got 'many'"),
+        ("task: true\n", "task must be one of classify, generate, got True"),
+    ],
+)
+def test_config_values_are_checked_like_flags(tmp_path, capsys, yaml_text, message):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    code, _, err = run_cli(capsys, "--config", tmp_path / "c.yaml", "train")
+    assert (
+        code == 2 and err.startswith(f"error: --config {tmp_path / 'c.yaml'}: ") and message in err
+    )
+
+
+def test_bad_train_setups_are_one_clear_message(tmp_path, capsys, tiny_folders, cls_data):
+    llama = tiny_folders["llama"]
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--output", tmp_path / "file"], f"{tmp_path / 'file'} is a file, not a folder"),
+        (["--output", tmp_path / "file" / "sub"], f"{tmp_path / 'file'} is a file, not a folder"),
+        (["--model", tmp_path / "empty"], "the folder has no config.json"),
+        (["--method", "prompt", "--layers", "top_half"], "--layers applies to per-layer methods"),
+        (["--template", "Sentiment: {label}"], "has no {text}: the model would never see"),
+        (["--num-virtual-tokens", 100_000], "num_virtual_tokens=100,000 does not fit the context"),
+        (
+            ["--method", "prompt", "--template", "[soft:99999999] {text} {label}"],
+            "num_virtual_tokens=99,999,999 does not fit the context",
+        ),
+    ]
+    for extra, message in cases:
+        args = train_args(llama, cls_data, tmp_path / "run", "prefix")
+        for flag, value in zip(extra[::2], extra[1::2], strict=True):
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
+        start = time.time()
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and err.startswith("error: ") and message in err, (extra, err)
+        assert time.time() - start < 60  # refused before anything of that size is built
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, tiny_folders):
+    rows = [{"text": t, "label": lab} for t, lab in [("good fun", "pos"), ("bad film", "neg")] * 8]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "run"
+    args = train_args(tiny_folders["llama"], tmp_path, out, "prefix", "--lr", "1e37")
+    for flag, value in (("--train", "t.jsonl"), ("--eval", "t.jsonl"), ("--eval-every", 1)):
+        args[args.index(flag) + 1] = tmp_path / value if flag != "--eval-every" else value
+    args[args.index("--max-steps") + 1] = 10
+    code, _, err = run_cli(capsys, *args, "--save-every", 1)
+    assert code == 2 and err.startswith("error: training stopped at step "), err
+    stopped = int(err.split("step ")[1].split(":")[0])
+    assert "is not finite" in err and "Lower --lr" in err
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert 1 <= state["step"] == stopped - 1  # the step before the bad one, nothing after it
+    for f in ("checkpoint/trainable.safetensors", "checkpoint/adapter.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(out / f).values()), f
+    assert all(
+        torch.isfinite(t).all() for t in load_file(out / "adapter/adapter.safetensors").values()
+    )
+    assert not (out / "summary.json").exists()
+
+
+def test_resume_refuses_changed_flags_and_damaged_files(tmp_path, capsys, tiny_folders, cls_data):
+    out = tmp_path / "run"
+    base = train_args(tiny_folders["llama"], cls_data, out, "prefix", "--save-every", 2)
+    assert run_cli(capsys, *base)[0] == 0
+
+    def resume(*changes):
+        args = list(base)
+        for flag, value in zip(changes[::2], changes[1::2], strict=True):
+            args[args.index(flag) + 1] = value
+        return run_cli(capsys, *args, "--resume")
+
+    code, _, err = resume("--method", "prompt")
+    assert code == 2 and "--method 'prefix' (checkpoint) vs 'prompt' (now)" in err
+    code, _, err = resume("--num-virtual-tokens", 5)
+    assert code == 2 and "--num-virtual-tokens 3 (checkpoint) vs 5 (now)" in err
+    code, _, err = resume("--batch-size", 2)
+    assert code == 2 and "--batch-size 4 (checkpoint) vs 2 (now)" in err
+    args = [*base, "--lr", "0.5", "--seed", "1", "--resume"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "--lr None (checkpoint) vs 0.5 (now)" in err
+    assert "--seed 0 (checkpoint) vs 1 (now)" in err
+    # extending the run is allowed; a half-written checkpoint of a killed run is removed
+    stale = out / ".checkpoint.tmp-x1y2"
+    stale.mkdir()
+    (stale / "optimizer.pt").write_bytes(b"partial")
+    code, _, err = resume("--max-steps", 6)
+    assert code == 0, err
+    assert not stale.exists()
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 6
+    optimizer = out / "checkpoint" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    code, _, err = resume("--max-steps", 8)
+    assert code == 2 and err.startswith("error: --resume: ") and "optimizer.pt is damaged" in err
+
+
+def test_a_run_folder_is_taken_for_its_adapter(tmp_path, capsys, tiny_folders, cls_data):
+    out = tmp_path / "run"
+    assert run_cli(capsys, *train_args(tiny_folders["llama"], cls_data, out, "prompt"))[0] == 0
+    got = []
+    for where in (out / "adapter", out):
+        code, stdout, err = run_cli(
+            capsys, "eval", "--model", tiny_folders["llama"], "--adapter", where, "--data",
+            cls_data / "dev.jsonl",
+        )  # fmt: skip
+        assert code == 0, err
+        got.append(json.loads(stdout))
+    assert got[0] == got[1] and "accuracy" in got[0]
+    code, stdout, _ = run_cli(capsys, "inspect", out, "--model", tiny_folders["llama"], "--json")
+    assert code == 0 and json.loads(stdout)["method"] == "prompt"

@@ -18,7 +18,7 @@ from softprompt.data import (
     parse_source,
 )
 
-SKIP = "or pass skip_bad=True to skip bad rows"
+SKIP = "or pass --skip-bad to skip bad rows"
 
 
 def write(path: Path, text: str) -> Path:
@@ -517,3 +517,55 @@ def test_folder_that_is_not_a_dataset(tmp_path):
     msg = raises(tmp_path)
     assert msg.startswith(f"{tmp_path}: cannot read the datasets folder (")
     assert msg.endswith("); point at a folder written by save_to_disk")
+
+
+# ------------------------------------------------------------------------------------------------
+# Hardening: duplicate keys, non-JSON numbers, unbalanced quotes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_duplicate_keys_in_a_jsonl_row_are_refused(tmp_path):
+    p = write(
+        tmp_path / "t.jsonl",
+        jsonl({"text": "a", "label": "x"}, '{"text": "b", "label": "y", "text": "c"}'),
+    )
+    assert raises(p) == f"{p}:2: field 'text' appears twice in the row; keep one, {SKIP}"
+    warnings: list[str] = []
+    got = load_examples(p, "classify", skip_bad=True, warn=warnings.append)
+    assert [ex.line for ex in got] == [1] and warnings[0].startswith(f"{p}:2: field 'text'")
+
+
+def test_duplicate_keys_in_a_json_array_name_the_line(tmp_path):
+    p = write(
+        tmp_path / "t.json", '[\n{"text": "a", "label": "x"},\n{"label": "y",\n "label": "z"}]'
+    )
+    assert raises(p).startswith(f"{p}:4: not valid JSON (key 'label' appears twice")
+
+
+@pytest.mark.parametrize(
+    "row, what",
+    [
+        ('{"text": NaN, "label": "x"}', "NaN is not a JSON value"),
+        ('{"text": "a", "label": Infinity}', "Infinity is not a JSON value"),
+        ('{"text": "a", "label": 1e999}', "number 1e999 is out of range"),
+        ('{"text": "a", "label": ' + "9" * 5000 + "}", "Exceeds the limit"),
+    ],
+)
+def test_non_json_numbers_are_bad_rows(tmp_path, row, what):
+    p = write(tmp_path / "t.jsonl", jsonl({"text": "a", "label": "x"}, row))
+    msg = raises(p)
+    assert msg.startswith(f"{p}:2: not valid JSON (") and what in msg and msg.endswith(SKIP)
+
+
+def test_tsv_with_an_unbalanced_quote_does_not_merge_rows(tmp_path):
+    p = write(
+        tmp_path / "t.tsv",
+        'text\tlabel\n"great movie\tpositive\nbad"\tnegative\nfine\tpositive\n',
+    )
+    msg = raises(p)
+    assert msg.startswith(f"{p}:2: a quoted value runs from line 2 to line 3") and SKIP in msg
+    got = load_examples(p, "classify", skip_bad=True, warn=lambda m: None)
+    assert [(ex.line, ex.fields["text"]) for ex in got] == [(4, "fine")]
+    # a quoted value with a tab in it, on one line, is fine
+    ok = write(tmp_path / "ok.tsv", 'text\tlabel\n"a\tb"\tpositive\n')
+    assert load_examples(ok, "classify")[0].fields["text"] == "a\tb"

@@ -208,3 +208,21 @@ def test_export_command_line_and_errors(saved, tmp_path, capsys):
         export_adapter(tmp_path / "nothing", "prompt-embeds")
     with pytest.raises(SystemExit):
         parser.parse_args(["export", "x", "--format", "onnx"])
+
+
+def test_export_takes_a_run_folder_and_refuses_non_finite_weights(saved, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(saved["root"] / "prompt", run / "adapter")
+    path = export_adapter(run, "prompt-embeds")
+    assert path == run / "adapter" / "prompt_embeds.safetensors"
+    want = load_file(saved["root"] / "prompt" / "adapter.safetensors")["prompt"]
+    assert torch.equal(load_file(path)["prompt_embeds"], want)
+    tensors = load_file(run / "adapter" / "adapter.safetensors")
+    tensors["prompt"][0, 0] = float("nan")
+    save_file(tensors, run / "adapter" / "adapter.safetensors")
+    with pytest.raises(sp.SoftPromptError, match="tensor 'prompt' holds 1 NaN or infinite"):
+        export_adapter(run, "prompt-embeds")

@@ -269,3 +269,40 @@ def test_an_attention_kernel_that_cannot_take_prefixes_is_named_not_switched_sil
     with pytest.warns(UserWarning, match="'some_kernel' cannot take per-row key/value prefixes"):
         model = sp.attach(base)
     assert model.base_model.config._attn_implementation == "softprompt_sdpa"
+
+
+# ------------------------------------------------------------------------------ context bounds
+
+
+@pytest.mark.parametrize(
+    "family, context", [("gpt2", 64), ("llama", 2048), ("t5", None), ("bart", 256), ("bert", 64)]
+)
+def test_context_length_and_prompts_that_cannot_fit(family, context):
+    base = tiny_model(family)
+    assert _hf.context_length(base) == context
+    model = sp.attach(base)
+    limit = context if context is not None else _hf.UNKNOWN_CONTEXT + 1
+    for method in ("prompt", "prefix"):
+        model.add_adapter("ok", method_config(method, n=(context or 100) - 1))
+        model.delete_adapter("ok")
+        # 10^12 tokens would need terabytes: refused by the bound, before any allocation
+        for n in (limit, 10**12):
+            with pytest.raises(sp.SoftPromptError, match=f"num_virtual_tokens={n:,} "):
+                model.add_adapter("big", method_config(method, n=n))
+    assert list(model.adapters) == []
+
+
+def test_shared_prompt_on_a_half_precision_model():
+    """The prompt's keys and values computed once (prompt sharing) on an fp16 model: the fp32
+    prompt is cast to the model's dtype, and the loss equals the spliced path's."""
+    model = sp.attach(tiny_model("llama").half())
+    model.add_adapter("a", sp.PromptTuningConfig(num_virtual_tokens=3))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    losses = []
+    for mode in ("always", "never"):
+        model.prompt_sharing = mode
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.float())
+    assert torch.isfinite(losses[0]) and model.adapters["a"].embedding.grad is not None
+    assert_close(losses[0], losses[1], atol=2e-2, rtol=1e-2)

@@ -144,3 +144,112 @@ def test_no_pickle_anywhere(tmp_path):
     model.save_adapter(tmp_path / "ad", trainable=True)
     for f in (tmp_path / "ad").iterdir():
         assert f.suffix in (".json", ".safetensors"), f
+
+
+# ------------------------------------------------------------------------------ hardening
+
+
+def _saved(tmp_path, method="prompt", trainable=False):
+    model = _trained("llama", method)
+    model.save_adapter(tmp_path / "ad", trainable=trainable)
+    return tmp_path / "ad", tiny_model("llama")
+
+
+def _edit_config(ad, **changes):
+    path = ad / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path, trainable):
+    from safetensors.torch import save_file
+
+    ad, base = _saved(tmp_path, "ptuning", trainable=trainable)
+    name = "trainable.safetensors" if trainable else "adapter.safetensors"
+    tensors = load_file(ad / name)
+    key = "embedding" if trainable else "prompt"
+    tensors[key][1, 2] = float("nan")
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, ad / name)
+    with pytest.raises(sp.SoftPromptError, match=rf"{name}: tensor '{key}' holds 2 NaN or inf"):
+        sp.load_adapter(base, ad)
+
+
+def test_trainable_that_disagrees_with_the_baked_adapter_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    ad, base = _saved(tmp_path, "prefix", trainable=True)
+    sp.load_adapter(base, ad)  # as saved, they agree
+    tensors = load_file(ad / "adapter.safetensors")
+    tensors["prefix"] = tensors["prefix"] + 0.01
+    save_file(tensors, ad / "adapter.safetensors")
+    with pytest.raises(sp.SoftPromptError) as err:
+        sp.load_adapter(tiny_model("llama"), ad)
+    assert f"{ad / 'trainable.safetensors'} and {ad / 'adapter.safetensors'} disagree" in str(
+        err.value
+    )
+    # the baked form alone still loads
+    assert sp.load_adapter(tiny_model("llama"), ad, trainable=False).adapters["task"].is_baked
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"format_version": 99}, "format_version 99 is newer than this softprompt reads (1)"),
+        ({"base_model": "/etc"}, "field 'base_model' must be an object, got str"),
+        ({"config": [1, 2]}, "field 'config' must be an object, got list"),
+        ({"method": "bogus"}, "field 'method' is 'bogus', not one of"),
+        ({"task_head": "x"}, "field 'task_head' must be [hidden_size, num_labels]"),
+        ({"name": 5}, "field 'name' must be a non-empty string"),
+    ],
+)
+def test_bad_adapter_config_fields_are_named(tmp_path, changes, message):
+    ad, base = _saved(tmp_path)
+    _edit_config(ad, **changes)
+    with pytest.raises(sp.SoftPromptError) as err:
+        sp.load_adapter(base, ad)
+    assert str(err.value).startswith(str(ad / "adapter_config.json")) and message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "config_changes, message",
+    [
+        ({"num_virtual_tokens": "4"}, "num_virtual_tokens must be an integer, got '4'"),
+        ({"seed": 2.5}, "seed must be an integer or null, got 2.5"),
+        ({"init_text": [1]}, "init_text must be a string or a list of strings or null, got [1]"),
+        ({"placement": "middle"}, "placement must be one of"),
+        ({"num_virtual_tokens": 10**6}, "num_virtual_tokens=1,000,000 does not fit the context"),
+        ({"num_virtual_tokens": 10**12}, "does not fit the context"),
+        (
+            {"num_virtual_tokens": 7},
+            "tensor 'prompt' has shape (4, 32), the adapter expects (7, 32)",
+        ),
+    ],
+)
+def test_bad_method_config_is_refused_before_allocating(tmp_path, config_changes, message):
+    ad, base = _saved(tmp_path)
+    meta = json.loads((ad / "adapter_config.json").read_text())
+    _edit_config(ad, config={**meta["config"], **config_changes})
+    with pytest.raises(sp.SoftPromptError) as err:
+        sp.load_adapter(base, ad)
+    assert message in str(err.value), str(err.value)
+
+
+def test_duplicate_keys_in_adapter_config_are_refused(tmp_path):
+    ad, base = _saved(tmp_path)
+    path = ad / "adapter_config.json"
+    lines = path.read_text().splitlines()
+    lines.insert(2, '  "method": "prefix",')  # line 3 repeats a key the file already has
+    path.write_text("\n".join(lines))
+    with pytest.raises(sp.SoftPromptError, match=r"adapter_config.json:\d+: key 'method' appears"):
+        sp.load_adapter(base, ad)
+
+
+def test_a_run_folder_loads_its_adapter(tmp_path):
+    model = _trained("llama", "deep")
+    model.save_adapter(tmp_path / "run" / "adapter")
+    loaded = sp.load_adapter(tiny_model("llama"), tmp_path / "run")
+    assert torch.equal(loaded.adapters["task"].prefix, model.adapters["task"].prefix)
+    assert sp.io.read_adapter_config(tmp_path / "run")["method"] == "deep"

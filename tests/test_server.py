@@ -990,3 +990,25 @@ def test_sigterm_answers_503_at_the_graceful_timeout_and_exits(bank, tmp_path):
     assert grace - 0.2 <= answered < grace + 3, answered  # in flight got the grace, no more
     assert exited < grace + 4 < grace + srv.GRACE_MARGIN_S, exited  # not uvicorn's cut-off
     assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
+
+
+def test_a_run_folder_loads_its_adapter_inside_the_roots_only(bank, tmp_path):
+    """POST /v1/adapters takes the run folder `softprompt train` wrote (its adapter/), and the
+    allowed-root check applies to the adapter folder it resolves to."""
+    import shutil
+
+    run = bank["root"] / "run-x"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(bank["dirs"]["gen-deep"], run / "adapter")
+    escape = bank["root"] / "run-escape"
+    shutil.rmtree(escape, ignore_errors=True)
+    escape.mkdir()
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(bank["dirs"]["gen-deep"], outside)
+    (escape / "adapter").symlink_to(outside, target_is_directory=True)
+    with TestClient(make_app(bank, adapters={"sent-prompt": bank["dirs"]["sent-prompt"]})) as c:
+        r = c.post("/v1/adapters", json={"name": "run", "path": "run-x"})
+        assert r.status_code == 201 and r.json()["method"] == "deep", r.text
+        r = c.post("/v1/adapters", json={"name": "esc", "path": "run-escape"})
+        assert r.status_code == 403, r.text
+        assert "outside the allowed adapter folders" in r.json()["error"]["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import perturb, tiny_model
 from torch.testing import assert_close
@@ -65,3 +66,44 @@ def test_verbalizer_scores_are_label_word_logprobs():
         logp = model(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
     ids = [tok.vocab["neg"], tok.vocab["good"]]
     assert_close(scores[0], logp[ids], atol=1e-5, rtol=0)
+
+
+def test_a_template_without_the_input_field_is_refused():
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("p", sp.PromptTuningConfig(num_virtual_tokens=2))
+    for kind, template, field in (
+        ("classify", "Sentiment: {label}", "{text}"),
+        ("generate", "Summarise {text}: {target}", "{input}"),
+    ):
+        spec = TaskSpec(kind=kind, template=template, labels=["a", "b"])
+        with pytest.raises(sp.SoftPromptError, match=f"has no {field}: the model would never"):
+            Task(spec, model, _Tok())
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ([1], "a task is a JSON object, got list"),
+        ({"kind": "classify"}, "a task needs the field(s) ['template']"),
+        ({"kind": "classify", "template": "{text}", "extra": 1}, "no field(s) ['extra']"),
+        ({"kind": "sing", "template": "{text}"}, "task field 'kind' must be one of"),
+        ({"kind": "classify", "template": 5}, "task field 'template' must be a string"),
+        ({"kind": "classify", "template": "{text}", "labels": "ab"}, "'labels' must be a list"),
+        ({"kind": "generate", "template": "{input}", "max_new_tokens": 0}, "an integer >= 1"),
+        ({"kind": "classify", "template": "{text}", "verbalizer": {"a": 1}}, "'verbalizer'"),
+    ],
+)
+def test_task_spec_from_a_file_is_checked(data, message):
+    with pytest.raises(sp.SoftPromptError) as err:
+        TaskSpec.from_dict(data)
+    assert message in str(err.value)
+
+
+def test_predict_refuses_a_batch_size_below_one():
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("p", sp.PromptTuningConfig(num_virtual_tokens=2))
+    task = Task(
+        TaskSpec(kind="classify", template="{text} {label}", labels=["a", "b"]), model, _Tok()
+    )
+    with pytest.raises(sp.SoftPromptError, match="--batch-size must be >= 1, got 0"):
+        task.predict([], batch_size=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import perturb
@@ -151,3 +153,115 @@ def test_top_layer_training_caches_the_lower_blocks_and_ends_the_same(tiny_folde
             assert model._layer_cache is None  # freed at the end
     assert any("caching the frozen blocks below block 1" in m for m in seen)
     assert (ends[0] - ends[1]).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------------------ hardening
+
+
+def fresh_task(tiny_folders, config) -> Task:
+    path = tiny_folders["llama"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(path))
+    model.add_adapter("a", config)
+    spec = TaskSpec(kind="classify", template="{text} -> {label}", labels=["neg", "pos"])
+    return Task(spec, model, AutoTokenizer.from_pretrained(path))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"lr": float("inf")}, "--lr must be a finite number > 0, got inf"),
+        ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+        ({"lr": -1.0}, "--lr must be a finite number > 0, got -1.0"),
+        ({"lr": 0}, "--lr must be a finite number > 0, got 0"),
+        ({"lr": "0.1"}, "--lr must be a finite number > 0, got '0.1'"),
+        ({"epochs": float("nan")}, "--epochs must be a finite number > 0"),
+        ({"warmup_ratio": 1.5}, "--warmup-ratio must be a finite number >= 0 and <= 1"),
+        ({"batch_size": 2.0}, "--batch-size must be an integer >= 1, got 2.0"),
+        ({"seed": 2**40}, "--seed must be an integer >= 0 and <= 4294967295"),
+        ({"patience": 0}, "--patience must be an integer >= 1, got 0"),
+    ],
+)
+def test_train_args_refuse_bad_numbers(kw, message):
+    with pytest.raises(sp.SoftPromptError) as err:
+        TrainArgs(output_dir="x", **kw)
+    assert message in str(err.value)
+
+
+def test_a_non_finite_update_stops_training_before_anything_is_saved(tiny_folders, tmp_path):
+    task = fresh_task(tiny_folders, sp.PromptTuningConfig(num_virtual_tokens=2))
+    args = TrainArgs(output_dir=str(tmp_path), batch_size=4, lr=1e300, max_steps=3, progress=False)
+    start = task.model.adapters["a"].embedding.detach().clone()
+    with pytest.raises(sp.SoftPromptError, match="training stopped at step 1: the update is not"):
+        Trainer(task.model, task, rows(8), None, args, log=lambda _: None).train()
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "adapter").exists()
+    assert torch.isfinite(start).all()
+
+
+class _Killed(Exception):
+    pass
+
+
+def _interrupt_after(step: int):
+    """A Trainer that dies right after writing the checkpoint of ``step`` (as kill -9 would)."""
+
+    class Interrupted(Trainer):
+        def save_checkpoint(self):
+            super().save_checkpoint()
+            if self.step == step:
+                raise _Killed
+
+    return Interrupted
+
+
+def test_resumed_logs_equal_the_uninterrupted_run(tiny_folders, tmp_path):
+    """The log window straddling the interruption (steps 6-10, checkpoint at 7) averages the
+    same step losses as an uninterrupted run: the window's losses are part of the checkpoint."""
+
+    def args(out, resume=False):
+        return TrainArgs(
+            output_dir=str(out), batch_size=2, lr=0.05, max_steps=12, log_every=5, save_every=7,
+            eval_every=100, progress=False, resume=resume,
+        )  # fmt: skip
+
+    def run(cls, out, resume=False):
+        task = fresh_task(tiny_folders, sp.PromptTuningConfig(num_virtual_tokens=2, seed=3))
+        cls(task.model, task, rows(40), None, args(out, resume), log=lambda _: None).train()
+
+    def losses(out):
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
+    run(Trainer, tmp_path / "ref")
+    with pytest.raises(_Killed):
+        run(_interrupt_after(7), tmp_path / "cut")
+    assert [s for s, _ in losses(tmp_path / "cut")] == [5]
+    run(Trainer, tmp_path / "cut", resume=True)
+    ref, got = losses(tmp_path / "ref"), losses(tmp_path / "cut")
+    assert [s for s, _ in got] == [s for s, _ in ref] == [5, 10, 12]
+    for (_, a), (_, b) in zip(got, ref, strict=True):
+        assert abs(a - b) <= 1e-6
+
+
+def test_resume_refuses_other_settings_and_another_adapter(tiny_folders, tmp_path):
+    def trainer(config, **kw):
+        task = fresh_task(tiny_folders, config)
+        base = dict(batch_size=2, lr=0.05, max_steps=2, save_every=2, eval_every=100)
+        args = TrainArgs(output_dir=str(tmp_path), progress=False, **{**base, **kw})
+        return Trainer(task.model, task, rows(8), None, args, log=lambda _: None)
+
+    prompt = sp.PromptTuningConfig(num_virtual_tokens=2)
+    trainer(prompt).train()
+    stale = tmp_path / ".adapter.tmp-abc"
+    stale.mkdir()
+    with pytest.raises(sp.SoftPromptError) as err:
+        trainer(prompt, resume=True, lr=0.5, seed=1).train()
+    assert "--lr 0.05 (checkpoint) vs 0.5 (now); --seed 0 (checkpoint) vs 1 (now)" in str(err.value)
+    assert not stale.exists()  # removed at the start of the run
+    for other, what in (
+        (sp.PromptTuningConfig(num_virtual_tokens=3), "num_virtual_tokens 2 -> 3"),
+        (sp.PrefixTuningConfig(num_virtual_tokens=2), "method 'prompt' -> 'prefix'"),
+    ):
+        with pytest.raises(sp.SoftPromptError, match="holds another adapter") as err:
+            trainer(other, resume=True).train()
+        assert what in str(err.value)
+    assert trainer(prompt, resume=True, max_steps=4).train()["steps"] == 4  # extending is fine

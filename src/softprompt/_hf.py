@@ -593,6 +593,7 @@ def prompt_kv(
         slot index -> (key, value), each (n, P, kv_heads, head_dim).
     """
     n, plen = embeds.shape[:2]
+    embeds = embeds.to(model.get_input_embeddings().weight.dtype)  # fp32 prompt, fp16/bf16 model
     body = lm_body_and_head(model)[0]
     embeds = embeds.to(model.get_input_embeddings().weight.dtype)  # fp32 adapter, half base
     pos = torch.arange(-plen, 0, device=embeds.device).expand(n, -1)
@@ -632,6 +633,53 @@ def model_identity(model: PreTrainedModel, slots: list[Slot]) -> dict:
         "kv_dims": sorted({s.kv_dim for s in slots}),
         "embedding_sample": embedding_sample(emb),
     }
+
+
+# config attributes that hold a model's context length (positions it can read), by family:
+# most (Llama, Qwen, BERT, BART, ...), GPT-2 / GPT-J, BLOOM-style, ChatGLM-style
+_CONTEXT_ATTRS = (
+    "max_position_embeddings",
+    "n_positions",
+    "n_ctx",
+    "max_sequence_length",
+    "seq_length",
+)
+# the bound when a config names no context (relative positions, as in T5): far above any prompt
+UNKNOWN_CONTEXT = 65_536
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """How many positions ``model`` can read (its config's context length), or None when the
+    config names none (T5's relative positions have no hard limit)."""
+    cfg = model.config
+    for sub in (cfg, getattr(cfg, "text_config", None)):
+        for attr in _CONTEXT_ATTRS:
+            value = getattr(sub, attr, None) if sub is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_virtual_tokens(model: PreTrainedModel, n: int, what: str = "num_virtual_tokens") -> None:
+    """Refuse a prompt of ``n`` virtual tokens that cannot fit ``model``'s context (checked
+    before anything of that size is allocated).
+
+    Raises:
+        SoftPromptError: ``n`` >= the context length (no room left for a real token), or, for a
+            model whose config names no context length, ``n`` > ``UNKNOWN_CONTEXT``.
+    """
+    ctx = context_length(model)
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    if ctx is not None and n >= ctx:
+        raise SoftPromptError(
+            f"{what}={n:,} does not fit the context of {name} ({ctx:,} positions, "
+            "virtual tokens included); use fewer virtual tokens (typically 10-100)"
+        )
+    if ctx is None and n > UNKNOWN_CONTEXT:
+        raise SoftPromptError(
+            f"{what}={n:,} is more than {UNKNOWN_CONTEXT:,} virtual tokens ({name} names no "
+            "context length); use fewer virtual tokens (typically 10-100)"
+        )
 
 
 def identity_mismatches(expected: dict, actual: dict) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,46 @@ METHOD_NAMES = ("prompt", "prefix", "deep", "ptuning")
 
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
+
+
+def _int_at_least(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high] (also applied to --config values)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite(low: float, inclusive: bool, high: float | None = None):
+    """argparse type: a finite number above ``low`` (at least, with ``inclusive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+        if not ok or (high is not None and value > high):
+            bound = f"{'>=' if inclusive else '>'} {low:g}" + (
+                "" if high is None else f" and <= {high:g}"
+            )
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+_POSITIVE = _int_at_least(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,7 +131,7 @@ def _load_data(path, task, skip_bad, template):
 def _load_adapter_and_task(model_name, adapter_dir, dtype):
     import softprompt as sp
 
-    from .io import read_adapter_config, recorded_base_model
+    from .io import read_adapter_config, recorded_base_model, resolve_adapter_dir
     from .loading import load_base
     from .tasks import Task, TaskSpec
 
@@ -105,7 +146,11 @@ def _load_adapter_and_task(model_name, adapter_dir, dtype):
         raise SoftPromptError(
             f"{adapter_dir} has no task in its adapter_config.json (not made by softprompt train)"
         )
-    return model, tok, Task(TaskSpec.from_dict(task_meta), model, tok)
+    try:
+        return model, tok, Task(TaskSpec.from_dict(task_meta), model, tok)
+    except SoftPromptError as e:
+        where = resolve_adapter_dir(adapter_dir) / "adapter_config.json"
+        raise SoftPromptError(f"{where}: field 'task': {e}") from e
 
 
 def _main_field(task_kind: str) -> str:
@@ -132,6 +177,16 @@ def cmd_train(args) -> dict:
     for flag in ("train", "output"):
         if not getattr(args, flag):
             raise SoftPromptError(f"train needs --{flag} (on the command line or in --config)")
+    if args.layers not in (None, "") and args.method in ("prompt", "ptuning"):
+        raise SoftPromptError(
+            f"--layers applies to per-layer methods (deep, prefix); --method {args.method} "
+            "puts its prompt at the input only: drop --layers"
+        )
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")}
+    train_args = _train_args(args)  # checks the loop's flags before anything loads
+    out = _output_dir(args.output)
+    if args.resume:
+        _check_resume_flags(out, flags)
     from .distributed import check_world_size
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -139,8 +194,6 @@ def cmd_train(args) -> dict:
     main = acc.is_main_process
     log = print if main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
 
     kind = model_kind(args.model)
     encoder_only = kind == "encoder"
@@ -183,12 +236,7 @@ def cmd_train(args) -> dict:
         model.set_active(args.name)
     task = Task(spec, model, tok)
     if main:
-        (out / "config.yaml").write_text(
-            yaml.safe_dump(
-                {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")},
-                sort_keys=False,
-            )
-        )
+        (out / "config.yaml").write_text(yaml.safe_dump(flags, sort_keys=False))
 
     summary: dict = {
         "method": args.method,
@@ -199,7 +247,7 @@ def cmd_train(args) -> dict:
         "world_size": acc.num_processes,
         "distributed_type": str(acc.distributed_type).split(".")[-1],
     }
-    trainer = Trainer(model, task, train_rows, eval_rows, _train_args(args), acc, log=log)
+    trainer = Trainer(model, task, train_rows, eval_rows, train_args, acc, log=log)
     if test_rows and not spec.head and not args.resume:
         model.set_active(None)
         zs, _ = trainer.evaluate(test_rows)
@@ -235,6 +283,68 @@ def cmd_train(args) -> dict:
         )
     summary["_model"], summary["_task"] = model, task
     return summary
+
+
+# flags that may differ between a run and its --resume (see docs: extending a run with more
+# --max-steps / --epochs, evaluating or saving more or less often, another --test set). Every
+# other flag of 'train' must be what the checkpoint's run was started with.
+RESUME_MAY_CHANGE = {
+    "max_steps",
+    "epochs",
+    "eval_every",
+    "save_every",
+    "patience",
+    "eval_batch_size",
+    "lower_layer_cache_mb",
+    "test",
+    "skip_bad",
+    "no_progress",
+    "resume",
+    "output",
+    "report_to",
+}
+
+
+def _output_dir(value: str) -> Path:
+    """``--output`` as a folder, created; an existing file on the way is a clear error."""
+    out = Path(value)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise SoftPromptError(
+                f"--output {out}: {p} is a file, not a folder; give a new or existing folder"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SoftPromptError(f"--output {out}: cannot create the folder ({e.strerror})") from e
+    return out
+
+
+def _check_resume_flags(out: Path, flags: dict) -> None:
+    """Refuse --resume when a flag differs from the checkpoint's run (its config.yaml)."""
+    from .trainer import _checkpoint_dir
+
+    saved_file = out / "config.yaml"
+    if _checkpoint_dir(out) is None or not saved_file.is_file():
+        return  # nothing to resume from: the trainer says so and starts from scratch
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SoftPromptError(f"--resume: {saved_file} is not valid YAML ({e})") from e
+    if not isinstance(saved, dict):
+        raise SoftPromptError(f"--resume: {saved_file} is not a mapping of flag: value")
+    diffs = [
+        f"--{k.replace('_', '-')} {saved[k]!r} (checkpoint) vs {v!r} (now)"
+        for k, v in flags.items()
+        if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v
+    ]
+    if diffs:
+        raise SoftPromptError(
+            f"--resume: the checkpoint in {out} was trained with other flags: "
+            + "; ".join(diffs)
+            + ". Resume with the flags in its config.yaml (--config "
+            + f"{saved_file}), or train into a new --output"
+        )
 
 
 def _train_args(args):
@@ -335,8 +445,12 @@ def cmd_eval(args) -> dict:
         rows = check_eval_labels(task.spec.labels, rows, args.skip_bad, _warn)
     preds = task.predict(rows, args.batch_size)
     metrics = task.metrics(rows, preds)
+    from .io import resolve_adapter_dir
+
     target = (
-        Path(args.predictions) if args.predictions else Path(args.adapter) / "predictions.jsonl"
+        Path(args.predictions)
+        if args.predictions
+        else resolve_adapter_dir(args.adapter) / "predictions.jsonl"
     )
     _write_jsonl(target, preds)
     print(json.dumps(metrics))
@@ -359,7 +473,8 @@ def cmd_generate(args) -> list[dict]:
     else:
         raise SoftPromptError("give TEXT arguments or --data FILE")
     if task.spec.kind == "generate":
-        task.spec.max_new_tokens = args.max_new_tokens or task.spec.max_new_tokens
+        if args.max_new_tokens is not None:
+            task.spec.max_new_tokens = args.max_new_tokens
     preds = task.predict(rows, args.batch_size)
     for p in preds:
         if task.spec.kind == "classify":
@@ -375,7 +490,7 @@ def cmd_inspect(args) -> dict:
     import softprompt as sp
 
     from . import _hf
-    from .io import read_adapter_config, recorded_base_model
+    from .io import read_adapter_config, recorded_base_model, resolve_adapter_dir
     from .loading import load_base
 
     meta = read_adapter_config(args.adapter)
@@ -387,7 +502,7 @@ def cmd_inspect(args) -> dict:
         t.numel() for t in ad.baked_tensors().values() if ad.is_baked
     )
     n_base = sum(p.numel() for p in base.parameters())
-    size = sum(f.stat().st_size for f in Path(args.adapter).iterdir() if f.is_file())
+    size = sum(f.stat().st_size for f in resolve_adapter_dir(args.adapter).iterdir() if f.is_file())
     report = {
         "method": meta["method"],
         "config": meta["config"],
@@ -496,24 +611,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", choices=["classify", "generate"], default="classify")
     t.add_argument("--template", help='e.g. "[soft:10] Review: {text} Sentiment: {label}"')
     t.add_argument("--verbalizer", help='JSON label -> word, e.g. \'{"positive": "great"}\'')
-    t.add_argument("--num-virtual-tokens", type=int, default=10)
+    t.add_argument("--num-virtual-tokens", type=_POSITIVE, default=10)
     t.add_argument("--init", choices=["vocab", "random", "text", "labels"], default="vocab")
     t.add_argument("--init-text", help="text for --init text")
     t.add_argument("--layers", help="deep/prefix: 'all', 'top_half' or indices like '6,7,8'")
-    t.add_argument("--prefix-hidden", type=int, default=512, help="prefix MLP width")
+    t.add_argument("--prefix-hidden", type=_POSITIVE, default=512, help="prefix MLP width")
     t.add_argument(
         "--encoder", choices=["mlp", "lstm"], default="mlp", help="P-tuning prompt encoder"
     )
-    t.add_argument("--epochs", type=float, default=3.0)
-    t.add_argument("--max-steps", type=int)
+    t.add_argument("--epochs", type=_finite(0, False), default=3.0)
+    t.add_argument("--max-steps", type=_POSITIVE)
     t.add_argument(
         "--lr",
-        type=float,
+        type=_finite(0, False),
         help="default: per method: prompt 0.075 and ptuning 0.0075 times the embedding table's "
         "RMS (SmolLM2: 1e-2, 1e-3), deep 5e-3, prefix 3e-5",
     )
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--batch-size", type=_POSITIVE, default=8)
+    t.add_argument("--grad-accum", type=_POSITIVE, default=1)
     t.add_argument(
         "--group-by-length",
         action="store_true",
@@ -521,24 +636,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--lower-layer-cache-mb",
-        type=int,
+        type=_int_at_least(0),
         default=1024,
         help="adapters on upper layers only (--layers): memory for caching the frozen blocks "
         "below them after the first epoch (0: off)",
     )
-    t.add_argument("--warmup-ratio", type=float, default=0.06)
-    t.add_argument("--eval-every", type=int, default=50)
+    t.add_argument("--warmup-ratio", type=_finite(0, True, 1), default=0.06)
+    t.add_argument("--eval-every", type=_POSITIVE, default=50)
     t.add_argument(
-        "--save-every", type=int, help="checkpoint every N steps (default: --eval-every)"
+        "--save-every", type=_POSITIVE, help="checkpoint every N steps (default: --eval-every)"
     )
     t.add_argument(
-        "--patience", type=int, default=5, help="evaluations without improvement before stopping"
+        "--patience",
+        type=_POSITIVE,
+        default=5,
+        help="evaluations without improvement before stopping",
     )
-    t.add_argument("--eval-limit", type=int, help="use only the first N dev rows for selection")
-    t.add_argument("--eval-batch-size", type=int, default=32)
-    t.add_argument("--max-length", type=int, default=256, help="prompt tokens kept")
-    t.add_argument("--max-new-tokens", type=int, default=64)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--eval-limit", type=_POSITIVE, help="use only the first N dev rows for selection"
+    )
+    t.add_argument("--eval-batch-size", type=_POSITIVE, default=32)
+    t.add_argument("--max-length", type=_POSITIVE, default=256, help="prompt tokens kept")
+    t.add_argument("--max-new-tokens", type=_POSITIVE, default=64)
+    t.add_argument("--seed", type=_int_at_least(0, 2**32 - 1), default=0)
     t.add_argument("--name", default="default", help="adapter name")
     t.add_argument("--resume", action="store_true", help="continue from output/checkpoint")
     t.add_argument("--skip-bad", action="store_true", help="report and skip bad data rows")
@@ -561,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--output", default=None)
     d.add_argument("--method", choices=METHOD_NAMES, default=None)
-    d.add_argument("--max-steps", type=int, default=None)
+    d.add_argument("--max-steps", type=_POSITIVE, default=None)
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("eval", help="metrics of an adapter on data (JSON on stdout)")
@@ -571,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--predictions", help="where to write predictions JSONL (default: beside the adapter)"
     )
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--batch-size", type=_POSITIVE, default=32)
     e.add_argument("--skip-bad", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -580,15 +700,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", required=True)
     g.add_argument("text", nargs="*")
     g.add_argument("--data")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument(
+        "--max-new-tokens", type=_POSITIVE, help="default: what the adapter was trained with"
+    )
+    g.add_argument("--batch-size", type=_POSITIVE, default=16)
     g.add_argument("--skip-bad", action="store_true")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="what an adapter is and what its virtual tokens are near")
     i.add_argument("adapter")
     i.add_argument("--model", help="base model (default: the one the adapter names)")
-    i.add_argument("--top-k", type=int, default=5)
+    i.add_argument("--top-k", type=_POSITIVE, default=5)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
@@ -614,16 +736,44 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
         if not isinstance(data, dict):
             raise SoftPromptError(f"--config {path} must be a mapping of flag: value")
         sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
-        known = {a.dest for a in sub._actions}  # noqa: SLF001
+        actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "version")}  # noqa: SLF001
         defaults = {}
         for key, value in data.items():
             dest = str(key).replace("-", "_")
-            if dest not in known:
+            if dest not in actions:
                 raise SoftPromptError(f"--config {path}: unknown flag {key!r} for '{args.command}'")
-            defaults[dest] = value
+            defaults[dest] = _config_value(actions[dest], value, f"--config {path}: {key}")
         sub.set_defaults(**defaults)
         args = parser.parse_args(argv)
     return args
+
+
+def _config_value(action: argparse.Action, value, where: str):
+    """A --config value checked and converted as argparse would the same flag on the command
+    line (its type and choices; true/false for switches); null is the flag's default."""
+    if value is None:
+        return action.default
+    if action.nargs == 0:  # store_true and friends
+        if not isinstance(value, bool):
+            raise SoftPromptError(f"{where} must be true or false, got {value!r}")
+        return value
+    many = action.nargs in ("*", "+")
+    values = value if many and isinstance(value, list) else [value]
+    out = []
+    for v in values:
+        if isinstance(v, list | dict) or (isinstance(v, bool) and action.type is not None):
+            raise SoftPromptError(f"{where} must be a single value, got {v!r}")
+        text = str(v)
+        try:
+            converted = action.type(text) if action.type is not None else text
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            raise SoftPromptError(f"{where} {e}") from None
+        if action.choices is not None and converted not in action.choices:
+            raise SoftPromptError(
+                f"{where} must be one of {', '.join(map(str, action.choices))}, got {v!r}"
+            )
+        out.append(converted)
+    return out if many else out[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import assets
+from . import _json, assets
 from ._hf import SoftPromptError
 
 __all__ = [
@@ -52,7 +52,7 @@ __all__ = [
 TASKS: dict[str, tuple[str, str]] = {"classify": ("text", "label"), "generate": ("input", "target")}
 """The two fields every row of a task needs."""
 
-_SKIP_HINT = "or pass skip_bad=True to skip bad rows"
+_SKIP_HINT = "or pass --skip-bad to skip bad rows"
 _EMBEDDED = ("rotten-tomatoes", "aclsum")
 
 
@@ -97,6 +97,15 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _is_text(value: str) -> bool:
+    """False for strings with lone surrogates (JSON "\\ud800"): no tokenizer takes them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_row(row: Any, task: str, required: Sequence[str]) -> dict[str, Any]:
     """Validate one row and return its fields (label normalised to str); raises ``_BadRow``."""
     if not isinstance(row, dict):
@@ -133,6 +142,11 @@ def _check_row(row: Any, task: str, required: Sequence[str]) -> dict[str, Any]:
             )
         if isinstance(value, str) and not value.strip():
             raise _BadRow(f"field {name!r} is empty; fill it in, {_SKIP_HINT}")
+        if isinstance(value, str) and not _is_text(value):
+            raise _BadRow(
+                f"field {name!r} holds a lone surrogate (such as \\ud800), which is not text; "
+                f"fix the row, {_SKIP_HINT}"
+            )
     return row
 
 
@@ -160,12 +174,18 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield line_no, json.loads(line)
-        except json.JSONDecodeError as err:
+            yield line_no, _json.loads(line)
+        except _json.JSONError as err:
+            if err.key is not None:
+                yield (
+                    line_no,
+                    _BadRow(f"field {err.key!r} appears twice in the row; keep one, {_SKIP_HINT}"),
+                )
+                continue
             yield (
                 line_no,
                 _BadRow(
-                    f"not valid JSON ({err.msg} at column {err.colno}); write one JSON object "
+                    f"not valid JSON ({err.msg} at column {err.pos + 1}); write one JSON object "
                     f"per line, {_SKIP_HINT}"
                 ),
             )
@@ -173,12 +193,10 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, Any]]:
 
 def _json_array_rows(text: str, name: str) -> Iterator[tuple[int, Any]]:
     """Elements of a JSON array with the line each starts on (a syntax error is fatal)."""
-    decoder = json.JSONDecoder()
     ws = re.compile(r"\s*")
 
     def fail(pos: int, msg: str) -> DataError:
-        line = text.count("\n", 0, pos) + 1
-        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        line, col = _json.line_col(text, pos)
         return DataError(f"{name}:{line}: not valid JSON ({msg} at column {col}); fix the file")
 
     pos = ws.match(text, 0).end()
@@ -190,8 +208,8 @@ def _json_array_rows(text: str, name: str) -> Iterator[tuple[int, Any]]:
     else:
         while True:
             try:
-                value, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as err:
+                value, end = _json.raw_decode(text, pos)
+            except _json.JSONError as err:
                 raise fail(err.pos, err.msg) from None
             yield text.count("\n", 0, pos) + 1, value
             pos = ws.match(text, end).end()
@@ -213,11 +231,11 @@ def _json_rows(text: str, name: str) -> Iterator[tuple[int, Any]]:
         return
     first = next((line for line in text.split("\n") if line.strip()), "")
     try:
-        json.loads(first)
-    except json.JSONDecodeError:
+        _json.loads(first)
+    except _json.JSONError:
         try:
-            json.loads(text)
-        except json.JSONDecodeError:
+            _json.loads(text)
+        except _json.JSONError:
             pass
         else:  # a pretty-printed single JSON value
             raise DataError(
@@ -242,12 +260,27 @@ def _csv_rows(text: str, name: str, delimiter: str, needed: Sequence[str]) -> It
                 raise DataError(
                     f"{name}:{start}: bad {kind} ({err}); check the quoting of this record"
                 ) from None
-            yield start, record
-            start = reader.line_num + 1
+            end = reader.line_num
+            if delimiter == "\t" and any("\n" in c and "\t" in c for c in record):
+                # a quote that opens a value and closes lines later took in line breaks and
+                # tabs: the rows in between merged into one value (TSV text rarely holds both)
+                yield (
+                    start,
+                    _BadRow(
+                        f"a quoted value runs from line {start} to line {end}, taking in tabs and "
+                        f"line breaks (an unbalanced '\"'?); remove the stray quote or double it "
+                        f'(""), {_SKIP_HINT}'
+                    ),
+                )
+            else:
+                yield start, record
+            start = end + 1
 
     rows = records()
     header: list[str] | None = None
     for line_no, record in rows:
+        if isinstance(record, _BadRow):
+            raise DataError(f"{name}:{line_no}: the header: {record}")
         if any(cell.strip() for cell in record):
             header = [cell.strip() for cell in record]
             header_line = line_no
@@ -265,6 +298,9 @@ def _csv_rows(text: str, name: str, delimiter: str, needed: Sequence[str]) -> It
     if duplicate is not None:
         raise DataError(f"{name}:{header_line}: column {duplicate!r} appears twice; rename one")
     for line_no, record in rows:
+        if isinstance(record, _BadRow):
+            yield line_no, record
+            continue
         if not record or not any(cell.strip() for cell in record):
             continue  # blank line
         if len(record) != len(header):

@@ -28,12 +28,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
 from ._hf import SoftPromptError
-from .io import WEIGHTS_NAME, atomic_write, read_adapter_config
+from .io import WEIGHTS_NAME, _read_tensors, atomic_write, read_adapter_config, resolve_adapter_dir
 
 FORMATS = {"prompt-embeds": "prompt_embeds.safetensors", "prefix-kv": "prefix_kv.safetensors"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,10 +48,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise SoftPromptError(f"{path} is missing: {directory} is not a saved adapter")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SoftPromptError(f"{path} is not a readable safetensors file ({e})") from e
+    return _read_tensors(path)  # refuses a corrupt file and NaN / infinite values
 
 
 def _common_metadata(meta: dict, fmt: str) -> dict[str, str]:
@@ -87,7 +83,7 @@ def export_prompt_embeds(
     Returns:
         The file written (default: ``DIR/prompt_embeds.safetensors``).
     """
-    directory = Path(directory)
+    directory = resolve_adapter_dir(directory)  # an adapter, or the run folder train wrote
     meta = read_adapter_config(directory)
     tensors = _weights(directory)
     if "prompt" not in tensors:
@@ -138,7 +134,7 @@ def export_prefix_kv(
     """
     import softprompt as sp
 
-    directory = Path(directory)
+    directory = resolve_adapter_dir(directory)  # an adapter, or the run folder train wrote
     meta = read_adapter_config(directory)
     if "prefix" not in _weights(directory):
         raise SoftPromptError(

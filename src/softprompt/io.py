@@ -21,18 +21,21 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from ._hf import SoftPromptError, identity_mismatches
-from .methods.base import AdapterConfig
+from . import __version__, _json
+from ._hf import SoftPromptError, check_virtual_tokens, identity_mismatches
+from .methods.base import METHODS, AdapterConfig
 from .model import SoftPromptModel, attach
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 TRAINABLE_NAME = "trainable.safetensors"
 FORMAT = "softprompt-adapter"
+FORMAT_VERSION = 1  # the newest adapter format this library reads and writes
+# a trainable.safetensors must reproduce adapter.safetensors within this (relative to its scale)
+BAKED_TOLERANCE = 1e-4
 
 
 def atomic_write(path: Path, write) -> None:
@@ -67,7 +70,7 @@ def adapter_metadata(model: SoftPromptModel, name: str) -> dict:
     slots = [model.info.slots[s].key for s in ad.layout.slots] if hasattr(ad, "layout") else []
     return {
         "format": FORMAT,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "name": name,
         "method": ad.config.method,
@@ -117,22 +120,107 @@ def save_adapter(
     return directory
 
 
+def resolve_adapter_dir(directory: str | Path) -> Path:
+    """The adapter folder ``directory`` stands for: itself, or the ``adapter/`` folder inside a
+    run folder that ``softprompt train`` wrote (``runs/x`` -> ``runs/x/adapter``)."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file() and (directory / "adapter" / CONFIG_NAME).is_file():
+        return directory / "adapter"
+    return directory
+
+
+# field -> (check, what it must be) for the optional fields of adapter_config.json
+_OPTIONAL = {
+    "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "task": (lambda v: isinstance(v, dict), "an object"),
+    "slots": (
+        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "a list of strings",
+    ),
+    "task_head": (
+        lambda v: (
+            isinstance(v, list)
+            and len(v) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < 2**31 for x in v)
+        ),
+        "[hidden_size, num_labels] (two positive integers)",
+    ),
+    "baked": (lambda v: isinstance(v, bool), "true or false"),
+    "has_trainable": (lambda v: isinstance(v, bool), "true or false"),
+    "library_version": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_base_model(path: Path, ident: dict) -> None:
+    name = ident.get("name_or_path", "")
+    if not isinstance(name, str):
+        raise SoftPromptError(f"{path}: field 'base_model.name_or_path' must be a string")
+    sample = ident.get("embedding_sample")
+    if sample is not None and not (
+        isinstance(sample, list)
+        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in sample)
+    ):
+        raise SoftPromptError(
+            f"{path}: field 'base_model.embedding_sample' must be a list of numbers"
+        )
+
+
 def read_adapter_config(directory: str | Path) -> dict:
-    """Read and validate ``adapter_config.json``; errors name the file and what is wrong."""
-    path = Path(directory) / CONFIG_NAME
-    if not Path(directory).is_dir():
+    """Read and validate ``adapter_config.json`` of an adapter (or run) folder; errors name the
+    file and the field, and what is wrong."""
+    directory = resolve_adapter_dir(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
         raise SoftPromptError(f"adapter directory {directory} does not exist")
     if not path.is_file():
         raise SoftPromptError(f"{path} is missing: {directory} is not a softprompt adapter")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+        meta = _json.loads(text)
+    except UnicodeDecodeError as e:
         raise SoftPromptError(f"{path} is not valid JSON ({e}); the file is corrupt") from e
+    except _json.JSONError as e:
+        line, col = _json.line_col(text, e.pos)
+        if e.key is not None:
+            raise SoftPromptError(
+                f"{path}:{line}: key {e.key!r} appears twice in one object; keep one"
+            ) from e
+        raise SoftPromptError(
+            f"{path} is not valid JSON (line {line} column {col}: {e.msg}); the file is corrupt"
+        ) from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SoftPromptError(f"{path}: 'format' is not {FORMAT!r}; not a softprompt adapter")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SoftPromptError(f"{path}: field 'format_version' must be a positive integer")
+    if version > FORMAT_VERSION:
+        raise SoftPromptError(
+            f"{path}: format_version {version} is newer than this softprompt reads "
+            f"({FORMAT_VERSION}); upgrade softprompt (pip install -U softprompt)"
+        )
     for field in ("method", "config", "base_model"):
         if field not in meta:
             raise SoftPromptError(f"{path}: missing field {field!r}")
+    if not isinstance(meta["method"], str) or meta["method"] not in METHODS:
+        raise SoftPromptError(
+            f"{path}: field 'method' is {meta['method']!r}, not one of {sorted(METHODS)}"
+        )
+    for field in ("config", "base_model"):
+        if not isinstance(meta[field], dict):
+            raise SoftPromptError(
+                f"{path}: field {field!r} must be an object, got {type(meta[field]).__name__}"
+            )
+    if meta["config"].get("method", meta["method"]) != meta["method"]:
+        raise SoftPromptError(
+            f"{path}: field 'config.method' ({meta['config'].get('method')!r}) disagrees with "
+            f"'method' ({meta['method']!r})"
+        )
+    _check_base_model(path, meta["base_model"])
+    for field, (ok, what) in _OPTIONAL.items():
+        if meta.get(field) is not None and not ok(meta[field]):
+            raise SoftPromptError(
+                f"{path}: field {field!r} must be {what}, got {meta[field]!r:.80}"
+            )
     return meta
 
 
@@ -152,14 +240,100 @@ def recorded_base_model(meta: dict, where: str | Path) -> str:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; refuses NaN or infinite values, naming the tensor."""
     if not path.is_file():
         raise SoftPromptError(f"{path} is missing")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, OverflowError) as e:
         raise SoftPromptError(
             f"{path} is not a readable safetensors file ({e}); the file is corrupt"
         ) from e
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise SoftPromptError(
+                f"{path}: tensor {key!r} holds {bad} NaN or infinite values; the adapter is "
+                "broken (trained with too high a learning rate?): retrain it"
+            )
+    return tensors
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header, without reading the data."""
+    if not path.is_file():
+        raise SoftPromptError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, OverflowError) as e:
+        raise SoftPromptError(
+            f"{path} is not a readable safetensors file ({e}); the file is corrupt"
+        ) from e
+
+
+def _expected_shapes(
+    model: SoftPromptModel, config: AdapterConfig, head: int | None, trainable: bool
+) -> dict[str, tuple[int, ...]]:
+    """The tensors (name -> shape) the file of ``config``'s adapter holds, from an adapter built
+    on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        ad = METHODS[config.method][1](config, model.info, None)
+        if head is not None:
+            ad.set_task_head(head)
+        tensors = ad.state_dict() if trainable else dict(ad.baked_tensors())
+        if not trainable and head is not None:
+            tensors.update({f"task_head.{k}": v for k, v in ad.task_head.state_dict().items()})
+    return {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
+
+
+def _check_shapes(path: Path, got: dict, expected: dict) -> None:
+    for key in sorted(set(expected) - set(got)):
+        raise SoftPromptError(
+            f"{path} lacks tensor {key!r} {expected[key]} that its adapter_config.json implies"
+        )
+    for key in sorted(got):
+        if key not in expected:
+            raise SoftPromptError(
+                f"{path}: unexpected tensor {key!r}; the config implies {sorted(expected)}"
+            )
+        if got[key] != expected[key]:
+            raise SoftPromptError(
+                f"{path}: tensor {key!r} has shape {got[key]}, the adapter expects "
+                f"{expected[key]} (adapter_config.json and the weights disagree)"
+            )
+
+
+def _check_baked_agrees(directory: Path, adapter) -> None:
+    """A trainable.safetensors must reproduce the adapter.safetensors saved beside it."""
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        return
+    saved = _read_tensors(weights)
+    with torch.no_grad():
+        computed = dict(adapter.baked_tensors())
+        if adapter.task_head is not None:
+            computed.update(
+                {f"task_head.{k}": v for k, v in adapter.task_head.state_dict().items()}
+            )
+    for key, value in computed.items():
+        other = saved.get(key)
+        a = value.detach().float().cpu()
+        if other is None or other.shape != a.shape:
+            raise SoftPromptError(
+                f"{directory / TRAINABLE_NAME} and {weights} disagree: tensor {key!r} is "
+                f"{'missing' if other is None else tuple(other.shape)} in {WEIGHTS_NAME}, "
+                f"{tuple(a.shape)} from {TRAINABLE_NAME}; one of them was replaced: delete "
+                f"{TRAINABLE_NAME} to use {WEIGHTS_NAME}"
+            )
+        other = other.float()
+        diff = (a - other).abs().max().item() if a.numel() else 0.0
+        if diff > BAKED_TOLERANCE * (1 + other.abs().max().item()):
+            raise SoftPromptError(
+                f"{directory / TRAINABLE_NAME} and {weights} disagree: tensor {key!r} computed "
+                f"from {TRAINABLE_NAME} differs from {WEIGHTS_NAME} by up to {diff:.3g}; one of "
+                f"them was replaced: delete {TRAINABLE_NAME} to use {WEIGHTS_NAME}"
+            )
 
 
 def load_adapter(
@@ -179,8 +353,9 @@ def load_adapter(
     Raises:
         SoftPromptError: missing or corrupt files, or an adapter made for another base model.
     """
-    directory = Path(directory)
+    directory = resolve_adapter_dir(directory)
     meta = read_adapter_config(directory)
+    path = directory / CONFIG_NAME
     model = model if isinstance(model, SoftPromptModel) else attach(model)
     diffs = identity_mismatches(meta["base_model"], model.info.identity)
     if diffs:
@@ -188,7 +363,11 @@ def load_adapter(
         raise SoftPromptError(
             f"adapter {directory} was made for another base model ({made_for}): " + "; ".join(diffs)
         )
-    config = AdapterConfig.from_dict(meta["config"])
+    try:
+        config = AdapterConfig.from_dict(meta["config"])
+        check_virtual_tokens(model.base_model, config.num_virtual_tokens)
+    except SoftPromptError as e:
+        raise SoftPromptError(f"{path}: field 'config': {e}") from e
     name = name or meta.get("name") or "default"
     has_trainable = (directory / TRAINABLE_NAME).is_file()
     if trainable and not has_trainable:
@@ -196,41 +375,32 @@ def load_adapter(
             f"{directory} holds only the baked inference form; it was not saved with trainable=True"
         )
     use_trainable = has_trainable if trainable is None else trainable
+    head = int(meta["task_head"][1]) if meta.get("task_head") else None
+    file = directory / (TRAINABLE_NAME if use_trainable else WEIGHTS_NAME)
+    try:  # shapes from the header, before anything of the config's size is allocated
+        expected = _expected_shapes(model, config, head, use_trainable)
+    except SoftPromptError as e:
+        raise SoftPromptError(f"{path}: field 'config': {e}") from e
+    _check_shapes(file, _header_shapes(file), expected)
+    tensors = _read_tensors(file)
     adapter = model.add_adapter(name, config, _init=False)
     adapter.task = meta.get("task")
-    if meta.get("task_head"):
-        adapter.set_task_head(int(meta["task_head"][1])).to(model.device)
+    if head is not None:
+        adapter.set_task_head(head).to(model.device)
     try:
         if use_trainable:
-            state = _read_tensors(directory / TRAINABLE_NAME)
-            missing = set(adapter.state_dict()) - set(state) - {"baked"}
-            if missing:
-                raise SoftPromptError(
-                    f"{directory / TRAINABLE_NAME} lacks tensors {sorted(missing)}"
-                )
-            for key, val in state.items():
-                target = dict(adapter.named_parameters()).get(key)
-                if target is None or target.shape != val.shape:
-                    raise SoftPromptError(
-                        f"{directory / TRAINABLE_NAME}: tensor {key!r} has shape {tuple(val.shape)}, "
-                        f"the adapter expects {None if target is None else tuple(target.shape)}"
-                    )
-                with torch.no_grad():
-                    target.copy_(val)
+            params = dict(adapter.named_parameters())
+            with torch.no_grad():
+                for key, val in tensors.items():
+                    if key in params:
+                        params[key].copy_(val)
+            _check_baked_agrees(directory, adapter)
         else:
-            tensors = _read_tensors(directory / WEIGHTS_NAME)
-            head = {k[10:]: tensors.pop(k) for k in list(tensors) if k.startswith("task_head.")}
+            head_state = {
+                k[10:]: tensors.pop(k) for k in list(tensors) if k.startswith("task_head.")
+            }
             if adapter.task_head is not None:
-                try:
-                    adapter.task_head.load_state_dict(head)
-                except RuntimeError as e:
-                    raise SoftPromptError(f"{directory / WEIGHTS_NAME}: bad task head ({e})") from e
-            expected = {k: tuple(v.shape) for k, v in adapter.baked_tensors().items()}
-            got = {k: tuple(v.shape) for k, v in tensors.items()}
-            if expected != got:
-                raise SoftPromptError(
-                    f"{directory / WEIGHTS_NAME} holds {got}, the config implies {expected}"
-                )
+                adapter.task_head.load_state_dict(head_state)
             with torch.no_grad():
                 adapter.load_baked({k: v.to(model.device) for k, v in tensors.items()})
     except Exception:

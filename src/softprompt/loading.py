@@ -34,9 +34,17 @@ def model_kind(name_or_path: str) -> str:
 def _config(path: str, name: str):
     if os.path.isdir(path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise SoftPromptError(
+                f"--model {name}: the folder has no config.json, so it is not a transformers "
+                "model; give a folder written by save_pretrained, an embedded asset "
+                "(softprompt assets lists them) or a hub id"
+            )
+    elif os.path.exists(path):
+        raise SoftPromptError(f"--model {name} is a file; give a model folder, asset or hub id")
     try:
         return AutoConfig.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SoftPromptError(
             f"cannot load model {name!r}: {e}. Give a local folder, an embedded asset "
             "(softprompt assets lists them) or a hub id reachable from this machine"
@@ -60,7 +68,10 @@ def load_base(name_or_path: str, dtype: str = "float32", device: str | None = No
     cls = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM, "encoder": AutoModel}[
         model_kind(name_or_path)
     ]
-    model: PreTrainedModel = cls.from_pretrained(path, dtype=DTYPES[dtype])
+    try:
+        model: PreTrainedModel = cls.from_pretrained(path, dtype=DTYPES[dtype])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise SoftPromptError(f"cannot load the weights of model {name_or_path!r}: {e}") from e
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     if tok.pad_token is None and tok.eos_token is not None:

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from . import _hf
-from ._hf import STATE_KWARG, ModelInfo, SoftPromptError
+from ._hf import STATE_KWARG, ModelInfo, SoftPromptError, check_virtual_tokens
 from .layer_cache import LayerCache
 from .methods.base import METHODS, Adapter, AdapterConfig, InitContext
 
@@ -326,6 +326,7 @@ class SoftPromptModel(nn.Module):
             )
         if config.method not in METHODS:
             raise SoftPromptError(f"unknown method {config.method!r}")
+        check_virtual_tokens(self.base_model, config.num_virtual_tokens)  # before allocating
         ctx = None
         if _init:
             gen = torch.Generator()

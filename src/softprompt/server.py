@@ -511,7 +511,7 @@ class Engine:
     # ---------------------------------------------------------------- adapters
     def load(self, name: str, path: str | Path, *, check_root: bool = True) -> AdapterEntry:
         """Load adapter ``path`` as ``name`` (validated; see the HTTP errors it raises)."""
-        from .io import read_adapter_config
+        from .io import read_adapter_config, resolve_adapter_dir
         from .tasks import Task, TaskSpec
 
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -527,13 +527,15 @@ class Engine:
         if check_root:
             try:
                 directory = self.allowed_path(path)
+                if resolve_adapter_dir(directory) != directory:  # a run folder: its adapter/
+                    directory = self.allowed_path(resolve_adapter_dir(directory))
                 self._check_files_inside(path, directory)
             except (OSError, RuntimeError) as e:  # name too long, symlink loop, no permission
                 raise ServeError(
                     400, f"path: cannot read {str(path)[:200]!r}: {e}", "invalid_adapter", "path"
                 ) from e
         else:
-            directory = Path(path).resolve()
+            directory = resolve_adapter_dir(Path(path).resolve()).resolve()
         try:
             meta = read_adapter_config(directory)
         except SoftPromptError as e:

@@ -15,12 +15,12 @@ says how to use it (the CLI's eval/generate and the server read it from there).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
-from ._hf import SoftPromptError
+from ._hf import SoftPromptError, check_virtual_tokens
 from .data import Example
 from .lm import answer_logprobs, lm_loss, pad_left
 from .metrics import classification_metrics, generation_metrics
@@ -52,11 +52,43 @@ class TaskSpec:
     max_length: int = 256
     max_new_tokens: int = 64
 
+    def __post_init__(self) -> None:
+        def fail(name: str, what: str) -> None:
+            raise SoftPromptError(
+                f"task field {name!r} must be {what}, got {getattr(self, name)!r:.80}"
+            )
+
+        if self.kind not in TASKS:
+            fail("kind", f"one of {list(TASKS)}")
+        if not isinstance(self.template, str):
+            fail("template", "a string")
+        if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
+            fail("labels", "a list of strings")
+        if not isinstance(self.verbalizer, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.verbalizer.items()
+        ):
+            fail("verbalizer", "an object of label: word strings")
+        if not isinstance(self.head, bool):
+            fail("head", "true or false")
+        for name in ("max_length", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, "an integer >= 1")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskSpec:
+        if not isinstance(data, dict):
+            raise SoftPromptError(f"a task is a JSON object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SoftPromptError(f"a task has no field(s) {unknown}")
+        missing = sorted({"kind", "template"} - set(data))
+        if missing:
+            raise SoftPromptError(f"a task needs the field(s) {missing}")
         return cls(**data)
 
 
@@ -70,6 +102,14 @@ class Task:
         self.model = model
         self.tok = tokenizer
         self.template = Template.parse(spec.template)
+        # a template's [soft:N] segments must fit the model before any row is encoded
+        check_virtual_tokens(model.base_model, self.template.num_soft, "the template's [soft:N]")
+        main = "text" if spec.kind == "classify" else "input"
+        if main not in self.template.fields:
+            raise SoftPromptError(
+                f"template {spec.template!r} has no {{{main}}}: the model would never see the "
+                f"input; put {{{main}}} in the template (e.g. 'Text: {{{main}}} ...')"
+            )
         self.enc_dec = model.info.is_encoder_decoder
         self.encoder_only = not self.enc_dec and not model.info.is_causal_lm
         self.pad_id = pad_id(tokenizer)
@@ -161,6 +201,8 @@ class Task:
     ) -> list[dict]:
         """Predictions for rows: classify -> label + scores; generate -> text (``gen``: extra
         ``generate`` arguments)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise SoftPromptError(f"--batch-size must be >= 1, got {batch_size!r}")
         out: list[dict] = []
         items = [self.prompt_ids(ex.fields) for ex in examples]
         order = sorted(range(len(items)), key=lambda i: len(items[i]))  # length buckets

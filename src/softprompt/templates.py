@@ -205,6 +205,10 @@ class Template:
             raise TemplateError(
                 f"template {text!r} is empty; write e.g. 'Text: {{text}}\\nLabel: {{label}}'"
             )
+        if not _is_text(text):
+            raise TemplateError(
+                f"template {text!r} holds a lone surrogate (such as \\ud800), which is not text"
+            )
         parts = _parse_parts(text)
         answers = [
             i for i, p in enumerate(parts) if isinstance(p, FieldPart) and p.name in ANSWER_FIELDS
@@ -280,6 +284,10 @@ class Template:
                     f"of those fields in the template, or add {name!r} to the data"
                 )
             values[name] = str(row[name])
+            if not _is_text(values[name]):
+                raise TemplateError(
+                    f"field {name!r} holds a lone surrogate (such as \\ud800), which is not text"
+                )
         return values
 
     def _ids(self, values: Mapping[str, str], tokenizer, specials) -> list[int]:
@@ -379,6 +387,15 @@ class Template:
         if add_eos and tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
         return ids
+
+
+def _is_text(value: str) -> bool:
+    """False for strings with lone surrogates, which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _cut_points(text: str, tokenizer) -> list[int]:

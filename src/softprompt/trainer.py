@@ -90,13 +90,60 @@ class TrainArgs:
     fsdp: bool = False  # shard the frozen base's blocks across the processes (distributed.py)
 
     def __post_init__(self) -> None:
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        def number(name: str, cls: type, low: float, low_ok: bool, high: float = math.inf):
+            value = getattr(self, name)
+            if value is None and name in ("lr", "max_steps", "save_every", "eval_limit"):
+                return
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and (cls is float or isinstance(value, int)) and math.isfinite(value)
+            ok = ok and (value >= low if low_ok else value > low) and value <= high
+            if not ok:
+                kind = "an integer" if cls is int else "a finite number"
+                bound = f"{'>=' if low_ok else '>'} {low:g}" + (
+                    f" and <= {high}" if high < math.inf else ""
+                )
+                raise SoftPromptError(f"{flag(name)} must be {kind} {bound}, got {value!r}")
+
         for name in ("batch_size", "grad_accum", "eval_every", "log_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise SoftPromptError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise SoftPromptError("--max-steps must be >= 1")
-        if self.epochs <= 0:
-            raise SoftPromptError("--epochs must be > 0")
+            number(name, int, 1, True)
+        for name in ("max_steps", "save_every", "patience", "eval_limit"):
+            number(name, int, 1, True)
+        number("lower_layer_cache_mb", int, 0, True)
+        number("seed", int, 0, True, 2**32 - 1)
+        number("epochs", float, 0, False)
+        number("lr", float, 0, False)  # inf or NaN would train an all-NaN adapter
+        number("warmup_ratio", float, 0, True, 1)
+        number("weight_decay", float, 0, True)
+        number("max_grad_norm", float, 0, True)
+
+
+# TrainArgs fields a resumed run must share with the checkpoint: they shape the data order, the
+# optimisation or the logs. The others (max_steps / epochs to extend a run, eval_every,
+# save_every, patience, progress, eval_batch_size, lower_layer_cache_mb) may change on resume.
+RESUME_MUST_MATCH = (
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "group_by_length",
+    "log_every",
+    "eval_limit",
+)
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the half-written ``.checkpoint.tmp-*`` / ``.adapter.tmp-*`` folders that a killed
+    run leaves behind (``_atomic_dir`` removes its own on any normal exit)."""
+    stale = [p for pat in (".checkpoint.tmp-*", ".adapter.tmp-*") for p in out.glob(pat)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def length_grouped_batches(
@@ -194,6 +241,9 @@ class Trainer:
         self.best: float | None = None
         self.bad_evals = 0
         self.last_metric: float | None = None
+        self.recent: list[float] = []  # step losses since the last log line (kept on resume)
+        self.saved_step: int | None = None  # the step of the checkpoint on disk
+        self.adapter_step: int | None = None  # the step of output/adapter
 
     # ------------------------------------------------------------------ data order
     def _micro_batches(self, epoch: int) -> list[list[int]]:
@@ -216,6 +266,8 @@ class Trainer:
             "last_metric": self.last_metric,
             "lr": self.lr,
             "total": self.total,
+            "recent": self.recent,
+            "adapter_step": self.adapter_step,
             "args": asdict(self.args),
         }
 
@@ -236,26 +288,69 @@ class Trainer:
             (tmp / "trainer_state.json").write_text(json.dumps(self._state(), indent=2))
 
         _atomic_dir(self.out / "checkpoint", fill)
+        self.saved_step = self.step
 
     def _resume(self) -> None:
         ck = _checkpoint_dir(self.out)
         if ck is None:
             self.log(f"--resume: no checkpoint in {self.out}; starting from scratch")
             return
-        from safetensors.torch import load_file
+        from .io import CONFIG_NAME, TRAINABLE_NAME, _read_tensors
 
-        state = json.loads((ck / "trainer_state.json").read_text())
-        tensors = load_file(str(ck / "trainable.safetensors"))
+        def damaged(what: str, err: Exception | str) -> SoftPromptError:
+            return SoftPromptError(
+                f"--resume: {ck / what} is damaged ({str(err)[:200]}); delete {ck} to train "
+                "from scratch"
+            )
+
+        try:
+            state = json.loads((ck / "trainer_state.json").read_text())
+            step, best = int(state["step"]), state["best"]
+            bad_evals, last_metric = state["bad_evals"], state["last_metric"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise damaged("trainer_state.json", e) from e
+        self._check_resume_args(ck, state.get("args") or {})
         adapter = self.model.adapters[self.model.active]
+        try:
+            saved = json.loads((ck / CONFIG_NAME).read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = None
+        now = adapter.config.to_dict()
+        if saved is not None and saved != now:
+            diffs = [
+                f"{k} {saved.get(k)!r} -> {now.get(k)!r}"
+                for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)
+            ]
+            raise SoftPromptError(
+                f"--resume: the checkpoint in {ck} holds another adapter ({'; '.join(diffs)}); "
+                "resume with the flags it was trained with, or train into a new --output"
+            )
+        tensors = _read_tensors(ck / TRAINABLE_NAME)
+        params = dict(adapter.named_parameters())
+        for name, p in params.items():
+            if name not in tensors or tensors[name].shape != p.shape:
+                got = tuple(tensors[name].shape) if name in tensors else "nothing"
+                raise SoftPromptError(
+                    f"--resume: {ck / TRAINABLE_NAME} holds {got} for {name!r}, this run's "
+                    f"adapter has {tuple(p.shape)}; resume with the flags the checkpoint was "
+                    "trained with, or train into a new --output"
+                )
+        try:  # never a plain unpickle
+            blob = torch.load(ck / "optimizer.pt", weights_only=True)
+            self.opt.load_state_dict(blob["optimizer"])
+            self.sched.load_state_dict(blob["scheduler"])
+            rng = blob["rng"]
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+            raise damaged("optimizer.pt", e) from e
         with torch.no_grad():
-            for name, p in adapter.named_parameters():
+            for name, p in params.items():
                 p.copy_(tensors[name])
-        blob = torch.load(ck / "optimizer.pt", weights_only=True)  # never a plain unpickle
-        self.opt.load_state_dict(blob["optimizer"])
-        self.sched.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["rng"])
-        self.step, self.best = state["step"], state["best"]
-        self.bad_evals, self.last_metric = state["bad_evals"], state["last_metric"]
+        torch.set_rng_state(rng)
+        self.step, self.best = step, best
+        self.bad_evals, self.last_metric = bad_evals, last_metric
+        self.recent = [float(x) for x in state.get("recent", [])]
+        self.saved_step, self.adapter_step = step, state.get("adapter_step")
         log = self.out / "metrics.jsonl"
         if log.exists() and self.acc.is_main_process:  # drop what was logged after the checkpoint
             keep = [
@@ -276,6 +371,39 @@ class Trainer:
         }
         with open(self.out / f"rows.rank{self.acc.process_index}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _check_resume_args(self, ck: Path, saved: dict) -> None:
+        now = asdict(self.args)
+        diffs = [
+            f"--{k.replace('_', '-')} {saved[k]!r} (checkpoint) vs {now[k]!r} (now)"
+            for k in RESUME_MUST_MATCH
+            if k in saved and saved[k] != now[k]
+        ]
+        if diffs:
+            raise SoftPromptError(
+                f"--resume: the checkpoint in {ck} was trained with other settings: "
+                + "; ".join(diffs)
+                + ". Resume with the same ones, or train into a new --output"
+            )
+
+    def _adapter_finite(self) -> bool:
+        """Whether the trained weights and what they give (the baked prompt / prefix that is
+        saved) are all finite: only such a state is ever checkpointed."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            return False
+        with torch.no_grad():
+            baked = self.model.adapters[self.model.active].baked_tensors()
+            return all(bool(torch.isfinite(t).all()) for t in baked.values())
+
+    def _nonfinite(self, what: str) -> SoftPromptError:
+        ck = f"{self.out / 'checkpoint'} (step {self.saved_step})" if self.saved_step else None
+        ad = f"{self.out / 'adapter'} (step {self.adapter_step})" if self.adapter_step else None
+        kept = " and ".join(x for x in (ck, ad) if x) or "nothing (no checkpoint was saved yet)"
+        return SoftPromptError(
+            f"training stopped at step {self.step + 1}: {what} is not finite (NaN or infinite; "
+            f"is the learning rate {self.lr:g} too high?). Kept from before: {kept}. Lower --lr "
+            "and train again"
+        )
 
     def _write_log(self, record: dict) -> None:
         if self.acc.is_main_process:
@@ -304,6 +432,9 @@ class Trainer:
     def train(self) -> dict:
         args, acc, model = self.args, self.acc, self.model
         self.out.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            for p in remove_stale_temporaries(self.out):
+                self.log(f"removed {p}, left half-written by an interrupted run")
         if args.resume:
             self._resume()
         elif acc.is_main_process and (self.out / "metrics.jsonl").exists():
@@ -337,7 +468,7 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        t0, recent = time.time(), []
+        t0 = time.time()
         stop = False
         while self.step < self.total and not stop:
             epoch, first = divmod(self.step, self.steps_per_epoch)
@@ -366,12 +497,31 @@ class Trainer:
                             p.grad = torch.zeros_like(p)
                         p.grad = acc.reduce(p.grad, reduction="sum")
                     loss_sum = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item()
+                if not math.isfinite(loss_sum):
+                    raise self._nonfinite(f"the loss ({loss_sum})")
+                grads = [p.grad for p in self.params if p.grad is not None]
+                norm = (
+                    torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+                    )
+                    if grads
+                    else torch.zeros(())
+                )
+                if not torch.isfinite(norm):
+                    raise self._nonfinite("the gradient")
                 if args.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
-                self.opt.step()
+                try:
+                    self.opt.step()
+                except RuntimeError as e:  # the step size itself overflows (lr near 1e38)
+                    if "overflow" not in str(e):
+                        raise
+                    raise self._nonfinite("the update") from e
+                if not self._adapter_finite():
+                    raise self._nonfinite("the adapter after the update")
                 self.sched.step()
                 self.step += 1
-                recent.append(loss_sum)
+                self.recent.append(loss_sum)
                 bar.update(1)
                 post = {"loss": f"{loss_sum:.4f}"}
                 if self.last_metric is not None:
@@ -382,12 +532,12 @@ class Trainer:
                         {
                             "step": self.step,
                             "epoch": round(self.step / self.steps_per_epoch, 3),
-                            "loss": sum(recent) / len(recent),
+                            "loss": sum(self.recent) / len(self.recent),
                             "lr": self.sched.get_last_lr()[0],
                             "elapsed_s": round(time.time() - t0, 2),
                         }
                     )
-                    recent = []
+                    self.recent = []
                 if self.eval_examples and (
                     self.step % args.eval_every == 0 or self.step == self.total
                 ):
@@ -410,6 +560,7 @@ class Trainer:
     def _save_best(self) -> None:
         if self.acc.is_main_process:
             _atomic_dir(self.out / "adapter", lambda tmp: save_adapter(self.model, tmp))
+        self.adapter_step = self.step
 
     def _eval_and_select(self) -> bool:
         self.model.eval()

@@ -13,6 +13,8 @@ The wrapper, trainer and server only call these; they never branch on a method's
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -61,6 +63,11 @@ class AdapterConfig:
             raise SoftPromptError(
                 f"{type(self).__name__}.init must be one of {list(self.inits)}, got {self.init!r}"
             )
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise SoftPromptError(
+                f"{type(self).__name__}.seed must be None or an integer in [0, 2**63), "
+                f"got {self.seed!r}"
+            )
         if self.init in ("text", "labels") and not (self.init_text or self.init_token_ids):
             raise SoftPromptError(
                 f"{type(self).__name__}: init={self.init!r} needs init_text (with a tokenizer "
@@ -72,6 +79,8 @@ class AdapterConfig:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> AdapterConfig:
+        if not isinstance(data, dict):
+            raise SoftPromptError(f"an adapter config is a JSON object, got {type(data).__name__}")
         data = dict(data)
         method = data.pop("method", None)
         if method not in METHODS:
@@ -81,7 +90,49 @@ class AdapterConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise SoftPromptError(f"{cls.__name__} has no field(s) {unknown}")
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if not _is_instance(value, hints[key]):
+                raise SoftPromptError(
+                    f"{cls.__name__}.{key} must be {_type_name(hints[key])}, got {value!r:.80}"
+                )
         return cls(**data)
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (int, str, list[int], X | None, ...)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is_instance(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+_NAMES = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+}
+_NAMES[bool] = ("true or false", "booleans")
+
+
+def _type_name(hint: Any, plural: bool = False) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a, plural) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0], plural=True)}"
+    if hint is type(None):
+        return "null"
+    names = _NAMES.get(hint, (f"a {getattr(hint, '__name__', hint)}",) * 2)
+    return names[plural]
 
 
 @dataclass
@@ -166,6 +217,12 @@ class Adapter(nn.Module):
 def text_token_ids(config: AdapterConfig, ctx: InitContext) -> list[int]:
     """Token ids of ``init_text`` (or ``init_token_ids``), for text and label-word init."""
     if config.init_token_ids:
+        vocab = ctx.model.get_input_embeddings().weight.shape[0]
+        bad = [i for i in config.init_token_ids if not 0 <= i < vocab]
+        if bad:
+            raise SoftPromptError(
+                f"init_token_ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})"
+            )
         return list(config.init_token_ids)
     if ctx.tokenizer is None:
         raise SoftPromptError(
