@@ -76,6 +76,8 @@ def adapter_metadata(model: SoftPromptModel, name: str) -> dict:
         "base_model": model.info.identity,
         "task": ad.task,
         "task_head": None if ad.task_head is None else list(ad.task_head.weight.shape[::-1]),
+        **({"position_offset": ad.position_offset} if ad.position_offset else {}),
+        **({"source": ad.source} if ad.source else {}),
     }
 
 
@@ -118,7 +120,11 @@ def save_adapter(
 
 
 def read_adapter_config(directory: str | Path) -> dict:
-    """Read and validate ``adapter_config.json``; errors name the file and what is wrong."""
+    """Read and validate ``adapter_config.json``; errors name the file and what is wrong.
+
+    A PEFT prompt-learning folder (``peft_type`` in its config) reads as the softprompt config
+    it converts to (``softprompt.peft_compat.peft_meta``), with the PEFT config under ``peft``.
+    """
     path = Path(directory) / CONFIG_NAME
     if not Path(directory).is_dir():
         raise SoftPromptError(f"adapter directory {directory} does not exist")
@@ -128,6 +134,10 @@ def read_adapter_config(directory: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SoftPromptError(f"{path} is not valid JSON ({e}); the file is corrupt") from e
+    if isinstance(meta, dict) and "peft_type" in meta:  # a PEFT folder: softprompt.peft_compat
+        from .peft_compat import peft_meta
+
+        return peft_meta(Path(directory), meta)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SoftPromptError(f"{path}: 'format' is not {FORMAT!r}; not a softprompt adapter")
     for field in ("method", "config", "base_model"):
@@ -182,6 +192,10 @@ def load_adapter(
     directory = Path(directory)
     meta = read_adapter_config(directory)
     model = model if isinstance(model, SoftPromptModel) else attach(model)
+    if "peft" in meta:
+        from .peft_compat import load_peft
+
+        return load_peft(model, directory, meta, name)
     diffs = identity_mismatches(meta["base_model"], model.info.identity)
     if diffs:
         made_for = meta["base_model"].get("name_or_path") or meta["base_model"].get("architecture")
@@ -198,6 +212,8 @@ def load_adapter(
     use_trainable = has_trainable if trainable is None else trainable
     adapter = model.add_adapter(name, config, _init=False)
     adapter.task = meta.get("task")
+    adapter.position_offset = int(meta.get("position_offset") or 0)
+    adapter.source = meta.get("source")
     if meta.get("task_head"):
         adapter.set_task_head(int(meta["task_head"][1])).to(model.device)
     try:
