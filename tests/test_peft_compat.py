@@ -1,0 +1,367 @@
+"""PEFT prompt-learning folders in and out, checked against the real peft (0.21.2).
+
+Every PEFT folder here is made by peft itself (``get_peft_model`` + ``save_pretrained``, weights
+perturbed away from their init); every exported folder is loaded by ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import method_config, perturb, tiny_model
+from peft import (
+    CartridgeConfig,
+    LoraConfig,
+    MultitaskPromptTuningConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+import softprompt as sp
+from softprompt import _hf
+from softprompt.export import export_adapter, export_peft
+from softprompt.io import read_adapter_config
+from softprompt.lm import pad_left
+from softprompt.peft_compat import save_peft
+
+PEFT_CONFIGS = {
+    "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    "ptuning_mlp": lambda: PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16
+    ),
+    "ptuning_lstm": lambda: PromptEncoderConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=3,
+        encoder_hidden_size=16,
+        encoder_reparameterization_type="LSTM",
+    ),
+    "prefix_mlp": lambda: PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16
+    ),
+    "prefix_flat": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    "cartridge": lambda: CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+}
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])  # unpadded rows
+
+
+# peft warns (about dropped position ids, prompt learning in generate, transformers' deprecated
+# names it still reads); these are peft's, not softprompt's.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+
+def make_peft_folder(base, config, path: Path, seed: int = 0) -> Path:
+    """A PEFT folder written by peft, its prompt encoder moved away from its init."""
+    base.name_or_path = base.name_or_path or f"tiny-{base.config.model_type}"  # as from a folder
+    pm = get_peft_model(base, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pm.prompt_encoder.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5 * (p.std() if p.numel() > 1 else 1))
+    pm.save_pretrained(path)
+    return path
+
+
+def peft_logits(base, path, ids, mask=None) -> torch.Tensor:
+    """PEFT's logits on the real tokens (PEFT's outputs include the virtual positions)."""
+    pm = PeftModel.from_pretrained(base, path).eval()
+    with torch.no_grad():
+        return pm(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
+
+
+def sp_logits(model, ids, mask=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.fixture(scope="module")
+def peft_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft")
+    return {
+        (fam, kind): make_peft_folder(tiny_model(fam), make(), root / f"{fam}-{kind}")
+        for fam in ("gpt2", "llama")
+        for kind, make in PEFT_CONFIGS.items()
+    }
+
+
+# ------------------------------------------------------------------------------ in
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
+def test_peft_folder_gives_peft_logits_and_generation(peft_dirs, family, kind):
+    path = peft_dirs[family, kind]
+    model = sp.load_adapter(tiny_model(family), path)
+    want = peft_logits(tiny_model(family), path, IDS)
+    got = sp_logits(model, IDS)
+    assert_close(got, want, atol=1e-4, rtol=0)
+    bare = sp_logits(sp.attach(tiny_model(family)), IDS)
+    assert (got - bare).abs().max() > 1e-2  # the adapter does something
+    # the same tokens as PEFT's greedy generate (prefix on GPT-2: positions shifted in generate)
+    pm = PeftModel.from_pretrained(tiny_model(family), path).eval()
+    with torch.no_grad():
+        want_gen = pm.generate(input_ids=IDS, max_new_tokens=6, do_sample=False)[:, -6:]
+        got_gen = model.generate(input_ids=IDS, max_new_tokens=6, do_sample=False)[:, -6:]
+    assert torch.equal(got_gen, want_gen)
+    meta = read_adapter_config(path)
+    assert meta["method"] == (
+        "prompt" if kind in ("prompt", "ptuning_mlp", "ptuning_lstm") else "deep"
+    )
+    assert meta["task"] == {"kind": "generate", "template": "{input}"}
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix_flat"])
+def test_generation_scores_equal_peft(peft_dirs, kind):
+    path = peft_dirs["gpt2", kind]
+    model = sp.load_adapter(tiny_model("gpt2"), path)
+    pm = PeftModel.from_pretrained(tiny_model("gpt2"), path).eval()
+    kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        got = torch.stack(model.generate(input_ids=IDS, **kw).scores)
+        want = torch.stack(pm.generate(input_ids=IDS, **kw).scores)
+    assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_prefix_import_keeps_peft_positions_on_gpt2(peft_dirs):
+    """PEFT's prefix sits at positions 0..P-1, the real tokens at P..: on GPT-2's learned
+    positions only the shifted positions reproduce it."""
+    path = peft_dirs["gpt2", "prefix_flat"]
+    model = sp.load_adapter(tiny_model("gpt2"), path, name="imported")
+    assert model.adapters["imported"].position_offset == 3
+    want = peft_logits(tiny_model("gpt2"), path, IDS)
+    model.adapters["imported"].position_offset = 0
+    assert (sp_logits(model, IDS) - want).abs().max() > 1e-2
+    # mixed with an adapter without offset and the bare model, each row as alone
+    model.adapters["imported"].position_offset = 3
+    model.add_adapter("mine", method_config("prompt"))
+    perturb(model)
+    alone = {n: sp_logits_named(model, IDS[:1], n) for n in ("imported", "mine", None)}
+    ids = IDS[:1].repeat(3, 1)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=["imported", "mine", None]).logits
+    for i, n in enumerate(("imported", "mine", None)):
+        assert_close(mixed[i : i + 1], alone[n], atol=1e-5, rtol=0)
+
+
+def sp_logits_named(model, ids, name):
+    with torch.no_grad():
+        return model(input_ids=ids, adapter_names=[name] * ids.shape[0]).logits
+
+
+def test_left_padding_rows_equal_peft_rows_alone(peft_dirs):
+    """softprompt gives a row inside a left-padded batch the logits PEFT gives it alone."""
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    ids, mask = pad_left(rows, 0)
+    for family in ("gpt2", "llama"):
+        for kind in ("prompt", "prefix_flat"):
+            path = peft_dirs[family, kind]
+            model = sp.load_adapter(tiny_model(family), path)
+            got = sp_logits(model, ids, mask)
+            for b, row in enumerate(rows):
+                want = peft_logits(tiny_model(family), path, torch.tensor([row]))
+                assert_close(got[b : b + 1, -len(row) :], want, atol=1e-4, rtol=0)
+
+
+def test_adapter_model_bin_loads_with_weights_only(peft_dirs, tmp_path):
+    src = peft_dirs["llama", "prefix_flat"]
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    torch.save(load_file(str(src / "adapter_model.safetensors")), d / "adapter_model.bin")
+    got = sp_logits(sp.load_adapter(tiny_model("llama"), d), IDS)
+    assert_close(got, peft_logits(tiny_model("llama"), src, IDS), atol=1e-4, rtol=0)
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_bin_is_not_executed(peft_dirs, tmp_path):
+    marker = tmp_path / "pwned"
+    d = tmp_path / "evil"
+    d.mkdir()
+    src = peft_dirs["llama", "prompt"]
+    (d / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    torch.save({"prompt_embeddings": _Evil(str(marker))}, d / "adapter_model.bin")
+    with pytest.raises(sp.SoftPromptError, match="weights_only=True") as e:
+        sp.load_adapter(tiny_model("llama"), d)
+    assert "never runs pickled code" in str(e.value) and "save_file" in str(e.value)
+    assert not marker.exists()
+
+
+def test_folder_for_another_base_model_is_refused(peft_dirs, tmp_path):
+    with pytest.raises(sp.SoftPromptError, match="made for another base model") as e:
+        sp.load_adapter(tiny_model("llama"), peft_dirs["gpt2", "prefix_flat"])
+    assert "token_dim: adapter has 32, model has 16" in str(e.value)
+    with pytest.raises(sp.SoftPromptError, match="num_layers: adapter has 2, model has 3"):
+        sp.load_adapter(tiny_model("llama"), peft_dirs["gpt2", "prompt"])
+    d = tmp_path / "edited"
+    d.mkdir()
+    src = peft_dirs["llama", "prompt"]
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["num_attention_heads"] = 8
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    (d / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(sp.SoftPromptError, match="num_attention_heads: adapter has 8, model has 4"):
+        sp.load_adapter(tiny_model("llama"), d)
+    model = sp.attach(tiny_model("llama"))
+    with pytest.raises(sp.SoftPromptError):
+        sp.load_adapter(model, peft_dirs["gpt2", "prefix_flat"])
+    assert len(model.adapters) == 0  # nothing left behind
+
+
+def test_unsupported_peft_types_are_refused_by_name(tmp_path):
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], r=2))
+    lora.save_pretrained(tmp_path / "lora")
+    with pytest.raises(sp.SoftPromptError, match="peft_type 'LORA' is not supported"):
+        sp.load_adapter(tiny_model("llama"), tmp_path / "lora")
+    mpt = get_peft_model(
+        tiny_model("llama"),
+        MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_tasks=2),
+    )
+    mpt.save_pretrained(tmp_path / "mpt")
+    with pytest.raises(sp.SoftPromptError, match="'MULTITASK_PROMPT_TUNING' is not supported"):
+        sp.load_adapter(tiny_model("llama"), tmp_path / "mpt")
+    from transformers import LlamaForSequenceClassification
+
+    cls_base = LlamaForSequenceClassification(tiny_model("llama").config)
+    cls = get_peft_model(cls_base, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+    cls.save_pretrained(tmp_path / "cls")
+    with pytest.raises(sp.SoftPromptError, match="SEQ_CLS"):
+        sp.load_adapter(tiny_model("llama"), tmp_path / "cls")
+
+
+# ------------------------------------------------------------------------------ out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "deep"])
+def test_export_loads_in_peft_with_equal_logits(tmp_path, family, method):
+    model = sp.attach(tiny_model(family), method_config(method))
+    perturb(model)
+    if family == "gpt2" and method in ("prefix", "deep"):
+        with pytest.raises(sp.SoftPromptError, match="learned absolute positions"):
+            save_peft(model, tmp_path / "out")
+        return
+    out = save_peft(model, tmp_path / "out")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == (
+        "PROMPT_TUNING" if method in ("prompt", "ptuning") else "PREFIX_TUNING"
+    )
+    assert set(load_file(str(out / "adapter_model.safetensors"))) == {"prompt_embeddings"}
+    want = sp_logits(model, IDS)
+    got = peft_logits(tiny_model(family), out, IDS)
+    assert_close(got, want, atol=1e-4, rtol=0)
+    if method == "deep" and family != "gpt2":  # the rotation is what makes a prefix equal
+        flat = model.adapters["default"].prefix.detach()
+        save_file({"prompt_embeddings": flat.contiguous()}, str(out / "adapter_model.safetensors"))
+        assert (peft_logits(tiny_model(family), out, IDS) - want).abs().max() > 1e-3
+
+
+def test_rotate_keys_sign():
+    """q_{p+s} . R(s) k == q_p . k with the model's own rotary embedding."""
+    base = tiny_model("llama")
+    rotary = base.model.rotary_emb
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+
+    def rot(x, p):  # x (1, h, n, hd) at position p
+        cos, sin = rotary(x, torch.full((1, x.shape[2]), p))
+        return apply_rotary_pos_emb(x, x, cos, sin)[0]
+
+    k5 = _hf.rotate_keys(base, k, 5).permute(1, 0, 2)[None]  # (1, kvh, P, hd)
+    s_near = rot(q, 2) @ k.permute(1, 0, 2)[None].transpose(-1, -2)
+    s_far = rot(q, 7) @ k5.transpose(-1, -2)
+    assert_close(s_far, s_near, atol=1e-5, rtol=0)
+
+
+def test_export_refuses_what_peft_cannot_express(tmp_path, tiny_folders):
+    cases = {
+        "append": (sp.PromptTuningConfig(num_virtual_tokens=2, placement="append"), "append"),
+        "template": (sp.PromptTuningConfig(num_virtual_tokens=2, placement="template"), "template"),
+        "subset": (sp.DeepPromptConfig(num_virtual_tokens=2, layers=[1]), "a subset of layers"),
+    }
+    for name, (config, msg) in cases.items():
+        model = sp.attach(tiny_model("llama"), config)
+        with pytest.raises(sp.SoftPromptError, match=msg):
+            save_peft(model, tmp_path / name)
+    t5 = sp.attach(tiny_model("t5"), sp.DeepPromptConfig(num_virtual_tokens=2))
+    with pytest.raises(sp.SoftPromptError, match="encoder-decoder"):
+        save_peft(t5, tmp_path / "t5")
+
+
+@pytest.mark.parametrize(
+    "family,kind",
+    [("llama", k) for k in PEFT_CONFIGS] + [("gpt2", "prefix_flat"), ("gpt2", "ptuning_mlp")],
+)
+def test_round_trip_peft_softprompt_peft_is_exact(peft_dirs, tmp_path, family, kind):
+    src = peft_dirs[family, kind]
+    model = sp.load_adapter(tiny_model(family), src, name="rt")
+    model.save_adapter(tmp_path / "sp", "rt")
+    out = export_peft(tmp_path / "sp", tmp_path / "back", model=str(_base_folder(tmp_path, family)))
+    a = load_file(str(src / "adapter_model.safetensors"))["prompt_embeddings"]
+    b = load_file(str(out / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert torch.equal(a, b)
+    old = json.loads((src / "adapter_config.json").read_text())
+    new = json.loads((out / "adapter_config.json").read_text())
+    for field in (
+        "peft_type",
+        "task_type",
+        "num_virtual_tokens",
+        "token_dim",
+        "num_layers",
+        "num_attention_heads",
+        "num_transformer_submodules",
+        "prefix_projection",
+        "encoder_hidden_size",
+        "encoder_reparameterization_type",
+        "num_frozen_tokens",
+        "base_model_name_or_path",
+    ):
+        assert new.get(field) == old.get(field), field
+    assert_close(
+        peft_logits(tiny_model(family), out, IDS),
+        peft_logits(tiny_model(family), src, IDS),
+        atol=0,
+        rtol=0,
+    )
+
+
+def _base_folder(tmp_path, family) -> Path:
+    path = tmp_path / f"base-{family}"
+    if not path.exists():
+        tiny_model(family).save_pretrained(path)
+    return path
+
+
+def test_export_adapter_format_peft(tmp_path, tiny_folders):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_folders["llama"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(folder), method_config("prefix"))
+    perturb(model)
+    model.save_adapter(tmp_path / "sp")
+    out = export_adapter(tmp_path / "sp", "peft", tmp_path / "out")
+    assert (
+        json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == folder
+    )
+    got = peft_logits(AutoModelForCausalLM.from_pretrained(folder), out, IDS)
+    assert_close(got, sp_logits(model, IDS), atol=1e-4, rtol=0)
