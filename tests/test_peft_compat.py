@@ -365,3 +365,124 @@ def test_export_adapter_format_peft(tmp_path, tiny_folders):
     )
     got = peft_logits(AutoModelForCausalLM.from_pretrained(folder), out, IDS)
     assert_close(got, sp_logits(model, IDS), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------ CLI and server
+
+
+@pytest.fixture(scope="module")
+def cli_peft(tiny_folders, tmp_path_factory):
+    """PEFT folders made on the tiny Llama folder (real tokenizer), naming it as their base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("peft-cli")
+    folder = tiny_folders["llama"]
+    dirs = {
+        kind: make_peft_folder(
+            AutoModelForCausalLM.from_pretrained(folder), PEFT_CONFIGS[kind](), root / kind
+        )
+        for kind in ("prompt", "prefix_flat")
+    }
+    data = root / "gen.jsonl"
+    data.write_text(
+        "".join(json.dumps({"input": f"say {w}", "target": w}) + "\n" for w in ("yes", "no"))
+    )
+    return {
+        "folder": folder,
+        "dirs": dirs,
+        "data": data,
+        "tok": AutoTokenizer.from_pretrained(folder),
+    }
+
+
+def peft_greedy(cli_peft, kind, text, n) -> str:
+    from transformers import AutoModelForCausalLM
+
+    pm = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(cli_peft["folder"]), cli_peft["dirs"][kind]
+    ).eval()
+    ids = cli_peft["tok"](text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = pm.generate(input_ids=ids, max_new_tokens=n, do_sample=False)
+    return cli_peft["tok"].decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix_flat"])
+def test_cli_inspect_generate_eval_take_a_peft_folder(cli_peft, capsys, kind):
+    from softprompt.cli import main
+
+    d = cli_peft["dirs"][kind]
+    assert main(["inspect", str(d), "--json", "--top-k", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == ("prompt" if kind == "prompt" else "deep")
+    assert report["base_model"]["name_or_path"] == cli_peft["folder"]  # base_model_name_or_path
+    assert len(report["virtual_tokens"]) == PEFT_CONFIGS[kind]().num_virtual_tokens
+    assert main(["generate", "--adapter", str(d), "say yes", "--max-new-tokens", "4"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = peft_greedy(cli_peft, kind, "say yes", 4).strip()  # the CLI strips its outputs
+    assert line == {"input": "say yes", "output": want}
+    preds = d.parent / f"{kind}-preds.jsonl"
+    args = [
+        "eval",
+        "--adapter",
+        str(d),
+        "--data",
+        str(cli_peft["data"]),
+        "--predictions",
+        str(preds),
+    ]
+    assert main(args) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["n"] == 2 and "exact_match" in metrics
+    rows = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == [
+        peft_greedy(cli_peft, kind, f"say {w}", 64).strip() for w in ("yes", "no")
+    ]
+
+
+def test_server_serves_and_loads_peft_folders(cli_peft):
+    import argparse
+
+    from fastapi.testclient import TestClient
+    from transformers import AutoModelForCausalLM
+
+    from softprompt import server as srv
+
+    dirs = cli_peft["dirs"]
+    parser = argparse.ArgumentParser()
+    srv.add_serve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--adapter", f"p={dirs['prompt']}"])
+    model_name, adapters, _ = srv.settings_from_args(args)
+    assert model_name == cli_peft["folder"] and adapters == {"p": str(dirs["prompt"])}
+    app = srv.create_app(
+        AutoModelForCausalLM.from_pretrained(cli_peft["folder"]),
+        cli_peft["tok"],
+        {"p": str(dirs["prompt"])},
+        srv.ServeSettings(max_wait_ms=5),
+    )
+    with TestClient(app) as c:
+        r = c.post("/v1/adapters", json={"name": "late", "path": str(dirs["prefix_flat"])})
+        assert r.status_code == 201, r.text
+        for name, kind in (("p", "prompt"), ("late", "prefix_flat")):
+            r = c.post(
+                "/v1/completions",
+                json={"model": name, "prompt": "say yes", "max_tokens": 4, "temperature": 0},
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == peft_greedy(cli_peft, kind, "say yes", 4)
+
+
+def test_other_exports_read_a_peft_folder(cli_peft, tmp_path):
+    from safetensors import safe_open
+
+    d = cli_peft["dirs"]
+    path = export_adapter(d["prompt"], "prompt-embeds", tmp_path / "pe.safetensors")
+    want = load_file(str(d["prompt"] / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert torch.equal(load_file(str(path))["prompt_embeds"], want)
+    path = export_adapter(d["prefix_flat"], "prefix-kv", tmp_path / "kv.safetensors")
+    flat = load_file(str(d["prefix_flat"] / "adapter_model.safetensors"))["prompt_embeddings"]
+    kv = load_file(str(path))
+    assert torch.equal(kv["layers.0.key"], flat[:, :16].reshape(3, 2, 8).permute(1, 0, 2))
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata()
+    assert md["position_offset"] == "3" and "positions 3..3+T-1" in md["positions"]

@@ -53,6 +53,12 @@ def slot_tensor_name(slot_key: str) -> str:
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    meta = read_adapter_config(directory)
+    if "peft" in meta:  # a PEFT folder: its one tensor, by what it is
+        from .peft_compat import PROMPT_TYPES, read_peft_weights
+
+        kind = "prompt" if meta["peft"]["peft_type"] in PROMPT_TYPES else "prefix"
+        return {kind: read_peft_weights(directory)}
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise SoftPromptError(f"{path} is missing: {directory} is not a saved adapter")
@@ -167,13 +173,15 @@ def export_prefix_kv(
             tensors[f"{stem}.key"] = _cast(k.permute(1, 0, 2), dtype)  # (kvh, P, hd)
             tensors[f"{stem}.value"] = _cast(v.permute(1, 0, 2), dtype)
     md = _common_metadata(meta, "prefix-kv")
+    offset = wrapped.adapters["export"].position_offset  # imported from PEFT: P
     md.update(
+        position_offset=str(offset),
         slots=json.dumps(slots),
         tensor_names=json.dumps({s: slot_tensor_name(s) for s in slots}),
         layout="(num_kv_heads, num_virtual_tokens, head_dim)",
         covers_all_layers=json.dumps(len(slots) == len(info.slots)),
         positions=(
-            "keys carry no position embedding; real tokens take positions 0..T-1 "
+            f"keys carry no position embedding; real tokens take positions {offset}..{offset}+T-1 "
             "(with rotary models pass position_ids, see docs/serving.md)"
         ),
     )
