@@ -486,3 +486,46 @@ def test_other_exports_read_a_peft_folder(cli_peft, tmp_path):
     with safe_open(str(path), "pt") as f:
         md = f.metadata()
     assert md["position_offset"] == "3" and "positions 3..3+T-1" in md["positions"]
+
+
+# ------------------------------------------------------------------------------ real weights
+
+
+@pytest.mark.slow
+def test_smollm2_peft_in_and_out(tmp_path):
+    """SmolLM2-135M (9 query / 3 key-value heads, head dim 64, 30 layers): PEFT's prompt and
+    prefix folders load with PEFT's logits, softprompt's prefix and prompt export into PEFT."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt.assets import resolve_model
+
+    path = resolve_model("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ids = tok(["Review: a joy to watch.\nSentiment:"], return_tensors="pt").input_ids
+        for kind in ("prompt", "prefix_mlp"):
+            d = make_peft_folder(base(), PEFT_CONFIGS[kind](), tmp_path / kind)
+            if kind == "prefix_mlp":
+                cfg = json.loads((d / "adapter_config.json").read_text())
+                assert (cfg["token_dim"], cfg["num_attention_heads"]) == (192, 3)  # 3 x 64
+            got = sp_logits(sp.load_adapter(base(), d), ids)
+            assert_close(got, peft_logits(base(), d, ids), atol=1e-4, rtol=0)
+        # prefix: the MLP at its init (the model's own keys/values of 5 tokens read at -5..-1);
+        # deep prompts and prompt tuning moved away from theirs. (perturb() on the MLP makes
+        # keys ~10x the model's own: then float32 rotary angles alone differ by ~1e-3.)
+        model = sp.attach(base(), sp.DeepPromptConfig(num_virtual_tokens=5), name="deep")
+        model.add_adapter("prompt", sp.PromptTuningConfig(num_virtual_tokens=5))
+        perturb(model, scale=0.2)
+        model.add_adapter("prefix", sp.PrefixTuningConfig(num_virtual_tokens=5))
+        for name in ("deep", "prompt", "prefix"):
+            out = save_peft(model, tmp_path / f"out-{name}", name)
+            want = sp_logits_named(model, ids, name)
+            assert_close(peft_logits(base(), out, ids), want, atol=1e-4, rtol=0)
+    finally:
+        torch.set_num_threads(before)
