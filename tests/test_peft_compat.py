@@ -529,3 +529,49 @@ def test_smollm2_peft_in_and_out(tmp_path):
             assert_close(peft_logits(base(), out, ids), want, atol=1e-4, rtol=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_offset_rows_decode_step_by_step_with_the_returned_cache(peft_dirs):
+    """A manual decoding loop (forward with past_key_values) keeps the shifted positions."""
+    model = sp.load_adapter(tiny_model("gpt2"), peft_dirs["gpt2", "prefix_flat"])
+    ids, mask = pad_left([[5, 6, 7, 8, 9, 10], [11, 12, 13]], 0)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(4, ids.shape[1]):
+            out = model(
+                input_ids=ids[:, t : t + 1],
+                attention_mask=mask[:, : t + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            steps.append(out.logits)
+            cache = out.past_key_values
+    assert_close(torch.cat(steps, 1) * mask[..., None], full * mask[..., None], atol=1e-5, rtol=0)
+
+
+def test_server_refuses_a_peft_folder_for_another_model(cli_peft, tmp_path):
+    from fastapi.testclient import TestClient
+    from transformers import AutoModelForCausalLM
+
+    from softprompt import server as srv
+
+    other = make_peft_folder(
+        tiny_model("gpt2"), PEFT_CONFIGS["prefix_flat"](), tmp_path / "gpt2-prefix"
+    )
+    app = srv.create_app(
+        AutoModelForCausalLM.from_pretrained(cli_peft["folder"]),
+        cli_peft["tok"],
+        {},
+        srv.ServeSettings(
+            max_wait_ms=5, adapter_roots=[str(tmp_path), str(cli_peft["dirs"]["prompt"].parent)]
+        ),
+    )
+    with TestClient(app) as c:
+        r = c.post("/v1/adapters", json={"name": "x", "path": str(other)})
+        assert r.status_code == 409, r.text
+        assert "made for another base model" in r.json()["error"]["message"]
+        r = c.post("/v1/adapters", json={"name": "y", "path": str(cli_peft["dirs"]["prompt"])})
+        assert r.status_code == 201 and r.json()["method"] == "prompt"
