@@ -177,6 +177,9 @@ def load_adapter(
 ) -> SoftPromptModel:
     """Load an adapter directory onto a base model or a ``SoftPromptModel``.
 
+    The directory may also be a PEFT prompt-learning folder (``softprompt.peft_compat``): it
+    loads with the logits ``PeftModel.from_pretrained`` gives.
+
     Args:
         model: a transformers model (attached first) or a ``SoftPromptModel``.
         name: name to give it (default: the name it was saved under).
