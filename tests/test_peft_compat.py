@@ -586,3 +586,19 @@ def test_server_refuses_a_peft_folder_for_another_model(cli_peft, tmp_path):
         assert "made for another base model" in r.json()["error"]["message"]
         r = c.post("/v1/adapters", json={"name": "y", "path": str(cli_peft["dirs"]["prompt"])})
         assert r.status_code == 201 and r.json()["method"] == "prompt"
+
+
+def test_feature_extraction_prompt_tuning_on_an_encoder(tmp_path):
+    config = PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=4)
+    d = make_peft_folder(tiny_model("bert"), config, tmp_path / "bert")
+    pm = PeftModel.from_pretrained(tiny_model("bert"), d).eval()
+    model = sp.load_adapter(tiny_model("bert"), d)
+    with torch.no_grad():
+        want = pm(input_ids=IDS).last_hidden_state[:, -IDS.shape[1] :]
+        got = model(input_ids=IDS).last_hidden_state
+    assert_close(got, want, atol=1e-4, rtol=0)
+    with pytest.raises(sp.SoftPromptError, match="PEFT prefix needs a decoder-only LM"):
+        bert_prefix = PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=2)
+        sp.load_adapter(
+            tiny_model("bert"), make_peft_folder(tiny_model("bert"), bert_prefix, tmp_path / "p")
+        )
