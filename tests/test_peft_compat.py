@@ -597,6 +597,21 @@ def test_feature_extraction_prompt_tuning_on_an_encoder(tmp_path):
         want = pm(input_ids=IDS).last_hidden_state[:, -IDS.shape[1] :]
         got = model(input_ids=IDS).last_hidden_state
     assert_close(got, want, atol=1e-4, rtol=0)
+    mine = sp.attach(tiny_model("bert"), method_config("prompt"))
+    perturb(mine)
+    out = save_peft(mine, tmp_path / "out")
+    assert (
+        json.loads((out / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    )
+    with torch.no_grad():
+        want = mine(input_ids=IDS).last_hidden_state
+        pm = PeftModel.from_pretrained(tiny_model("bert"), out).eval()
+        assert_close(
+            pm(input_ids=IDS).last_hidden_state[:, -IDS.shape[1] :], want, atol=1e-4, rtol=0
+        )
+    deep = sp.attach(tiny_model("bert"), method_config("deep"))
+    with pytest.raises(sp.SoftPromptError, match="cannot tell how this model's positions"):
+        save_peft(deep, tmp_path / "deep")
     with pytest.raises(sp.SoftPromptError, match="PEFT prefix needs a decoder-only LM"):
         bert_prefix = PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=2)
         sp.load_adapter(

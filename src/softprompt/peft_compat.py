@@ -367,7 +367,8 @@ def peft_tensor_and_config(
     ptype = ptype or ("PROMPT_TUNING" if "prompt" in baked else "PREFIX_TUNING")
     if ptype == "PREFIX_TUNING" and "encoder_hidden_size" not in source:
         geometry["encoder_hidden_size"] = geometry["token_dim"]
-    config = {**_COMMON, **_NATIVE.get(ptype, {}), **source, **geometry}
+    task_type = "CAUSAL_LM" if info.is_causal_lm else "FEATURE_EXTRACTION"
+    config = {**_COMMON, "task_type": task_type, **_NATIVE.get(ptype, {}), **source, **geometry}
     config.update(
         peft_type=ptype,
         num_virtual_tokens=n,
@@ -388,7 +389,14 @@ def _to_peft_positions(model: SoftPromptModel, ad, flat: torch.Tensor, what: str
         flat: (P, layers * 2 * kv_dim).
     """
     n, shift = ad.num_virtual_tokens, ad.num_virtual_tokens - ad.position_offset
-    if _hf.position_encoding(model.base_model) != "rotary":
+    encoding = _hf.position_encoding(model.base_model)
+    if encoding == "other":
+        raise SoftPromptError(
+            f"{what} is on {type(model.base_model).__name__}: PEFT gives the real tokens "
+            f"positions {n}..{n}+T-1 after its prefix, and softprompt cannot tell how this "
+            "model's positions would change that, so it is not exported"
+        )
+    if encoding != "rotary":
         raise SoftPromptError(
             f"{what} is on {type(model.base_model).__name__}, which has learned absolute "
             f"positions: PEFT gives the real tokens positions {n}..{n}+T-1 after its prefix, "
