@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import re
 import sys
 import warnings
@@ -564,6 +565,59 @@ def shares_prepended_prompt(model: PreTrainedModel) -> bool:
     if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
         return False
     return all(t in _RELATIVE_ROPE for t in _rope_types(cfg))
+
+
+def position_encoding(model: PreTrainedModel) -> str:
+    """How a decoder-only LM encodes positions, for moving a key/value prefix between libraries
+    that give the real tokens different positions (``softprompt.peft_compat``):
+
+    * ``"rotary"``: only through relative rotary embeddings (``shares_prepended_prompt``), so a
+      position shift of the real tokens equals a rotation of the prefix keys (``rotate_keys``);
+    * ``"absolute"``: a learned position table read with the ``position_ids`` the forward takes;
+    * ``"other"``: anything else (encoder-decoder, ALiBi, relative bias, ...).
+    """
+    if shares_prepended_prompt(model):
+        return "rotary"
+    parts = lm_body_and_head(model)
+    if parts is None or "position_ids" not in inspect.signature(model.forward).parameters:
+        return "other"
+    names = {name.split(".")[-1] for name, _ in parts[0].named_modules()}
+    if names & {"wpe", "embed_positions", "position_embeddings"} and not isinstance(
+        getattr(parts[0], "rotary_emb", None), nn.Module
+    ):
+        return "absolute"
+    return "other"
+
+
+@torch.no_grad()
+def rotate_keys(model: PreTrainedModel, keys: torch.Tensor, shift: int) -> torch.Tensor:
+    """Rotate keys by ``shift`` positions with the model's own rotary embedding: with q_p the
+    query at position p, ``q_{p+s} . rotate_keys(k, s) == q_p . k`` (rotary scores depend on
+    relative positions only). The rotation is pure: the rotary module's ``attention_scaling``
+    (YaRN) is divided out, since it scales queries and keys at every position alike.
+
+    Args:
+        keys: (P, kv_heads, head_dim) keys as they enter attention (after rotary of their own).
+        shift: positions to rotate by.
+
+    Returns:
+        (P, kv_heads, head_dim), in the dtype of ``keys``.
+    """
+    if position_encoding(model) != "rotary":
+        raise SoftPromptError(f"{type(model).__name__} has no relative rotary position embedding")
+    body = lm_body_and_head(model)[0]
+    rotary = body.rotary_emb
+    apply = getattr(sys.modules[type(rotary).__module__], "apply_rotary_pos_emb", None)
+    if apply is None:
+        raise SoftPromptError(f"{type(rotary).__module__} has no apply_rotary_pos_emb")
+    n = keys.shape[0]
+    k = keys.permute(1, 0, 2)[None].double()  # (1, kvh, P, hd)
+    pos = torch.full((1, n), shift, device=keys.device)
+    cos, sin = rotary(k, pos)  # (1, P, hd) each
+    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    cos, sin = cos.double() / scale, sin.double() / scale
+    _, out = apply(k, k, cos, sin)  # (1, kvh, P, hd)
+    return out[0].permute(1, 0, 2).to(keys.dtype).contiguous()  # (P, kvh, hd)
 
 
 class _CaptureRows:

@@ -153,6 +153,12 @@ def _load_adapter_and_task(model_name, adapter_dir, dtype):
         raise SoftPromptError(f"{where}: field 'task': {e}") from e
 
 
+_ADAPTER_HELP = (
+    "softprompt adapter folder, or a PEFT prompt-learning folder (it has no task: plain "
+    "generation from the raw input, template '{input}'; data rows {input, target})"
+)
+
+
 def _main_field(task_kind: str) -> str:
     return "text" if task_kind == "classify" else "input"
 
@@ -507,7 +513,11 @@ def cmd_inspect(args) -> dict:
         "method": meta["method"],
         "config": meta["config"],
         "task": meta.get("task"),
-        "base_model": {k: v for k, v in meta["base_model"].items() if k != "embedding_sample"},
+        "base_model": {  # a PEFT folder records little: the rest is the model it fits
+            k: v
+            for k, v in {**model.info.identity, **meta["base_model"]}.items()
+            if k != "embedding_sample"
+        },
         "adapter_parameters": n_ad,
         "base_parameters": n_base,
         "share": f"{100 * n_ad / n_base:.4f}%",
@@ -686,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="metrics of an adapter on data (JSON on stdout)")
     _add_model(e, default=None)
-    e.add_argument("--adapter", required=True)
+    e.add_argument("--adapter", required=True, help=_ADAPTER_HELP)
     e.add_argument("--data", required=True)
     e.add_argument(
         "--predictions", help="where to write predictions JSONL (default: beside the adapter)"
@@ -697,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="run an adapter on texts or a data file")
     _add_model(g, default=None)
-    g.add_argument("--adapter", required=True)
+    g.add_argument("--adapter", required=True, help=_ADAPTER_HELP)
     g.add_argument("text", nargs="*")
     g.add_argument("--data")
     g.add_argument(
@@ -708,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="what an adapter is and what its virtual tokens are near")
-    i.add_argument("adapter")
+    i.add_argument("adapter", help="softprompt adapter folder or PEFT prompt-learning folder")
     i.add_argument("--model", help="base model (default: the one the adapter names)")
     i.add_argument("--top-k", type=_POSITIVE, default=5)
     i.add_argument("--json", action="store_true")

@@ -2,6 +2,7 @@
 
     softprompt export runs/prompt/adapter --format prompt-embeds      # -> prompt_embeds.safetensors
     softprompt export runs/prefix/adapter --format prefix-kv          # -> prefix_kv.safetensors
+    softprompt export runs/prefix/adapter --format peft --output OUT  # -> a PEFT folder
 
 Two safetensors layouts (metadata: string key -> string value, JSON where structured):
 
@@ -18,7 +19,9 @@ Two safetensors layouts (metadata: string key -> string value, JSON where struct
   the real tokens positions 0..T-1 (the prefix takes none). docs/serving.md shows how to use
   them as a transformers ``DynamicCache`` prefix.
 
-Only the prefix-kv export loads the base model (to split the flat prefix into heads).
+The ``peft`` format writes a PEFT prompt-learning folder (``softprompt.peft_compat``).
+
+The prefix-kv and peft exports load the base model (to split the flat prefix into heads).
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ from . import __version__
 from ._hf import SoftPromptError
 from .io import WEIGHTS_NAME, _read_tensors, atomic_write, read_adapter_config, resolve_adapter_dir
 
-FORMATS = {"prompt-embeds": "prompt_embeds.safetensors", "prefix-kv": "prefix_kv.safetensors"}
+FORMATS = {
+    "prompt-embeds": "prompt_embeds.safetensors",
+    "prefix-kv": "prefix_kv.safetensors",
+    "peft": "peft",  # a folder
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,6 +52,12 @@ def slot_tensor_name(slot_key: str) -> str:
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    meta = read_adapter_config(directory)
+    if "peft" in meta:  # a PEFT folder: its one tensor, by what it is
+        from .peft_compat import PROMPT_TYPES, read_peft_weights
+
+        kind = "prompt" if meta["peft"]["peft_type"] in PROMPT_TYPES else "prefix"
+        return {kind: read_peft_weights(directory)}
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise SoftPromptError(f"{path} is missing: {directory} is not a saved adapter")
@@ -156,19 +169,54 @@ def export_prefix_kv(
             tensors[f"{stem}.key"] = _cast(k.permute(1, 0, 2), dtype)  # (kvh, P, hd)
             tensors[f"{stem}.value"] = _cast(v.permute(1, 0, 2), dtype)
     md = _common_metadata(meta, "prefix-kv")
+    offset = wrapped.adapters["export"].position_offset  # imported from PEFT: P
     md.update(
+        position_offset=str(offset),
         slots=json.dumps(slots),
         tensor_names=json.dumps({s: slot_tensor_name(s) for s in slots}),
         layout="(num_kv_heads, num_virtual_tokens, head_dim)",
         covers_all_layers=json.dumps(len(slots) == len(info.slots)),
         positions=(
-            "keys carry no position embedding; real tokens take positions 0..T-1 "
+            f"keys carry no position embedding; real tokens take positions {offset}..{offset}+T-1 "
             "(with rotary models pass position_ids, see docs/serving.md)"
         ),
     )
     path = Path(output) if output else directory / FORMATS["prefix-kv"]
     _save(path, tensors, md)
     return path
+
+
+def export_peft(
+    directory: str | Path,
+    output: str | Path | None = None,
+    model: str | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Write an adapter as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+    that ``PeftModel.from_pretrained(base, output)`` loads with the same logits.
+
+    Prompt tuning and P-tuning become PEFT ``PROMPT_TUNING`` (baked embeddings), prefix tuning and
+    deep prompts on every layer ``PREFIX_TUNING``; what PEFT cannot express is refused (see
+    ``softprompt.peft_compat.peft_tensor_and_config``).
+
+    Args:
+        model: the base model (default: the one the adapter names); loaded to read its geometry
+            (and its rotary embedding, to move a prefix to PEFT's positions).
+
+    Returns:
+        The folder written (default: ``DIR/peft``).
+    """
+    import softprompt as sp
+
+    from .io import recorded_base_model
+    from .peft_compat import save_peft
+
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    name = model or recorded_base_model(meta, directory)
+    wrapped = sp.load_adapter(_load_model(name), directory, name="export")
+    out = Path(output) if output else directory / FORMATS["peft"]
+    return save_peft(wrapped, out, "export", base_name=name, dtype=DTYPES.get(dtype or ""))
 
 
 def export_adapter(
@@ -178,17 +226,19 @@ def export_adapter(
     model: str | None = None,
     dtype: str | None = None,
 ) -> Path:
-    """Export ``directory`` in format ``fmt`` ("prompt-embeds" or "prefix-kv")."""
+    """Export ``directory`` in format ``fmt`` ("prompt-embeds", "prefix-kv" or "peft")."""
     if fmt == "prompt-embeds":
         return export_prompt_embeds(directory, output, dtype)
     if fmt == "prefix-kv":
         return export_prefix_kv(directory, output, model, dtype)
+    if fmt == "peft":
+        return export_peft(directory, output, model, dtype)
     raise SoftPromptError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
 
 
 def cmd_export(args) -> dict:
     path = export_adapter(args.adapter, args.format, args.output, args.model, args.dtype)
-    tensors = load_file(str(path))
+    tensors = load_file(str(path / "adapter_model.safetensors" if path.is_dir() else path))
     summary = {
         "output": str(path),
         "format": args.format,
@@ -210,10 +260,16 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
         "--format",
         required=True,
         choices=sorted(FORMATS),
-        help="prompt-embeds: prompt/P-tuning adapters; prefix-kv: prefix/deep adapters",
+        help="prompt-embeds: prompt/P-tuning adapters; prefix-kv: prefix/deep adapters; "
+        "peft: a PEFT folder (PeftModel.from_pretrained) of any adapter PEFT can express",
     )
-    p.add_argument("--output", help="file to write (default: DIR/<format>.safetensors)")
-    p.add_argument("--model", help="prefix-kv: the base model (default: the one the adapter names)")
+    p.add_argument(
+        "--output",
+        help="file (folder for peft) to write (default: DIR/<format>.safetensors, DIR/peft)",
+    )
+    p.add_argument(
+        "--model", help="prefix-kv, peft: the base model (default: the one the adapter names)"
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the tensors (default: as saved)")
     p.set_defaults(func=cmd_export)
     return p

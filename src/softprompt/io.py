@@ -79,6 +79,8 @@ def adapter_metadata(model: SoftPromptModel, name: str) -> dict:
         "base_model": model.info.identity,
         "task": ad.task,
         "task_head": None if ad.task_head is None else list(ad.task_head.weight.shape[::-1]),
+        **({"position_offset": ad.position_offset} if ad.position_offset else {}),
+        **({"source": ad.source} if ad.source else {}),
     }
 
 
@@ -167,7 +169,11 @@ def _check_base_model(path: Path, ident: dict) -> None:
 
 def read_adapter_config(directory: str | Path) -> dict:
     """Read and validate ``adapter_config.json`` of an adapter (or run) folder; errors name the
-    file and the field, and what is wrong."""
+    file and the field, and what is wrong.
+
+    A PEFT prompt-learning folder (``peft_type`` in its config) reads as the softprompt config
+    it converts to (``softprompt.peft_compat.peft_meta``), with the PEFT config under ``peft``.
+    """
     directory = resolve_adapter_dir(directory)
     path = directory / CONFIG_NAME
     if not directory.is_dir():
@@ -188,6 +194,10 @@ def read_adapter_config(directory: str | Path) -> dict:
         raise SoftPromptError(
             f"{path} is not valid JSON (line {line} column {col}: {e.msg}); the file is corrupt"
         ) from e
+    if isinstance(meta, dict) and "peft_type" in meta:  # a PEFT folder: softprompt.peft_compat
+        from .peft_compat import peft_meta
+
+        return peft_meta(directory, meta)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SoftPromptError(f"{path}: 'format' is not {FORMAT!r}; not a softprompt adapter")
     version = meta.get("format_version", 1)
@@ -341,6 +351,9 @@ def load_adapter(
 ) -> SoftPromptModel:
     """Load an adapter directory onto a base model or a ``SoftPromptModel``.
 
+    The directory may also be a PEFT prompt-learning folder (``softprompt.peft_compat``): it
+    loads with the logits ``PeftModel.from_pretrained`` gives.
+
     Args:
         model: a transformers model (attached first) or a ``SoftPromptModel``.
         name: name to give it (default: the name it was saved under).
@@ -357,6 +370,10 @@ def load_adapter(
     meta = read_adapter_config(directory)
     path = directory / CONFIG_NAME
     model = model if isinstance(model, SoftPromptModel) else attach(model)
+    if "peft" in meta:
+        from .peft_compat import load_peft
+
+        return load_peft(model, directory, meta, name)
     diffs = identity_mismatches(meta["base_model"], model.info.identity)
     if diffs:
         made_for = meta["base_model"].get("name_or_path") or meta["base_model"].get("architecture")
@@ -385,6 +402,8 @@ def load_adapter(
     tensors = _read_tensors(file)
     adapter = model.add_adapter(name, config, _init=False)
     adapter.task = meta.get("task")
+    adapter.position_offset = int(meta.get("position_offset") or 0)
+    adapter.source = meta.get("source")
     if head is not None:
         adapter.set_task_head(head).to(model.device)
     try:

@@ -16,7 +16,8 @@ backward or the KV cache.
 
 Position ids: when the caller gives none, real and virtual tokens get ``cumsum(mask) - 1`` (as
 ``generate`` does), so left padding never shifts a row's positions; caller-given position ids are
-kept, shifted past inserted virtual tokens.
+kept, shifted past inserted virtual tokens. Rows whose adapter has a ``position_offset`` (imported
+from a library that numbers the real tokens after the prefix) get their positions shifted by it.
 """
 
 from __future__ import annotations
@@ -233,6 +234,27 @@ def mask_positions(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 0)
 
 
+def offset_positions(
+    position_ids: torch.Tensor | None,
+    offsets: torch.Tensor,
+    mask: torch.Tensor | None,
+    q_len: int,
+    past: int = 0,
+) -> torch.Tensor:
+    """Position ids shifted per row by ``offsets`` (B,) (``Adapter.position_offset``).
+
+    Without ``position_ids`` they are first made as the base model would: from a 2-D mask
+    (``mask_positions``, the last ``q_len`` columns), else ``past .. past + q_len - 1``.
+    Returns (B, q_len).
+    """
+    if position_ids is None:
+        if mask is not None and mask.dim() == 2:
+            position_ids = mask_positions(mask)[:, -q_len:]
+        else:
+            position_ids = torch.arange(past, past + q_len, device=offsets.device)[None]
+    return position_ids + offsets[:, None].to(position_ids.device)
+
+
 class SoftPromptModel(nn.Module):
     """A frozen Hugging Face model plus named soft-prompt adapters.
 
@@ -412,6 +434,20 @@ class SoftPromptModel(nn.Module):
         return adapter_names
 
     # ------------------------------------------------------------------ pieces of a forward
+    def _position_offsets(self, rows: list[str | None]) -> torch.Tensor | None:
+        """(B,) where each row's real-token positions start (``Adapter.position_offset``), or
+        None when every row starts at 0."""
+        offsets = [0 if r is None else self.adapters[r].position_offset for r in rows]
+        if not any(offsets):
+            return None
+        if not self._takes_position_ids:
+            raise SoftPromptError(
+                f"adapters {sorted({r for r, o in zip(rows, offsets, strict=True) if o})} shift "
+                f"the real tokens' positions, but {type(self.base_model).__name__}'s forward "
+                "takes no position_ids"
+            )
+        return torch.tensor(offsets, device=self.device)
+
     def _prefix_state(self, rows: list[str | None], shared=None) -> PrefixState | None:
         """Each row's key/value prefix; ``shared``: prompt adapters' virtual tokens as prefixes
         (from ``_prompt_kvs``)."""
@@ -726,6 +762,11 @@ class SoftPromptModel(nn.Module):
             if attention_mask.dim() == 2 and (attention_mask[:, 0] == 0).any():
                 q = (input_ids if input_ids is not None else inputs_embeds).shape[1]
                 position_ids = mask_positions(attention_mask)[:, -q:]
+        offsets = self._position_offsets(rows)
+        if offsets is not None:
+            q = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = offset_positions(position_ids, offsets, attention_mask, q, past)
         state = self._prefix_state(rows, shared)
         call = dict(kwargs)
         if self._checkpointing and self.training:
@@ -791,7 +832,12 @@ class SoftPromptModel(nn.Module):
         if self._shared_ok(prompts, input_ids, kwargs.get("position_ids"), None, kwargs):
             shared, prompts = self._prompt_kvs(prompts), {}
         state = self._prefix_state(rows, shared)
+        offsets = self._position_offsets(rows)
         if not prompts and not (input_ids < 0).any():
+            if offsets is not None:
+                kwargs["position_ids"] = offset_positions(
+                    kwargs.get("position_ids"), offsets, attention_mask, input_ids.shape[1]
+                )
             with _hf.generation_state(state):
                 return self.base_model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, **kwargs
@@ -806,6 +852,8 @@ class SoftPromptModel(nn.Module):
             kwargs["position_ids"] = positions
         if mask is None:
             mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+        if offsets is not None:
+            kwargs["position_ids"] = offset_positions(None, offsets, mask, emb.shape[1])
         with _hf.generation_state(state):
             out = self.base_model.generate(inputs_embeds=emb, attention_mask=mask, **kwargs)
         if self.info.is_encoder_decoder:

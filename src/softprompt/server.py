@@ -1473,7 +1473,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "--adapter",
         action="append",
         metavar="NAME=DIR",
-        help="an adapter to serve as NAME (repeatable)",
+        help="an adapter to serve as NAME (repeatable); DIR: a softprompt or PEFT folder",
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000)

@@ -162,6 +162,13 @@ class Adapter(nn.Module):
         # optional task head (a linear classifier on encoders), trained and saved with it.
         self.task: dict | None = None
         self.task_head: nn.Module | None = None
+        # Where the real tokens' positions start for rows of this adapter (0: as the base model
+        # numbers them). Set by imports whose source library shifted them (PEFT's prefix tuning
+        # puts the prefix at positions 0..P-1: softprompt.peft_compat); saved in the config.
+        self.position_offset: int = 0
+        # What an imported adapter came from ({"peft": its PEFT adapter_config.json}), kept so
+        # that exporting it back writes the same config.
+        self.source: dict | None = None
 
     def set_task_head(self, num_labels: int) -> nn.Linear:
         """Give the adapter a linear head (hidden -> num_labels), as P-tuning v2 does on [CLS]."""

@@ -1,0 +1,434 @@
+"""PEFT prompt-learning folders in and out.
+
+A PEFT prompt-learning folder holds ``adapter_config.json`` (with ``peft_type``) and
+``adapter_model.safetensors`` (legacy: ``adapter_model.bin``, a pickle) with one tensor,
+``prompt_embeddings``: what PEFT's ``get_prompt_embedding_to_save`` returns, the encoder's output
+for P-tuning and prefix tuning (the encoder itself is not saved).
+
+In (``softprompt.load_adapter`` dispatches here on ``peft_type``):
+
+* ``PROMPT_TUNING`` and ``P_TUNING``: (P, hidden) virtual-token embeddings, put before the input
+  as softprompt's prompt tuning does (method ``prompt``, a trainable table);
+* ``PREFIX_TUNING`` (``prefix_projection`` true or false) and ``CARTRIDGE``: a (P, layers * 2 *
+  token_dim) key/value prefix. PEFT's ``get_prompt`` views it as (P, layers * 2, heads,
+  head_dim) and permutes to per-layer (key, value), each (heads, P, head_dim): per layer the key
+  columns then the value columns, heads outermost -- softprompt's flat prefix layout
+  (``methods.base.FlatPrefix``) exactly, with token_dim = kv_heads * head_dim under
+  grouped-query attention (method ``deep``, a trainable table).
+
+Positions: PEFT hands a prefix to the model as ``past_key_values``, so the real tokens take
+positions P..P+T-1, while softprompt's prefixes take none (real tokens 0..T-1). The imported
+adapter keeps PEFT's numbering (``Adapter.position_offset = P``): exact on every model that takes
+``position_ids``, learned absolute positions (GPT-2) included, and a round trip gives back the
+same tensor. Prompt tuning puts the virtual tokens at 0..P-1 in both libraries.
+
+Out (``save_peft`` / ``export_peft``, ``softprompt export DIR --format peft``): prompt tuning
+and P-tuning (baked, written as ``PROMPT_TUNING``: see ``save_peft``), prefix tuning and deep
+prompts on every layer of a decoder-only model. A softprompt prefix (real tokens at 0..T-1)
+becomes PEFT's (real tokens at P..P+T-1) by rotating its keys by P positions on rotary models;
+on absolute-position models that is not expressible and is refused.
+
+peft is not needed at run time: configs are plain JSON with the fields PEFT's config classes
+take.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from . import _hf
+from ._hf import SoftPromptError
+from .methods.base import AdapterConfig
+from .methods.deep_prompt import DeepPromptConfig
+from .methods.prompt_tuning import PromptTuningConfig
+from .model import SoftPromptModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+KEY = "prompt_embeddings"
+PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION")
+# A PEFT folder has no softprompt task: generate from the raw input.
+PLAIN_TASK = {"kind": "generate", "template": "{input}"}
+
+_CONVERT_BIN = (
+    "if you trust where it came from, convert it once (this runs the pickle): python -c "
+    "\"import torch; from safetensors.torch import save_file; d = '{dir}'; "
+    "sd = torch.load(d + '/adapter_model.bin', weights_only=False); "
+    "save_file({{k: v.contiguous() for k, v in sd.items()}}, d + '/adapter_model.safetensors')\""
+)
+
+
+# --------------------------------------------------------------------------------------------
+# In
+# --------------------------------------------------------------------------------------------
+
+
+def peft_meta(directory: Path, data: dict) -> dict:
+    """The softprompt view of a PEFT ``adapter_config.json`` (what ``read_adapter_config``
+    returns for a PEFT folder): method and config it converts to, the base model it names, the
+    plain task, and the PEFT config itself under ``peft``.
+
+    Raises:
+        SoftPromptError: a PEFT type or task type that is not a prompt-learning method
+            softprompt can express, or a config without ``num_virtual_tokens``.
+    """
+    where = directory / CONFIG_NAME
+    ptype = data.get("peft_type")
+    if ptype not in PROMPT_TYPES + PREFIX_TYPES:
+        raise SoftPromptError(
+            f"{where}: peft_type {ptype!r} is not supported; softprompt loads the PEFT "
+            f"prompt-learning types {list(PROMPT_TYPES + PREFIX_TYPES)} "
+            "(LoRA and other weight adapters change the model's weights, not its prompt)"
+        )
+    task_type = data.get("task_type")
+    if task_type not in TASK_TYPES:
+        raise SoftPromptError(
+            f"{where}: task_type {task_type!r} is not supported; softprompt loads PEFT "
+            "prompt-learning adapters of causal language models (CAUSAL_LM, FEATURE_EXTRACTION)"
+        )
+    if data.get("modules_to_save"):
+        raise SoftPromptError(
+            f"{where}: modules_to_save {data['modules_to_save']!r} (e.g. a classifier head) are "
+            "trained model weights, not a soft prompt; softprompt cannot load them"
+        )
+    subs = data.get("num_transformer_submodules") or 1
+    if subs != 1:
+        raise SoftPromptError(
+            f"{where}: num_transformer_submodules={subs} (an encoder-decoder PEFT adapter); "
+            "softprompt loads PEFT adapters of decoder-only models only"
+        )
+    n = data.get("num_virtual_tokens")
+    if not isinstance(n, int) or n < 1:
+        raise SoftPromptError(f"{where}: num_virtual_tokens must be a positive integer, got {n!r}")
+    dim = data.get("token_dim")
+    if ptype in PROMPT_TYPES:
+        config: AdapterConfig = PromptTuningConfig(num_virtual_tokens=n)
+        geometry = {"hidden_size": dim} if dim else {}
+    else:
+        config = DeepPromptConfig(num_virtual_tokens=n)
+        geometry = {}
+        if dim:
+            geometry["kv_dims"] = [dim]
+        if data.get("num_layers"):
+            geometry["slots"] = [f"self:{data['num_layers']}"]
+    return {
+        "format": "peft",
+        "method": config.method,
+        "config": config.to_dict(),
+        "name": None,
+        "base_model": {"name_or_path": data.get("base_model_name_or_path") or "", **geometry},
+        "task": dict(PLAIN_TASK),
+        "peft": data,
+    }
+
+
+def read_peft_weights(directory: Path) -> torch.Tensor:
+    """``prompt_embeddings`` of a PEFT folder: from ``adapter_model.safetensors``, or from the
+    legacy pickle ``adapter_model.bin`` with ``torch.load(weights_only=True)`` only (tensors and
+    plain containers; anything else is refused without running it).
+
+    Returns:
+        (rows, width) float tensor.
+    """
+    st, binary = directory / WEIGHTS_NAME, directory / BIN_NAME
+    if st.is_file():
+        try:
+            tensors = load_file(str(st))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SoftPromptError(
+                f"{st} is not a readable safetensors file ({e}); the file is corrupt"
+            ) from e
+        where = st
+    elif binary.is_file():
+        try:
+            tensors = torch.load(binary, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SoftPromptError(
+                f"{binary} is a pickle that torch.load(weights_only=True) refuses ({first}); "
+                "softprompt never runs pickled code. " + _CONVERT_BIN.format(dir=directory)
+            ) from e
+        where = binary
+        if not isinstance(tensors, dict) or not all(
+            isinstance(v, torch.Tensor) for v in tensors.values()
+        ):
+            raise SoftPromptError(f"{binary} does not hold a dict of tensors")
+    else:
+        raise SoftPromptError(
+            f"{directory} has a PEFT adapter_config.json but neither {WEIGHTS_NAME} nor {BIN_NAME}"
+        )
+    extra = sorted(set(tensors) - {KEY})
+    if extra:
+        raise SoftPromptError(
+            f"{where} holds {extra} besides {KEY!r}: trained model weights (e.g. a classifier "
+            "head), not a soft prompt; softprompt cannot load them"
+        )
+    if KEY not in tensors or tensors[KEY].dim() != 2:
+        raise SoftPromptError(f"{where} has no 2-D tensor {KEY!r}")
+    return tensors[KEY]
+
+
+def _model_heads(model) -> int | None:
+    """The base model's attention head count, read as PEFT reads it (``_prepare_prompt_learning_
+    config``)."""
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("num_attention_heads", "n_head", "num_heads"):
+        if getattr(cfg, key, None) is not None:
+            return int(getattr(cfg, key))
+    return None
+
+
+def _check_base(model: SoftPromptModel, directory: Path, data: dict, rows: int, width: int):
+    """Refuse a PEFT folder made for another base model, as softprompt's own adapters are."""
+    info = model.info
+    ptype, n = data["peft_type"], data["num_virtual_tokens"]
+    layers = sum(s.kind == "self" for s in info.slots)
+    kv = {(s.kv_heads, s.head_dim) for s in info.slots}
+    diffs = []
+    if info.is_encoder_decoder:
+        diffs.append("the model is an encoder-decoder; the adapter is for a decoder-only model")
+    if ptype in PROMPT_TYPES:
+        if width != info.hidden_size:
+            diffs.append(
+                f"token_dim: adapter has {width}, model has hidden size {info.hidden_size}"
+            )
+        expect = {"num_layers": layers, "num_attention_heads": _model_heads(model)}
+        if rows != n:
+            diffs.append(f"{KEY} has {rows} rows for num_virtual_tokens={n}")
+    else:
+        if len(kv) != 1 or not info.is_causal_lm or info.is_encoder_decoder:
+            raise SoftPromptError(
+                f"{directory}: a PEFT prefix needs a decoder-only LM with one attention geometry "
+                f"in every layer; {type(model.base_model).__name__} is not one"
+            )
+        ((kv_heads, head_dim),) = kv
+        expect = {"num_layers": layers, "num_attention_heads": kv_heads}
+        if data.get("token_dim") not in (None, kv_heads * head_dim):
+            diffs.append(
+                f"token_dim: adapter has {data['token_dim']}, model has {kv_heads * head_dim} "
+                f"(key/value heads {kv_heads} x head dim {head_dim})"
+            )
+        if rows != n or width != layers * 2 * kv_heads * head_dim:
+            diffs.append(
+                f"{KEY} has shape {(rows, width)}, the model takes "
+                f"{(n, layers * 2 * kv_heads * head_dim)} (num_virtual_tokens x layers * 2 * "
+                "key/value heads * head dim)"
+            )
+    for field, have in expect.items():
+        got = data.get(field)
+        if got is not None and have is not None and got != have:
+            diffs.append(f"{field}: adapter has {got}, model has {have}")
+    if diffs:
+        made_for = data.get("base_model_name_or_path") or "unnamed"
+        raise SoftPromptError(
+            f"PEFT adapter {directory} was made for another base model ({made_for}): "
+            + "; ".join(diffs)
+        )
+
+
+def load_peft(
+    model: SoftPromptModel, directory: str | Path, meta: dict, name: str | None = None
+) -> SoftPromptModel:
+    """Load a PEFT prompt-learning folder (``meta`` from ``peft_meta``) as adapter ``name``
+    (default "default"); same logits as ``PeftModel.from_pretrained(base, directory)``.
+
+    Returns:
+        The model, with the adapter active.
+    """
+    directory = Path(directory)
+    data = meta["peft"]
+    table = read_peft_weights(directory).float()  # (P, hidden) or (P, layers * 2 * token_dim)
+    _check_base(model, directory, data, *table.shape)
+    prefix = data["peft_type"] in PREFIX_TYPES
+    if prefix and _hf.position_encoding(model.base_model) == "other":
+        raise SoftPromptError(
+            f"{directory}: PEFT gives the real tokens positions P..P+T-1 after its prefix; "
+            f"{type(model.base_model).__name__} takes no position ids softprompt could shift "
+            "to match, so the adapter would not give PEFT's outputs"
+        )
+    name = name or "default"
+    adapter = model.add_adapter(name, AdapterConfig.from_dict(meta["config"]), _init=False)
+    try:
+        with torch.no_grad():
+            adapter.load_baked({"prefix" if prefix else "prompt": table.to(model.device)})
+        adapter.task = dict(meta["task"])
+        adapter.position_offset = table.shape[0] if prefix else 0
+        adapter.source = {"peft": data}
+    except Exception:
+        model.delete_adapter(name)
+        raise
+    model.set_active(name)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Out
+# --------------------------------------------------------------------------------------------
+
+# Fields PEFT's PromptTuningConfig / PrefixTuningConfig write (peft 0.21.2), minus the ones
+# filled per adapter.
+_COMMON = {
+    "auto_mapping": None,
+    "inference_mode": True,
+    "modules_to_save": None,
+    "num_transformer_submodules": 1,
+    "revision": None,
+    "task_type": "CAUSAL_LM",
+}
+_NATIVE = {
+    "PROMPT_TUNING": {
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_kwargs": None,
+        "tokenizer_name_or_path": None,
+    },
+    "PREFIX_TUNING": {"init_weights": None, "prefix_projection": False},
+}
+
+
+def peft_tensor_and_config(
+    model: SoftPromptModel, name: str | None = None, base_name: str | None = None
+) -> tuple[torch.Tensor, dict]:
+    """Adapter ``name`` as PEFT's ``prompt_embeddings`` and ``adapter_config.json``.
+
+    Prompt tuning and P-tuning become ``PROMPT_TUNING`` with the baked (P, hidden) embeddings:
+    PEFT's ``P_TUNING`` would rebuild a randomly initialised encoder and, loaded trainable, run
+    it on the saved output. Prefix tuning and deep prompts become ``PREFIX_TUNING`` without
+    projection (P, layers * 2 * kv_dim), keys rotated by P positions on rotary models (PEFT's
+    real tokens sit at P..P+T-1). An adapter imported from PEFT is written back with its
+    original config and type.
+
+    Raises:
+        SoftPromptError: what PEFT cannot express (template or append placement, a subset of
+            layers, encoder-decoder prefixes, a task head, a prefix on an absolute-position
+            model).
+    """
+    name = name or model.active
+    if name is None or name not in model.adapters:
+        raise SoftPromptError(f"no adapter {name!r} to export; loaded: {sorted(model.adapters)}")
+    ad, info = model.adapters[name], model.info
+    what = f"adapter {name!r} ({ad.config.method})"
+    if info.is_encoder_decoder:
+        raise SoftPromptError(
+            f"{what} is on an encoder-decoder model: PEFT's seq2seq prompt learning prefixes "
+            "only the decoder (and reuses one stored prefix for several layers); softprompt's "
+            "encoder, decoder and cross-attention prompts cannot be expressed in PEFT"
+        )
+    if ad.task_head is not None:
+        raise SoftPromptError(f"{what} has a task head; PEFT prompt learning has no place for it")
+    source = (ad.source or {}).get("peft") or {}
+    with torch.no_grad():
+        baked = {k: v.detach().float().cpu() for k, v in ad.baked_tensors().items()}
+    n = ad.num_virtual_tokens
+    layers = sum(s.kind == "self" for s in info.slots)
+    if "prompt" in baked:
+        placement = getattr(ad.config, "placement", "prepend")
+        if placement != "prepend":
+            raise SoftPromptError(
+                f"{what} has placement {placement!r}: PEFT puts virtual tokens only before the "
+                "input, so template and append placements cannot be expressed"
+            )
+        tensor = baked["prompt"]  # (P, hidden)
+        ptype = source.get("peft_type") if source.get("peft_type") in PROMPT_TYPES else None
+        geometry = {
+            "num_attention_heads": _model_heads(model),
+            "num_layers": layers,
+            "token_dim": info.hidden_size,
+        }
+    else:
+        slots = ad.layout.slots
+        if len(slots) != len(info.slots):
+            raise SoftPromptError(
+                f"{what} prompts {len(slots)} of {len(info.slots)} layers: PEFT's prefix covers "
+                "every layer, so a subset of layers cannot be expressed"
+            )
+        kv = {(info.slots[s].kv_heads, info.slots[s].head_dim) for s in slots}
+        if len(kv) != 1:
+            raise SoftPromptError(f"{what}: layers of different attention geometry; PEFT has one")
+        ((kv_heads, head_dim),) = kv
+        tensor = baked["prefix"]  # (P, layers * 2 * kv_dim), PEFT's layout
+        if ad.position_offset != n:
+            tensor = _to_peft_positions(model, ad, tensor, what)
+        ptype = source.get("peft_type") if source.get("peft_type") in PREFIX_TYPES else None
+        geometry = {
+            "num_attention_heads": kv_heads,
+            "num_layers": layers,
+            "token_dim": kv_heads * head_dim,
+        }
+    ptype = ptype or ("PROMPT_TUNING" if "prompt" in baked else "PREFIX_TUNING")
+    if ptype == "PREFIX_TUNING" and "encoder_hidden_size" not in source:
+        geometry["encoder_hidden_size"] = geometry["token_dim"]
+    task_type = "CAUSAL_LM" if info.is_causal_lm else "FEATURE_EXTRACTION"
+    config = {**_COMMON, "task_type": task_type, **_NATIVE.get(ptype, {}), **source, **geometry}
+    config.update(
+        peft_type=ptype,
+        num_virtual_tokens=n,
+        inference_mode=True,
+        base_model_name_or_path=source.get("base_model_name_or_path")
+        or base_name
+        or info.identity.get("name_or_path")
+        or None,
+    )
+    return tensor, dict(sorted(config.items()))
+
+
+def _to_peft_positions(model: SoftPromptModel, ad, flat: torch.Tensor, what: str) -> torch.Tensor:
+    """A softprompt prefix (real tokens at ``position_offset``..) as PEFT's (real tokens at
+    P..P+T-1): keys rotated by the difference on rotary models; refused elsewhere.
+
+    Args:
+        flat: (P, layers * 2 * kv_dim).
+    """
+    n, shift = ad.num_virtual_tokens, ad.num_virtual_tokens - ad.position_offset
+    encoding = _hf.position_encoding(model.base_model)
+    if encoding == "other":
+        raise SoftPromptError(
+            f"{what} is on {type(model.base_model).__name__}: PEFT gives the real tokens "
+            f"positions {n}..{n}+T-1 after its prefix, and softprompt cannot tell how this "
+            "model's positions would change that, so it is not exported"
+        )
+    if encoding != "rotary":
+        raise SoftPromptError(
+            f"{what} is on {type(model.base_model).__name__}, which has learned absolute "
+            f"positions: PEFT gives the real tokens positions {n}..{n}+T-1 after its prefix, "
+            f"softprompt {ad.position_offset}..T-1, and no change of the prefix makes up for "
+            "that, so it cannot be expressed in PEFT (adapters imported from PEFT can)"
+        )
+    parts = []
+    for _s, (k, v) in sorted(ad.layout.split(flat).items()):  # (P, kvh, hd) each
+        k = _hf.rotate_keys(model.base_model, k.to(model.device), shift).cpu()
+        parts += [k.reshape(n, -1), v.reshape(n, -1)]
+    return torch.cat(parts, dim=1)  # (P, layers * 2 * kv_dim)
+
+
+def save_peft(
+    model: SoftPromptModel,
+    output: str | Path,
+    name: str | None = None,
+    *,
+    base_name: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write adapter ``name`` as a PEFT folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``) that ``PeftModel.from_pretrained(base, output)`` loads with
+    softprompt's logits (see ``peft_tensor_and_config``).
+
+    Returns:
+        The folder.
+    """
+    from .io import _write_json, _write_tensors
+
+    tensor, config = peft_tensor_and_config(model, name, base_name)
+    output = Path(output)
+    _write_tensors(output / WEIGHTS_NAME, {KEY: tensor if dtype is None else tensor.to(dtype)})
+    _write_json(output / CONFIG_NAME, config)
+    return output
