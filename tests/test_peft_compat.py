@@ -617,3 +617,19 @@ def test_feature_extraction_prompt_tuning_on_an_encoder(tmp_path):
         sp.load_adapter(
             tiny_model("bert"), make_peft_folder(tiny_model("bert"), bert_prefix, tmp_path / "p")
         )
+
+
+def test_a_peft_folder_with_non_finite_weights_is_refused(peft_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "nan"
+    d.mkdir()
+    src = peft_dirs["llama", "prompt"]
+    (d / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    table = load_file(src / "adapter_model.safetensors")["prompt_embeddings"].clone()
+    table[1, 3] = float("nan")
+    save_file({"prompt_embeddings": table}, d / "adapter_model.safetensors")
+    model = sp.attach(tiny_model("llama"))
+    with pytest.raises(sp.SoftPromptError, match="holds 1 NaN or infinite values"):
+        sp.load_adapter(model, d)
+    assert len(model.adapters) == 0

@@ -173,7 +173,14 @@ def read_peft_weights(directory: Path) -> torch.Tensor:
         )
     if KEY not in tensors or tensors[KEY].dim() != 2:
         raise SoftPromptError(f"{where} has no 2-D tensor {KEY!r}")
-    return tensors[KEY]
+    table = tensors[KEY]
+    if not table.is_floating_point() or not torch.isfinite(table).all():
+        bad = int((~torch.isfinite(table.float())).sum())
+        raise SoftPromptError(
+            f"{where}: tensor {KEY!r} holds {bad} NaN or infinite values (or is not a float "
+            "tensor); the adapter is broken: retrain it"
+        )
+    return table
 
 
 def _model_heads(model) -> int | None:
