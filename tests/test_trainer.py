@@ -265,3 +265,49 @@ def test_resume_refuses_other_settings_and_another_adapter(tiny_folders, tmp_pat
             trainer(other, resume=True).train()
         assert what in str(err.value)
     assert trainer(prompt, resume=True, max_steps=4).train()["steps"] == 4  # extending is fine
+
+
+def test_a_float16_base_trains_with_loss_scaling(tiny_folders, tmp_path):
+    """float16 activations: the loss is scaled, steps whose scaled gradients overflow are
+    skipped (the adapter unchanged) and the scale backs off; the adapter and its optimiser
+    state stay float32; the scaler's state is checkpointed."""
+    path = tiny_folders["llama"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16))
+    model.add_adapter("a", sp.PromptTuningConfig(num_virtual_tokens=2))
+    spec = TaskSpec(kind="classify", template="{text} -> {label}", labels=["neg", "pos"])
+    task = Task(spec, model, AutoTokenizer.from_pretrained(path))
+    args = TrainArgs(
+        output_dir=str(tmp_path), batch_size=4, max_steps=12, lr=0.1, eval_every=6, progress=False
+    )
+    tr = Trainer(model, task, rows(64), None, args, log=lambda _: None)
+    assert tr.scaler is not None
+    # start far too high: the first steps overflow in float16 and must be skipped, not applied
+    tr.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30, backoff_factor=0.125)
+    start = model.adapters["a"].embedding.detach().clone()
+    with torch.no_grad():
+        before = task.loss(tr.items[:32]).item()
+    steps = []
+    opt_step = tr.opt.step
+    tr.opt.step = lambda *a, **kw: steps.append(tr.step) or opt_step(*a, **kw)
+    result = tr.train()
+    with torch.no_grad():
+        after = task.loss(tr.items[:32]).item()
+    assert result["skipped_steps"] >= 1 and len(steps) == 12 - result["skipped_steps"]
+    assert steps[0] == result["skipped_steps"]  # the skipped ones came first
+    assert tr.scaler.get_scale() < 2.0**30
+    assert after < before and not torch.equal(start, model.adapters["a"].embedding)
+    assert model.adapters["a"].embedding.dtype == torch.float32
+    assert all(
+        v.dtype == torch.float32 for st in tr.opt.state.values() for v in st.values() if v.dim()
+    )
+    blob = torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=True)
+    assert blob["scaler"]["scale"] == tr.scaler.get_scale()
+
+
+def test_no_loss_scaling_for_float32_and_bfloat16(task, tiny_folders, tmp_path):
+    assert trainer(task, tmp_path).scaler is None
+    path = tiny_folders["llama"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16))
+    model.add_adapter("a", sp.PromptTuningConfig(num_virtual_tokens=2))
+    bf16 = Task(task.spec, model, task.tok)
+    assert trainer(bf16, tmp_path).scaler is None

@@ -228,6 +228,11 @@ class Trainer:
         )  # a partial last step is dropped
         self.total = args.max_steps or max(1, round(args.epochs * self.steps_per_epoch))
         self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=args.weight_decay)
+        # A float16 base: its activations' gradients underflow; the loss is scaled (the adapter
+        # and its optimiser state stay float32, bfloat16 needs no scaling)
+        fp16 = model.base_model.get_input_embeddings().weight.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.acc.device.type) if fp16 else None
+        self.skipped_steps = 0  # float16: steps whose scaled gradients overflowed, skipped
         warm = int(args.warmup_ratio * self.total)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt,
@@ -282,6 +287,7 @@ class Trainer:
                     "optimizer": self.opt.state_dict(),
                     "scheduler": self.sched.state_dict(),
                     "rng": torch.get_rng_state(),
+                    "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 },
                 tmp / "optimizer.pt",
             )
@@ -340,6 +346,8 @@ class Trainer:
             blob = torch.load(ck / "optimizer.pt", weights_only=True)
             self.opt.load_state_dict(blob["optimizer"])
             self.sched.load_state_dict(blob["scheduler"])
+            if self.scaler is not None and blob.get("scaler"):
+                self.scaler.load_state_dict(blob["scaler"])
             rng = blob["rng"]
         except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
             raise damaged("optimizer.pt", e) from e
@@ -489,7 +497,8 @@ class Trainer:
                     if not mine:  # sharded blocks gather collectively: run a row, weighted 0
                         mine = rows[:1]
                     loss = self.task.loss([self.items[i] for i in mine])
-                    acc.backward(loss * weight)
+                    scaled = loss * weight
+                    acc.backward(scaled if self.scaler is None else self.scaler.scale(scaled))
                     loss_sum += loss.item() * weight
                 if acc.num_processes > 1:
                     for p in self.params:
@@ -499,6 +508,8 @@ class Trainer:
                     loss_sum = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item()
                 if not math.isfinite(loss_sum):
                     raise self._nonfinite(f"the loss ({loss_sum})")
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.opt)  # the same on every process: grads reduced
                 grads = [p.grad for p in self.params if p.grad is not None]
                 norm = (
                     torch.linalg.vector_norm(
@@ -507,12 +518,18 @@ class Trainer:
                     if grads
                     else torch.zeros(())
                 )
-                if not torch.isfinite(norm):
+                overflow = not torch.isfinite(norm)
+                if overflow and self.scaler is None:
                     raise self._nonfinite("the gradient")
-                if args.max_grad_norm:
+                if args.max_grad_norm and not overflow:
                     torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
                 try:
-                    self.opt.step()
+                    if self.scaler is None:
+                        self.opt.step()
+                    else:  # skips the step when the scaled gradients overflowed
+                        self.scaler.step(self.opt)
+                        self.scaler.update()
+                        self.skipped_steps += overflow
                 except RuntimeError as e:  # the step size itself overflows (lr near 1e38)
                     if "overflow" not in str(e):
                         raise
@@ -555,7 +572,10 @@ class Trainer:
         model.eval()
         if acc.is_main_process:
             plot_curves(self.out / "metrics.jsonl", self.out / "training_curve.png")
-        return {"steps": self.step, "best": self.best, "lr": self.lr, "stopped_early": stop}
+        result = {"steps": self.step, "best": self.best, "lr": self.lr, "stopped_early": stop}
+        if self.scaler is not None:
+            result["skipped_steps"] = self.skipped_steps  # this run's, not a resumed one's
+        return result
 
     def _save_best(self) -> None:
         if self.acc.is_main_process:
