@@ -328,6 +328,7 @@ def test_skip_bad_skips_and_reports(tmp_path, capsys, tiny_folders, cls_data):
     )
     assert code == 0, err
     assert "train.jsonl:17" in err and "train.jsonl:18" in err and "skipped 2 of 18" in err
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["train_rows"] == 16
 
 
 def test_adapter_for_another_model_is_refused_by_eval(tmp_path, capsys, tiny_folders, cls_data):
@@ -415,6 +416,8 @@ def test_resume_after_kill_ends_with_the_same_adapter(tmp_path, tiny_folders, cl
     assert killed_at < 16
     res = _cli(*common, "--output", run, "--resume")
     assert res.wait(timeout=600) == 0, res.stderr.read()
+    out = res.stdout.read()  # it continued from the checkpoint, not from scratch
+    assert f"at step {killed_at}" in out and "resumed from" in out, out
     a = load_file(tmp_path / "ref" / "checkpoint" / "trainable.safetensors")
     b = load_file(run / "checkpoint" / "trainable.safetensors")
     for k in a:
@@ -611,3 +614,26 @@ def test_a_run_folder_is_taken_for_its_adapter(tmp_path, capsys, tiny_folders, c
     assert got[0] == got[1] and "accuracy" in got[0]
     code, stdout, _ = run_cli(capsys, "inspect", out, "--model", tiny_folders["llama"], "--json")
     assert code == 0 and json.loads(stdout)["method"] == "prompt"
+
+
+def test_selection_reads_dev_only_and_the_test_set_twice(
+    tmp_path, capsys, tiny_folders, cls_data, monkeypatch
+):
+    """Model selection and early stopping see the dev rows only; the test rows are evaluated
+    exactly twice: zero-shot before training and with the selected adapter after it."""
+    from softprompt.trainer import Trainer
+
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "fine", "label": "positive"}] * 3)
+    seen = []
+    evaluate = Trainer.evaluate
+
+    def spy(self, examples):
+        seen.append({ex.source for ex in examples})
+        return evaluate(self, examples)
+
+    monkeypatch.setattr(Trainer, "evaluate", spy)
+    args = train_args(tiny_folders["llama"], cls_data, tmp_path / "o", "prompt", "--test", test)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    dev, tst = str(cls_data / "dev.jsonl"), str(test)
+    assert seen == [{tst}, {dev}, {dev}, {tst}], seen  # zero-shot, steps 2 and 4, tuned

@@ -18,7 +18,7 @@ from conftest import (
 )
 from torch import nn
 from torch.testing import assert_close
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 import softprompt as sp
 from softprompt.model import PrefixState
@@ -140,9 +140,12 @@ def test_token_type_ids_are_honoured(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_eager_and_sdpa_agree(family, method):
     kw = inputs_for(family, IDS, MASK)
+    sdpa, eager = attached(family, method, "sdpa"), attached(family, method, "eager")
+    assert sdpa.base_model.config._attn_implementation == "softprompt_sdpa"
+    assert eager.base_model.config._attn_implementation == "softprompt_eager"
     with torch.no_grad():
-        a = out_tensor(family, attached(family, method, "sdpa")(**kw))
-        b = out_tensor(family, attached(family, method, "eager")(**kw))
+        a = out_tensor(family, sdpa(**kw))
+        b = out_tensor(family, eager(**kw))
     real = MASK.bool() if family != "t5" else torch.ones(a.shape[:2], dtype=torch.bool)
     assert_close(a[real], b[real], **TOL)
 
@@ -417,8 +420,10 @@ def test_generate_beam_sampling_static_cache_and_rows(method):
             do_sample=False,
             pad_token_id=0,
             cache_implementation="static",
+            return_dict_in_generate=True,
         )
-        assert torch.equal(greedy, static)
+        assert isinstance(static.past_key_values, StaticCache)  # the static cache was used
+        assert torch.equal(greedy, static.sequences)
         for b, name in enumerate(names):  # each row alone, with its adapter
             n = LENS[b]
             alone = model.generate(

@@ -600,6 +600,15 @@ def test_load_on_a_real_server_then_graceful_shutdown(bank, ref):
             expected(ref, spec)
     app = make_app(bank, max_batch=16, max_wait_ms=20, max_queue=1024)
     engine = app.state.engine
+    invocations = []  # (entry point, distinct adapters) of every model call the engine makes
+    for entry in ("generate", "forward"):
+        real = getattr(engine.model, entry)
+
+        def spy(*a, _real=real, _entry=entry, **kw):
+            invocations.append((_entry, len(set(kw.get("adapter_names") or [None]))))
+            return _real(*a, **kw)
+
+        setattr(engine.model, entry, spy)
     live = LiveServer(app)
     try:
 
@@ -643,6 +652,9 @@ def test_load_on_a_real_server_then_graceful_shutdown(bank, ref):
         assert stats["model_calls"] < checked / 3  # batching happened
         assert max(sizes) > 4 and stats["mixed_adapter_calls"] > 0
         assert stats["max_adapters_in_call"] >= 3
+        # each engine call was ONE model invocation, rows of several adapters in it
+        assert len(invocations) == stats["model_calls"], (len(invocations), stats)
+        assert max(n for kind, n in invocations if kind == "generate") >= 3
 
         # graceful shutdown: requests in flight when the server is told to stop still complete
         engine.model_lock.acquire()
