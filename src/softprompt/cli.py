@@ -11,6 +11,7 @@ Errors a user can act on (bad data, missing files, adapters for another model) p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -177,7 +178,10 @@ def cmd_train(args) -> dict:
     for flag in ("train", "output"):
         if not getattr(args, flag):
             raise SoftPromptError(f"train needs --{flag} (on the command line or in --config)")
-    if args.layers not in (None, "") and args.method in ("prompt", "ptuning"):
+    from .methods.base import METHODS
+
+    layered = "layers" in {f.name for f in dataclasses.fields(METHODS[args.method][0])}
+    if args.layers not in (None, "") and not layered:
         raise SoftPromptError(
             f"--layers applies to per-layer methods (deep, prefix); --method {args.method} "
             "puts its prompt at the input only: drop --layers"
