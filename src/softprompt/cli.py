@@ -425,6 +425,7 @@ def cmd_demo(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from .data import check_eval_labels, load_examples
+    from .io import resolve_adapter_dir
 
     model, tok, task = _load_adapter_and_task(args.model, args.adapter, args.dtype)
     rows = load_examples(
@@ -438,8 +439,6 @@ def cmd_eval(args) -> dict:
         rows = check_eval_labels(task.spec.labels, rows, args.skip_bad, _warn)
     preds = task.predict(rows, args.batch_size)
     metrics = task.metrics(rows, preds)
-    from .io import resolve_adapter_dir
-
     target = (
         Path(args.predictions)
         if args.predictions
