@@ -192,6 +192,10 @@ def test_trainable_that_disagrees_with_the_baked_adapter_is_refused(tmp_path):
     )
     # the baked form alone still loads
     assert sp.load_adapter(tiny_model("llama"), ad, trainable=False).adapters["task"].is_baked
+    # another shape is refused from the header, before the data is read
+    save_file({"prefix": torch.zeros(5, 96)}, ad / "adapter.safetensors")
+    with pytest.raises(sp.SoftPromptError, match=r"disagree: tensor 'prefix' is \(5, 96\) in"):
+        sp.load_adapter(tiny_model("llama"), ad)
 
 
 @pytest.mark.parametrize(

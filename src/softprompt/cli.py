@@ -11,6 +11,7 @@ Errors a user can act on (bad data, missing files, adapters for another model) p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -183,7 +184,10 @@ def cmd_train(args) -> dict:
     for flag in ("train", "output"):
         if not getattr(args, flag):
             raise SoftPromptError(f"train needs --{flag} (on the command line or in --config)")
-    if args.layers not in (None, "") and args.method in ("prompt", "ptuning"):
+    from .methods.base import METHODS
+
+    layered = "layers" in {f.name for f in dataclasses.fields(METHODS[args.method][0])}
+    if args.layers not in (None, "") and not layered:
         raise SoftPromptError(
             f"--layers applies to per-layer methods (deep, prefix); --method {args.method} "
             "puts its prompt at the input only: drop --layers"
@@ -438,6 +442,7 @@ def cmd_demo(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from .data import check_eval_labels, load_examples
+    from .io import resolve_adapter_dir
 
     model, tok, task = _load_adapter_and_task(args.model, args.adapter, args.dtype)
     rows = load_examples(
@@ -451,8 +456,6 @@ def cmd_eval(args) -> dict:
         rows = check_eval_labels(task.spec.labels, rows, args.skip_bad, _warn)
     preds = task.predict(rows, args.batch_size)
     metrics = task.metrics(rows, preds)
-    from .io import resolve_adapter_dir
-
     target = (
         Path(args.predictions)
         if args.predictions

@@ -319,31 +319,30 @@ def _check_baked_agrees(directory: Path, adapter) -> None:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         return
-    saved = _read_tensors(weights)
     with torch.no_grad():
         computed = dict(adapter.baked_tensors())
         if adapter.task_head is not None:
             computed.update(
                 {f"task_head.{k}": v for k, v in adapter.task_head.state_dict().items()}
             )
+    shapes = _header_shapes(weights)  # before reading: the file may claim anything
+
+    def disagree(key: str, how: str) -> SoftPromptError:
+        return SoftPromptError(
+            f"{directory / TRAINABLE_NAME} and {weights} disagree: tensor {key!r} {how}; one "
+            f"of them was replaced: delete {TRAINABLE_NAME} to use {WEIGHTS_NAME}"
+        )
+
     for key, value in computed.items():
-        other = saved.get(key)
-        a = value.detach().float().cpu()
-        if other is None or other.shape != a.shape:
-            raise SoftPromptError(
-                f"{directory / TRAINABLE_NAME} and {weights} disagree: tensor {key!r} is "
-                f"{'missing' if other is None else tuple(other.shape)} in {WEIGHTS_NAME}, "
-                f"{tuple(a.shape)} from {TRAINABLE_NAME}; one of them was replaced: delete "
-                f"{TRAINABLE_NAME} to use {WEIGHTS_NAME}"
-            )
-        other = other.float()
-        diff = (a - other).abs().max().item() if a.numel() else 0.0
-        if diff > BAKED_TOLERANCE * (1 + other.abs().max().item()):
-            raise SoftPromptError(
-                f"{directory / TRAINABLE_NAME} and {weights} disagree: tensor {key!r} computed "
-                f"from {TRAINABLE_NAME} differs from {WEIGHTS_NAME} by up to {diff:.3g}; one of "
-                f"them was replaced: delete {TRAINABLE_NAME} to use {WEIGHTS_NAME}"
-            )
+        if shapes.get(key) != tuple(value.shape):
+            got = shapes.get(key, "missing")
+            raise disagree(key, f"is {got} in {WEIGHTS_NAME}, {tuple(value.shape)} from the other")
+    saved = _read_tensors(weights)
+    for key, value in computed.items():
+        a, b = value.detach().float().cpu(), saved[key].float()
+        diff = (a - b).abs().max().item() if a.numel() else 0.0
+        if diff > BAKED_TOLERANCE * (1 + b.abs().max().item()):
+            raise disagree(key, f"computed from {TRAINABLE_NAME} differs by up to {diff:.3g}")
 
 
 def load_adapter(

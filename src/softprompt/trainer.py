@@ -277,6 +277,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        self.saved_step = self.step  # every process knows which step is on disk
         if not self.acc.is_main_process:
             return
 
@@ -294,7 +295,6 @@ class Trainer:
             (tmp / "trainer_state.json").write_text(json.dumps(self._state(), indent=2))
 
         _atomic_dir(self.out / "checkpoint", fill)
-        self.saved_step = self.step
 
     def _resume(self) -> None:
         ck = _checkpoint_dir(self.out)
