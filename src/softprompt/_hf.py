@@ -649,7 +649,6 @@ def prompt_kv(
     n, plen = embeds.shape[:2]
     embeds = embeds.to(model.get_input_embeddings().weight.dtype)  # fp32 prompt, fp16/bf16 model
     body = lm_body_and_head(model)[0]
-    embeds = embeds.to(model.get_input_embeddings().weight.dtype)  # fp32 adapter, half base
     pos = torch.arange(-plen, 0, device=embeds.device).expand(n, -1)
     cap = _CaptureRows(info)
     body(inputs_embeds=embeds, position_ids=pos, use_cache=False, **{STATE_KWARG: cap})
