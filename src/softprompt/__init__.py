@@ -8,7 +8,7 @@ model = softprompt.load_adapter(base, "my-adapter")
 
 __version__ = "0.1.0"
 
-from ._hf import SoftPromptError  # noqa: E402
+from .errors import SoftPromptError  # noqa: E402
 from .io import load_adapter, save_adapter  # noqa: E402
 from .methods import (  # noqa: E402
     AdapterConfig,

@@ -38,6 +38,8 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
+from .errors import SoftPromptError  # noqa: F401  (also re-exported here for older imports)
+
 STATE_KWARG = "softprompt_state"
 _WRAPPED = {
     "sdpa": "softprompt_sdpa",
@@ -60,10 +62,6 @@ def generation_state(state) -> Iterator[None]:
         yield
     finally:
         _GENERATE_STATE.reset(token)
-
-
-class SoftPromptError(ValueError):
-    """A user-facing error: the message says what was wrong and what to do."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from ._hf import SoftPromptError
+from .errors import SoftPromptError
 
 METHOD_NAMES = ("prompt", "prefix", "deep", "ptuning")
 

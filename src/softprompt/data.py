@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _json, assets
-from ._hf import SoftPromptError
+from .errors import SoftPromptError
 
 __all__ = [
     "TASKS",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from ._hf import SoftPromptError
+from .errors import SoftPromptError
 
 _COUNT_FLAGS = ("--num_processes", "--num-processes", "--nproc_per_node", "--nproc-per-node")
 

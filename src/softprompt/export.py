@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from ._hf import SoftPromptError
+from .errors import SoftPromptError
 from .io import WEIGHTS_NAME, _read_tensors, atomic_write, read_adapter_config, resolve_adapter_dir
 
 FORMATS = {

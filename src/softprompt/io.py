@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__, _json
-from ._hf import SoftPromptError, check_virtual_tokens, identity_mismatches
+from ._hf import check_virtual_tokens, identity_mismatches
+from .errors import SoftPromptError
 from .methods.base import METHODS, AdapterConfig
 from .model import SoftPromptModel, attach
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _hf
-from ._hf import SoftPromptError
+from .errors import SoftPromptError
 from .model import SoftPromptModel
 
 

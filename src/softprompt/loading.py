@@ -14,8 +14,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from ._hf import SoftPromptError
 from .assets import resolve_model
+from .errors import SoftPromptError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._hf import SoftPromptError
+from .errors import SoftPromptError
 
 __all__ = ["classification_metrics", "generation_metrics"]
 

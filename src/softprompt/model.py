@@ -32,7 +32,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from . import _hf
-from ._hf import STATE_KWARG, ModelInfo, SoftPromptError, check_virtual_tokens
+from ._hf import STATE_KWARG, ModelInfo, check_virtual_tokens
+from .errors import SoftPromptError
 from .layer_cache import LayerCache
 from .methods.base import METHODS, Adapter, AdapterConfig, InitContext
 

@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import _hf
-from ._hf import SoftPromptError
+from .errors import SoftPromptError
 from .methods.base import AdapterConfig
 from .methods.deep_prompt import DeepPromptConfig
 from .methods.prompt_tuning import PromptTuningConfig

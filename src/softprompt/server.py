@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from . import _hf
-from ._hf import SoftPromptError
+from .errors import SoftPromptError
 from .lm import pad_left
 from .tasks import pad_id
 

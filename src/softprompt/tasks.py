@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
-from ._hf import SoftPromptError, check_virtual_tokens
+from ._hf import check_virtual_tokens
 from .data import Example
+from .errors import SoftPromptError
 from .lm import answer_logprobs, lm_loss, pad_left
 from .metrics import classification_metrics, generation_metrics
 from .model import SoftPromptModel

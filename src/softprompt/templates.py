@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._hf import SoftPromptError
+from .errors import SoftPromptError
 
 __all__ = [
     "ANSWER_FIELDS",

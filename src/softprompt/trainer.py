@@ -37,8 +37,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ._hf import SoftPromptError
 from .data import Example
+from .errors import SoftPromptError
 from .io import save_adapter
 from .model import SoftPromptModel
 from .tasks import Task, headline

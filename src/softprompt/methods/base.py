@@ -21,7 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._hf import ModelInfo, Slot, SoftPromptError
+from .._hf import ModelInfo, Slot
+from ..errors import SoftPromptError
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[Adapter]]] = {}
 

@@ -17,7 +17,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .._hf import ModelInfo, SoftPromptError
+from .._hf import ModelInfo
+from ..errors import SoftPromptError
 from .base import Adapter, AdapterConfig, FlatPrefix, InitContext, init_kv_targets, register_method
 
 
