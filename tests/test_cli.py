@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar  # module level: dataclasses reads string ClassVar annotations here
 
 import pytest
 import torch
@@ -496,7 +498,7 @@ def test_bad_numbers_are_refused_by_the_flags(capsys, argv, message):
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
-        ("method: bogus\n", "method must be one of prompt, prefix, deep, ptuning, got 'bogus'"),
+        ("method: bogus\n", "method must be one of deep, prefix, prompt, ptuning, got 'bogus'"),
         ("lr: [0.1, 0.2]\n", "lr must be a single value, got [0.1, 0.2]"),
         ("lr: .nan\n", "lr must be a finite number > 0"),
         ("batch_size: 0\n", "batch_size must be an integer >= 1, got 0"),
@@ -637,3 +639,92 @@ def test_selection_reads_dev_only_and_the_test_set_twice(
     assert code == 0, err
     dev, tst = str(cls_data / "dev.jsonl"), str(test)
     assert seen == [{tst}, {dev}, {dev}, {tst}], seen  # zero-shot, steps 2 and 4, tuned
+
+
+# ------------------------------------------------------------------------------ a fifth method
+
+
+def test_a_registered_fifth_method_trains_evaluates_and_loads_from_the_cli(
+    tmp_path, capsys, tiny_folders, cls_data
+):
+    """A new method is one file plus register_method: its config declares its level, default
+    rate and CLI flags, and train / eval / load_adapter take it with no other change."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    import softprompt as sp
+    from softprompt.methods.base import (
+        METHODS,
+        Adapter,
+        AdapterConfig,
+        init_embeddings,
+        register_method,
+    )
+
+    @dataclass
+    class GatedPromptConfig(AdapterConfig):
+        inits: ClassVar[tuple[str, ...]] = ("vocab", "random")
+        level: ClassVar[str] = "input"
+        default_lr: ClassVar[float] = 0.5
+        lr_relative_to_embeddings: ClassVar[bool] = True
+        cli_fields: ClassVar[dict[str, str]] = {"seed": "gate_seed"}
+        gate_seed: int = 0
+
+    class GatedPrompt(Adapter):
+        """Virtual tokens times a trainable per-token gate."""
+
+        def __init__(self, config, info, ctx):
+            super().__init__(config, info)
+            n, d = config.num_virtual_tokens, info.hidden_size
+            self.embedding = nn.Parameter(
+                init_embeddings(config, ctx) if ctx else torch.zeros(n, d)
+            )
+            self.gate = nn.Parameter(torch.ones(n, 1))
+
+        def input_prompt(self):
+            return self.embedding * self.gate
+
+        def baked_tensors(self):
+            return {"prompt": self.input_prompt()}
+
+        def load_baked(self, tensors):
+            self.embedding.data.copy_(tensors["prompt"])
+            self.gate.data.fill_(1.0)
+
+    register_method("gated", GatedPromptConfig, GatedPrompt)
+    try:
+        out = tmp_path / "gated"
+        args = train_args(tiny_folders["llama"], cls_data, out, "gated")
+        code, stdout, err = run_cli(
+            capsys, *args, "--max-steps", 20, "--patience", 100, "--init", "random"
+        )
+        assert code == 0, err
+        meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert meta["method"] == "gated" and meta["config"]["gate_seed"] == 0
+        summary = json.loads((out / "summary.json").read_text())
+        emb = AutoModelForCausalLM.from_pretrained(tiny_folders["llama"]).get_input_embeddings()
+        rms = emb.weight.float().pow(2).mean().sqrt().item()
+        assert summary["train"]["lr"] == float(f"{0.5 * rms:.2g}")  # the method's own default
+        losses = [
+            json.loads(x)["loss"]
+            for x in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(x)
+        ]
+        assert len(losses) == 2 and losses[-1] < losses[0]  # steps 1-10, then 11-20
+        code, stdout, err = run_cli(
+            capsys, "eval", "--adapter", out, "--data", cls_data / "dev.jsonl"
+        )
+        assert code == 0, err
+        assert 0 <= json.loads(stdout.splitlines()[-1])["accuracy"] <= 1
+        model = sp.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_folders["llama"]), out)
+        assert model.adapters["default"].config.method == "gated"
+        # [soft:N] templates need an input-level method: the error lists them, gated included
+        code, _, err = run_cli(
+            capsys,
+            *train_args(tiny_folders["llama"], cls_data, tmp_path / "d", "deep"),
+            "--template",
+            "[soft:2] {text} -> {label}",
+        )
+        assert code == 2 and "gated" in err and "prompt" in err
+    finally:
+        METHODS.pop("gated")

@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import softprompt as sp
-from softprompt.cli import METHOD_NAMES, _apply_config, _train_args, build_parser
+from softprompt.cli import _apply_config, _train_args, build_parser
 from softprompt.data import TASKS, load_examples
+from softprompt.methods import METHODS
 from softprompt.templates import ANSWER_FIELDS, FieldPart, SoftPart, Template, TextPart
 
 SETTINGS = dict(
@@ -227,7 +228,7 @@ def test_config_files_give_valid_flags_or_name_the_key(workdir, config):
         assert str(e).startswith(f"--config {path}"), str(e)
         return
     # every value is what the command line would have given for that flag
-    assert args.method in METHOD_NAMES and args.task in ("classify", "generate")
+    assert args.method in METHODS and args.task in ("classify", "generate")
     for name in ("batch_size", "num_virtual_tokens", "grad_accum", "eval_every", "max_length"):
         value = getattr(args, name)
         assert isinstance(value, int) and not isinstance(value, bool) and value >= 1

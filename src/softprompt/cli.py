@@ -23,8 +23,6 @@ import yaml
 from . import __version__
 from .errors import SoftPromptError
 
-METHOD_NAMES = ("prompt", "prefix", "deep", "ptuning")
-
 
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
@@ -76,16 +74,20 @@ _POSITIVE = _int_at_least(1)
 
 
 def _adapter_config(args, template):
-    import softprompt as sp
+    """The method's config from the flags: the common ones, plus each flag the config class
+    names in ``cli_fields`` (no method names here: a registered method brings its own)."""
+    from .methods.base import METHODS
 
-    input_level = args.method in ("prompt", "ptuning")
+    cls = METHODS[args.method][0]
+    fields = {f.name for f in dataclasses.fields(cls)}
     n = args.num_virtual_tokens
     extra = {}
     if template.num_soft:
-        if not input_level:
+        if "placement" not in fields:
             raise SoftPromptError(
                 f"--template has soft segments ([soft:N]) but --method {args.method} puts its "
-                "prompt inside attention; use --method prompt or ptuning, or drop the [soft:N]"
+                f"prompt inside attention; use a method with input-level virtual tokens "
+                f"({', '.join(_methods_of_level('input'))}), or drop the [soft:N]"
             )
         extra["placement"] = "template"
         n = template.num_soft
@@ -93,16 +95,16 @@ def _adapter_config(args, template):
     init_text = args.init_text
     if init == "text" and not init_text:
         raise SoftPromptError("--init text needs --init-text")
-    common = dict(num_virtual_tokens=n, init=init, init_text=init_text, seed=args.seed)
-    if args.method == "prompt":
-        return sp.PromptTuningConfig(**common, **extra)
-    if args.method == "ptuning":
-        return sp.PTuningConfig(**common, encoder=args.encoder, **extra)
-    if args.method == "deep":
-        return sp.DeepPromptConfig(**common, layers=_layers(args.layers))
-    return sp.PrefixTuningConfig(
-        **common, encoder_hidden_size=args.prefix_hidden, layers=_layers(args.layers)
-    )
+    for dest, field in cls.cli_fields.items():
+        value = getattr(args, dest)
+        extra[field] = _layers(value) if dest == "layers" else value
+    return cls(num_virtual_tokens=n, init=init, init_text=init_text, seed=args.seed, **extra)
+
+
+def _methods_of_level(level: str) -> list[str]:
+    from .methods.base import METHODS
+
+    return sorted(name for name, (cls, _) in METHODS.items() if cls.level == level)
 
 
 def _layers(value):
@@ -177,6 +179,7 @@ def cmd_train(args) -> dict:
 
     from .data import check_eval_labels, label_set
     from .loading import load_base, model_kind
+    from .methods.base import METHODS
     from .tasks import Task, TaskSpec, headline
     from .templates import Template, default_template
     from .trainer import Trainer
@@ -184,7 +187,6 @@ def cmd_train(args) -> dict:
     for flag in ("train", "output"):
         if not getattr(args, flag):
             raise SoftPromptError(f"train needs --{flag} (on the command line or in --config)")
-    from .methods.base import METHODS
 
     layered = "layers" in {f.name for f in dataclasses.fields(METHODS[args.method][0])}
     if args.layers not in (None, "") and not layered:
@@ -209,7 +211,7 @@ def cmd_train(args) -> dict:
     encoder_only = kind == "encoder"
     text = args.template or default_template(
         args.task,
-        args.method in ("prompt", "ptuning"),
+        METHODS[args.method][0].level == "input",
         args.num_virtual_tokens,
         encoder=kind != "causal",
     )
@@ -607,11 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of flags (saved flags); command-line flags win")
     sub = parser.add_subparsers(dest="command", required=True)
     from .export import add_export_parser
+    from .methods import METHODS  # every registered method, the four built in and any plugin
     from .server import add_serve_parser
 
+    methods = sorted(METHODS)
     t = sub.add_parser("train", help="train an adapter")
     _add_model(t)
-    t.add_argument("--method", choices=METHOD_NAMES, default="prefix")
+    t.add_argument("--method", choices=methods, default="prefix")
     t.add_argument(
         "--train",
         help="JSONL/CSV/TSV file, datasets folder, or rotten-tomatoes[:split] / aclsum[:split]",
@@ -637,8 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--lr",
         type=_finite(0, False),
-        help="default: per method: prompt 0.075 and ptuning 0.0075 times the embedding table's "
-        "RMS (SmolLM2: 1e-2, 1e-3), deep 5e-3, prefix 3e-5",
+        help="default: per method: "
+        + ", ".join(f"{m} {METHODS[m][0].lr_help()}" for m in methods)
+        + " (prompt tuning on SmolLM2: 1e-2)",
     )
     t.add_argument("--batch-size", type=_POSITIVE, default=8)
     t.add_argument("--grad-accum", type=_POSITIVE, default=1)
@@ -693,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the embedded default: prefix on Rotten Tomatoes with SmolLM2 (offline)"
     )
     d.add_argument("--output", default=None)
-    d.add_argument("--method", choices=METHOD_NAMES, default=None)
+    d.add_argument("--method", choices=methods, default=None)
     d.add_argument("--max-steps", type=_POSITIVE, default=None)
     d.set_defaults(func=cmd_demo)
 

@@ -40,26 +40,17 @@ from tqdm.auto import tqdm
 from .data import Example
 from .errors import SoftPromptError
 from .io import save_adapter
+from .methods.base import METHODS
 from .model import SoftPromptModel
 from .tasks import Task, headline
 
-# AdamW learning rates that train without collapsing at small budgets (docs/benchmarks.md,
-# section 4: at the earlier 3e-2 / 3e-3 / 1e-4 one prompt-tuning, P-tuning and prefix seed in
-# three collapsed to one class). Input-level methods move virtual-token embeddings, so their
-# rate is relative to the embedding table's RMS: SmolLM2's 0.136 gives 1e-2 and 1e-3; T5's much
-# larger embeddings get rates near Lester et al.'s 0.3. Per-layer methods' rates are absolute.
-RELATIVE_LR = {"prompt": 0.075, "ptuning": 0.0075}
-DEFAULT_LR = {"deep": 5e-3, "prefix": 3e-5}
-
 
 def default_lr(base_model: torch.nn.Module, method: str) -> float:
-    """The learning rate ``method`` trains ``base_model`` with when none is given
-    (see ``RELATIVE_LR``)."""
-    if method in RELATIVE_LR:
-        table = base_model.get_input_embeddings().weight.detach()
-        rms = table.float().pow(2).mean().sqrt().item()
-        return float(f"{RELATIVE_LR[method] * rms:.2g}")
-    return DEFAULT_LR[method]
+    """The learning rate ``method`` trains ``base_model`` with when none is given (declared by
+    the method's config class: ``AdapterConfig.lr_for``)."""
+    if method not in METHODS:
+        raise SoftPromptError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+    return METHODS[method][0].lr_for(base_model)
 
 
 @dataclass

@@ -47,6 +47,13 @@ class AdapterConfig:
 
     method: ClassVar[str] = ""
     inits: ClassVar[tuple[str, ...]] = ()
+    # What the trainer and the CLI need to know about a method, declared here so that they
+    # never branch on its name (a new method is its own file plus register_method):
+    level: ClassVar[str] = "attention"  # "input": virtual tokens in inputs_embeds; "attention":
+    #   per-layer key/value prefixes
+    default_lr: ClassVar[float] = 5e-3  # AdamW rate when no --lr is given ...
+    lr_relative_to_embeddings: ClassVar[bool] = False  # ... times the embedding table's RMS
+    cli_fields: ClassVar[dict[str, str]] = {}  # `softprompt train` flag (dest) -> config field
 
     num_virtual_tokens: int = 20
     init: str = "vocab"
@@ -74,6 +81,28 @@ class AdapterConfig:
                 f"{type(self).__name__}: init={self.init!r} needs init_text (with a tokenizer "
                 "passed to attach/add_adapter) or init_token_ids"
             )
+
+    @classmethod
+    def lr_for(cls, base_model: nn.Module) -> float:
+        """The learning rate this method trains ``base_model`` with when none is given.
+
+        Input-level methods move virtual-token embeddings, so their rate is relative to the
+        embedding table's RMS (SmolLM2's 0.136 gives prompt tuning 1e-2; T5's much larger
+        embeddings get rates near Lester et al.'s 0.3); per-layer methods' rates are absolute.
+        These rates train without collapsing at small budgets (docs/benchmarks.md, section 4).
+        """
+        if not cls.lr_relative_to_embeddings:
+            return cls.default_lr
+        table = base_model.get_input_embeddings().weight.detach()
+        rms = table.float().pow(2).mean().sqrt().item()
+        return float(f"{cls.default_lr * rms:.2g}")
+
+    @classmethod
+    def lr_help(cls) -> str:
+        """The default rate in words, for ``--help``."""
+        if cls.lr_relative_to_embeddings:
+            return f"{cls.default_lr:g} x the embedding table's RMS"
+        return f"{cls.default_lr:g}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}

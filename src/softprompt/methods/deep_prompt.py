@@ -34,6 +34,8 @@ class DeepPromptConfig(AdapterConfig):
     """
 
     inits: ClassVar[tuple[str, ...]] = ("vocab", "random", "text", "labels")
+    default_lr: ClassVar[float] = 5e-3
+    cli_fields: ClassVar[dict[str, str]] = {"layers": "layers"}
     layers: list[int] | str | None = None
 
     def __post_init__(self) -> None:

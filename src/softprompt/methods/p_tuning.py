@@ -33,6 +33,10 @@ class PTuningConfig(AdapterConfig):
     """
 
     inits: ClassVar[tuple[str, ...]] = ("vocab", "random", "text", "labels")
+    level: ClassVar[str] = "input"
+    default_lr: ClassVar[float] = 0.0075
+    lr_relative_to_embeddings: ClassVar[bool] = True
+    cli_fields: ClassVar[dict[str, str]] = {"encoder": "encoder"}
     encoder: str = "mlp"
     encoder_hidden_size: int = 512
     placement: str = "prepend"

@@ -40,6 +40,11 @@ class PrefixTuningConfig(AdapterConfig):
     """
 
     inits: ClassVar[tuple[str, ...]] = ("vocab", "random", "text", "labels")
+    default_lr: ClassVar[float] = 3e-5
+    cli_fields: ClassVar[dict[str, str]] = {
+        "prefix_hidden": "encoder_hidden_size",
+        "layers": "layers",
+    }
     encoder_hidden_size: int = 512
     layers: list[int] | str | None = None
 

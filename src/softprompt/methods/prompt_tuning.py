@@ -35,6 +35,9 @@ class PromptTuningConfig(AdapterConfig):
     """
 
     inits: ClassVar[tuple[str, ...]] = ("vocab", "random", "text", "labels")
+    level: ClassVar[str] = "input"
+    default_lr: ClassVar[float] = 0.075
+    lr_relative_to_embeddings: ClassVar[bool] = True
     placement: str = "prepend"
 
     def __post_init__(self) -> None:
