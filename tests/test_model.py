@@ -783,3 +783,37 @@ def test_mixed_prefix_tables_are_kept_across_no_grad_calls_until_an_adapter_chan
         assert_close(moved[b][real], alone.logits[0][real], **TOL)
     assert not torch.allclose(moved[1][mask[1].bool()], first[1][mask[1].bool()])
     assert_close(moved[0], first[0], **TOL)  # row "a" did not change
+
+
+@pytest.mark.parametrize("opt", ["fused", "foreach"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix"])
+def test_kept_no_grad_tables_follow_an_optimizer_step(tmp_path, method, opt):
+    """Fused and foreach AdamW update parameters in place without bumping their versions: the
+    kept no-grad tables (shared prompt keys/values, prefix MLP output, stacked mixed-batch
+    tables) must still be rebuilt after the step, as a saved-and-reloaded copy shows."""
+    model = attached("llama", method)
+    ids, mask = left_pad(IDS, MASK)
+    rows = ["a", None, "a"]  # mixed rows: the stacked per-adapter tables are kept too
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        model(input_ids=ids, attention_mask=mask, adapter_names=rows)
+    opt_cls = torch.optim.AdamW(model.parameters_to_train(), lr=0.05, **{opt: True})
+    model.train()
+    model(
+        input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)
+    ).loss.backward()
+    opt_cls.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+        after_rows = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+    model.save_adapter(tmp_path / "ad", trainable=True)
+    fresh = sp.load_adapter(tiny_model("llama"), tmp_path / "ad")
+    with torch.no_grad():
+        ref = fresh(input_ids=ids, attention_mask=mask).logits
+        ref_rows = fresh(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+    real = mask.bool()
+    assert_close(after[real], ref[real], **TOL)
+    assert_close(after_rows[real], ref_rows[real], **TOL)
+    assert (ref - before)[real].abs().max() > 1e-2  # the step moved the adapter

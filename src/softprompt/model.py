@@ -32,6 +32,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from . import _hf
 from ._hf import STATE_KWARG, ModelInfo, SoftPromptError
+from ._versions import optimizer_steps, tensor_versions
 from .layer_cache import LayerCache
 from .methods.base import METHODS, Adapter, AdapterConfig, InitContext
 
@@ -447,7 +448,7 @@ class SoftPromptModel(nn.Module):
                             t.dtype,
                         )
                     )
-        fingerprint = tuple(fingerprint)
+        fingerprint = (optimizer_steps(), tuple(fingerprint))  # fused steps keep _version
         names = tuple(sorted(kvs))
         banks = self.__dict__.setdefault("_prefix_banks", {})  # names -> (fingerprint, kvs, tables)
         hit = banks.pop(names, None)
@@ -523,7 +524,7 @@ class SoftPromptModel(nn.Module):
             key = None
             if not torch.is_grad_enabled():
                 tensors = [*ad.parameters(), *ad.buffers()]
-                key = (p.shape, p.dtype, p.device, tuple((id(t), t._version) for t in tensors))
+                key = (p.shape, p.dtype, p.device, tensor_versions(tensors))
                 hit = memo.get(name)
                 if hit is not None and hit[0] == key:
                     out[name] = hit[1]
