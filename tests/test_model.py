@@ -817,3 +817,32 @@ def test_kept_no_grad_tables_follow_an_optimizer_step(tmp_path, method, opt):
     assert_close(after[real], ref[real], **TOL)
     assert_close(after_rows[real], ref_rows[real], **TOL)
     assert (ref - before)[real].abs().max() > 1e-2  # the step moved the adapter
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_kept_no_grad_tables_are_not_reused_across_autocast(method):
+    """A table kept from a call under bf16 autocast (Trainer/TRL evaluate so with bf16=True) is
+    not reused by a float32 call, nor the other way round."""
+
+    def build():
+        model = attached("llama", method)
+        model.add_adapter("b", method_config(method, n=2))
+        perturb(model)
+        return model.eval()
+
+    model = build()
+    ids, mask = left_pad(IDS, MASK)
+    real = mask.bool()
+    for rows in (["a"] * 3, ["a", None, "b"]):  # one adapter; mixed rows (stacked tables)
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+            got = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+            ref = build()(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+            other = build()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low_again = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+                low_ref = other(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+        assert (low.float() - ref)[real].abs().max() > 1e-3  # bf16 is visibly different here
+        assert_close(got[real], ref[real], atol=1e-6, rtol=0)
+        assert_close(low_again[real], low_ref[real], atol=1e-6, rtol=0)

@@ -7,6 +7,7 @@ foreach optimizer kernels (``torch.optim.AdamW(fused=True)``, which ``transforme
 picks on torch >= 2.8) update parameters in place without bumping it. Every optimizer step
 therefore also bumps a global counter (a ``torch.optim`` step post-hook, registered once), and
 ``tensor_versions`` folds it into each memo's key: a kept table never outlives an optimizer step.
+The key also holds the autocast state: a table computed under autocast is not reused outside it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,22 @@ def optimizer_steps() -> int:
     return _steps
 
 
+def memo_stamp(devices: Iterable[str] = ()) -> tuple:
+    """What every kept table's key starts with: the optimizer-step count, and the autocast
+    state of the CPU and of ``devices`` (a table computed under bf16 autocast, as Trainer
+    evaluates with ``bf16=True``, is not the float32 one)."""
+    state = []
+    for d in sorted({"cpu", *devices}):
+        on = torch.is_autocast_enabled(d)
+        state.append((d, on, torch.get_autocast_dtype(d) if on else None))
+    return (_steps, tuple(state))
+
+
 def tensor_versions(tensors: Iterable[torch.Tensor]) -> tuple:
-    """The memo key of tables computed from ``tensors``: the optimizer-step count and each
-    tensor's identity and in-place version. Equal keys mean the tensors were not changed."""
-    return (_steps, tuple((id(t), t._version) for t in tensors))
+    """The memo key of tables computed from ``tensors``: ``memo_stamp`` and each tensor's
+    identity and in-place version. Equal keys mean the tensors were not changed."""
+    tensors = list(tensors)
+    return (
+        memo_stamp({t.device.type for t in tensors}),
+        tuple((id(t), t._version) for t in tensors),
+    )

@@ -96,12 +96,17 @@ def fused_lm_output(
             default: the number of labelled tokens.
     """
     from .lm import _head
+    from .model import SoftPromptModel
 
     if labels is None and shift_labels is None:
         raise SoftPromptError("fused_lm_head=True needs labels")
     kwargs.pop("output_router_logits", None)
     kwargs["use_cache"] = False
-    hidden = model(
+    # The class's forward, not model(...): accelerate wraps an instance's forward in one
+    # torch.autocast object under mixed precision, and entering that object again from inside
+    # (it is not reentrant) left autocast switched on after training.
+    hidden = SoftPromptModel.forward(
+        model,
         input_ids=input_ids,
         attention_mask=attention_mask,
         inputs_embeds=inputs_embeds,

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from . import _hf
 from ._hf import STATE_KWARG, ModelInfo, SoftPromptError
-from ._versions import optimizer_steps, tensor_versions
+from ._versions import memo_stamp, tensor_versions
 from .hf_compat import ModelCompat
 from .layer_cache import LayerCache
 from .methods.base import METHODS, Adapter, AdapterConfig, InitContext
@@ -471,7 +471,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
                             t.dtype,
                         )
                     )
-        fingerprint = (optimizer_steps(), tuple(fingerprint))  # fused steps keep _version
+        fingerprint = (memo_stamp({self.device.type}), tuple(fingerprint))  # see _versions
         names = tuple(sorted(kvs))
         banks = self.__dict__.setdefault("_prefix_banks", {})  # names -> (fingerprint, kvs, tables)
         hit = banks.pop(names, None)
