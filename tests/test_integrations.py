@@ -23,6 +23,7 @@ from transformers import (
 )
 
 import softprompt as sp
+from softprompt import _hf
 from softprompt.data import Example
 from softprompt.integrations import ClassifierView, SaveAdapterCallback
 from softprompt.tasks import Task, TaskSpec
@@ -136,16 +137,20 @@ def test_trainer_trains_evaluates_and_checkpoints_the_adapter(tmp_path, tok, met
     assert after == pytest.approx(ref.loss.item(), abs=1e-5)
 
 
-def test_trainer_logged_loss_is_the_models_own_loss(tmp_path, tok):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_trainer_logged_loss_is_the_models_own_loss(tmp_path, tok, family):
     """Trainer divides the summed loss by the number of labelled tokens it counts; it counts
-    them shifted only when the model's ``loss_type`` says causal LM (without it: 0.92x here)."""
-    model = wrapped(tok, "prefix")
+    them shifted only when the model's ``loss_type`` says causal LM (without it: 0.92x here).
+    Its ``model.train()`` leaves the frozen model's dropout off (GPT-2 has dropout 0.1)."""
+    model = wrapped(tok, "prefix", family)
     batch = one_batch(tok)
+    model.eval()
     with torch.no_grad():
         ref = model(**batch).loss.item()
     tr = trainer(model, tok, tmp_path, max_steps=1, learning_rate=0.0, save_strategy="no")
     tr.train()
     assert losses(tr)[0] == pytest.approx(ref, abs=1e-4)
+    assert model.training and not model.base_model.training
 
 
 def test_trainer_resume_continues_to_the_same_adapter(tmp_path, tok):
@@ -365,6 +370,7 @@ def test_text_generation_pipeline_per_adapter(tok):
         assert piped() == expected[None]
     assert model.active == "a"
     assert model.generation_config.to_dict() == config_before  # no state left behind
+    assert _hf._GENERATE_STATE.get() is None
 
 
 def test_text_classification_pipeline_equals_task_predict(tok):

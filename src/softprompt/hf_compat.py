@@ -13,7 +13,8 @@ answers them:
   (``TrainingArguments(gradient_checkpointing=True)``).
 * ``loss_type``, ``generation_config``, ``can_generate``, ``get_output_embeddings``, ...: the
   base model's. ``loss_type`` matters: without it Trainer counts the labels of a causal LM
-  unshifted and divides the summed loss by B too many tokens.
+  unshifted and divides the summed loss by B too many tokens (``_hf.loss_type`` also names
+  GPT-2's causal LM loss, which its class name does not).
 * ``fused_lm_head=True`` calls (TRL): renamed before the forward runs, see
   ``_rename_fused_lm_head``.
 """
@@ -22,13 +23,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import _hf
 from ._hf import SoftPromptError
 
 # Attributes transformers' Trainer, TRL and pipelines read off a model; the base model answers.
 FROM_BASE = frozenset(
     {
         "can_generate",
-        "loss_type",
         "add_model_tags",
         "model_tags",
         "dtype",
@@ -80,6 +81,13 @@ class ModelCompat(nn.Module):
     @generation_config.setter
     def generation_config(self, value) -> None:
         self.base_model.generation_config = value
+
+    @property
+    def loss_type(self) -> str | None:
+        """The base model's loss, as its forward resolves it (``_hf.loss_type``)."""
+        if self.info.is_causal_lm:
+            return _hf.loss_type(self.base_model)
+        return getattr(self.base_model, "loss_type", None)
 
     @property
     def supports_gradient_checkpointing(self) -> bool:
