@@ -61,3 +61,4 @@ def test_trainer_and_trl_example_runs(tmp_path):
         for name in ("adapter_config.json", "adapter.safetensors", "trainable.safetensors"):
             assert (folder / name).is_file(), (ckpt, sorted(p.name for p in folder.iterdir()))
         assert (folder / "model.safetensors").stat().st_size < 64 * 1024
+    assert (tmp_path / "runs" / "hf" / "adapter" / "adapter.safetensors").is_file()

@@ -61,6 +61,8 @@ class ModelCompat(nn.Module):
     ``gradient_checkpointing_enable``.
     """
 
+    _keys_to_ignore_on_save = None  # Trainer reads it when a checkpoint lacks keys
+
     def __init__(self) -> None:
         super().__init__()
         self.register_forward_pre_hook(_rename_fused_lm_head, with_kwargs=True)

@@ -183,8 +183,8 @@ class ClassifierView(nn.Module):
 
         name = self.adapter or self.model.active
         if name is None or name not in self.model.adapters:
-            raise SoftPromptError(f"ClassifierView: no adapter {name!r}; loaded: "
-                                  f"{sorted(self.model.adapters)}")  # fmt: skip
+            loaded = sorted(self.model.adapters)
+            raise SoftPromptError(f"ClassifierView: no adapter {name!r}; loaded: {loaded}")
         meta = self.model.adapters[name].task
         if not meta or meta.get("kind") != "classify":
             raise SoftPromptError(

@@ -269,8 +269,8 @@ class SoftPromptModel(ModelCompat, nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_):
         """Recompute the frozen model's activations in backward instead of storing them.
 
-        Takes (and ignores) the arguments ``transformers.Trainer`` passes; checkpointing is
-        always non-reentrant (a reentrant checkpoint would cut the prefixes' gradients).
+        Takes the arguments ``transformers.Trainer`` passes; checkpointing stays non-reentrant
+        (a reentrant checkpoint would cut the prefixes' gradients).
         """
         if (gradient_checkpointing_kwargs or {}).get("use_reentrant"):
             raise SoftPromptError(
@@ -726,9 +726,15 @@ class SoftPromptModel(ModelCompat, nn.Module):
             from .integrations import fused_lm_output
 
             return fused_lm_output(
-                self, input_ids, attention_mask, inputs_embeds, position_ids, labels, adapter_names,
+                self,
+                input_ids,
+                attention_mask,
+                inputs_embeds,
+                position_ids,
+                labels,
+                adapter_names,
                 **kwargs,
-            )  # fmt: skip
+            )
         rows = self._rows(adapter_names, ref.shape[0])
         prompts = self._prompts(rows)
         caller_positions = position_ids is not None
