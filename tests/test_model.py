@@ -865,3 +865,66 @@ def test_mixed_prefix_tables_are_kept_across_no_grad_calls_until_an_adapter_chan
         assert_close(moved[b][real], alone.logits[0][real], **TOL)
     assert not torch.allclose(moved[1][mask[1].bool()], first[1][mask[1].bool()])
     assert_close(moved[0], first[0], **TOL)  # row "a" did not change
+
+
+@pytest.mark.parametrize("opt", ["fused", "foreach"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix"])
+def test_kept_no_grad_tables_follow_an_optimizer_step(tmp_path, method, opt):
+    """Fused and foreach AdamW update parameters in place without bumping their versions: the
+    kept no-grad tables (shared prompt keys/values, prefix MLP output, stacked mixed-batch
+    tables) must still be rebuilt after the step, as a saved-and-reloaded copy shows."""
+    model = attached("llama", method)
+    ids, mask = left_pad(IDS, MASK)
+    rows = ["a", None, "a"]  # mixed rows: the stacked per-adapter tables are kept too
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        model(input_ids=ids, attention_mask=mask, adapter_names=rows)
+    opt_cls = torch.optim.AdamW(model.parameters_to_train(), lr=0.05, **{opt: True})
+    model.train()
+    model(
+        input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)
+    ).loss.backward()
+    opt_cls.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+        after_rows = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+    model.save_adapter(tmp_path / "ad", trainable=True)
+    fresh = sp.load_adapter(tiny_model("llama"), tmp_path / "ad")
+    with torch.no_grad():
+        ref = fresh(input_ids=ids, attention_mask=mask).logits
+        ref_rows = fresh(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+    real = mask.bool()
+    assert_close(after[real], ref[real], **TOL)
+    assert_close(after_rows[real], ref_rows[real], **TOL)
+    assert (ref - before)[real].abs().max() > 1e-2  # the step moved the adapter
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_kept_no_grad_tables_are_not_reused_across_autocast(method):
+    """A table kept from a call under bf16 autocast (Trainer/TRL evaluate so with bf16=True) is
+    not reused by a float32 call, nor the other way round."""
+
+    def build():
+        model = attached("llama", method)
+        model.add_adapter("b", method_config(method, n=2))
+        perturb(model)
+        return model.eval()
+
+    model = build()
+    ids, mask = left_pad(IDS, MASK)
+    real = mask.bool()
+    for rows in (["a"] * 3, ["a", None, "b"]):  # one adapter; mixed rows (stacked tables)
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+            got = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+            ref = build()(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+            other = build()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low_again = model(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+                low_ref = other(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+        assert (low.float() - ref)[real].abs().max() > 1e-3  # bf16 is visibly different here
+        assert_close(got[real], ref[real], atol=1e-6, rtol=0)
+        assert_close(low_again[real], low_ref[real], atol=1e-6, rtol=0)

@@ -34,3 +34,31 @@ def test_python_example_runs(tmp_path):
     assert lines[0] == "trainable 6,210,944 of 140,725,952 (4.414%)"
     assert (tmp_path / "sentiment-adapter" / "adapter.safetensors").is_file()
     assert lines[-1] in ("' positive'", "' negative'")  # the tuned adapter answers a label word
+
+
+def section_code(title: str) -> list[str]:
+    part = README.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", part, re.S)
+
+
+@pytest.mark.slow
+def test_trainer_and_trl_example_runs(tmp_path):
+    blocks = section_code("Train with transformers Trainer / TRL")
+    assert len(blocks) == 2
+    proc = subprocess.run(
+        [sys.executable, "-c", "\n".join(blocks)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(ln) for ln in proc.stdout.splitlines() if re.fullmatch(r"\d+\.\d+", ln)]
+    assert len(losses) == 2 and losses[1] < losses[0], proc.stdout[-2000:]
+    assert "Review: Great fun.\nSentiment:" in proc.stdout
+    for ckpt in ("hf/checkpoint-4", "hf/checkpoint-8", "sft/checkpoint-4"):
+        folder = tmp_path / "runs" / ckpt
+        for name in ("adapter_config.json", "adapter.safetensors", "trainable.safetensors"):
+            assert (folder / name).is_file(), (ckpt, sorted(p.name for p in folder.iterdir()))
+        assert (folder / "model.safetensors").stat().st_size < 64 * 1024
+    assert (tmp_path / "runs" / "hf" / "adapter" / "adapter.safetensors").is_file()

@@ -896,3 +896,19 @@ def can_start_at_layer(model: PreTrainedModel) -> bool:
     finally:
         model.train(was_training)
     return bool(torch.allclose(out.float(), ref.float(), atol=1e-4, rtol=1e-4))
+
+
+def loss_type(model: PreTrainedModel) -> str | None:
+    """The name (in transformers' ``LOSS_MAPPING``) of the loss ``model``'s forward computes.
+
+    ``model.loss_type`` comes from the class name and is None where the name has no loss in it
+    (``GPT2LMHeadModel``), although the forward then uses the causal LM loss; ``Trainer`` reads
+    it to count a causal LM's labels shifted when it averages the loss over tokens.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    given = getattr(model, "loss_type", None)
+    fn = getattr(model, "loss_function", None)
+    if fn is None or LOSS_MAPPING.get(given) is fn:
+        return given
+    return next((name for name, f in LOSS_MAPPING.items() if f is fn), given)

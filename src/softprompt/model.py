@@ -22,8 +22,9 @@ from a library that numbers the real tokens after the prefix) get their position
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,9 @@ from transformers.modeling_outputs import ModelOutput
 
 from . import _hf
 from ._hf import STATE_KWARG, ModelInfo, check_virtual_tokens
+from ._versions import memo_stamp, tensor_versions
 from .errors import SoftPromptError
+from .hf_compat import ModelCompat
 from .layer_cache import LayerCache
 from .methods.base import METHODS, Adapter, AdapterConfig, InitContext
 
@@ -256,7 +259,7 @@ def offset_positions(
     return position_ids + offsets[:, None].to(position_ids.device)
 
 
-class SoftPromptModel(nn.Module):
+class SoftPromptModel(ModelCompat, nn.Module):
     """A frozen Hugging Face model plus named soft-prompt adapters.
 
     Use ``softprompt.attach`` to make one. Called and generating like the base model, with an
@@ -286,8 +289,17 @@ class SoftPromptModel(nn.Module):
             _hf.enable_gradient_checkpointing(self.base_model)
         return self
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute the frozen model's activations in backward instead of storing them."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_):
+        """Recompute the frozen model's activations in backward instead of storing them.
+
+        Takes the arguments ``transformers.Trainer`` passes; checkpointing stays non-reentrant
+        (a reentrant checkpoint would cut the prefixes' gradients).
+        """
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise SoftPromptError(
+                "use_reentrant=True checkpointing would cut the adapter's gradients (its prefixes "
+                "enter inside attention, not as layer inputs); leave use_reentrant unset or False"
+            )
         self._checkpointing = True
         _hf.enable_gradient_checkpointing(self.base_model)
 
@@ -383,6 +395,18 @@ class SoftPromptModel(nn.Module):
                 p.requires_grad_(name is not None and is_adapter_key(key, name) and not baked)
             else:
                 p.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def using(self, name: str | None) -> Iterator[SoftPromptModel]:
+        """Make ``name`` the active adapter inside the block, the previous one again after it:
+        picks the adapter of calls that pass no ``adapter_names``, such as a pipeline's
+        (``with model.using("summary"): pipe(text)``). None: the bare model."""
+        previous = self.active
+        self.set_active(name)
+        try:
+            yield self
+        finally:
+            self.set_active(previous if previous in self.adapters else None)
 
     def bake(self, name: str | None = None) -> None:
         """Replace adapter ``name``'s reparameterisation by its output (inference form)."""
@@ -485,7 +509,7 @@ class SoftPromptModel(nn.Module):
                             t.dtype,
                         )
                     )
-        fingerprint = tuple(fingerprint)
+        fingerprint = (memo_stamp({self.device.type}), tuple(fingerprint))  # see _versions
         names = tuple(sorted(kvs))
         banks = self.__dict__.setdefault("_prefix_banks", {})  # names -> (fingerprint, kvs, tables)
         hit = banks.pop(names, None)
@@ -561,7 +585,7 @@ class SoftPromptModel(nn.Module):
             key = None
             if not torch.is_grad_enabled():
                 tensors = [*ad.parameters(), *ad.buffers()]
-                key = (p.shape, p.dtype, p.device, tuple((id(t), t._version) for t in tensors))
+                key = (p.shape, p.dtype, p.device, tensor_versions(tensors))
                 hit = memo.get(name)
                 if hit is not None and hit[0] == key:
                     out[name] = hit[1]
@@ -714,6 +738,7 @@ class SoftPromptModel(nn.Module):
         adapter_names: Sequence[str | None] | str | None = None,
         past_key_values=None,
         body_only: bool = False,
+        softprompt_fused_lm_head: bool = False,
         **kwargs,
     ) -> ModelOutput:
         """Run the base model with each row's adapter.
@@ -724,6 +749,9 @@ class SoftPromptModel(nn.Module):
             body_only: decoder-only LMs: run the transformer body without the LM head and
                 return its output (``last_hidden_state`` (B, T, d)), for losses that apply the
                 head only where labels are (see ``softprompt.lm``).
+            softprompt_fused_lm_head: TRL's fused LM head (``fused_lm_head=True``, mapped to this
+                name): per-token log-probabilities of the labels, the head run only where labels
+                are (``softprompt.integrations.fused_lm_output``).
             Other arguments: as the base model's forward.
 
         Returns:
@@ -732,6 +760,19 @@ class SoftPromptModel(nn.Module):
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise SoftPromptError("forward needs input_ids or inputs_embeds")
+        if softprompt_fused_lm_head:
+            from .integrations import fused_lm_output
+
+            return fused_lm_output(
+                self,
+                input_ids,
+                attention_mask,
+                inputs_embeds,
+                position_ids,
+                labels,
+                adapter_names,
+                **kwargs,
+            )
         rows = self._rows(adapter_names, ref.shape[0])
         prompts = self._prompts(rows)
         caller_positions = position_ids is not None

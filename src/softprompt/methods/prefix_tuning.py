@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .._hf import ModelInfo
+from .._versions import tensor_versions
 from ..errors import SoftPromptError
 from .base import Adapter, AdapterConfig, FlatPrefix, InitContext, init_kv_targets, register_method
 from .deep_prompt import select_slots
@@ -62,7 +63,7 @@ class PrefixTuning(Adapter):
         self.embedding = nn.Embedding(n, d)
         self.mlp = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, self.layout.width))
         self.register_buffer("baked", None)
-        self._memo: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._memo: tuple[tuple, torch.Tensor] | None = None
         if ctx is not None:
             gen = ctx.generator
             with torch.no_grad():
@@ -91,7 +92,7 @@ class PrefixTuning(Adapter):
             return self.baked
         if torch.is_grad_enabled() or self.training:
             return self.mlp(self.embedding.weight)
-        version = tuple(p._version for p in self.parameters())
+        version = tensor_versions(self.parameters())
         if self._memo is None or self._memo[0] != version:
             self._memo = (version, self.mlp(self.embedding.weight))
         return self._memo[1]
