@@ -928,3 +928,30 @@ def test_kept_no_grad_tables_are_not_reused_across_autocast(method):
         assert (low.float() - ref)[real].abs().max() > 1e-3  # bf16 is visibly different here
         assert_close(got[real], ref[real], atol=1e-6, rtol=0)
         assert_close(low_again[real], low_ref[real], atol=1e-6, rtol=0)
+
+
+def test_prompts_of_one_length_share_one_pass_and_each_slot_prefix_is_built_once(monkeypatch):
+    """Two prompt adapters of one length in one batch run as ONE pass of n=2 virtual-token
+    sequences; a generate call builds each slot's prefix once, not once per step."""
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("a", sp.PromptTuningConfig(num_virtual_tokens=3))
+    model.add_adapter("b", sp.PromptTuningConfig(num_virtual_tokens=3, seed=7))
+    perturb(model)
+    model.eval()
+    passes, builds = [], []
+    kv = sp._hf.prompt_kv
+    monkeypatch.setattr(sp._hf, "prompt_kv", lambda m, i, e: passes.append(e.shape) or kv(m, i, e))
+    build = sp.model.PrefixState._build
+    monkeypatch.setattr(
+        sp.model.PrefixState, "_build", lambda self, *a: builds.append(a[0]) or build(self, *a)
+    )
+    with torch.no_grad():
+        model.generate(
+            input_ids=IDS,
+            adapter_names=["a", "b", "a"],
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert passes == [(2, 3, model.info.hidden_size)]
+    assert sorted(builds) == list(range(len(model.info.slots)))  # each slot once
