@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -498,3 +499,44 @@ def test_every_method_trains_from_the_cli_on_smollm2(tmp_path, capsys, cls_data,
     assert meta["base_model"]["model_type"] == "llama" and meta["base_model"]["vocab_size"] == 49152
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] > 0 for r in log if "loss" in r)
+
+
+# ------------------------------------------------------------------------------ trackers
+
+
+def test_report_to_tensorboard_logs_what_metrics_jsonl_holds(
+    tmp_path, capsys, tiny_folders, cls_data
+):
+    from test_trainer import jsonl_scalars, tracked_scalars
+
+    out = tmp_path / "tb"
+    argv = train_args(tiny_folders["llama"], cls_data, out, "prompt", "--report-to", "tensorboard")
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    want = jsonl_scalars(out / "metrics.jsonl")
+    got = tracked_scalars(out / "tracking" / "softprompt")
+    assert set(got) == set(want) >= {"train/loss", "train/lr", "eval/accuracy"}
+    assert [s for s, _ in got["eval/accuracy"]] == [2, 4]
+    for tag, points in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        torch.testing.assert_close(
+            [v for _, v in got[tag]], [float(v) for _, v in points], rtol=1e-6, atol=1e-7
+        )
+    plain = tmp_path / "plain"  # the default, --report-to none: no tracker files at all
+    assert run_cli(capsys, *train_args(tiny_folders["llama"], cls_data, plain, "prompt"))[0] == 0
+    assert (plain / "metrics.jsonl").is_file() and not (plain / "tracking").exists()
+
+
+def test_unknown_or_missing_tracker_is_an_error(tmp_path, capsys, tiny_folders, cls_data):
+    argv = train_args(tiny_folders["llama"], cls_data, tmp_path / "x", "prompt")
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in [*argv, "--report-to", "tensorbored"]])
+    assert e.value.code == 2
+    assert "error: argument --report-to: invalid choice: 'tensorbored'" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("report_to: tensorbored\n")
+    code, _, err = run_cli(capsys, "--config", tmp_path / "c.yaml", *argv)
+    assert code == 2 and "error: --report-to must be one of" in err
+    if importlib.util.find_spec("mlflow") is None:
+        code, _, err = run_cli(capsys, *argv, "--report-to", "mlflow")
+        assert code == 2 and "error: --report-to mlflow needs the mlflow package" in err
+    assert not (tmp_path / "x").exists()  # refused before anything was written

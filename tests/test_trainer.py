@@ -1,9 +1,13 @@
-"""The training loop's data order (the loop itself runs end to end in test_cli.py)."""
+"""The training loop's data order and trackers (the loop itself runs end to end in test_cli.py)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import perturb
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,3 +109,65 @@ def test_top_layer_training_caches_the_lower_blocks_and_ends_the_same(tiny_folde
             assert model._layer_cache is None  # freed at the end
     assert any("caching the frozen blocks below block 1" in m for m in seen)
     assert (ends[0] - ends[1]).abs().max() < 1e-4
+
+
+def tracked_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in a tensorboard run folder: [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(folder))
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
+def jsonl_scalars(path) -> dict[str, list[tuple[int, float]]]:
+    """What metrics.jsonl holds, under the tracker's tag names."""
+    out: dict[str, list] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            for k in ("loss", "lr", "epoch"):
+                out.setdefault(f"train/{k}", []).append((rec["step"], rec[k]))
+        else:
+            for k, v in rec["eval"].items():
+                out.setdefault(f"eval/{k}", []).append((rec["step"], v))
+            out.setdefault("eval/best", []).append((rec["step"], rec["best"]))
+    return out
+
+
+def test_tensorboard_gets_every_logged_value(task, tmp_path):
+    args = TrainArgs(
+        output_dir=str(tmp_path),
+        batch_size=4,
+        max_steps=7,
+        lr=0.05,
+        log_every=2,
+        eval_every=3,
+        progress=False,
+        report_to="tensorboard",
+    )
+    Trainer(task.model, task, rows(40), rows(12), args, log=lambda _: None).train()
+    want = jsonl_scalars(tmp_path / "metrics.jsonl")
+    got = tracked_scalars(tmp_path / "tracking" / "softprompt")
+    assert {"train/loss", "train/lr", "train/epoch", "eval/accuracy", "eval/best"} <= set(want)
+    assert set(got) == set(want)
+    assert [s for s, _ in got["train/loss"]] == [2, 4, 6, 7]
+    assert [s for s, _ in got["eval/accuracy"]] == [3, 6, 7]
+    for tag, points in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        torch.testing.assert_close(
+            [v for _, v in got[tag]], [float(v) for _, v in points], rtol=1e-6, atol=1e-7
+        )
+
+
+def test_report_to_is_checked(task, tmp_path):
+    with pytest.raises(sp.SoftPromptError, match="--report-to must be one of"):
+        TrainArgs(output_dir=str(tmp_path), report_to="tensorbored")
+    if importlib.util.find_spec("mlflow") is None:
+        with pytest.raises(
+            sp.SoftPromptError, match="needs the mlflow package.*pip install mlflow"
+        ):
+            TrainArgs(output_dir=str(tmp_path), report_to="mlflow")
+    args = TrainArgs(output_dir=str(tmp_path), report_to="tensorboard", progress=False)
+    with pytest.raises(sp.SoftPromptError, match="log_with='tensorboard'"):
+        Trainer(task.model, task, rows(8), None, args, accelerator=Accelerator(cpu=True))

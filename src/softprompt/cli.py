@@ -119,7 +119,6 @@ def _main_field(task_kind: str) -> str:
 
 def cmd_train(args) -> dict:
     import torch
-    from accelerate import Accelerator
 
     import softprompt as sp
 
@@ -127,12 +126,12 @@ def cmd_train(args) -> dict:
     from .loading import load_base, model_kind
     from .tasks import Task, TaskSpec, headline
     from .templates import Template, default_template
-    from .trainer import Trainer
+    from .trainer import Trainer, make_accelerator
 
     for flag in ("train", "output"):
         if not getattr(args, flag):
             raise SoftPromptError(f"train needs --{flag} (on the command line or in --config)")
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = make_accelerator(args.report_to, args.output)
     main = acc.is_main_process
     log = print if main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
@@ -250,6 +249,7 @@ def _train_args(args):
         eval_batch_size=args.eval_batch_size,
         eval_limit=args.eval_limit,
         progress=not args.no_progress,
+        report_to=args.report_to,
     )
 
 
@@ -532,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from output/checkpoint")
     t.add_argument("--skip-bad", action="store_true", help="report and skip bad data rows")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard", "wandb", "mlflow"],
+        default="none",
+        help="experiment tracker for loss, lr and dev metrics (files under OUTPUT/tracking)",
+    )
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser(
