@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,3 +342,74 @@ def test_t5_loglikelihood_and_generate(tiny_folders, tmp_path):
     gen = {"until": [], "max_gen_toks": 6, "do_sample": False}
     (out,) = lm.generate_until(requests("generate_until", [("Once upon a time", gen)]), True)
     assert out == text and text
+
+
+def write_generation_task(root) -> str:
+    data = root / "prompts.jsonl"
+    rows = [{"q": q, "a": "-"} for q in ("Once upon a time", "The weather today is", "1, 2, 3,")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "sp_gen.yaml").write_text(
+        f"""task: sp_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs:
+  until: ["e"]
+  max_gen_toks: 10
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+    )
+    return str(root)
+
+
+def test_generate_until_through_softprompt_serve_and_local_completions(
+    bases, adapters, tmp_path, monkeypatch
+):
+    """lm-eval's own completions client against ``softprompt serve`` gives the texts the
+    in-process model gives (generation only: loglikelihood needs echo/logprobs)."""
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api] (tenacity)")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    include = write_generation_task(tmp_path)
+    adapter = adapters["llama", "prefix"]
+
+    def texts(model: str, args: str) -> list[str]:
+        out = simple_evaluate(
+            model=model,
+            model_args=args,
+            tasks=["sp_gen"],
+            task_manager=TaskManager(include_path=include),
+            log_samples=True,
+        )
+        samples = sorted(out["samples"]["sp_gen"], key=lambda s: s["doc_id"])
+        return [s["resps"][0][0] for s in samples]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = ["serve", "--model", bases["llama"], "--adapter", f"p={adapter}", "--port", str(port)]
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt.cli", *cmd])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        served = texts(
+            "local-completions",
+            f"model=p,base_url={url}/v1/completions,tokenizer_backend=huggingface,"
+            f"tokenizer={bases['llama']},tokenized_requests=False,num_concurrent=1",
+        )
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    local = texts("softprompt", f"adapter={adapter}")
+    assert served == local and any(local)
