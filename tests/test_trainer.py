@@ -171,3 +171,33 @@ def test_report_to_is_checked(task, tmp_path):
     args = TrainArgs(output_dir=str(tmp_path), report_to="tensorboard", progress=False)
     with pytest.raises(sp.SoftPromptError, match="log_with='tensorboard'"):
         Trainer(task.model, task, rows(8), None, args, accelerator=Accelerator(cpu=True))
+
+
+def test_resumed_run_hides_what_the_interrupted_one_logged_after_its_checkpoint(
+    task, tmp_path, monkeypatch
+):
+    """A crash at step 6 (checkpoint at 4): the resumed run's tensorboard shows steps 1..8
+    once each, with the values metrics.jsonl ends with (steps 5 and 6 of the crashed run are
+    purged, as metrics.jsonl drops them)."""
+    kw = dict(output_dir=str(tmp_path), batch_size=4, max_steps=8, lr=0.05, log_every=1)
+    kw.update(save_every=4, eval_every=100, progress=False, report_to="tensorboard")
+    loss, calls = task.loss, []
+
+    def crashing(items):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("killed")
+        return loss(items)
+
+    monkeypatch.setattr(task, "loss", crashing)
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(task.model, task, rows(40), None, TrainArgs(**kw), log=lambda _: None).train()
+    monkeypatch.setattr(task, "loss", loss)
+    crashed = tracked_scalars(tmp_path / "tracking" / "softprompt")["train/loss"]
+    assert [s for s, _ in crashed] == [1, 2, 3, 4, 5]
+    args = TrainArgs(**kw, resume=True)
+    Trainer(task.model, task, rows(40), None, args, log=lambda _: None).train()
+    want = jsonl_scalars(tmp_path / "metrics.jsonl")["train/loss"]
+    got = tracked_scalars(tmp_path / "tracking" / "softprompt")["train/loss"]
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 9))
+    torch.testing.assert_close([v for _, v in got], [v for _, v in want], rtol=1e-6, atol=1e-7)
