@@ -174,6 +174,8 @@ def test_registered_and_clear_errors(bases, adapters, tmp_path):
     assert get_model("softprompt") is SoftPromptLM
     with pytest.raises(sp.SoftPromptError, match="pretrained=MODEL, adapter=DIR"):
         SoftPromptLM()
+    with pytest.raises(sp.SoftPromptError, match=r"unknown model_args \['adaptr'\]"):
+        SoftPromptLM.create_from_arg_string(f"adaptr={adapters['llama', 'prompt']}", {})
     base, _ = load_base(bases["llama"])
     model = sp.attach(base, sp.PromptTuningConfig(num_virtual_tokens=2, placement="append"))
     model.save_adapter(tmp_path / "append")

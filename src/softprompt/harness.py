@@ -96,7 +96,8 @@ class SoftPromptLM(TemplateLM):
         max_gen_toks: default number of new tokens for ``generate_until``.
         add_bos_token: passed to the tokenizer as ``add_special_tokens``.
         prefix_token_id: the token that conditions an empty context (default BOS, else EOS).
-        **kwargs: lm-eval's generic model arguments (``max_batch_size``, ...) are ignored.
+        max_batch_size: lm-eval's generic argument for ``batch_size=auto``; ignored.
+        **unknown: refused (a misspelt model argument must not pass unnoticed).
     """
 
     def __init__(
@@ -111,9 +112,16 @@ class SoftPromptLM(TemplateLM):
         max_gen_toks: int = 256,
         add_bos_token: bool | None = None,
         prefix_token_id: int | None = None,
-        **kwargs,
+        max_batch_size: int | None = None,
+        **unknown,
     ) -> None:
         super().__init__()
+        if unknown:
+            raise SoftPromptError(
+                f"unknown model_args {sorted(unknown)}; softprompt takes pretrained, adapter, "
+                "dtype, device, batch_size, max_length, max_gen_toks, add_bos_token, "
+                "prefix_token_id"
+            )
         if pretrained is None:
             if adapter is None:
                 raise SoftPromptError("model_args need pretrained=MODEL, adapter=DIR or both")

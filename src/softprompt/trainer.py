@@ -103,7 +103,7 @@ class TrainArgs:
     progress: bool = True
     group_by_length: bool = False
     lower_layer_cache_mb: int = 1024
-    report_to: str = "none"
+    report_to: str = "none"  # or "tensorboard", "wandb", "mlflow" (module docstring: Logs)
 
     def __post_init__(self) -> None:
         check_report_to(self.report_to)
