@@ -415,3 +415,28 @@ def test_generate_until_through_softprompt_serve_and_local_completions(
         proc.wait(30)
     local = texts("softprompt", f"adapter={adapter}")
     assert served == local and any(local)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bare_model_answers_as_lm_evals_own_hf_model(bases, family):
+    """Without an adapter, every request type gives what lm-eval's ``hf`` model gives."""
+    from lm_eval.models.huggingface import HFLM
+
+    ours = SoftPromptLM(pretrained=bases[family], batch_size=3)
+    theirs = HFLM(pretrained=bases[family], device="cpu", dtype="float32", batch_size=3)
+    ll = requests("loglikelihood", TEXTS)
+    pairs = zip(ours.loglikelihood(ll, True), theirs.loglikelihood(ll, True), strict=True)
+    for (a, ga), (b, gb) in pairs:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert ga == gb
+    text = [("It was the best of times, it was the worst of times, it was the age of wisdom.",)]
+    roll = requests("loglikelihood_rolling", text)
+    torch.testing.assert_close(
+        ours.loglikelihood_rolling(roll, True),
+        theirs.loglikelihood_rolling(roll, True),
+        atol=1e-5,
+        rtol=0,
+    )
+    gen = {"until": ["e"], "max_gen_toks": 8, "do_sample": False}
+    prompts = requests("generate_until", [(p, gen) for p in ("Once upon a time", "1, 2, 3,")])
+    assert ours.generate_until(prompts, True) == theirs.generate_until(prompts, True)
