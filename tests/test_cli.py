@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -728,3 +729,57 @@ def test_a_registered_fifth_method_trains_evaluates_and_loads_from_the_cli(
         assert code == 2 and "gated" in err and "prompt" in err
     finally:
         METHODS.pop("gated")
+
+
+# ------------------------------------------------------------------------------ trackers
+
+
+def test_report_to_tensorboard_logs_what_metrics_jsonl_holds(
+    tmp_path, capsys, tiny_folders, cls_data
+):
+    from test_trainer import jsonl_scalars, tracked_scalars
+
+    out = tmp_path / "tb"
+    argv = train_args(tiny_folders["llama"], cls_data, out, "prompt", "--report-to", "tensorboard")
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    want = jsonl_scalars(out / "metrics.jsonl")
+    got = tracked_scalars(out / "tracking" / "softprompt")
+    assert set(got) == set(want) >= {"train/loss", "train/lr", "eval/accuracy"}
+    assert [s for s, _ in got["eval/accuracy"]] == [2, 4]
+    for tag, points in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        torch.testing.assert_close(
+            [v for _, v in got[tag]], [float(v) for _, v in points], rtol=1e-6, atol=1e-7
+        )
+    plain = tmp_path / "plain"  # the default, --report-to none: no tracker files at all
+    assert run_cli(capsys, *train_args(tiny_folders["llama"], cls_data, plain, "prompt"))[0] == 0
+    assert (plain / "metrics.jsonl").is_file() and not (plain / "tracking").exists()
+
+
+def test_unknown_or_missing_tracker_is_an_error(tmp_path, capsys, tiny_folders, cls_data):
+    argv = train_args(tiny_folders["llama"], cls_data, tmp_path / "x", "prompt")
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in [*argv, "--report-to", "tensorbored"]])
+    assert e.value.code == 2
+    assert "error: argument --report-to: invalid choice: 'tensorbored'" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("report_to: tensorbored\n")
+    code, _, err = run_cli(capsys, "--config", tmp_path / "c.yaml", *argv)
+    assert code == 2 and "c.yaml: report_to must be one of" in err and "tensorbored" in err
+    if importlib.util.find_spec("mlflow") is None:
+        code, _, err = run_cli(capsys, *argv, "--report-to", "mlflow")
+        assert code == 2 and "error: --report-to mlflow needs the mlflow package" in err
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_template_escapes_are_read_as_a_shell_user_means_them(
+    tmp_path, capsys, tiny_folders, cls_data
+):
+    """A shell's double quotes keep the backslash of "...{text}\\nSentiment..." : the CLI reads
+    \\n as the newline the user means (a literal backslash-n would match no real prompt)."""
+    out = tmp_path / "esc"
+    args = train_args(tiny_folders["llama"], cls_data, out, "prefix")
+    code, _, err = run_cli(capsys, *args, "--template", r"Review \\ {text}\nSentiment:\t{label}")
+    assert code == 0, err
+    task = json.loads((out / "adapter" / "adapter_config.json").read_text())["task"]
+    assert task["template"] == "Review \\ {text}\nSentiment:\t{label}"

@@ -1,11 +1,13 @@
-"""The training loop's data order (the loop itself runs end to end in test_cli.py)."""
+"""The training loop's data order and trackers (the loop itself runs end to end in test_cli.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import perturb
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -311,3 +313,95 @@ def test_no_loss_scaling_for_float32_and_bfloat16(task, tiny_folders, tmp_path):
     model.add_adapter("a", sp.PromptTuningConfig(num_virtual_tokens=2))
     bf16 = Task(task.spec, model, task.tok)
     assert trainer(bf16, tmp_path).scaler is None
+
+
+def tracked_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in a tensorboard run folder: [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(folder))
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
+def jsonl_scalars(path) -> dict[str, list[tuple[int, float]]]:
+    """What metrics.jsonl holds, under the tracker's tag names."""
+    out: dict[str, list] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            for k in ("loss", "lr", "epoch"):
+                out.setdefault(f"train/{k}", []).append((rec["step"], rec[k]))
+        else:
+            for k, v in rec["eval"].items():
+                out.setdefault(f"eval/{k}", []).append((rec["step"], v))
+            out.setdefault("eval/best", []).append((rec["step"], rec["best"]))
+    return out
+
+
+def test_tensorboard_gets_every_logged_value(task, tmp_path):
+    args = TrainArgs(
+        output_dir=str(tmp_path),
+        batch_size=4,
+        max_steps=7,
+        lr=0.05,
+        log_every=2,
+        eval_every=3,
+        progress=False,
+        report_to="tensorboard",
+    )
+    Trainer(task.model, task, rows(40), rows(12), args, log=lambda _: None).train()
+    want = jsonl_scalars(tmp_path / "metrics.jsonl")
+    got = tracked_scalars(tmp_path / "tracking" / "softprompt")
+    assert {"train/loss", "train/lr", "train/epoch", "eval/accuracy", "eval/best"} <= set(want)
+    assert set(got) == set(want)
+    assert [s for s, _ in got["train/loss"]] == [2, 4, 6, 7]
+    assert [s for s, _ in got["eval/accuracy"]] == [3, 6, 7]
+    for tag, points in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        torch.testing.assert_close(
+            [v for _, v in got[tag]], [float(v) for _, v in points], rtol=1e-6, atol=1e-7
+        )
+
+
+def test_report_to_is_checked(task, tmp_path):
+    with pytest.raises(sp.SoftPromptError, match="--report-to must be one of"):
+        TrainArgs(output_dir=str(tmp_path), report_to="tensorbored")
+    if importlib.util.find_spec("mlflow") is None:
+        with pytest.raises(
+            sp.SoftPromptError, match="needs the mlflow package.*pip install mlflow"
+        ):
+            TrainArgs(output_dir=str(tmp_path), report_to="mlflow")
+    args = TrainArgs(output_dir=str(tmp_path), report_to="tensorboard", progress=False)
+    with pytest.raises(sp.SoftPromptError, match="log_with='tensorboard'"):
+        Trainer(task.model, task, rows(8), None, args, accelerator=Accelerator(cpu=True))
+
+
+def test_resumed_run_hides_what_the_interrupted_one_logged_after_its_checkpoint(
+    task, tmp_path, monkeypatch
+):
+    """A crash at step 6 (checkpoint at 4): the resumed run's tensorboard shows steps 1..8
+    once each, with the values metrics.jsonl ends with (steps 5 and 6 of the crashed run are
+    purged, as metrics.jsonl drops them)."""
+    kw = dict(output_dir=str(tmp_path), batch_size=4, max_steps=8, lr=0.05, log_every=1)
+    kw.update(save_every=4, eval_every=100, progress=False, report_to="tensorboard")
+    loss, calls = task.loss, []
+
+    def crashing(items):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("killed")
+        return loss(items)
+
+    monkeypatch.setattr(task, "loss", crashing)
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(task.model, task, rows(40), None, TrainArgs(**kw), log=lambda _: None).train()
+    monkeypatch.setattr(task, "loss", loss)
+    crashed = tracked_scalars(tmp_path / "tracking" / "softprompt")["train/loss"]
+    assert [s for s, _ in crashed] == [1, 2, 3, 4, 5]
+    args = TrainArgs(**kw, resume=True)
+    Trainer(task.model, task, rows(40), None, args, log=lambda _: None).train()
+    want = jsonl_scalars(tmp_path / "metrics.jsonl")["train/loss"]
+    got = tracked_scalars(tmp_path / "tracking" / "softprompt")["train/loss"]
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 9))
+    torch.testing.assert_close([v for _, v in got], [v for _, v in want], rtol=1e-6, atol=1e-7)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -101,6 +102,13 @@ def _adapter_config(args, template):
     return cls(num_virtual_tokens=n, init=init, init_text=init_text, seed=args.seed, **extra)
 
 
+def _unescape(template: str) -> str:
+    """``--template`` as typed in a shell: ``\\n`` is a newline, ``\\t`` a tab, ``\\\\`` a backslash
+    (a shell's double quotes keep backslashes, so "Review: {text}\\nSentiment: {label}" would
+    otherwise train on a literal backslash-n that no real newline in a prompt matches)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], template)
+
+
 def _methods_of_level(level: str) -> list[str]:
     from .methods.base import METHODS
 
@@ -173,7 +181,6 @@ def _main_field(task_kind: str) -> str:
 
 def cmd_train(args) -> dict:
     import torch
-    from accelerate import Accelerator
 
     import softprompt as sp
 
@@ -182,7 +189,7 @@ def cmd_train(args) -> dict:
     from .methods.base import METHODS
     from .tasks import Task, TaskSpec, headline
     from .templates import Template, default_template
-    from .trainer import Trainer
+    from .trainer import Trainer, make_accelerator
 
     for flag in ("train", "output"):
         if not getattr(args, flag):
@@ -201,7 +208,7 @@ def cmd_train(args) -> dict:
         _check_resume_flags(out, flags)
     from .distributed import check_world_size
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = make_accelerator(args.report_to, args.output)
     check_world_size(acc.num_processes)
     main = acc.is_main_process
     log = print if main else (lambda *a, **k: None)
@@ -209,11 +216,15 @@ def cmd_train(args) -> dict:
 
     kind = model_kind(args.model)
     encoder_only = kind == "encoder"
-    text = args.template or default_template(
-        args.task,
-        METHODS[args.method][0].level == "input",
-        args.num_virtual_tokens,
-        encoder=kind != "causal",
+    text = (
+        _unescape(args.template)
+        if args.template
+        else default_template(
+            args.task,
+            METHODS[args.method][0].level == "input",
+            args.num_virtual_tokens,
+            encoder=kind != "causal",
+        )
     )
     template = Template.parse(text)
     train_rows = _load_data(args.train, args.task, args.skip_bad, template)
@@ -383,6 +394,7 @@ def _train_args(args):
         progress=not args.no_progress,
         log_rows=args.log_rows,
         fsdp=fsdp_requested(args.fsdp),
+        report_to=args.report_to,
     )
 
 
@@ -626,7 +638,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test", help="test data: zero-shot before and tuned metrics after training")
     t.add_argument("--output", help="output folder (required)")
     t.add_argument("--task", choices=["classify", "generate"], default="classify")
-    t.add_argument("--template", help='e.g. "[soft:10] Review: {text} Sentiment: {label}"')
+    t.add_argument(
+        "--template",
+        help='e.g. "[soft:10] Review: {text}\\nSentiment: {label}" (\\n is a newline, \\t a tab, '
+        "\\\\ a backslash)",
+    )
     t.add_argument("--verbalizer", help='JSON label -> word, e.g. \'{"positive": "great"}\'')
     t.add_argument("--num-virtual-tokens", type=_POSITIVE, default=10)
     t.add_argument("--init", choices=["vocab", "random", "text", "labels"], default="vocab")
@@ -691,6 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="shard the frozen base's decoder blocks across the processes (FSDP2); implied by "
         "`accelerate launch --use_fsdp`",
+    )
+    t.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard", "wandb", "mlflow"],
+        default="none",
+        help="experiment tracker for loss, lr and dev metrics (files under OUTPUT/tracking)",
     )
     t.set_defaults(func=cmd_train)
 

@@ -18,6 +18,11 @@ never looks at the method: it asks the task for a loss and the model for its tra
   without rerunning the frozen blocks below them after the first epoch: what enters their lowest
   block is cached per sequence, up to ``lower_layer_cache_mb`` (``softprompt.layer_cache``).
 * Logs: ``metrics.jsonl`` (one JSON object per log/eval step) and ``training_curve.png``.
+  ``report_to="tensorboard"|"wandb"|"mlflow"`` (``--report-to``) sends every record to that
+  tracker through accelerate's trackers, at the same steps: ``train/loss``, ``train/lr``,
+  ``train/epoch`` and ``eval/<metric>``, ``eval/best``. Local files go under
+  ``output/tracking`` (tensorboard event files, wandb's run folder, mlflow's file store unless
+  ``MLFLOW_TRACKING_URI`` is set); wandb's offline mode is ``WANDB_MODE=offline``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import (
+    gather_object,
+    is_mlflow_available,
+    is_tensorboard_available,
+    is_wandb_available,
+)
 from tqdm.auto import tqdm
 
 from .data import Example
@@ -43,6 +53,14 @@ from .io import save_adapter
 from .methods.base import METHODS
 from .model import SoftPromptModel
 from .tasks import Task, headline
+
+# --report-to: tracker -> (package to install, accelerate's availability check)
+TRACKERS = {
+    "tensorboard": ("tensorboard", is_tensorboard_available),
+    "wandb": ("wandb", is_wandb_available),
+    "mlflow": ("mlflow", is_mlflow_available),
+}
+REPORT_TO = ("none", *TRACKERS)
 
 
 def default_lr(base_model: torch.nn.Module, method: str) -> float:
@@ -79,8 +97,11 @@ class TrainArgs:
     lower_layer_cache_mb: int = 1024
     log_rows: bool = False  # each process writes the rows it trained on to rows.rank<R>.jsonl
     fsdp: bool = False  # shard the frozen base's blocks across the processes (distributed.py)
+    report_to: str = "none"  # or "tensorboard", "wandb", "mlflow" (module docstring: Logs)
 
     def __post_init__(self) -> None:
+        check_report_to(self.report_to)
+
         def flag(name: str) -> str:
             return "--" + name.replace("_", "-")
 
@@ -135,6 +156,48 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
+
+
+def check_report_to(report_to: str) -> None:
+    """Refuse an unknown tracker, or one whose package is not installed."""
+    if report_to not in REPORT_TO:
+        raise SoftPromptError(f"--report-to must be one of {list(REPORT_TO)}, got {report_to!r}")
+    if report_to != "none" and not TRACKERS[report_to][1]():
+        pkg = TRACKERS[report_to][0]
+        raise SoftPromptError(
+            f"--report-to {report_to} needs the {pkg} package, which is not installed: "
+            f"pip install {pkg} (or --report-to none)"
+        )
+
+
+def make_accelerator(report_to: str = "none", output_dir: str | Path | None = None) -> Accelerator:
+    """The Accelerator training runs on; with a tracker, its files go to ``output_dir/tracking``."""
+    check_report_to(report_to)
+    cpu = not torch.cuda.is_available()
+    if report_to == "none":
+        return Accelerator(cpu=cpu)
+    if output_dir is None:
+        raise SoftPromptError(f"--report-to {report_to} needs an output folder")
+    tracking = Path(output_dir) / "tracking"
+    return Accelerator(cpu=cpu, log_with=report_to, project_dir=str(tracking))
+
+
+def tracker_values(record: dict) -> dict[str, float]:
+    """A ``metrics.jsonl`` record as tracker scalars: ``train/loss``, ``train/lr``,
+    ``train/epoch`` for a log step; ``eval/<metric>`` and ``eval/best`` for an evaluation."""
+
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    out = {}
+    for key, val in record.items():
+        if key in ("step", "elapsed_s"):
+            continue
+        if isinstance(val, dict):
+            out.update({f"eval/{k}": v for k, v in val.items() if number(v)})
+        elif number(val):
+            out[f"eval/{key}" if key == "best" else f"train/{key}"] = val
+    return out
 
 
 def length_grouped_batches(
@@ -198,7 +261,12 @@ class Trainer:
         if model.active is None:
             raise SoftPromptError("the model has no active adapter to train")
         self.model, self.task, self.args, self.log = model, task, args, log
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator or make_accelerator(args.report_to, args.output_dir)
+        if args.report_to != "none" and args.report_to not in {str(t) for t in self.acc.log_with}:
+            raise SoftPromptError(
+                f"report_to={args.report_to!r} needs an Accelerator made with "
+                f"log_with={args.report_to!r} (softprompt.trainer.make_accelerator)"
+            )
         self.out = Path(args.output_dir)
         self.items = [task.encode(ex) for ex in train_examples]
         self._lengths = [len(it["prompt"]) + len(it.get("target", ())) for it in self.items]
@@ -408,6 +476,26 @@ class Trainer:
         if self.acc.is_main_process:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.args.report_to != "none":
+            self.acc.log(tracker_values(record), step=record["step"])
+
+    def _start_tracking(self) -> None:
+        """Start the tracker with the run's settings; a resumed run's tensorboard hides what
+        the interrupted one logged after the checkpoint (as metrics.jsonl drops it)."""
+        tracking = self.out / "tracking"
+        tracking.mkdir(parents=True, exist_ok=True)
+        if self.args.report_to == "mlflow":  # a file store beside the run unless the user set one
+            os.environ.setdefault("MLFLOW_TRACKING_URI", (tracking / "mlruns").resolve().as_uri())
+        kwargs = {"wandb": {"dir": str(tracking)}, "mlflow": {"logging_dir": str(tracking)}}
+        if self.step:
+            kwargs["tensorboard"] = {"purge_step": self.step + 1}
+        config = {k: v for k, v in asdict(self.args).items() if isinstance(v, int | float | str)}
+        config.update(
+            method=self.model.adapters[self.model.active].config.method,
+            lr=self.lr,
+            total_steps=self.total,
+        )
+        self.acc.init_trackers("softprompt", config=config, init_kwargs=kwargs)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, examples: Sequence[Example]) -> tuple[dict, list[dict]]:
@@ -446,6 +534,8 @@ class Trainer:
                 if args.resume and ln and json.loads(ln)["step"] <= self.step
             ]
             rows_log.write_text("".join(k + "\n" for k in keep))
+        if args.report_to != "none":
+            self._start_tracking()
         _, _, line = model.trainable_parameters()
         self.log(f"{line}; {len(self.items)} training rows, {self.total} steps, lr {self.lr:g}")
         model.train()
@@ -456,6 +546,8 @@ class Trainer:
             return self._loop()
         finally:
             model.cache_lower_layers(0)  # frees the cache
+            if args.report_to != "none":
+                acc.end_training()
 
     def _loop(self) -> dict:
         args, acc, model = self.args, self.acc, self.model
