@@ -343,6 +343,17 @@ def _output_dir(value: str) -> Path:
     return out
 
 
+def _read_flags_file(path: Path, who: str) -> dict:
+    """A YAML file of saved flags (``--config``, a run's ``config.yaml``) as a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SoftPromptError(f"{who} {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise SoftPromptError(f"{who} {path} must be a mapping of flag: value")
+    return data
+
+
 def _check_resume_flags(out: Path, flags: dict) -> None:
     """Refuse --resume when a flag differs from the checkpoint's run (its config.yaml)."""
     from .trainer import _checkpoint_dir
@@ -350,12 +361,7 @@ def _check_resume_flags(out: Path, flags: dict) -> None:
     saved_file = out / "config.yaml"
     if _checkpoint_dir(out) is None or not saved_file.is_file():
         return  # nothing to resume from: the trainer says so and starts from scratch
-    try:
-        saved = yaml.safe_load(saved_file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SoftPromptError(f"--resume: {saved_file} is not valid YAML ({e})") from e
-    if not isinstance(saved, dict):
-        raise SoftPromptError(f"--resume: {saved_file} is not a mapping of flag: value")
+    saved = _read_flags_file(saved_file, "--resume:")
     diffs = [
         f"--{k.replace('_', '-')} {saved[k]!r} (checkpoint) vs {v!r} (now)"
         for k, v in flags.items()
@@ -769,12 +775,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
         path = Path(args.config)
         if not path.is_file():
             raise SoftPromptError(f"--config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise SoftPromptError(f"--config {path} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise SoftPromptError(f"--config {path} must be a mapping of flag: value")
+        data = _read_flags_file(path, "--config")
         sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
         actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "version")}  # noqa: SLF001
         defaults = {}
