@@ -783,3 +783,22 @@ def test_template_escapes_are_read_as_a_shell_user_means_them(
     assert code == 0, err
     task = json.loads((out / "adapter" / "adapter_config.json").read_text())["task"]
     assert task["template"] == "Review \\ {text}\nSentiment:\t{label}"
+
+
+def test_demo_runs_end_to_end_and_labels_new_reviews(
+    tmp_path, capsys, tiny_folders, cls_data, monkeypatch
+):
+    """The demo's own code path (train, select, test, label three reviews) on a tiny model: the
+    real demo is the README's main job and runs for minutes."""
+    import softprompt.cli as cli
+
+    demo = dict(cli.DEMO, model=tiny_folders["llama"], train=cls_data / "train.jsonl")
+    demo.update(eval=cls_data / "dev.jsonl", test=cls_data / "dev.jsonl", eval_every=2)
+    monkeypatch.setattr(cli, "DEMO", demo)
+    code, stdout, err = run_cli(capsys, "demo", "--max-steps", 2, "--output", tmp_path / "demo")
+    assert code == 0, err
+    labelled = stdout.split("labelled by the tuned adapter:")[1].strip().splitlines()
+    assert len(labelled) == 3
+    assert all(line.split()[0] in ("positive", "negative") for line in labelled)
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["train"]["steps"] == 2 and "accuracy" in summary["test"]

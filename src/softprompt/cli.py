@@ -180,6 +180,13 @@ def _main_field(task_kind: str) -> str:
 
 
 def cmd_train(args) -> dict:
+    """``softprompt train``: returns the run's summary (also written to summary.json)."""
+    return train_run(args)[0]
+
+
+def train_run(args):
+    """Train from parsed flags; returns (summary, the model with the selected adapter, its
+    Task) so that a caller (``demo``) can go on using them."""
     import torch
 
     import softprompt as sp
@@ -304,8 +311,7 @@ def cmd_train(args) -> dict:
             f"adapter: {best_dir} ({summary['adapter_bytes'] / 1024:.0f} KB); "
             f"curve: {out / 'training_curve.png'}; log: {out / 'metrics.jsonl'}"
         )
-    summary["_model"], summary["_task"] = model, task
-    return summary
+    return summary, model, task
 
 
 # flags that may differ between a run and its --resume (see docs: extending a run with more
@@ -435,9 +441,7 @@ def cmd_demo(args) -> dict:
         v = getattr(args, k, None) if getattr(args, k, None) is not None else v
         argv += [f"--{k.replace('_', '-')}", str(v)]
     targs = parser.parse_args(argv)
-    summary = cmd_train(targs)
-    summary.pop("_model")
-    task = summary.pop("_task")
+    summary, _, task = train_run(targs)
     examples = [
         "A gorgeous, heartfelt film that earns every one of its tears.",
         "Two hours of my life I will never get back.",
@@ -826,10 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = _apply_config(parser, argv)
-        result = args.func(args)
-        if isinstance(result, dict):
-            result.pop("_model", None)
-            result.pop("_task", None)
+        args.func(args)
         return 0
     except SoftPromptError as e:
         _err(f"error: {e}")
