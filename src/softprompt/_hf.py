@@ -315,8 +315,10 @@ def _softprompt_attention(base: str) -> Callable:
             is_causal,
             getattr(module, "is_causal", True),
         )
-        # a few entries: encoder-decoder layers alternate self- and cross-attention masks
-        memo = state.__dict__.setdefault("_softprompt_mask_memo", [])
+        # a few entries: encoder-decoder layers alternate self- and cross-attention masks (a
+        # state that keeps no memo, ``mask_memo`` None, extends the mask at every call)
+        memo = getattr(state, "mask_memo", None)
+        memo = [] if memo is None else memo
         hit = next(
             (
                 m

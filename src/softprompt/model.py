@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -82,6 +83,8 @@ class PrefixState:
         self._valids: dict[tuple, torch.Tensor] = {}
         self._indices: dict[tuple, torch.Tensor] = {}
         self._tables = bank if bank is not None else {}  # (slot, device) -> stacked table
+        # the attention seam's extended masks of this forward: [(memo key, mask)], a few kinds
+        self.mask_memo: list[tuple[tuple, object]] = []
 
     def prefix_for(self, module, query, key, value):
         slot = self.info.module_slot.get(id(module))
@@ -276,6 +279,11 @@ class SoftPromptModel(ModelCompat, nn.Module):
         self._checkpointing = False
         self._layer_cache: LayerCache | None = None
         self.prompt_sharing = "auto"
+        # kept between no-grad calls (see _prompt_kvs, _bank_for, _forget_prompt_kv)
+        self._prompt_kv_memo: dict[str, tuple] = {}
+        self._prefix_banks: dict[tuple, tuple] = {}
+        # where virtual tokens were spliced into a returned KV cache (continuing generation)
+        self._cache_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         params = inspect.signature(base_model.forward).parameters
         self._takes_position_ids = "position_ids" in params and not info.is_encoder_decoder
 
@@ -511,7 +519,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
                     )
         fingerprint = (memo_stamp({self.device.type}), tuple(fingerprint))  # see _versions
         names = tuple(sorted(kvs))
-        banks = self.__dict__.setdefault("_prefix_banks", {})  # names -> (fingerprint, kvs, tables)
+        banks = self._prefix_banks  # names -> (fingerprint, kvs, tables)
         hit = banks.pop(names, None)
         if hit is None or hit[0] != fingerprint:  # new set, or a prefix changed: start afresh
             hit = (fingerprint, kvs, {})
@@ -556,7 +564,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
             return False
         if kwargs.get("output_attentions") or (input_ids is not None and (input_ids < 0).any()):
             return False
-        if getattr(past_key_values, "_softprompt_layout", None) is not None:
+        if past_key_values is not None and past_key_values in self._cache_layouts:
             return False  # the cache holds spliced virtual tokens
         return all(
             getattr(self.adapters[n].config, "placement", "prepend") == "prepend" for n in prompts
@@ -565,8 +573,8 @@ class SoftPromptModel(ModelCompat, nn.Module):
     def _forget_prompt_kv(self, name: str) -> None:
         """Drop what is kept for adapter ``name`` between no-grad calls (added, replaced,
         deleted or baked): its shared prompt and every stacked prefix table that holds it."""
-        self.__dict__.setdefault("_prompt_kv_memo", {}).pop(name, None)
-        banks = self.__dict__.get("_prefix_banks", {})
+        self._prompt_kv_memo.pop(name, None)
+        banks = self._prefix_banks
         for names in [k for k in banks if name in k]:
             del banks[names]
 
@@ -577,7 +585,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
         result is kept per adapter until its parameters change (manual decoding loops, serving).
         """
         out: dict[str, dict[int, tuple]] = {}
-        memo = self.__dict__.setdefault("_prompt_kv_memo", {})
+        memo = self._prompt_kv_memo
         keys = {}
         groups: dict[tuple, list[str]] = {}
         for name, p in sorted(prompts.items()):
@@ -714,7 +722,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
 
     def _cached_mask(self, cache, attention_mask, position_ids):
         """Incremental decoding: widen the caller's mask by the virtual tokens in the cache."""
-        lay = getattr(cache, "_softprompt_layout", None)
+        lay = self._cache_layouts.get(cache) if cache is not None else None
         if lay is None or attention_mask is None:
             return attention_mask, position_ids
         head = attention_mask[:, : lay.length]
@@ -852,7 +860,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
         if lay is not None:
             cache = out.get("past_key_values") if isinstance(out, ModelOutput) else None
             if cache is not None:
-                cache._softprompt_layout = lay
+                self._cache_layouts[cache] = lay
             out = self._strip(out, lay)
         return out
 
