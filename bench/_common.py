@@ -288,7 +288,8 @@ def auto_shares(model, batch: dict) -> bool:
     prefix in a training step (autograd on) on this batch?"""
     ids = batch["input_ids"]
     with torch.enable_grad():
-        return model._shared_ok(model._prompts([model.active] * len(ids)), ids, None, None, {})
+        prompts = model._prompts([model.active] * len(ids))
+        return model._shared_ok(prompts, bool((ids < 0).any()), None, None, {})
 
 
 # ------------------------------------------------------------------------------ losses

@@ -764,7 +764,7 @@ def test_prompt_sharing_auto_splices_under_autograd_on_an_accelerator(monkeypatc
 
     def shares(grad: bool) -> bool:
         with torch.set_grad_enabled(grad):
-            return model._shared_ok(prompts, IDS, None, None, {})
+            return model._shared_ok(prompts, False, None, None, {})
 
     assert model.prompt_sharing == "auto"
     assert shares(True) and shares(False)

@@ -553,7 +553,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
             )
         self._prompt_sharing = value
 
-    def _shared_ok(self, prompts, input_ids, position_ids, past_key_values, kwargs) -> bool:
+    def _shared_ok(self, prompts, markers, position_ids, past_key_values, kwargs) -> bool:
         """Can this call hand its prepended virtual tokens to the rows as a shared prefix?
         (see ``_hf.shares_prepended_prompt`` and ``prompt_sharing``)"""
         if not prompts or not self.info.shares_prompt or position_ids is not None:
@@ -562,7 +562,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
             return False
         if self._prompt_sharing == "auto" and torch.is_grad_enabled() and self.device.type != "cpu":
             return False
-        if kwargs.get("output_attentions") or (input_ids is not None and (input_ids < 0).any()):
+        if kwargs.get("output_attentions") or markers:
             return False
         if past_key_values is not None and past_key_values in self._cache_layouts:
             return False  # the cache holds spliced virtual tokens
@@ -651,8 +651,12 @@ class SoftPromptModel(ModelCompat, nn.Module):
         position_ids: torch.Tensor | None,
         token_type_ids: torch.Tensor | None,
         labels: torch.Tensor | None,
+        markers: bool = False,
     ):
-        """Insert each row's virtual tokens; returns the new inputs and the layout (or None)."""
+        """Insert each row's virtual tokens; returns the new inputs and the layout (or None).
+
+        ``markers``: ``input_ids`` holds template markers (negative ids), computed once per call.
+        """
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, length = ref.shape[:2]
         counts, placements = [], []
@@ -662,7 +666,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
             n = prompts[r].shape[0] if r in prompts and place != "template" else 0
             counts.append(n)
             placements.append(place)
-        if input_ids is not None and (input_ids < 0).any():
+        if markers:
             counts = [0] * batch  # template markers already say where virtual tokens go
         mask = (
             attention_mask
@@ -787,14 +791,16 @@ class SoftPromptModel(ModelCompat, nn.Module):
         cached = past_key_values is not None and past_key_values.get_seq_length() > 0
         lay = None
         shared = None
-        if self._shared_ok(prompts, input_ids, position_ids, past_key_values, kwargs):
+        # one host sync per call: do the ids hold template markers (negative ids)?
+        markers = input_ids is not None and bool((input_ids < 0).any())
+        if self._shared_ok(prompts, markers, position_ids, past_key_values, kwargs):
             shared = self._prompt_kvs(prompts)
-        elif cached or (not prompts and (input_ids is None or not (input_ids < 0).any())):
+        elif cached or (not prompts and not markers):
             if cached:
                 attention_mask, position_ids = self._cached_mask(
                     past_key_values, attention_mask, position_ids
                 )
-            if input_ids is not None and (input_ids < 0).any():
+            if markers:
                 inputs_embeds, input_ids = self._embed(input_ids, rows, prompts), None
         else:
             inputs_embeds, attention_mask, position_ids, token_type_ids, labels, lay = self._splice(
@@ -806,6 +812,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
                 position_ids,
                 token_type_ids,
                 labels,
+                markers,
             )
             input_ids = None
         if position_ids is None and self._takes_position_ids and attention_mask is not None:
@@ -879,11 +886,12 @@ class SoftPromptModel(ModelCompat, nn.Module):
         rows = self._rows(adapter_names, input_ids.shape[0])
         prompts = self._prompts(rows)
         shared = None
-        if self._shared_ok(prompts, input_ids, kwargs.get("position_ids"), None, kwargs):
+        markers = bool((input_ids < 0).any())  # template markers; one host sync per call
+        if self._shared_ok(prompts, markers, kwargs.get("position_ids"), None, kwargs):
             shared, prompts = self._prompt_kvs(prompts), {}
         state = self._prefix_state(rows, shared)
         offsets = self._position_offsets(rows)
-        if not prompts and not (input_ids < 0).any():
+        if not prompts and not markers:
             if offsets is not None:
                 kwargs["position_ids"] = offset_positions(
                     kwargs.get("position_ids"), offsets, attention_mask, input_ids.shape[1]
@@ -896,7 +904,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
         # (as forward does); generate then continues them by one per new token
         positions = kwargs.pop("position_ids", None)
         emb, mask, positions, _, _, lay = self._splice(
-            rows, prompts, input_ids, None, attention_mask, positions, None, None
+            rows, prompts, input_ids, None, attention_mask, positions, None, None, markers
         )
         if positions is not None:
             kwargs["position_ids"] = positions
