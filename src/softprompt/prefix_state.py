@@ -1,0 +1,145 @@
+"""The per-forward injection state: each row's adapter and its per-slot key/value prefixes.
+
+The attention seam (``softprompt._hf``) takes any object with the ``PrefixProvider`` shape as
+the ``softprompt_state`` keyword; ``PrefixState`` is the one a ``SoftPromptModel`` forward
+builds (the seam's own probes record or capture keys through the same protocol).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ._hf import ModelInfo
+from .errors import SoftPromptError
+
+
+class PrefixProvider(Protocol):
+    """What the attention seam asks of a ``softprompt_state``: per attention call, the key/value
+    prefix to add for ``module`` (None: none), from the call's query and real keys/values.
+
+    ``prefix_for`` returns ((B, kvh, P, hd) keys, (B, kvh, P, hd) values, (B, P) bool validity)
+    or None. A provider may keep ``mask_memo``, a list the seam fills with the masks it has
+    extended in this forward (one per kind of attention), or set it to None to keep none.
+    """
+
+    def prefix_for(
+        self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None: ...
+
+
+class PrefixState:
+    """Per-forward injection state: each row's adapter and their per-slot key/value prefixes.
+
+    The attention seam calls ``prefix_for`` once per attention call; results are memoised per
+    slot and batch size, so a ``generate`` call builds each slot's prefix once.
+
+    Rows of several adapters read each slot's prefixes from one table (adapters stacked, padded
+    to the longest); ``bank``, when given, keeps those tables across calls (no-grad serving:
+    see ``SoftPromptModel._bank_for``), so a mixed batch costs one row gather per slot.
+    """
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        rows: Sequence[str | None],
+        kvs: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]],
+        bank: dict | None = None,
+    ) -> None:
+        self.info = info
+        self.kvs = kvs
+        self.names = sorted(kvs)
+        uid = {n: i + 1 for i, n in enumerate(self.names)}  # 0: no prefix
+        self.row_uid = [uid.get(r, 0) if r is not None else 0 for r in rows]
+        first = self.row_uid[0]
+        self.single = (
+            self.names[first - 1] if first and all(u == first for u in self.row_uid) else None
+        )
+        self._memo: dict[tuple[int, int], tuple | None] = {}
+        self._valids: dict[tuple, torch.Tensor] = {}
+        self._indices: dict[tuple, torch.Tensor] = {}
+        self._tables = bank if bank is not None else {}  # (slot, device) -> stacked table
+        # the attention seam's extended masks of this forward: [(memo key, mask)], a few kinds
+        self.mask_memo: list[tuple[tuple, object]] = []
+
+    def prefix_for(self, module, query, key, value):
+        slot = self.info.module_slot.get(id(module))
+        if slot is None:
+            raise SoftPromptError(
+                f"attention module {type(module).__name__} was not seen when the adapter was "
+                "attached; attach again after changing the model"
+            )
+        batch = query.shape[0]
+        memo_key = (slot, batch)
+        if memo_key not in self._memo:
+            self._memo[memo_key] = self._build(slot, batch, key.device)
+        return self._memo[memo_key]
+
+    def _build(self, slot: int, batch: int, device: torch.device):
+        if self.single is not None:
+            kv = self.kvs[self.single].get(slot)
+            if kv is None:
+                return None
+            k, v = (t.permute(1, 0, 2)[None].to(device) for t in kv)  # (1, kvh, P, hd)
+            k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+            return k, v, self._valid(batch, (k.shape[2],), device)
+        key = (slot, device)
+        if key not in self._tables:
+            self._tables[key] = self._table(slot, device)
+        table = self._tables[key]
+        if table is None:
+            return None
+        ks, vs, lengths = table
+        idx = self._row_index(batch, device)
+        return ks[idx], vs[idx], self._valid(batch, lengths, device)
+
+    def _table(self, slot: int, device: torch.device):
+        """Every adapter's prefix at ``slot``, stacked: ((n+1, kvh, P, hd) keys, the same for
+        values, per-uid lengths); uid 0 (rows without a prefix) is all padding."""
+        entries = [self.kvs[n].get(slot) for n in self.names]
+        plen = max((e[0].shape[0] for e in entries if e is not None), default=0)
+        if plen == 0:
+            return None
+        g = self.info.slots[slot]
+        ks, vs, lengths = [], [], []
+        for e in [None, *entries]:
+            n = 0 if e is None else e[0].shape[0]
+            pad = torch.zeros(plen - n, g.kv_heads, g.head_dim, device=device)
+            k = pad if e is None else torch.cat([e[0].to(device), pad.to(e[0].dtype)])
+            v = pad if e is None else torch.cat([e[1].to(device), pad.to(e[1].dtype)])
+            ks.append(k.permute(1, 0, 2))  # (kvh, P, hd)
+            vs.append(v.permute(1, 0, 2))
+            lengths.append(n)
+        return torch.stack(ks), torch.stack(vs), tuple(lengths)
+
+    def _row_index(self, batch: int, device: torch.device) -> torch.Tensor:
+        key = (batch, device)
+        if key in self._indices:
+            return self._indices[key]
+        idx = torch.tensor(self.row_uid, device=device)
+        rows = len(self.row_uid)
+        if batch != rows:  # beam search / num_return_sequences expand rows in place
+            if batch % rows:
+                raise SoftPromptError(f"batch of {batch} rows does not match {rows} adapter rows")
+            idx = idx.repeat_interleave(batch // rows)
+        self._indices[key] = idx
+        return idx
+
+    def _valid(self, batch: int, lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """(B, P) which prefix entries each row attends to; one object per (batch, lengths), so
+        the attention seam can extend a forward's mask once for all layers that share it."""
+        key = (batch, lengths)
+        if key not in self._valids:
+            if len(lengths) == 1:  # every row has the one adapter
+                self._valids[key] = torch.ones(batch, lengths[0], dtype=torch.bool, device=device)
+            else:  # lengths[u]: prefix length of adapter uid u (0: none)
+                plen = max(lengths)
+                table = (
+                    torch.arange(plen, device=device)[None]
+                    < torch.tensor(lengths, device=device)[:, None]
+                )
+                self._valids[key] = table[self._row_index(batch, device)]
+        return self._valids[key]
