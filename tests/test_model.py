@@ -849,9 +849,9 @@ def test_mixed_prefix_tables_are_kept_across_no_grad_calls_until_an_adapter_chan
     finally:
         PrefixState._table = orig
     assert torch.equal(first, again)
-    assert len(model._prefix_banks) == 1
+    assert len(model._kept.banks) == 1
     model.delete_adapter("b")  # a deleted adapter's tensors are not kept alive by the tables
-    assert not model._prefix_banks
+    assert not model._kept.banks
     model.add_adapter("b", sp.DeepPromptConfig(num_virtual_tokens=2))
     with torch.no_grad():
         model.adapters["b"].prefix.copy_(moved_prefix)

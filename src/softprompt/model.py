@@ -34,13 +34,20 @@ from transformers.modeling_outputs import ModelOutput
 
 from . import _hf
 from ._hf import STATE_KWARG, ModelInfo, check_virtual_tokens
-from ._versions import memo_stamp, tensor_versions
 from .errors import SoftPromptError
 from .hf_compat import ModelCompat
 from .layer_cache import LayerCache
 from .methods.base import METHODS, Adapter, AdapterConfig, InitContext
 from .prefix_state import PrefixState
-from .splice import FILL, _gather_seq, _Layout, _splice_layout, mask_positions, offset_positions
+from .sharing import KeptTables
+from .splice import (
+    embed_ids,
+    mask_positions,
+    offset_positions,
+    splice_inputs,
+    strip_outputs,
+    widen_cached_mask,
+)
 
 
 def is_adapter_key(key: str, name: str | None = None) -> bool:
@@ -70,9 +77,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
         self._checkpointing = False
         self._layer_cache: LayerCache | None = None
         self.prompt_sharing = "auto"
-        # kept between no-grad calls (see _prompt_kvs, _bank_for, _forget_prompt_kv)
-        self._prompt_kv_memo: dict[str, tuple] = {}
-        self._prefix_banks: dict[tuple, tuple] = {}
+        self._kept = KeptTables()  # shared prompts and prefix tables kept between no-grad calls
         # where virtual tokens were spliced into a returned KV cache (continuing generation)
         self._cache_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         params = inspect.signature(base_model.forward).parameters
@@ -170,7 +175,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
                 gen.seed()
             ctx = InitContext(self.base_model, self.info, tokenizer or self.tokenizer, gen)
         adapter = METHODS[config.method][1](config, self.info, ctx)
-        self._forget_prompt_kv(name)
+        self._kept.forget(name)
         self.adapters[name] = adapter.to(self.device)
         self.set_active(name)
         return adapter
@@ -178,7 +183,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
     def delete_adapter(self, name: str) -> None:
         self._check_names([name])
         del self.adapters[name]
-        self._forget_prompt_kv(name)
+        self._kept.forget(name)
         if self.active == name:
             self.active = None
 
@@ -212,7 +217,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
         name = name or self.active
         self._check_names([name])
         self.adapters[name].bake()
-        self._forget_prompt_kv(name)
+        self._kept.forget(name)
         self.set_active(self.active)
 
     def save_adapter(self, directory, name: str | None = None, *, trainable: bool = False):
@@ -274,7 +279,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
 
     def _prefix_state(self, rows: list[str | None], shared=None) -> PrefixState | None:
         """Each row's key/value prefix; ``shared``: prompt adapters' virtual tokens as prefixes
-        (from ``_prompt_kvs``)."""
+        (from ``KeptTables.prompt_kvs``)."""
         kvs = dict(shared or {})
         for name in set(rows) - {None}:
             kv = self.adapters[name].kv()
@@ -282,42 +287,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
                 kvs[name] = kv
         if not kvs:
             return None
-        return PrefixState(self.info, rows, kvs, self._bank_for(rows, kvs))
-
-    _BANKS = 4  # stacked prefix tables kept for this many adapter sets
-
-    def _bank_for(self, rows, kvs) -> dict | None:
-        """Without autograd, rows of several adapters: the per-slot stacked prefix tables of this
-        set of adapters, kept across calls until any of their prefixes changes (a server's
-        mixed batches). Keyed by the identity and version of each adapter's prefix tensors; the
-        entry holds those tensors, so their memory cannot be reused under the key."""
-        if torch.is_grad_enabled() or len({r if r in kvs else None for r in rows}) < 2:
-            return None  # autograd, or one prefix for every row (PrefixState.single)
-        fingerprint = []
-        for name in sorted(kvs):
-            for slot, (k, v) in sorted(kvs[name].items()):
-                for t in (k, v):
-                    fingerprint.append(
-                        (
-                            name,
-                            slot,
-                            t.untyped_storage().data_ptr(),
-                            t.storage_offset(),
-                            t._version,
-                            t.shape,
-                            t.dtype,
-                        )
-                    )
-        fingerprint = (memo_stamp({self.device.type}), tuple(fingerprint))  # see _versions
-        names = tuple(sorted(kvs))
-        banks = self._prefix_banks  # names -> (fingerprint, kvs, tables)
-        hit = banks.pop(names, None)
-        if hit is None or hit[0] != fingerprint:  # new set, or a prefix changed: start afresh
-            hit = (fingerprint, kvs, {})
-            while len(banks) >= self._BANKS:
-                banks.pop(next(iter(banks)))
-        banks[names] = hit  # most recent last
-        return hit[2]
+        return PrefixState(self.info, rows, kvs, self._kept.bank_for(rows, kvs, self.device))
 
     @property
     def prompt_sharing(self) -> str:
@@ -361,45 +331,6 @@ class SoftPromptModel(ModelCompat, nn.Module):
             getattr(self.adapters[n].config, "placement", "prepend") == "prepend" for n in prompts
         )
 
-    def _forget_prompt_kv(self, name: str) -> None:
-        """Drop what is kept for adapter ``name`` between no-grad calls (added, replaced,
-        deleted or baked): its shared prompt and every stacked prefix table that holds it."""
-        self._prompt_kv_memo.pop(name, None)
-        banks = self._prefix_banks
-        for names in [k for k in banks if name in k]:
-            del banks[names]
-
-    def _prompt_kvs(self, prompts: dict[str, torch.Tensor]) -> dict[str, dict[int, tuple]]:
-        """Each prompt adapter's virtual tokens as a per-slot key/value prefix.
-
-        Adapters with prompts of one length and dtype run as one batch. Without autograd the
-        result is kept per adapter until its parameters change (manual decoding loops, serving).
-        """
-        out: dict[str, dict[int, tuple]] = {}
-        memo = self._prompt_kv_memo
-        keys = {}
-        groups: dict[tuple, list[str]] = {}
-        for name, p in sorted(prompts.items()):
-            ad = self.adapters[name]
-            key = None
-            if not torch.is_grad_enabled():
-                tensors = [*ad.parameters(), *ad.buffers()]
-                key = (p.shape, p.dtype, p.device, tensor_versions(tensors))
-                hit = memo.get(name)
-                if hit is not None and hit[0] == key:
-                    out[name] = hit[1]
-                    continue
-            keys[name] = key
-            groups.setdefault((p.shape, p.dtype), []).append(name)
-        for names in groups.values():
-            emb = torch.stack([prompts[n] for n in names])  # (n, P, d)
-            kv = _hf.prompt_kv(self.base_model, self.info, emb)
-            for i, n in enumerate(names):
-                out[n] = {slot: (k[i], v[i]) for slot, (k, v) in kv.items()}
-                if keys[n] is not None:
-                    memo[n] = (keys[n], out[n])
-        return out
-
     def _prompts(self, rows: list[str | None]) -> dict[str, torch.Tensor]:
         out = {}
         for name in set(rows) - {None}:
@@ -410,124 +341,11 @@ class SoftPromptModel(ModelCompat, nn.Module):
 
     def _embed(self, ids: torch.Tensor, rows, prompts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embed ids where negative ids ``-1 - k`` mean the row's virtual token k.  (B, T, d)"""
-        emb_layer = self.base_model.get_input_embeddings()
-        virtual = ids < 0
-        emb = emb_layer(ids.clamp(min=0))
-        if not virtual.any():
-            return emb
-        k = (-1 - ids).clamp(min=0)  # (B, T) virtual index
-        vals = []
-        for b, name in enumerate(rows):
-            need = int(k[b][virtual[b]].max()) + 1 if virtual[b].any() else 0
-            if need == 0:
-                vals.append(emb.new_zeros(ids.shape[1], emb.shape[-1]))
-                continue
-            table = prompts.get(name)
-            if table is None or need > table.shape[0]:
-                have = 0 if table is None else table.shape[0]
-                raise SoftPromptError(
-                    f"row {b} asks for virtual token {need - 1} but adapter {name!r} has {have}"
-                )
-            table = table.to(emb.dtype)
-            vals.append(table[k[b].clamp(max=table.shape[0] - 1)])  # (T, d)
-        return torch.where(virtual[..., None], torch.stack(vals), emb)
+        return embed_ids(self.base_model.get_input_embeddings(), ids, rows, prompts)
 
-    def _splice(
-        self,
-        rows: list[str | None],
-        prompts: dict[str, torch.Tensor],
-        input_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        token_type_ids: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        markers: bool = False,
-    ):
-        """Insert each row's virtual tokens; returns the new inputs and the layout (or None).
-
-        ``markers``: ``input_ids`` holds template markers (negative ids), computed once per call.
-        """
-        ref = input_ids if input_ids is not None else inputs_embeds
-        batch, length = ref.shape[:2]
-        counts, placements = [], []
-        for r in rows:
-            ad = self.adapters[r] if r is not None else None
-            place = getattr(ad.config, "placement", "prepend") if ad is not None else "prepend"
-            n = prompts[r].shape[0] if r in prompts and place != "template" else 0
-            counts.append(n)
-            placements.append(place)
-        if markers:
-            counts = [0] * batch  # template markers already say where virtual tokens go
-        mask = (
-            attention_mask
-            if attention_mask is not None
-            else torch.ones(batch, length, dtype=torch.long, device=ref.device)
-        )
-        if max(counts, default=0) == 0:
-            emb = self._embed(input_ids, rows, prompts) if input_ids is not None else inputs_embeds
-            return emb, attention_mask, position_ids, token_type_ids, labels, None
-        lay = _splice_layout(mask, counts, placements, fill_left=self._takes_position_ids)
-        src = lay.src
-        real, virt = src >= 0, (src < 0) & (src != FILL)
-        ridx = src.clamp(min=0)
-        vidx = torch.where(virt, -1 - src, torch.zeros_like(src))
-        if input_ids is not None:
-            ids = torch.where(real, input_ids.gather(1, ridx), torch.where(virt, -1 - vidx, 0))
-            emb = self._embed(ids, rows, prompts)
-        else:
-            emb = _gather_seq(inputs_embeds, ridx)
-            marker = torch.where(virt, -1 - vidx, torch.zeros_like(vidx))
-            emb = torch.where(virt[..., None], self._embed(marker, rows, prompts), emb)
-        ext_mask = torch.where(real, mask.gather(1, ridx), virt.to(mask.dtype))
-        if position_ids is not None:
-            pos = position_ids.gather(1, ridx)
-            shift = torch.where(ridx >= lay.starts[:, None], lay.counts[:, None], 0)
-            first = position_ids.gather(1, lay.starts.clamp(max=length - 1)[:, None])
-            last = position_ids.gather(1, (lay.starts - 1).clamp(min=0)[:, None]) + 1
-            vbase = torch.where(lay.starts[:, None] >= length, last, first)
-            position_ids = torch.where(real, pos + shift, torch.where(virt, vbase + vidx, 0))
-        if token_type_ids is not None:
-            token_type_ids = torch.where(real, token_type_ids.gather(1, ridx), 0)
-        if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
-            if not self.info.is_encoder_decoder:
-                labels = torch.where(real, labels.gather(1, ridx), -100)
-        return emb, ext_mask, position_ids, token_type_ids, labels, lay
-
-    def _strip(self, out: ModelOutput, lay: _Layout) -> ModelOutput:
-        """Drop virtual-token positions from every sequence-shaped output."""
-        t2 = lay.src.shape[1]
-        idx = lay.out_index
-        enc_dec = self.info.is_encoder_decoder
-        for key in list(out.keys()):
-            if key in ("loss", "past_key_values"):
-                continue
-            if enc_dec and not key.startswith("encoder_"):
-                continue
-            val = out[key]
-            if isinstance(val, torch.Tensor):
-                if val.dim() >= 2 and val.shape[1] == t2:
-                    out[key] = _gather_seq(val, idx)
-            elif isinstance(val, tuple) and val and isinstance(val[0], torch.Tensor):
-                if val[0].dim() == 4 and val[0].shape[-1] == t2:  # attentions (B, H, T', T')
-                    out[key] = tuple(_gather_seq(_gather_seq(a, idx, 2), idx, 3) for a in val)
-                elif val[0].shape[1] == t2:  # hidden states (B, T', d)
-                    out[key] = tuple(_gather_seq(h, idx) for h in val)
-        return out
-
-    def _cached_mask(self, cache, attention_mask, position_ids):
-        """Incremental decoding: widen the caller's mask by the virtual tokens in the cache."""
-        lay = self._cache_layouts.get(cache) if cache is not None else None
-        if lay is None or attention_mask is None:
-            return attention_mask, position_ids
-        head = attention_mask[:, : lay.length]
-        ridx = lay.src.clamp(min=0)
-        real, virt = lay.src >= 0, (lay.src < 0) & (lay.src != FILL)
-        ext = torch.where(real, head.gather(1, ridx), virt.to(head.dtype))
-        attention_mask = torch.cat([ext, attention_mask[:, lay.length :]], dim=1)
-        if position_ids is not None:
-            position_ids = position_ids + lay.counts[:, None]
-        return attention_mask, position_ids
+    def _splice(self, *args):
+        """``splice.splice_inputs`` for this model's adapters."""
+        return splice_inputs(self, *args)
 
     # ------------------------------------------------------------------ forward / generate
     def forward(
@@ -585,11 +403,11 @@ class SoftPromptModel(ModelCompat, nn.Module):
         # one host sync per call: do the ids hold template markers (negative ids)?
         markers = input_ids is not None and bool((input_ids < 0).any())
         if self._shared_ok(prompts, markers, position_ids, past_key_values, kwargs):
-            shared = self._prompt_kvs(prompts)
+            shared = self._kept.prompt_kvs(self, prompts)
         elif cached or (not prompts and not markers):
             if cached:
-                attention_mask, position_ids = self._cached_mask(
-                    past_key_values, attention_mask, position_ids
+                attention_mask, position_ids = widen_cached_mask(
+                    self._cache_layouts.get(past_key_values), attention_mask, position_ids
                 )
             if markers:
                 inputs_embeds, input_ids = self._embed(input_ids, rows, prompts), None
@@ -659,7 +477,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
             cache = out.get("past_key_values") if isinstance(out, ModelOutput) else None
             if cache is not None:
                 self._cache_layouts[cache] = lay
-            out = self._strip(out, lay)
+            out = strip_outputs(out, lay, self.info.is_encoder_decoder)
         return out
 
     @torch.no_grad()
@@ -679,7 +497,7 @@ class SoftPromptModel(ModelCompat, nn.Module):
         shared = None
         markers = bool((input_ids < 0).any())  # template markers; one host sync per call
         if self._shared_ok(prompts, markers, kwargs.get("position_ids"), None, kwargs):
-            shared, prompts = self._prompt_kvs(prompts), {}
+            shared, prompts = self._kept.prompt_kvs(self, prompts), {}
         state = self._prefix_state(rows, shared)
         offsets = self._position_offsets(rows)
         if not prompts and not markers:

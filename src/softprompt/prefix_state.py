@@ -39,7 +39,7 @@ class PrefixState:
 
     Rows of several adapters read each slot's prefixes from one table (adapters stacked, padded
     to the longest); ``bank``, when given, keeps those tables across calls (no-grad serving:
-    see ``SoftPromptModel._bank_for``), so a mixed batch costs one row gather per slot.
+    see ``sharing.KeptTables.bank_for``), so a mixed batch costs one row gather per slot.
     """
 
     def __init__(

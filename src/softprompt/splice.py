@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from transformers.modeling_outputs import ModelOutput
+
+from .errors import SoftPromptError
 
 
 @dataclass
@@ -108,3 +112,129 @@ def offset_positions(
         else:
             position_ids = torch.arange(past, past + q_len, device=offsets.device)[None]
     return position_ids + offsets[:, None].to(position_ids.device)
+
+
+def embed_ids(
+    emb_layer: nn.Module, ids: torch.Tensor, rows, prompts: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Embed ids where negative ids ``-1 - k`` mean the row's virtual token k.  (B, T, d)"""
+    virtual = ids < 0
+    emb = emb_layer(ids.clamp(min=0))
+    if not virtual.any():
+        return emb
+    k = (-1 - ids).clamp(min=0)  # (B, T) virtual index
+    vals = []
+    for b, name in enumerate(rows):
+        need = int(k[b][virtual[b]].max()) + 1 if virtual[b].any() else 0
+        if need == 0:
+            vals.append(emb.new_zeros(ids.shape[1], emb.shape[-1]))
+            continue
+        table = prompts.get(name)
+        if table is None or need > table.shape[0]:
+            have = 0 if table is None else table.shape[0]
+            raise SoftPromptError(
+                f"row {b} asks for virtual token {need - 1} but adapter {name!r} has {have}"
+            )
+        table = table.to(emb.dtype)
+        vals.append(table[k[b].clamp(max=table.shape[0] - 1)])  # (T, d)
+    return torch.where(virtual[..., None], torch.stack(vals), emb)
+
+
+def splice_inputs(
+    model,
+    rows: list[str | None],
+    prompts: dict[str, torch.Tensor],
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    markers: bool = False,
+):
+    """Insert each row's virtual tokens (``model``: the ``SoftPromptModel``); returns the new
+    inputs and the layout (or None).
+
+    ``markers``: ``input_ids`` holds template markers (negative ids), computed once per call.
+    """
+    ref = input_ids if input_ids is not None else inputs_embeds
+    batch, length = ref.shape[:2]
+    counts, placements = [], []
+    for r in rows:
+        ad = model.adapters[r] if r is not None else None
+        place = getattr(ad.config, "placement", "prepend") if ad is not None else "prepend"
+        n = prompts[r].shape[0] if r in prompts and place != "template" else 0
+        counts.append(n)
+        placements.append(place)
+    if markers:
+        counts = [0] * batch  # template markers already say where virtual tokens go
+    mask = (
+        attention_mask
+        if attention_mask is not None
+        else torch.ones(batch, length, dtype=torch.long, device=ref.device)
+    )
+    if max(counts, default=0) == 0:
+        emb = model._embed(input_ids, rows, prompts) if input_ids is not None else inputs_embeds
+        return emb, attention_mask, position_ids, token_type_ids, labels, None
+    lay = _splice_layout(mask, counts, placements, fill_left=model._takes_position_ids)
+    src = lay.src
+    real, virt = src >= 0, (src < 0) & (src != FILL)
+    ridx = src.clamp(min=0)
+    vidx = torch.where(virt, -1 - src, torch.zeros_like(src))
+    if input_ids is not None:
+        ids = torch.where(real, input_ids.gather(1, ridx), torch.where(virt, -1 - vidx, 0))
+        emb = model._embed(ids, rows, prompts)
+    else:
+        emb = _gather_seq(inputs_embeds, ridx)
+        marker = torch.where(virt, -1 - vidx, torch.zeros_like(vidx))
+        emb = torch.where(virt[..., None], model._embed(marker, rows, prompts), emb)
+    ext_mask = torch.where(real, mask.gather(1, ridx), virt.to(mask.dtype))
+    if position_ids is not None:
+        pos = position_ids.gather(1, ridx)
+        shift = torch.where(ridx >= lay.starts[:, None], lay.counts[:, None], 0)
+        first = position_ids.gather(1, lay.starts.clamp(max=length - 1)[:, None])
+        last = position_ids.gather(1, (lay.starts - 1).clamp(min=0)[:, None]) + 1
+        vbase = torch.where(lay.starts[:, None] >= length, last, first)
+        position_ids = torch.where(real, pos + shift, torch.where(virt, vbase + vidx, 0))
+    if token_type_ids is not None:
+        token_type_ids = torch.where(real, token_type_ids.gather(1, ridx), 0)
+    if labels is not None and labels.dim() == 2 and labels.shape[1] == length:
+        if not model.info.is_encoder_decoder:
+            labels = torch.where(real, labels.gather(1, ridx), -100)
+    return emb, ext_mask, position_ids, token_type_ids, labels, lay
+
+
+def strip_outputs(out: ModelOutput, lay: _Layout, enc_dec: bool) -> ModelOutput:
+    """Drop virtual-token positions from every sequence-shaped output."""
+    t2 = lay.src.shape[1]
+    idx = lay.out_index
+    for key in list(out.keys()):
+        if key in ("loss", "past_key_values"):
+            continue
+        if enc_dec and not key.startswith("encoder_"):
+            continue
+        val = out[key]
+        if isinstance(val, torch.Tensor):
+            if val.dim() >= 2 and val.shape[1] == t2:
+                out[key] = _gather_seq(val, idx)
+        elif isinstance(val, tuple) and val and isinstance(val[0], torch.Tensor):
+            if val[0].dim() == 4 and val[0].shape[-1] == t2:  # attentions (B, H, T', T')
+                out[key] = tuple(_gather_seq(_gather_seq(a, idx, 2), idx, 3) for a in val)
+            elif val[0].shape[1] == t2:  # hidden states (B, T', d)
+                out[key] = tuple(_gather_seq(h, idx) for h in val)
+    return out
+
+
+def widen_cached_mask(lay: _Layout | None, attention_mask, position_ids):
+    """Incremental decoding: widen the caller's mask by the virtual tokens that ``lay`` put in
+    the cache (None: the cache holds none)."""
+    if lay is None or attention_mask is None:
+        return attention_mask, position_ids
+    head = attention_mask[:, : lay.length]
+    ridx = lay.src.clamp(min=0)
+    real, virt = lay.src >= 0, (lay.src < 0) & (lay.src != FILL)
+    ext = torch.where(real, head.gather(1, ridx), virt.to(head.dtype))
+    attention_mask = torch.cat([ext, attention_mask[:, lay.length :]], dim=1)
+    if position_ids is not None:
+        position_ids = position_ids + lay.counts[:, None]
+    return attention_mask, position_ids
