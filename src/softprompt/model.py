@@ -22,10 +22,9 @@ from a library that numbers the real tokens after the prefix) get their position
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -33,13 +32,14 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from . import _hf
-from ._hf import STATE_KWARG, ModelInfo, check_virtual_tokens
+from ._hf import STATE_KWARG, ModelInfo
+from .bank import AdapterBank, is_adapter_key  # noqa: F401  (is_adapter_key: re-exported)
 from .errors import SoftPromptError
 from .hf_compat import ModelCompat
 from .layer_cache import LayerCache
-from .methods.base import METHODS, Adapter, AdapterConfig, InitContext
+from .methods.base import AdapterConfig
 from .prefix_state import PrefixState
-from .sharing import KeptTables
+from .sharing import KeptTables, PromptSharing
 from .splice import (
     embed_ids,
     mask_positions,
@@ -50,17 +50,7 @@ from .splice import (
 )
 
 
-def is_adapter_key(key: str, name: str | None = None) -> bool:
-    """The one predicate: does a parameter (by its name in the wrapper) belong to an adapter?
-
-    ``name`` narrows it to one adapter. It decides what trains (``set_active``), what the
-    optimiser sees (``trainable_parameters``) and what a checkpoint saves.
-    """
-    prefix = "adapters." if name is None else f"adapters.{name}."
-    return key.startswith(prefix)
-
-
-class SoftPromptModel(ModelCompat, nn.Module):
+class SoftPromptModel(ModelCompat, AdapterBank, PromptSharing, nn.Module):
     """A frozen Hugging Face model plus named soft-prompt adapters.
 
     Use ``softprompt.attach`` to make one. Called and generating like the base model, with an
@@ -147,121 +137,6 @@ class SoftPromptModel(ModelCompat, nn.Module):
     def device(self) -> torch.device:
         return self.base_model.device
 
-    def add_adapter(
-        self, name: str, config: AdapterConfig, tokenizer=None, *, _init: bool = True
-    ) -> Adapter:
-        """Create adapter ``name`` from ``config`` and make it the active one.
-
-        Args:
-            tokenizer: needed only for ``init="text"``/``"labels"`` with ``init_text``.
-        """
-        if not isinstance(name, str) or not name or "." in name or "/" in name:
-            raise SoftPromptError(
-                f"adapter name must be a non-empty string without '.' or '/', got {name!r}"
-            )
-        if name in self.adapters:
-            raise SoftPromptError(
-                f"an adapter named {name!r} already exists; delete_adapter it first"
-            )
-        if config.method not in METHODS:
-            raise SoftPromptError(f"unknown method {config.method!r}")
-        check_virtual_tokens(self.base_model, config.num_virtual_tokens)  # before allocating
-        ctx = None
-        if _init:
-            gen = torch.Generator()
-            if config.seed is not None:
-                gen.manual_seed(config.seed)
-            else:
-                gen.seed()
-            ctx = InitContext(self.base_model, self.info, tokenizer or self.tokenizer, gen)
-        adapter = METHODS[config.method][1](config, self.info, ctx)
-        self._kept.forget(name)
-        self.adapters[name] = adapter.to(self.device)
-        self.set_active(name)
-        return adapter
-
-    def delete_adapter(self, name: str) -> None:
-        self._check_names([name])
-        del self.adapters[name]
-        self._kept.forget(name)
-        if self.active == name:
-            self.active = None
-
-    def set_active(self, name: str | None) -> None:
-        """Make ``name`` the adapter used when ``adapter_names`` is not given, and the only
-        trainable one (None: the bare model, nothing trains)."""
-        if name is not None:
-            self._check_names([name])
-        self.active = name
-        for key, p in self.named_parameters():
-            if is_adapter_key(key):
-                baked = self.adapters[key.split(".")[1]].is_baked
-                p.requires_grad_(name is not None and is_adapter_key(key, name) and not baked)
-            else:
-                p.requires_grad_(False)
-
-    @contextlib.contextmanager
-    def using(self, name: str | None) -> Iterator[SoftPromptModel]:
-        """Make ``name`` the active adapter inside the block, the previous one again after it:
-        picks the adapter of calls that pass no ``adapter_names``, such as a pipeline's
-        (``with model.using("summary"): pipe(text)``). None: the bare model."""
-        previous = self.active
-        self.set_active(name)
-        try:
-            yield self
-        finally:
-            self.set_active(previous if previous in self.adapters else None)
-
-    def bake(self, name: str | None = None) -> None:
-        """Replace adapter ``name``'s reparameterisation by its output (inference form)."""
-        name = name or self.active
-        self._check_names([name])
-        self.adapters[name].bake()
-        self._kept.forget(name)
-        self.set_active(self.active)
-
-    def save_adapter(self, directory, name: str | None = None, *, trainable: bool = False):
-        """Save adapter ``name`` (default: the active one); see ``softprompt.io.save_adapter``."""
-        from .io import save_adapter
-
-        return save_adapter(self, directory, name, trainable=trainable)
-
-    def trainable_parameters(self) -> tuple[int, int, str]:
-        """(trainable, total, printable line), e.g. 'trainable 230,400 of 134,745,408 (0.171%)'.
-
-        Total counts the base model plus the adapters.
-        """
-        trainable = sum(p.numel() for k, p in self.named_parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        line = f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
-        return trainable, total, line
-
-    def parameters_to_train(self) -> list[nn.Parameter]:
-        """What the optimiser sees: the active adapter's trainable parameters."""
-        return [
-            p
-            for k, p in self.named_parameters()
-            if is_adapter_key(k, self.active) and p.requires_grad
-        ]
-
-    def _check_names(self, names) -> None:
-        unknown = sorted({n for n in names if n is not None and n not in self.adapters})
-        if unknown:
-            raise SoftPromptError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.adapters)}")
-
-    def _rows(self, adapter_names, batch: int) -> list[str | None]:
-        if adapter_names is None:
-            return [self.active] * batch
-        if isinstance(adapter_names, str):
-            adapter_names = [adapter_names] * batch
-        adapter_names = list(adapter_names)
-        if len(adapter_names) != batch:
-            raise SoftPromptError(
-                f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows"
-            )
-        self._check_names(adapter_names)
-        return adapter_names
-
     # ------------------------------------------------------------------ pieces of a forward
     def _position_offsets(self, rows: list[str | None]) -> torch.Tensor | None:
         """(B,) where each row's real-token positions start (``Adapter.position_offset``), or
@@ -288,48 +163,6 @@ class SoftPromptModel(ModelCompat, nn.Module):
         if not kvs:
             return None
         return PrefixState(self.info, rows, kvs, self._kept.bank_for(rows, kvs, self.device))
-
-    @property
-    def prompt_sharing(self) -> str:
-        """How prepended virtual tokens (prompt tuning, P-tuning) run on models where that is
-        exact (``info.shares_prompt``: rotary causal LMs):
-
-        * ``"always"``: once per adapter and call, handed to the rows as a key/value prefix
-          (the rows' attention reads it like a prefix-tuning prefix);
-        * ``"never"``: spliced into every row, as PEFT does;
-        * ``"auto"`` (default): shared, except under autograd on an accelerator, where the
-          extra sequential pass over the virtual tokens costs more launches than the spliced
-          tokens cost arithmetic at training batch sizes (bench/share_sweep.py measures both).
-          Without autograd the shared prefix is computed once and kept, so it is always shared.
-
-        The two give the same outputs and gradients (tests/test_model.py).
-        """
-        return self._prompt_sharing
-
-    @prompt_sharing.setter
-    def prompt_sharing(self, value: str) -> None:
-        if value not in ("auto", "always", "never"):
-            raise SoftPromptError(
-                f"prompt_sharing must be 'auto', 'always' or 'never', not {value!r}"
-            )
-        self._prompt_sharing = value
-
-    def _shared_ok(self, prompts, markers, position_ids, past_key_values, kwargs) -> bool:
-        """Can this call hand its prepended virtual tokens to the rows as a shared prefix?
-        (see ``_hf.shares_prepended_prompt`` and ``prompt_sharing``)"""
-        if not prompts or not self.info.shares_prompt or position_ids is not None:
-            return False
-        if self._prompt_sharing == "never":
-            return False
-        if self._prompt_sharing == "auto" and torch.is_grad_enabled() and self.device.type != "cpu":
-            return False
-        if kwargs.get("output_attentions") or markers:
-            return False
-        if past_key_values is not None and past_key_values in self._cache_layouts:
-            return False  # the cache holds spliced virtual tokens
-        return all(
-            getattr(self.adapters[n].config, "placement", "prepend") == "prepend" for n in prompts
-        )
 
     def _prompts(self, rows: list[str | None]) -> dict[str, torch.Tensor]:
         out = {}

@@ -2,6 +2,8 @@
 
 * the shared prompt prefix: each prompt adapter's virtual tokens as per-slot keys and values
   (``prompt_kvs``), kept per adapter until its parameters change;
+* ``PromptSharing`` (a mixin of ``SoftPromptModel``): whether a call runs prepended virtual tokens
+  once as a shared key/value prefix or splices them into every row;
 * the stacked per-slot prefix tables of a set of adapters (``bank_for``), so a server's mixed
   batch costs one row gather per slot.
 
@@ -15,6 +17,7 @@ import torch
 
 from . import _hf
 from ._versions import memo_stamp, tensor_versions
+from .errors import SoftPromptError
 
 
 class KeptTables:
@@ -97,3 +100,49 @@ class KeptTables:
                 if keys[n] is not None:
                     memo[n] = (keys[n], out[n])
         return out
+
+
+class PromptSharing:
+    """When prepended virtual tokens run once as a shared prefix (``SoftPromptModel`` mixin)."""
+
+    @property
+    def prompt_sharing(self) -> str:
+        """How prepended virtual tokens (prompt tuning, P-tuning) run on models where that is
+        exact (``info.shares_prompt``: rotary causal LMs):
+
+        * ``"always"``: once per adapter and call, handed to the rows as a key/value prefix
+          (the rows' attention reads it like a prefix-tuning prefix);
+        * ``"never"``: spliced into every row, as PEFT does;
+        * ``"auto"`` (default): shared, except under autograd on an accelerator, where the
+          extra sequential pass over the virtual tokens costs more launches than the spliced
+          tokens cost arithmetic at training batch sizes (bench/share_sweep.py measures both).
+          Without autograd the shared prefix is computed once and kept, so it is always shared.
+
+        The two give the same outputs and gradients (tests/test_model.py).
+        """
+        return self._prompt_sharing
+
+    @prompt_sharing.setter
+    def prompt_sharing(self, value: str) -> None:
+        if value not in ("auto", "always", "never"):
+            raise SoftPromptError(
+                f"prompt_sharing must be 'auto', 'always' or 'never', not {value!r}"
+            )
+        self._prompt_sharing = value
+
+    def _shared_ok(self, prompts, markers, position_ids, past_key_values, kwargs) -> bool:
+        """Can this call hand its prepended virtual tokens to the rows as a shared prefix?
+        (see ``_hf.shares_prepended_prompt`` and ``prompt_sharing``)"""
+        if not prompts or not self.info.shares_prompt or position_ids is not None:
+            return False
+        if self._prompt_sharing == "never":
+            return False
+        if self._prompt_sharing == "auto" and torch.is_grad_enabled() and self.device.type != "cpu":
+            return False
+        if kwargs.get("output_attentions") or markers:
+            return False
+        if past_key_values is not None and past_key_values in self._cache_layouts:
+            return False  # the cache holds spliced virtual tokens
+        return all(
+            getattr(self.adapters[n].config, "placement", "prepend") == "prepend" for n in prompts
+        )
