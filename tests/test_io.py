@@ -257,3 +257,26 @@ def test_a_run_folder_loads_its_adapter(tmp_path):
     loaded = sp.load_adapter(tiny_model("llama"), tmp_path / "run")
     assert torch.equal(loaded.adapters["task"].prefix, model.adapters["task"].prefix)
     assert sp.io.read_adapter_config(tmp_path / "run")["method"] == "deep"
+
+
+def test_io_never_imports_the_model_at_run_time():
+    """The model calls io (files), never the reverse: io's only mention of softprompt.model is
+    under TYPE_CHECKING, for annotations."""
+    import ast
+    from pathlib import Path
+
+    import softprompt.io
+
+    tree = ast.parse(Path(softprompt.io.__file__).read_text())
+    guarded = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
+    imports = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module in ("model", "bank", "softprompt.model")
+    ]
+    assert imports and all(id(node) in guarded for node in imports)

@@ -9,7 +9,7 @@ model = softprompt.load_adapter(base, "my-adapter")
 __version__ = "0.1.0"
 
 from .errors import SoftPromptError  # noqa: E402
-from .io import load_adapter, save_adapter  # noqa: E402
+from .io import save_adapter  # noqa: E402
 from .methods import (  # noqa: E402
     AdapterConfig,
     DeepPromptConfig,
@@ -17,7 +17,7 @@ from .methods import (  # noqa: E402
     PromptTuningConfig,
     PTuningConfig,
 )
-from .model import SoftPromptModel, attach  # noqa: E402
+from .model import SoftPromptModel, attach, load_adapter  # noqa: E402
 
 __all__ = [
     "AdapterConfig",

@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._hf import check_virtual_tokens
+from ._hf import check_virtual_tokens, identity_mismatches
 from .errors import SoftPromptError
+from .io import (
+    CONFIG_NAME,
+    TRAINABLE_NAME,
+    WEIGHTS_NAME,
+    _check_baked_agrees,
+    _check_shapes,
+    _expected_shapes,
+    _header_shapes,
+    _read_tensors,
+    read_adapter_config,
+    resolve_adapter_dir,
+)
 from .methods.base import METHODS, Adapter, AdapterConfig, InitContext
 
 
@@ -146,3 +159,86 @@ class AdapterBank:
             )
         self._check_names(adapter_names)
         return adapter_names
+
+
+def load_into(
+    model, directory: str | Path, name: str | None = None, *, trainable: bool | None = None
+):
+    """Load an adapter directory onto an attached ``SoftPromptModel`` (``softprompt.load_adapter``
+    attaches a plain transformers model first).
+
+    The directory may also be a PEFT prompt-learning folder (``softprompt.peft_compat``): it
+    loads with the logits ``PeftModel.from_pretrained`` gives.
+
+    Args:
+        model: a ``SoftPromptModel``.
+        name: name to give it (default: the name it was saved under).
+        trainable: restore the trainable form (needs ``trainable.safetensors``). Default: when
+            present.
+
+    Returns:
+        The ``SoftPromptModel``, with the loaded adapter active.
+
+    Raises:
+        SoftPromptError: missing or corrupt files, or an adapter made for another base model.
+    """
+    directory = resolve_adapter_dir(directory)
+    meta = read_adapter_config(directory)
+    path = directory / CONFIG_NAME
+    if "peft" in meta:
+        from .peft_compat import load_peft
+
+        return load_peft(model, directory, meta, name)
+    diffs = identity_mismatches(meta["base_model"], model.info.identity)
+    if diffs:
+        made_for = meta["base_model"].get("name_or_path") or meta["base_model"].get("architecture")
+        raise SoftPromptError(
+            f"adapter {directory} was made for another base model ({made_for}): " + "; ".join(diffs)
+        )
+    try:
+        config = AdapterConfig.from_dict(meta["config"])
+        check_virtual_tokens(model.base_model, config.num_virtual_tokens)
+    except SoftPromptError as e:
+        raise SoftPromptError(f"{path}: field 'config': {e}") from e
+    name = name or meta.get("name") or "default"
+    has_trainable = (directory / TRAINABLE_NAME).is_file()
+    if trainable and not has_trainable:
+        raise SoftPromptError(
+            f"{directory} holds only the baked inference form; it was not saved with trainable=True"
+        )
+    use_trainable = has_trainable if trainable is None else trainable
+    head = int(meta["task_head"][1]) if meta.get("task_head") else None
+    file = directory / (TRAINABLE_NAME if use_trainable else WEIGHTS_NAME)
+    try:  # shapes from the header, before anything of the config's size is allocated
+        expected = _expected_shapes(model, config, head, use_trainable)
+    except SoftPromptError as e:
+        raise SoftPromptError(f"{path}: field 'config': {e}") from e
+    _check_shapes(file, _header_shapes(file), expected)
+    tensors = _read_tensors(file)
+    adapter = model.add_adapter(name, config, _init=False)
+    adapter.task = meta.get("task")
+    adapter.position_offset = int(meta.get("position_offset") or 0)
+    adapter.source = meta.get("source")
+    if head is not None:
+        adapter.set_task_head(head).to(model.device)
+    try:
+        if use_trainable:
+            params = dict(adapter.named_parameters())
+            with torch.no_grad():
+                for key, val in tensors.items():
+                    if key in params:
+                        params[key].copy_(val)
+            _check_baked_agrees(directory, adapter)
+        else:
+            head_state = {
+                k[10:]: tensors.pop(k) for k in list(tensors) if k.startswith("task_head.")
+            }
+            if adapter.task_head is not None:
+                adapter.task_head.load_state_dict(head_state)
+            with torch.no_grad():
+                adapter.load_baked({k: v.to(model.device) for k, v in tensors.items()})
+    except Exception:
+        model.delete_adapter(name)
+        raise
+    model.set_active(name)
+    return model

@@ -47,9 +47,9 @@ from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ._hf import SoftPromptError
-from .io import load_adapter, read_adapter_config, recorded_base_model
+from .io import read_adapter_config, recorded_base_model
 from .lm import _head, pad_left
-from .model import SoftPromptModel, attach
+from .model import SoftPromptModel, attach, load_adapter
 
 __all__ = ["SoftPromptLM", "main"]
 

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from . import _hf
 from ._hf import STATE_KWARG, ModelInfo
-from .bank import AdapterBank, is_adapter_key  # noqa: F401  (is_adapter_key: re-exported)
+from .bank import AdapterBank, is_adapter_key, load_into  # noqa: F401  (is_adapter_key: re-exported)
 from .errors import SoftPromptError
 from .hf_compat import ModelCompat
 from .layer_cache import LayerCache
@@ -402,3 +402,25 @@ def attach(
     if config is not None:
         model.add_adapter(name, config, tokenizer)
     return model
+
+
+def load_adapter(
+    model, directory, name: str | None = None, *, trainable: bool | None = None
+) -> SoftPromptModel:
+    """Load an adapter directory (softprompt's, a run folder's ``adapter/``, or a PEFT
+    prompt-learning folder) onto a base model or a ``SoftPromptModel``.
+
+    Args:
+        model: a transformers model (attached first) or a ``SoftPromptModel``.
+        name: name to give it (default: the name it was saved under).
+        trainable: restore the trainable form (needs ``trainable.safetensors``). Default: when
+            present.
+
+    Returns:
+        The ``SoftPromptModel``, with the loaded adapter active.
+
+    Raises:
+        SoftPromptError: missing or corrupt files, or an adapter made for another base model.
+    """
+    model = model if isinstance(model, SoftPromptModel) else attach(model)
+    return load_into(model, directory, name, trainable=trainable)
