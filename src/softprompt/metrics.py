@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import SoftPromptError
+from .errors import SoftPromptError, require
 
 __all__ = ["classification_metrics", "generation_metrics"]
 
@@ -41,7 +41,11 @@ def classification_metrics(
         ``{"accuracy", "macro_f1", "per_class": {label: {"precision", "recall", "f1",
         "support"}}, "n"}``; scores are Python floats in 0..1, supports and ``n`` ints.
     """
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+    sk = require("sklearn.metrics", "metrics", "classification metrics")
+    accuracy_score, precision_recall_fscore_support = (
+        sk.accuracy_score,
+        sk.precision_recall_fscore_support,
+    )
 
     _check_lengths(y_true, y_pred, ("gold labels", "predictions"))
     labels = list(labels)
@@ -81,8 +85,8 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str]) ->
         fraction of predictions equal to their reference after collapsing whitespace, 0..1;
         ``"n"``. All scores are Python floats.
     """
-    import sacrebleu
-    from rouge_score import rouge_scorer
+    sacrebleu = require("sacrebleu", "metrics", "generation metrics (BLEU)")
+    rouge_scorer = require("rouge_score.rouge_scorer", "metrics", "generation metrics (ROUGE)")
 
     _check_lengths(predictions, references, ("predictions", "references"))
     keys = ("rouge1", "rouge2", "rougeL")

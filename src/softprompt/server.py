@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from . import _hf
-from .errors import SoftPromptError
+from .errors import SoftPromptError, require
 from .lm import pad_left
 from .tasks import pad_id
 
@@ -1170,6 +1170,7 @@ def create_app(
     Raises:
         SoftPromptError: an adapter that cannot be loaded.
     """
+    require("fastapi", "serve", "softprompt serve")
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -1420,7 +1421,7 @@ def settings_from_args(args) -> tuple[str, dict[str, str], ServeSettings]:
 
 def cmd_serve(args) -> int:
     """Load the model and adapters and serve until interrupted (SIGINT/SIGTERM: graceful)."""
-    import uvicorn
+    uvicorn = require("uvicorn", "serve", "softprompt serve")
 
     from .loading import load_base
 

@@ -48,7 +48,7 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 from .data import Example
-from .errors import SoftPromptError
+from .errors import SoftPromptError, require
 from .io import save_adapter
 from .methods.base import METHODS
 from .model import SoftPromptModel
@@ -654,7 +654,7 @@ class Trainer:
         bar.close()
         model.eval()
         if acc.is_main_process:
-            plot_curves(self.out / "metrics.jsonl", self.out / "training_curve.png")
+            plot_curves(self.out / "metrics.jsonl", self.out / "training_curve.png", self.log)
         result = {"steps": self.step, "best": self.best, "lr": self.lr, "stopped_early": stop}
         if self.scaler is not None:
             result["skipped_steps"] = self.skipped_steps  # this run's, not a resumed one's
@@ -692,9 +692,14 @@ def headline_name(task: Task) -> str:
     return "accuracy" if task.spec.kind == "classify" else "rougeL"
 
 
-def plot_curves(log_path: Path, png: Path) -> None:
-    """Training loss and dev metric against step, from metrics.jsonl."""
-    import matplotlib
+def plot_curves(log_path: Path, png: Path, log: Callable[[str], None] = print) -> None:
+    """Training loss and dev metric against step, from metrics.jsonl. Without matplotlib (the
+    ``plot`` extra) the curve is skipped with a note: the run's results are all saved."""
+    try:
+        matplotlib = require("matplotlib", "plot", "the training curve (training_curve.png)")
+    except SoftPromptError as e:
+        log(f"note: no {png.name}: {e}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
