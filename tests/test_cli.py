@@ -802,3 +802,23 @@ def test_demo_runs_end_to_end_and_labels_new_reviews(
     assert all(line.split()[0] in ("positive", "negative") for line in labelled)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["train"]["steps"] == 2 and "accuracy" in summary["test"]
+
+
+def test_train_flag_defaults_are_the_dataclasses_defaults():
+    """The CLI repeats no default: each train flag's default is the field default of the
+    dataclass that takes it (TrainArgs, TaskSpec, the method configs)."""
+    import dataclasses
+
+    from softprompt.cli import build_parser
+    from softprompt.methods import METHODS
+    from softprompt.tasks import TaskSpec
+    from softprompt.trainer import TrainArgs
+
+    args = build_parser().parse_args(["train"])
+    for cls in (TrainArgs, TaskSpec):
+        for f in dataclasses.fields(cls):
+            if hasattr(args, f.name) and f.default is not dataclasses.MISSING:
+                assert getattr(args, f.name) == f.default, f.name
+    assert args.prefix_hidden == METHODS["prefix"][0]().encoder_hidden_size
+    assert args.encoder == METHODS["ptuning"][0]().encoder
+    assert args.init == METHODS["prompt"][0]().init

@@ -625,6 +625,13 @@ def _add_model(p, default="smollm2-135m-instruct"):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
+def _field_defaults(cls) -> dict:
+    """A dataclass's field defaults, by field name (the CLI's defaults)."""
+    return {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
@@ -632,9 +639,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from .export import add_export_parser
     from .methods import METHODS  # every registered method, the four built in and any plugin
+    from .methods.base import AdapterConfig
     from .server import add_serve_parser
+    from .tasks import TaskSpec
+    from .trainer import REPORT_TO, TrainArgs
 
     methods = sorted(METHODS)
+    # defaults come from the dataclasses that take the values, never a second literal here
+    loop = _field_defaults(TrainArgs)
+    task = _field_defaults(TaskSpec)
+    inits = sorted(set().union(*(cls.inits for cls, _ in METHODS.values())))
     t = sub.add_parser("train", help="train an adapter")
     _add_model(t)
     t.add_argument("--method", choices=methods, default="prefix")
@@ -655,14 +669,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--verbalizer", help='JSON label -> word, e.g. \'{"positive": "great"}\'')
     t.add_argument("--num-virtual-tokens", type=_POSITIVE, default=10)
-    t.add_argument("--init", choices=["vocab", "random", "text", "labels"], default="vocab")
+    t.add_argument("--init", choices=inits, default=_field_defaults(AdapterConfig)["init"])
     t.add_argument("--init-text", help="text for --init text")
     t.add_argument("--layers", help="deep/prefix: 'all', 'top_half' or indices like '6,7,8'")
-    t.add_argument("--prefix-hidden", type=_POSITIVE, default=512, help="prefix MLP width")
     t.add_argument(
-        "--encoder", choices=["mlp", "lstm"], default="mlp", help="P-tuning prompt encoder"
+        "--prefix-hidden",
+        type=_POSITIVE,
+        default=_field_defaults(METHODS["prefix"][0])["encoder_hidden_size"],
+        help="prefix MLP width",
     )
-    t.add_argument("--epochs", type=_finite(0, False), default=3.0)
+    t.add_argument(
+        "--encoder",
+        choices=["mlp", "lstm"],
+        default=_field_defaults(METHODS["ptuning"][0])["encoder"],
+        help="P-tuning prompt encoder",
+    )
+    t.add_argument("--epochs", type=_finite(0, False), default=loop["epochs"])
     t.add_argument("--max-steps", type=_POSITIVE)
     t.add_argument(
         "--lr",
@@ -671,8 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(f"{m} {METHODS[m][0].lr_help()}" for m in methods)
         + " (prompt tuning on SmolLM2: 1e-2)",
     )
-    t.add_argument("--batch-size", type=_POSITIVE, default=8)
-    t.add_argument("--grad-accum", type=_POSITIVE, default=1)
+    t.add_argument("--batch-size", type=_POSITIVE, default=loop["batch_size"])
+    t.add_argument("--grad-accum", type=_POSITIVE, default=loop["grad_accum"])
     t.add_argument(
         "--group-by-length",
         action="store_true",
@@ -681,28 +703,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--lower-layer-cache-mb",
         type=_int_at_least(0),
-        default=1024,
+        default=loop["lower_layer_cache_mb"],
         help="adapters on upper layers only (--layers): memory for caching the frozen blocks "
         "below them after the first epoch (0: off)",
     )
-    t.add_argument("--warmup-ratio", type=_finite(0, True, 1), default=0.06)
-    t.add_argument("--eval-every", type=_POSITIVE, default=50)
+    t.add_argument("--warmup-ratio", type=_finite(0, True, 1), default=loop["warmup_ratio"])
+    t.add_argument("--eval-every", type=_POSITIVE, default=loop["eval_every"])
     t.add_argument(
         "--save-every", type=_POSITIVE, help="checkpoint every N steps (default: --eval-every)"
     )
     t.add_argument(
         "--patience",
         type=_POSITIVE,
-        default=5,
+        default=loop["patience"],
         help="evaluations without improvement before stopping",
     )
     t.add_argument(
         "--eval-limit", type=_POSITIVE, help="use only the first N dev rows for selection"
     )
-    t.add_argument("--eval-batch-size", type=_POSITIVE, default=32)
-    t.add_argument("--max-length", type=_POSITIVE, default=256, help="prompt tokens kept")
-    t.add_argument("--max-new-tokens", type=_POSITIVE, default=64)
-    t.add_argument("--seed", type=_int_at_least(0, 2**32 - 1), default=0)
+    t.add_argument("--eval-batch-size", type=_POSITIVE, default=loop["eval_batch_size"])
+    t.add_argument(
+        "--max-length", type=_POSITIVE, default=task["max_length"], help="prompt tokens kept"
+    )
+    t.add_argument("--max-new-tokens", type=_POSITIVE, default=task["max_new_tokens"])
+    t.add_argument("--seed", type=_int_at_least(0, 2**32 - 1), default=loop["seed"])
     t.add_argument("--name", default="default", help="adapter name")
     t.add_argument("--resume", action="store_true", help="continue from output/checkpoint")
     t.add_argument("--skip-bad", action="store_true", help="report and skip bad data rows")
@@ -720,8 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--report-to",
-        choices=["none", "tensorboard", "wandb", "mlflow"],
-        default="none",
+        choices=list(REPORT_TO),
+        default=loop["report_to"],
         help="experiment tracker for loss, lr and dev metrics (files under OUTPUT/tracking)",
     )
     t.set_defaults(func=cmd_train)
