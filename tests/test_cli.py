@@ -822,3 +822,5 @@ def test_train_flag_defaults_are_the_dataclasses_defaults():
     assert args.prefix_hidden == METHODS["prefix"][0]().encoder_hidden_size
     assert args.encoder == METHODS["ptuning"][0]().encoder
     assert args.init == METHODS["prompt"][0]().init
+    for cls, _ in METHODS.values():
+        assert args.num_virtual_tokens == cls().num_virtual_tokens == 10

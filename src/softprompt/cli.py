@@ -668,7 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
         "\\\\ a backslash)",
     )
     t.add_argument("--verbalizer", help='JSON label -> word, e.g. \'{"positive": "great"}\'')
-    t.add_argument("--num-virtual-tokens", type=_POSITIVE, default=10)
+    t.add_argument(
+        "--num-virtual-tokens",
+        type=_POSITIVE,
+        default=_field_defaults(AdapterConfig)["num_virtual_tokens"],
+    )
     t.add_argument("--init", choices=inits, default=_field_defaults(AdapterConfig)["init"])
     t.add_argument("--init-text", help="text for --init text")
     t.add_argument("--layers", help="deep/prefix: 'all', 'top_half' or indices like '6,7,8'")

@@ -55,7 +55,7 @@ class AdapterConfig:
     lr_relative_to_embeddings: ClassVar[bool] = False  # ... times the embedding table's RMS
     cli_fields: ClassVar[dict[str, str]] = {}  # `softprompt train` flag (dest) -> config field
 
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = 10  # the CLI's default too (Li & Liang's table-to-text length)
     init: str = "vocab"
     init_text: str | list[str] | None = None
     init_token_ids: list[int] | None = None
