@@ -632,6 +632,38 @@ def _field_defaults(cls) -> dict:
     }
 
 
+def _attribute_docs(*classes) -> dict[str, str]:
+    """Field name -> its entry in the classes' Google-style "Attributes:" docstring sections
+    (continuation lines joined; the first class that documents a name wins), for ``--help``."""
+    docs: dict[str, str] = {}
+    for cls in classes:
+        mine: dict[str, str] = {}
+        name = None
+        for line in (cls.__doc__ or "").partition("Attributes:")[2].splitlines():
+            m = re.match(r"^ {8}(\w+): (.*)$", line)
+            if m:
+                name = m.group(1)
+                mine[name] = m.group(2).strip()
+            elif name and line.startswith(" " * 12):
+                mine[name] += " " + line.strip()
+            else:
+                name = None
+        for key, text in mine.items():
+            docs.setdefault(key, text)
+    return docs
+
+
+def _document(parser: argparse.ArgumentParser, docs: dict[str, str]) -> None:
+    """Give every flag without its own help the line its dataclass field documents."""
+    for action in parser._actions:  # noqa: SLF001
+        if action.help is None and action.dest in docs:
+            action.help = docs[action.dest] + (
+                ""
+                if action.default is None or action.default is False
+                else " (default: %(default)s)"
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
@@ -702,25 +734,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--group-by-length",
         action="store_true",
-        help="batch rows of similar length together (less padding, faster steps)",
     )
     t.add_argument(
         "--lower-layer-cache-mb",
         type=_int_at_least(0),
         default=loop["lower_layer_cache_mb"],
-        help="adapters on upper layers only (--layers): memory for caching the frozen blocks "
-        "below them after the first epoch (0: off)",
     )
     t.add_argument("--warmup-ratio", type=_finite(0, True, 1), default=loop["warmup_ratio"])
     t.add_argument("--eval-every", type=_POSITIVE, default=loop["eval_every"])
-    t.add_argument(
-        "--save-every", type=_POSITIVE, help="checkpoint every N steps (default: --eval-every)"
-    )
+    t.add_argument("--save-every", type=_POSITIVE)
     t.add_argument(
         "--patience",
         type=_POSITIVE,
         default=loop["patience"],
-        help="evaluations without improvement before stopping",
     )
     t.add_argument(
         "--eval-limit", type=_POSITIVE, help="use only the first N dev rows for selection"
@@ -738,21 +764,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--log-rows",
         action="store_true",
-        help="each process writes the training rows it ran to OUTPUT/rows.rank<R>.jsonl",
     )
     t.add_argument(
         "--fsdp",
         action="store_true",
-        help="shard the frozen base's decoder blocks across the processes (FSDP2); implied by "
-        "`accelerate launch --use_fsdp`",
     )
     t.add_argument(
         "--report-to",
         choices=list(REPORT_TO),
         default=loop["report_to"],
-        help="experiment tracker for loss, lr and dev metrics (files under OUTPUT/tracking)",
     )
     t.set_defaults(func=cmd_train)
+    methods_docs = (cls for cls, _ in METHODS.values())
+    _document(t, _attribute_docs(TrainArgs, TaskSpec, AdapterConfig, *methods_docs))
 
     d = sub.add_parser(
         "demo", help="the embedded default: prefix on Rotten Tomatoes with SmolLM2 (offline)"

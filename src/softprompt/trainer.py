@@ -73,7 +73,36 @@ def default_lr(base_model: torch.nn.Module, method: str) -> float:
 
 @dataclass
 class TrainArgs:
-    """Training-loop settings (the CLI's flags)."""
+    """Training-loop settings (the CLI's flags; ``softprompt train --help`` reads these lines).
+
+    Attributes:
+        output_dir: the run folder (adapter/, checkpoint/, metrics.jsonl, ...).
+        epochs: passes over the training rows (ignored with max_steps).
+        max_steps: optimizer steps to run (default: from epochs).
+        lr: AdamW learning rate (default: the method's own, see --lr).
+        batch_size: training rows per step (per micro-batch with grad_accum).
+        grad_accum: micro-batches per optimizer step.
+        warmup_ratio: share of the steps with a linear warm-up, then linear decay.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping norm (0: off).
+        eval_every: steps between dev evaluations (and best-adapter selection).
+        save_every: steps between checkpoints (default: eval_every).
+        patience: dev evaluations without improvement before stopping early.
+        seed: data order and initialisation seed.
+        resume: continue from output_dir/checkpoint.
+        log_every: steps between metrics.jsonl records.
+        eval_batch_size: rows per evaluation batch.
+        eval_limit: use only the first N dev rows for selection.
+        progress: show a progress bar.
+        group_by_length: batch rows of similar length together (less padding, faster steps).
+        lower_layer_cache_mb: adapters on upper layers only (--layers): memory for caching
+            the frozen blocks below them after the first epoch (0: off).
+        log_rows: each process writes the training rows it ran to OUTPUT/rows.rank<R>.jsonl.
+        fsdp: shard the frozen base's decoder blocks across the processes (FSDP2); implied
+            by `accelerate launch --use_fsdp`.
+        report_to: experiment tracker for loss, lr and dev metrics (files under
+            OUTPUT/tracking).
+    """
 
     output_dir: str
     epochs: float = 3.0
