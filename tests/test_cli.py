@@ -824,3 +824,9 @@ def test_train_flag_defaults_are_the_dataclasses_defaults():
     assert args.init == METHODS["prompt"][0]().init
     for cls, _ in METHODS.values():
         assert args.num_virtual_tokens == cls().num_virtual_tokens == 10
+    # and the help text is the field's docstring entry, not a second copy
+    train = build_parser()._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
+    helps = {a.dest: a.help for a in train._actions}  # noqa: SLF001
+    assert helps["patience"].startswith("dev evaluations without improvement")
+    assert "TrainArgs" not in helps["patience"] and "(default: 5)" in helps["patience"]
+    assert helps["num_virtual_tokens"].startswith("number of virtual tokens")
