@@ -164,24 +164,8 @@ class AdapterBank:
 def load_into(
     model, directory: str | Path, name: str | None = None, *, trainable: bool | None = None
 ):
-    """Load an adapter directory onto an attached ``SoftPromptModel`` (``softprompt.load_adapter``
-    attaches a plain transformers model first).
-
-    The directory may also be a PEFT prompt-learning folder (``softprompt.peft_compat``): it
-    loads with the logits ``PeftModel.from_pretrained`` gives.
-
-    Args:
-        model: a ``SoftPromptModel``.
-        name: name to give it (default: the name it was saved under).
-        trainable: restore the trainable form (needs ``trainable.safetensors``). Default: when
-            present.
-
-    Returns:
-        The ``SoftPromptModel``, with the loaded adapter active.
-
-    Raises:
-        SoftPromptError: missing or corrupt files, or an adapter made for another base model.
-    """
+    """``softprompt.load_adapter`` (its arguments, result and errors) for a ``model`` that is
+    already a ``SoftPromptModel``; softprompt's own, run and PEFT folders alike."""
     directory = resolve_adapter_dir(directory)
     meta = read_adapter_config(directory)
     path = directory / CONFIG_NAME
