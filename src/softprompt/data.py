@@ -38,6 +38,7 @@ from typing import Any
 
 from . import _json, assets
 from .errors import SoftPromptError
+from .templates import is_text
 
 __all__ = [
     "TASKS",
@@ -97,15 +98,6 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _is_text(value: str) -> bool:
-    """False for strings with lone surrogates (JSON "\\ud800"): no tokenizer takes them."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _check_row(row: Any, task: str, required: Sequence[str]) -> dict[str, Any]:
     """Validate one row and return its fields (label normalised to str); raises ``_BadRow``."""
     if not isinstance(row, dict):
@@ -142,7 +134,7 @@ def _check_row(row: Any, task: str, required: Sequence[str]) -> dict[str, Any]:
             )
         if isinstance(value, str) and not value.strip():
             raise _BadRow(f"field {name!r} is empty; fill it in, {_SKIP_HINT}")
-        if isinstance(value, str) and not _is_text(value):
+        if isinstance(value, str) and not is_text(value):
             raise _BadRow(
                 f"field {name!r} holds a lone surrogate (such as \\ud800), which is not text; "
                 f"fix the row, {_SKIP_HINT}"

@@ -205,7 +205,7 @@ class Template:
             raise TemplateError(
                 f"template {text!r} is empty; write e.g. 'Text: {{text}}\\nLabel: {{label}}'"
             )
-        if not _is_text(text):
+        if not is_text(text):
             raise TemplateError(
                 f"template {text!r} holds a lone surrogate (such as \\ud800), which is not text"
             )
@@ -284,7 +284,7 @@ class Template:
                     f"of those fields in the template, or add {name!r} to the data"
                 )
             values[name] = str(row[name])
-            if not _is_text(values[name]):
+            if not is_text(values[name]):
                 raise TemplateError(
                     f"field {name!r} holds a lone surrogate (such as \\ud800), which is not text"
                 )
@@ -389,8 +389,8 @@ class Template:
         return ids
 
 
-def _is_text(value: str) -> bool:
-    """False for strings with lone surrogates, which no tokenizer takes."""
+def is_text(value: str) -> bool:
+    """False for strings with lone surrogates (JSON "\\ud800"), which no tokenizer takes."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
