@@ -74,16 +74,20 @@ _POSITIVE = _int_at_least(1)
 # --------------------------------------------------------------------------------------------
 
 
-def _adapter_config(args, template):
+def _adapter_config(args, template, chat: bool = False):
     """The method's config from the flags: the common ones, plus each flag the config class
-    names in ``cli_fields`` (no method names here: a registered method brings its own)."""
+    names in ``cli_fields`` (no method names here: a registered method brings its own).
+    ``chat``: a chat-form task; an input-level method's virtual tokens go where the task's
+    placement puts their markers."""
     from .methods.base import METHODS
 
     cls = METHODS[args.method][0]
     fields = {f.name for f in dataclasses.fields(cls)}
     n = args.num_virtual_tokens
     extra = {}
-    if template.num_soft:
+    if chat and cls.level == "input" and "placement" in fields:
+        extra["placement"] = "template"
+    elif template.num_soft:
         if "placement" not in fields:
             raise SoftPromptError(
                 f"--template has soft segments ([soft:N]) but --method {args.method} puts its "
@@ -171,7 +175,7 @@ _ADAPTER_HELP = (
 
 
 def _main_field(task_kind: str) -> str:
-    return "text" if task_kind == "classify" else "input"
+    return {"classify": "text", "generate": "input", "chat": "messages"}[task_kind]
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ def train_run(args):
     from .data import check_eval_labels, label_set
     from .loading import load_base, model_kind
     from .methods.base import METHODS
-    from .tasks import Task, TaskSpec, headline
+    from .tasks import CHAT_TEMPLATE, Task, TaskSpec, headline
     from .templates import Template, default_template
     from .trainer import Trainer, make_accelerator
 
@@ -223,16 +227,29 @@ def train_run(args):
 
     kind = model_kind(args.model)
     encoder_only = kind == "encoder"
-    text = (
-        _unescape(args.template)
-        if args.template
-        else default_template(
+    if args.chat and args.task != "classify":
+        raise SoftPromptError(
+            "--chat is for --task classify (a chat task, --task chat, is always in chat form)"
+        )
+    chat = args.task == "chat" or args.chat
+    if args.task == "chat":
+        if args.template:
+            raise SoftPromptError(
+                "--task chat renders rows with the tokenizer's chat template; drop --template "
+                "(put instructions in a system message)"
+            )
+        text = CHAT_TEMPLATE
+    elif args.template:
+        text = _unescape(args.template)
+    elif chat:
+        text = "{text}"
+    else:
+        text = default_template(
             args.task,
             METHODS[args.method][0].level == "input",
             args.num_virtual_tokens,
             encoder=kind != "causal",
         )
-    )
     template = Template.parse(text)
     train_rows = _load_data(args.train, args.task, args.skip_bad, template)
     labels = label_set(train_rows) if args.task == "classify" else []
@@ -257,8 +274,14 @@ def train_run(args):
         head=encoder_only and args.task == "classify",
         max_length=args.max_length,
         max_new_tokens=args.max_new_tokens,
+        placement=args.placement,
+        loss_turns=args.loss_turns,
+        chat=args.chat,
+        system=_unescape(args.system or ""),
     )
-    config = _adapter_config(args, template)
+    config = _adapter_config(args, template, chat)
+    if chat and getattr(config, "placement", None) == "template":
+        spec.soft_tokens = config.num_virtual_tokens
     adapter = model.add_adapter(args.name, config, tok)
     adapter.task = spec.to_dict()
     if spec.head:
@@ -497,7 +520,14 @@ def cmd_generate(args) -> list[dict]:
     model, tok, task = _load_adapter_and_task(args.model, args.adapter, args.dtype)
     field = _main_field(task.spec.kind)
     if args.data:
-        rows = load_examples(args.data, task.spec.kind, skip_bad=args.skip_bad, warn=_warn)
+        rows = load_examples(
+            args.data, task.spec.kind, skip_bad=args.skip_bad, warn=_warn, chat_prompts=True
+        )
+    elif args.text and task.spec.kind == "chat":
+        rows = [
+            Example({"messages": [{"role": "user", "content": t}]}, "argv", i + 1)
+            for i, t in enumerate(args.text)
+        ]
     elif args.text:
         rows = [
             Example({field: t, "label": "", "target": ""}, "argv", i + 1)
@@ -505,13 +535,16 @@ def cmd_generate(args) -> list[dict]:
         ]
     else:
         raise SoftPromptError("give TEXT arguments or --data FILE")
-    if task.spec.kind == "generate":
+    if task.spec.kind in ("generate", "chat"):
         if args.max_new_tokens is not None:
             task.spec.max_new_tokens = args.max_new_tokens
     preds = task.predict(rows, args.batch_size)
     for p in preds:
         if task.spec.kind == "classify":
             print(json.dumps({"text": p[field], "label": p["prediction"], "scores": p["scores"]}))
+        elif task.spec.kind == "chat":
+            msgs = task.chat_messages(p)
+            print(json.dumps({"messages": msgs, "output": p["prediction"]}, ensure_ascii=False))
         else:
             print(json.dumps({"input": p[field], "output": p["prediction"]}, ensure_ascii=False))
     return preds
@@ -673,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS  # every registered method, the four built in and any plugin
     from .methods.base import AdapterConfig
     from .server import add_serve_parser
+    from .chat import CHAT_PLACEMENTS, LOSS_TURNS
     from .tasks import TaskSpec
     from .trainer import REPORT_TO, TrainArgs
 
@@ -693,7 +727,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--test", help="test data: zero-shot before and tuned metrics after training")
     t.add_argument("--output", help="output folder (required)")
-    t.add_argument("--task", choices=["classify", "generate"], default="classify")
+    t.add_argument("--task", choices=["classify", "generate", "chat"], default="classify")
+    t.add_argument(
+        "--placement",
+        choices=list(CHAT_PLACEMENTS),
+        default=task["placement"],
+        help="chat forms (--task chat, --chat): where input-level virtual tokens go in the "
+        "rendered conversation: 'start' (before it), 'user' (start of the first user message), "
+        "'answer' (after the generation prompt); prefix methods ignore it (default: %(default)s)",
+    )
+    t.add_argument(
+        "--loss-turns",
+        choices=list(LOSS_TURNS),
+        default=task["loss_turns"],
+        help="--task chat: supervise 'all' assistant turns or the 'last' one "
+        "(default: %(default)s)",
+    )
+    t.add_argument(
+        "--chat",
+        action="store_true",
+        help="--task classify in chat form: the text is the user message of the tokenizer's "
+        "chat template and the labels are scored as the assistant's answer",
+    )
+    t.add_argument("--system", help="--chat: a system message before each text (\\n: newline)")
     t.add_argument(
         "--template",
         help='e.g. "[soft:10] Review: {text}\\nSentiment: {label}" (\\n is a newline, \\t a tab, '

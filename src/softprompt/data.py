@@ -21,6 +21,10 @@ Tasks and the fields each row needs (non-empty after stripping whitespace):
 * ``"classify"``: ``text`` (a string) and ``label`` (a string, or an integer turned into its
   decimal string);
 * ``"generate"``: ``input`` and ``target`` (strings);
+* ``"chat"``: ``messages``, a non-empty list of ``{"role": "system" | "user" | "assistant",
+  "content": "..."}`` objects (the OpenAI / TRL conversational form) ending with an assistant
+  message that answers a user message (the target; with ``chat_prompts`` a row may end with the
+  user message instead); an error names the message, e.g. ``field 'messages[2].role'``;
 * plus ``required_fields`` (fields a template uses): present, scalar and non-empty.
 """
 
@@ -50,8 +54,14 @@ __all__ = [
     "parse_source",
 ]
 
-TASKS: dict[str, tuple[str, str]] = {"classify": ("text", "label"), "generate": ("input", "target")}
-"""The two fields every row of a task needs."""
+TASKS: dict[str, tuple[str, ...]] = {
+    "classify": ("text", "label"),
+    "generate": ("input", "target"),
+    "chat": ("messages",),
+}
+"""The fields every row of a task needs."""
+
+_ROLES = ("system", "user", "assistant")
 
 _SKIP_HINT = "or pass --skip-bad to skip bad rows"
 _EMBEDDED = ("rotten-tomatoes", "aclsum")
@@ -98,7 +108,73 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _check_row(row: Any, task: str, required: Sequence[str]) -> dict[str, Any]:
+def _check_messages(row: dict[str, Any], chat_prompts: bool) -> None:
+    """A chat row's ``messages`` (module docstring); raises ``_BadRow`` naming the message."""
+    if "messages" not in row:
+        have = ", ".join(repr(k) for k in row) or "none"
+        raise _BadRow(
+            f"field 'messages' is missing (row has: {have}); write each row as "
+            f'{{"messages": [{{"role": "user", "content": ...}}, {{"role": "assistant", '
+            f'"content": ...}}]}}, {_SKIP_HINT}'
+        )
+    msgs = row["messages"]
+    if not isinstance(msgs, list):
+        raise _BadRow(
+            f"field 'messages' is {_describe(msgs)}, expected a list of "
+            f'{{"role", "content"}} objects; fix the row, {_SKIP_HINT}'
+        )
+    if not msgs:
+        raise _BadRow(f"field 'messages' is empty; give at least a user message, {_SKIP_HINT}")
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _BadRow(
+                f"field {where!r} is {_describe(m)}, expected an object "
+                f'{{"role": ..., "content": ...}}; fix the row, {_SKIP_HINT}'
+            )
+        for key in ("role", "content"):
+            if key not in m:
+                raise _BadRow(
+                    f"field '{where}.{key}' is missing; give every message a role and a "
+                    f"content, {_SKIP_HINT}"
+                )
+            if not isinstance(m[key], str):
+                raise _BadRow(
+                    f"field '{where}.{key}' is {_describe(m[key])}, expected a string; fix the "
+                    f"row, {_SKIP_HINT}"
+                )
+        if m["role"] not in _ROLES:
+            raise _BadRow(
+                f"field '{where}.role' is {m['role']!r:.40}, not one of {', '.join(_ROLES)}; "
+                f"fix the role, {_SKIP_HINT}"
+            )
+        if not m["content"].strip():
+            raise _BadRow(f"field '{where}.content' is empty; fill it in, {_SKIP_HINT}")
+        if not is_text(m["content"]):
+            raise _BadRow(
+                f"field '{where}.content' holds a lone surrogate (such as \\ud800), which is "
+                f"not text; fix the row, {_SKIP_HINT}"
+            )
+    last = msgs[-1]["role"]
+    ends = ("assistant", "user") if chat_prompts else ("assistant",)
+    if last not in ends:
+        what = "an assistant message (the answer to learn and score)"
+        if chat_prompts:
+            what = "a user message (to answer) or an assistant message"
+        raise _BadRow(
+            f"field 'messages[{len(msgs) - 1}].role' is {last!r}, but a conversation ends with "
+            f"{what}; fix the row, {_SKIP_HINT}"
+        )
+    if last == "assistant" and (len(msgs) < 2 or msgs[-2]["role"] != "user"):
+        raise _BadRow(
+            f"field 'messages[{len(msgs) - 1}]': the last assistant message must answer a user "
+            f"message right before it; fix the row, {_SKIP_HINT}"
+        )
+
+
+def _check_row(
+    row: Any, task: str, required: Sequence[str], chat_prompts: bool = False
+) -> dict[str, Any]:
     """Validate one row and return its fields (label normalised to str); raises ``_BadRow``."""
     if not isinstance(row, dict):
         example = ", ".join(f'"{f}": ...' for f in TASKS[task])
@@ -106,6 +182,9 @@ def _check_row(row: Any, task: str, required: Sequence[str]) -> dict[str, Any]:
             f"row is {_describe(row)}, not an object; write each row as {{{example}}}, {_SKIP_HINT}"
         )
     row = dict(row)
+    if task == "chat":
+        _check_messages(row, chat_prompts)
+        return row
     main, answer = TASKS[task]
     for name in (main, answer, *required):
         if name not in row:
@@ -394,20 +473,23 @@ def load_examples(
     skip_bad: bool = False,
     required_fields: Iterable[str] = (),
     warn: Callable[[str], None] | None = None,
+    chat_prompts: bool = False,
 ) -> list[Example]:
     """Read and validate the rows of one data source.
 
     Args:
         path: a ``.jsonl``/``.json``/``.csv``/``.tsv`` file, a ``datasets`` folder, or an
             embedded data set ``"rotten-tomatoes[:split]"`` / ``"aclsum[:split]"``.
-        task: ``"classify"`` (rows need ``text`` and ``label``) or ``"generate"`` (``input`` and
-            ``target``).
+        task: ``"classify"`` (rows need ``text`` and ``label``), ``"generate"`` (``input`` and
+            ``target``) or ``"chat"`` (``messages``).
         split: the split of a ``datasets`` DatasetDict or embedded data set (default ``train``).
             Not accepted for a plain file, which is a single split.
         skip_bad: skip bad rows instead of raising on the first one.
         required_fields: further fields every row needs (the ``{field}`` names of a template).
         warn: with ``skip_bad``, called once per skipped row (the message the error would have
             had) and once with a summary; defaults to ``warnings.warn``.
+        chat_prompts: chat: also accept conversations that end with a user message (prompts
+            to answer, as ``softprompt generate`` reads them).
 
     Returns:
         The good rows in file order.
@@ -417,7 +499,7 @@ def load_examples(
             good row left (with ``skip_bad``).
     """
     if task not in TASKS:
-        raise SoftPromptError(f"unknown task {task!r}; expected 'classify' or 'generate'")
+        raise SoftPromptError(f"unknown task {task!r}; expected one of {list(TASKS)}")
     warn = warn or _default_warn
     required = [f for f in dict.fromkeys(required_fields) if f not in TASKS[task]]
 
@@ -472,7 +554,7 @@ def load_examples(
         try:
             if isinstance(row, _BadRow):
                 raise row
-            examples.append(Example(_check_row(row, task, required), name, line))
+            examples.append(Example(_check_row(row, task, required, chat_prompts), name, line))
         except _BadRow as err:
             message = f"{name}:{line}: {err}"
             if not skip_bad:
@@ -481,6 +563,8 @@ def load_examples(
             warn(message)
     if total == 0:
         example = json.dumps(dict.fromkeys(TASKS[task], "..."))
+        if task == "chat":
+            example = '{"messages": [{"role": "user", "content": ...}, ...]}'
         raise DataError(f"{name}: no rows; the source is empty, add rows like {example}")
     if bad:
         warn(f"skipped {bad} of {total} rows in {name}")

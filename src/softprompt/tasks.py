@@ -7,6 +7,17 @@
   state, trained with the prompt (P-tuning v2).
 * ``generate``: next-token loss on the target only; prediction by greedy decoding. Decoder-only
   LMs read prompt + target; encoder-decoders read the prompt and decode the target.
+* ``chat``: rows ``{"messages": [...]}`` rendered by the tokenizer's chat template
+  (:mod:`softprompt.chat`); the loss covers the assistant turns' content and end-of-turn tokens
+  (all of them, or the last one: ``loss_turns``); prediction generates the last assistant turn,
+  stopping at the end-of-turn token; metrics compare it with the row's last assistant message.
+* ``classify`` with ``chat=True``: the row's text (through the template, without ``{label}``)
+  is the user message, after an optional ``system`` message; the labels are scored as the
+  assistant's answer right after the generation prompt (``<|im_start|>assistant\n``).
+
+With ``soft_tokens`` > 0 (an input-level method: the adapter's placement is ``"template"``),
+the chat forms insert the virtual-token markers where ``placement`` says: ``"start"``,
+``"user"`` or ``"answer"`` (see :mod:`softprompt.chat`).
 
 A task is saved in the adapter's ``adapter_config.json`` (``"task"``), so an adapter file alone
 says how to use it (the CLI's eval/generate and the server read it from there).
@@ -21,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ._hf import check_virtual_tokens
+from .chat import CHAT_PLACEMENTS, LOSS_TURNS, ChatFormat
 from .data import Example
 from .errors import SoftPromptError
 from .lm import answer_logprobs, lm_loss, pad_left
@@ -28,7 +40,10 @@ from .metrics import classification_metrics, generation_metrics
 from .model import SoftPromptModel
 from .templates import Template
 
-TASKS = ("classify", "generate")
+TASKS = ("classify", "generate", "chat")
+CHAT_TEMPLATE = "{messages}"
+"""The nominal template of a chat task (the tokenizer's chat template renders the rows)."""
+DEFAULT_CHAT_PLACEMENT = "user"
 
 
 @dataclass
@@ -43,6 +58,14 @@ class TaskSpec:
         head: classify on an encoder: True when a linear head reads the first token.
         max_length: prompt tokens kept (the main field is truncated to fit).
         max_new_tokens: generate: tokens to decode.
+        placement: chat forms: where input-level virtual tokens go in the rendered
+            conversation: "start", "user" or "answer".
+        loss_turns: chat: "all" assistant turns are supervised, or the "last" one only.
+        soft_tokens: chat forms: virtual tokens inserted at ``placement`` (0: the method's
+            prompt is inside attention, or none).
+        chat: classify: render the text as a user message with the chat template and score
+            the labels as the assistant's answer.
+        system: classify with ``chat``: a system message before the user message ("": none).
     """
 
     kind: str
@@ -52,6 +75,11 @@ class TaskSpec:
     head: bool = False
     max_length: int = 256
     max_new_tokens: int = 64
+    placement: str = DEFAULT_CHAT_PLACEMENT
+    loss_turns: str = "all"
+    soft_tokens: int = 0
+    chat: bool = False
+    system: str = ""
 
     def __post_init__(self) -> None:
         def fail(name: str, what: str) -> None:
@@ -75,6 +103,25 @@ class TaskSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "an integer >= 1")
+        if self.placement not in CHAT_PLACEMENTS:
+            fail("placement", f"one of {list(CHAT_PLACEMENTS)}")
+        if self.loss_turns not in LOSS_TURNS:
+            fail("loss_turns", f"one of {list(LOSS_TURNS)}")
+        value = self.soft_tokens
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            fail("soft_tokens", "an integer >= 0")
+        if not isinstance(self.chat, bool):
+            fail("chat", "true or false")
+        if not isinstance(self.system, str):
+            fail("system", "a string")
+        if self.chat and self.kind != "classify":
+            fail("chat", "false unless kind is 'classify' (a chat task is kind 'chat')")
+
+    @property
+    def is_chat(self) -> bool:
+        """True when the chat template renders the prompts (kind "chat", or classify in chat
+        form)."""
+        return self.kind == "chat" or self.chat
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +152,19 @@ class Task:
         self.template = Template.parse(spec.template)
         # a template's [soft:N] segments must fit the model before any row is encoded
         check_virtual_tokens(model.base_model, self.template.num_soft, "the template's [soft:N]")
-        main = "text" if spec.kind == "classify" else "input"
+        main = {"classify": "text", "generate": "input", "chat": "messages"}[spec.kind]
+        self.chat = ChatFormat.of(tokenizer) if spec.is_chat else None
+        if spec.is_chat:
+            if self.template.num_soft:
+                raise SoftPromptError(
+                    f"template {spec.template!r} has [soft:N] segments, but in chat form the "
+                    "virtual tokens go where --placement says; drop the [soft:N]"
+                )
+            if model.info.is_encoder_decoder or not model.info.is_causal_lm:
+                raise SoftPromptError(
+                    "chat tasks need a decoder-only language model with a chat template"
+                )
+            check_virtual_tokens(model.base_model, spec.soft_tokens, "the chat placement's")
         if main not in self.template.fields:
             raise SoftPromptError(
                 f"template {spec.template!r} has no {{{main}}}: the model would never see the "
@@ -127,7 +186,10 @@ class Task:
             if not spec.head:
                 words = [spec.verbalizer.get(lab, lab) for lab in spec.labels]
                 self.answers = [
-                    self.template.answer_ids(w, tokenizer, add_eos=False) for w in words
+                    list(tokenizer.encode(w.strip(), add_special_tokens=False))
+                    if spec.chat
+                    else self.template.answer_ids(w, tokenizer, add_eos=False)
+                    for w in words
                 ]
                 dupes = {tuple(a) for a in self.answers}
                 if len(dupes) != len(self.answers):
@@ -140,12 +202,61 @@ class Task:
             )
 
     # ------------------------------------------------------------------ encoding
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end generation: the chat template's end-of-turn token (and EOS when
+        it differs) for the chat forms, else the tokenizer's EOS (if any)."""
+        if self.chat is not None:
+            return self.chat.stop_ids
+        eos = getattr(self.tok, "eos_token_id", None)
+        return [] if eos is None else [int(eos)]
+
+    def chat_messages(self, row: dict) -> list[dict]:
+        """The conversation a chat-form row asks to answer: its ``messages`` without a final
+        assistant turn (the gold answer), or, for classify, the template's text as the user
+        message after the spec's system message."""
+        msgs = row.get("messages")
+        if msgs is None and self.spec.kind == "classify":
+            values = self.template._values(row)
+            text = "".join(s for s in self.template._segments(values) if isinstance(s, str))
+            msgs = [{"role": "user", "content": text}]
+            if self.spec.system:
+                msgs.insert(0, {"role": "system", "content": self.spec.system})
+        if not isinstance(msgs, list) or not msgs:
+            raise SoftPromptError("a chat row needs a non-empty list of messages")
+        if isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+        return list(msgs)
+
     def prompt_ids(self, row: dict) -> list[int]:
+        """Prompt ids of a row. Chat forms: ``row["messages"]`` (ending with a user turn; a
+        final assistant turn is dropped) rendered with the generation prompt, the virtual-token
+        markers inserted at the spec's placement."""
+        if self.chat is not None:
+            return self._chat_encode(self.chat_messages(row), "last")[0]
         return self.template.encode(row, self.tok, max_length=self.spec.max_length)
+
+    def _chat_encode(self, msgs: list[dict], loss_turns: str) -> tuple[list[int], list[int]]:
+        return self.chat.encode(
+            msgs,
+            soft_tokens=self.spec.soft_tokens,
+            placement=self.spec.placement,
+            loss_turns=loss_turns,
+            max_length=self.spec.max_length,
+        )
 
     def encode(self, ex: Example) -> dict:
         """One training/eval row: prompt ids and the answer (label index or target ids)."""
         row = ex.fields
+        if self.spec.kind == "chat":
+            msgs = row["messages"]
+            prompt, labels = self._chat_encode(self.chat_messages(row), self.spec.loss_turns)
+            return {
+                "prompt": prompt,
+                "prompt_labels": labels,
+                "target": self.chat.answer_ids(msgs[-1]["content"]),
+                "source": f"{ex.source}:{ex.line}",
+            }
         item = {"prompt": self.prompt_ids(row), "source": f"{ex.source}:{ex.line}"}
         if self.spec.kind == "classify":
             item["label"] = self.spec.labels.index(str(row["label"]))
@@ -173,7 +284,7 @@ class Task:
                 labels[i, : len(b["target"])] = torch.tensor(b["target"])
             return model(input_ids=ids, attention_mask=mask, labels=labels.to(model.device)).loss
         seqs = [b["prompt"] + b["target"] for b in batch]
-        labs = [[-100] * len(b["prompt"]) + b["target"] for b in batch]
+        labs = [b.get("prompt_labels", [-100] * len(b["prompt"])) + b["target"] for b in batch]
         ids, mask = pad_left(seqs, self.pad_id, model.device)
         labels, _ = pad_left(labs, -100, model.device)
         return lm_loss(model, ids, mask, labels)
@@ -206,6 +317,8 @@ class Task:
             raise SoftPromptError(f"--batch-size must be >= 1, got {batch_size!r}")
         out: list[dict] = []
         items = [self.prompt_ids(ex.fields) for ex in examples]
+        if self.model.active is None:  # the bare model (zero-shot): no virtual tokens
+            items = [[t for t in ids if t >= 0] for ids in items]
         order = sorted(range(len(items)), key=lambda i: len(items[i]))  # length buckets
         results: dict[int, dict] = {}
         for start in range(0, len(order), batch_size):
@@ -239,8 +352,8 @@ class Task:
         kwargs = dict(
             max_new_tokens=self.spec.max_new_tokens, do_sample=False, pad_token_id=self.pad_id
         )
-        if self.tok.eos_token_id is not None:
-            kwargs["eos_token_id"] = self.tok.eos_token_id
+        if self.stop_ids:
+            kwargs["eos_token_id"] = self.stop_ids if self.chat is not None else self.stop_ids[0]
         kwargs.update(gen)
         seqs = model.generate(
             input_ids=ids, attention_mask=mask, adapter_names=adapter_names, **kwargs
@@ -254,7 +367,10 @@ class Task:
             return classification_metrics(
                 gold, [p["prediction"] for p in predictions], self.spec.labels
             )
-        refs = [str(ex.fields["target"]) for ex in examples]
+        if self.spec.kind == "chat":
+            refs = [str(ex.fields["messages"][-1]["content"]).strip() for ex in examples]
+        else:
+            refs = [str(ex.fields["target"]) for ex in examples]
         return generation_metrics([p["prediction"] for p in predictions], refs)
 
 
