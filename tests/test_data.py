@@ -299,7 +299,8 @@ def test_embedded_split_conflict_and_unknown_split():
 
 def test_unknown_task(tmp_path):
     with pytest.raises(
-        SoftPromptError, match="^unknown task 'summarise'; expected 'classify' or 'generate'$"
+        SoftPromptError,
+        match=r"^unknown task 'summarise'; expected one of \['classify', 'generate', 'chat'\]$",
     ):
         load_examples(tmp_path / "x.jsonl", "summarise")
 
@@ -569,3 +570,77 @@ def test_tsv_with_an_unbalanced_quote_does_not_merge_rows(tmp_path):
     # a quoted value with a tab in it, on one line, is fine
     ok = write(tmp_path / "ok.tsv", 'text\tlabel\n"a\tb"\tpositive\n')
     assert load_examples(ok, "classify")[0].fields["text"] == "a\tb"
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat rows
+# ------------------------------------------------------------------------------------------------
+
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+}
+
+
+def test_chat_rows_are_read_as_they_are(tmp_path):
+    path = write(tmp_path / "c.jsonl", jsonl(CHAT, CHAT))
+    rows = load_examples(path, "chat")
+    assert [r.line for r in rows] == [1, 2] and rows[0].fields == CHAT
+    prompt = {"messages": CHAT["messages"][:2]}
+    path = write(tmp_path / "p.jsonl", jsonl(prompt))
+    assert load_examples(path, "chat", chat_prompts=True)[0].fields == prompt
+
+
+def _msgs(*pairs):
+    return {"messages": [dict(p) for p in pairs]}
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"text": "x"}, "field 'messages' is missing (row has: 'text')"),
+        ({"messages": []}, "field 'messages' is empty"),
+        ({"messages": "hi"}, "field 'messages' is a str, expected a list"),
+        ({"messages": ["hi"]}, "field 'messages[0]' is a str, expected an object"),
+        (
+            _msgs({"role": "user", "content": "a"}, {"role": "bot", "content": "b"}),
+            "field 'messages[1].role' is 'bot', not one of system, user, assistant",
+        ),
+        (
+            _msgs({"role": "user", "content": "a"}, {"role": "assistant"}),
+            "field 'messages[1].content' is missing",
+        ),
+        (
+            _msgs({"role": "user", "content": "a"}, {"role": "assistant", "content": " "}),
+            "field 'messages[1].content' is empty",
+        ),
+        (
+            _msgs({"role": "user", "content": "a"}, {"role": "assistant", "content": 3}),
+            "field 'messages[1].content' is a number (3), expected a string",
+        ),
+        (
+            _msgs({"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}),
+            "field 'messages[1].role' is 'user', but a conversation ends with an assistant",
+        ),
+        (
+            _msgs({"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}),
+            "field 'messages[1]': the last assistant message must answer a user message",
+        ),
+    ],
+)
+def test_bad_chat_rows_name_file_line_and_field(tmp_path, row, message):
+    path = write(tmp_path / "c.jsonl", jsonl(CHAT, row))
+    err = raises(path, "chat")
+    assert err.startswith(f"{path}:2: ") and message in err and SKIP in err
+
+
+def test_bad_chat_rows_are_skipped_with_skip_bad(tmp_path):
+    bad = _msgs({"role": "user", "content": "a"}, {"role": "robot", "content": "b"})
+    path = write(tmp_path / "c.jsonl", jsonl(CHAT, bad, CHAT))
+    seen = []
+    rows = load_examples(path, "chat", skip_bad=True, warn=seen.append)
+    assert [r.line for r in rows] == [1, 3]
+    assert seen[0].startswith(f"{path}:2: field 'messages[1].role'") and "skipped 1 of 3" in seen[1]

@@ -217,7 +217,7 @@ class ChatFormat:
         labels: list[int] = []
         after_answer = False
         first_user = next((j for j, p in enumerate(pieces) if p[1] == "user"), None)
-        for j, ((text, kind, i), part) in enumerate(zip(pieces, ids_of, strict=True)):
+        for j, ((text, kind, _i), part) in enumerate(zip(pieces, ids_of, strict=True)):
             if soft and placement == "user" and j == first_user:
                 ids += soft
                 labels += [_IGNORE] * len(soft)

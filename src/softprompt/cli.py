@@ -702,11 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
     parser.add_argument("--config", help="YAML file of flags (saved flags); command-line flags win")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .chat import CHAT_PLACEMENTS, LOSS_TURNS
     from .export import add_export_parser
     from .methods import METHODS  # every registered method, the four built in and any plugin
     from .methods.base import AdapterConfig
     from .server import add_serve_parser
-    from .chat import CHAT_PLACEMENTS, LOSS_TURNS
     from .tasks import TaskSpec
     from .trainer import REPORT_TO, TrainArgs
 

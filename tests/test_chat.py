@@ -1,0 +1,229 @@
+"""Chat rendering on the real SmolLM2 tokenizer (ChatML): ids, assistant-only labels,
+virtual-token placement; a chat Task on a tiny LM trains and generates to the end of turn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import _tokenizer
+
+import softprompt as sp
+from softprompt.chat import ChatFormat, ChatTemplateError
+from softprompt.data import Example
+from softprompt.lm import lm_loss, pad_left
+from softprompt.tasks import CHAT_TEMPLATE, Task, TaskSpec
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Review: a joy to watch"},
+    {"role": "assistant", "content": "positive"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return _tokenizer()
+
+
+@pytest.fixture(scope="module")
+def fmt(tok):
+    return ChatFormat.of(tok)
+
+
+def ids_of(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def test_the_end_of_turn_token_is_im_end(tok, fmt):
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert fmt.eot_id == im_end and fmt.stop_ids == [im_end]
+    assert fmt.bos_text == ""  # <|im_start|> opens every turn: not a once-only BOS
+
+
+def test_prompt_ids_are_the_template_rendering_with_the_generation_prompt(tok, fmt):
+    ids, labels = fmt.encode(CONV[:4], loss_turns="last")
+    text = tok.apply_chat_template(CONV[:4], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert ids == ids_of(tok, text)  # piecewise tokenization == tokenizing the whole text
+    assert labels == [-100] * len(ids)
+    # a conversation without a system message gets SmolLM2's default one, as the template says
+    ids, _ = fmt.encode(CONV[1:2])
+    text = tok.apply_chat_template(CONV[1:2], tokenize=False, add_generation_prompt=True)
+    assert "You are a helpful AI assistant named SmolLM" in text and ids == ids_of(tok, text)
+
+
+def test_loss_covers_exactly_the_assistant_content_and_end_of_turn(tok, fmt):
+    ids, labels = fmt.encode(CONV[:4], loss_turns="all")
+    sup = [i for i, lab in enumerate(labels) if lab != -100]
+    assert [ids[i] for i in sup] == [labels[i] for i in sup]
+    assert [ids[i] for i in sup] == ids_of(tok, "Hello!") + [fmt.eot_id]
+    assert tok.decode([ids[i] for i in sup]) == "Hello!<|im_end|>"
+    # the supervised tokens are contiguous and sit right after "<|im_start|>assistant\n"
+    head = ids_of(tok, "<|im_start|>assistant\n")
+    assert sup == list(range(sup[0], sup[0] + len(sup)))
+    assert ids[sup[0] - len(head) : sup[0]] == head
+    # the answer to train on: content + end of turn, nothing of the system/user turns
+    assert fmt.answer_ids("positive") == ids_of(tok, "positive") + [fmt.eot_id]
+
+
+@pytest.mark.parametrize("placement", ["start", "user", "answer"])
+def test_virtual_tokens_go_where_the_placement_says(tok, fmt, placement):
+    plain, plain_labels = fmt.encode(CONV[:4], loss_turns="all")
+    ids, labels = fmt.encode(CONV[:4], soft_tokens=3, placement=placement, loss_turns="all")
+    where = [i for i, t in enumerate(ids) if t < 0]
+    assert [ids[i] for i in where] == [-1, -2, -3] and where == list(range(where[0], where[0] + 3))
+    at = where[0]
+    assert ids[:at] + ids[at + 3 :] == plain  # nothing else moves
+    assert labels[:at] + labels[at + 3 :] == plain_labels and {labels[i] for i in where} == {-100}
+    if placement == "start":
+        assert at == 0
+    elif placement == "user":  # the first user message's content: after "<|im_start|>user\n"
+        header = ids_of(tok, "<|im_start|>user\n")
+        assert ids[at - len(header) : at] == header
+        assert ids[at + 3 : at + 3 + len(ids_of(tok, "Hi there"))] == ids_of(tok, "Hi there")
+    else:  # right before the answer, after the generation prompt
+        header = ids_of(tok, "<|im_start|>assistant\n")
+        assert at == len(ids) - 3 and ids[at - len(header) : at] == header
+
+
+def test_a_long_user_message_is_cut_to_max_length(fmt):
+    long = [{"role": "user", "content": "word " * 300}]
+    ids, _ = fmt.encode(long, soft_tokens=2, max_length=40)
+    assert len(ids) == 40 and ids[-3:] == fmt.encode(long, soft_tokens=2)[0][-3:]
+    with pytest.raises(ChatTemplateError, match="raise --max-length"):
+        fmt.encode(long, max_length=5)
+
+
+def test_a_tokenizer_without_a_chat_template_is_a_clear_error(tok):
+    plain = _tokenizer()
+    plain.chat_template = None
+    with pytest.raises(ChatTemplateError, match="has no chat template"):
+        ChatFormat.of(plain)
+
+
+def test_old_task_specs_load_with_the_new_defaults():
+    old = {"kind": "generate", "template": "{input}", "max_new_tokens": 8}
+    spec = TaskSpec.from_dict(old)
+    assert (spec.placement, spec.loss_turns, spec.soft_tokens, spec.chat) == (
+        "user",
+        "all",
+        0,
+        False,
+    )
+    with pytest.raises(sp.SoftPromptError, match="placement"):
+        TaskSpec.from_dict({"kind": "chat", "template": CHAT_TEMPLATE, "placement": "middle"})
+    with pytest.raises(sp.SoftPromptError, match="chat"):
+        TaskSpec(kind="generate", template="{input}", chat=True)
+
+
+def _chat_model(tok, soft=4):
+    from conftest import BUILDERS
+
+    torch.manual_seed(0)
+    base = BUILDERS["llama"](
+        vocab=len(tok), pad=tok.pad_token_id, bos=tok.bos_token_id, eos=tok.eos_token_id
+    ).eval()
+    model = sp.attach(base, tokenizer=tok)
+    model.add_adapter(
+        "p", sp.PromptTuningConfig(num_virtual_tokens=soft, placement="template"), tok
+    )
+    return model
+
+
+def test_a_chat_task_trains_its_answers_and_stops_at_the_end_of_turn(tok):
+    model = _chat_model(tok)
+    spec = TaskSpec(kind="chat", template=CHAT_TEMPLATE, soft_tokens=4, placement="user")
+    task = Task(spec, model, tok)
+    assert task.stop_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
+    row = Example({"messages": CONV}, "mem", 1)
+    item = task.encode(row)
+    assert item["prompt"] == task.prompt_ids({"messages": CONV[:4]})
+    assert item["target"] == ids_of(tok, "positive") + [task.stop_ids[0]]
+    assert tok.decode([t for t in item["prompt_labels"] if t != -100]) == "Hello!<|im_end|>"
+    last = Task(
+        TaskSpec(kind="chat", template=CHAT_TEMPLATE, soft_tokens=4, loss_turns="last"), model, tok
+    )
+    assert set(last.encode(row)["prompt_labels"]) == {-100}
+    # the loss is the LM loss on exactly the assistant tokens
+    seq = item["prompt"] + item["target"]
+    labels = item["prompt_labels"] + item["target"]
+    ids, mask = pad_left([seq], 0)
+    lab, _ = pad_left([labels], -100)
+    with torch.no_grad():
+        torch.testing.assert_close(task.loss([item]), lm_loss(model, ids, mask, lab))
+    # generation passes the end-of-turn id as the stop token
+    seen = {}
+    real = model.generate
+
+    def spy(**kw):
+        seen.update(kw)
+        return real(**kw)
+
+    model.generate = spy
+    (pred,) = task.predict([row])
+    assert seen["eos_token_id"] == task.stop_ids and isinstance(pred["prediction"], str)
+
+
+def test_classify_in_chat_form_scores_labels_after_the_generation_prompt(tok):
+    model = _chat_model(tok, soft=2)
+    spec = TaskSpec(
+        kind="classify",
+        template="{text}",
+        labels=["negative", "positive"],
+        chat=True,
+        system="Answer positive or negative.",
+        soft_tokens=2,
+        placement="answer",
+    )
+    task = Task(spec, model, tok)
+    ids = task.prompt_ids({"text": "a joy to watch"})
+    msgs = [
+        {"role": "system", "content": "Answer positive or negative."},
+        {"role": "user", "content": "a joy to watch"},
+    ]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ids == ids_of(tok, text) + [-1, -2]
+    assert task.answers == [ids_of(tok, "negative"), ids_of(tok, "positive")]  # no leading space
+    # the score of a label is log P(label tokens | rendered prompt)
+    from softprompt.lm import answer_logprobs
+
+    with torch.no_grad():
+        scores = task.class_scores([ids])
+        ref = answer_logprobs(model, [ids], task.answers, pad_id=tok.pad_token_id)
+    torch.testing.assert_close(scores, ref)
+    assert task.prompt_ids({"messages": msgs}) == ids  # a row may also come as messages
+
+
+@pytest.mark.slow
+def test_prompt_tuning_in_chat_form_lowers_the_answer_loss_on_smollm2():
+    from softprompt.loading import load_base
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        losses = _train_smollm2(load_base)
+    finally:
+        torch.set_num_threads(before)
+    # measured: 6.52, 5.57, 4.89, 4.38, 3.91, 3.52
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _train_smollm2(load_base) -> list[float]:
+    base, tok = load_base("smollm2-135m-instruct")
+    model = sp.attach(base, tokenizer=tok)
+    cfg = sp.PromptTuningConfig(num_virtual_tokens=4, placement="template")
+    model.add_adapter("p", cfg, tok)
+    task = Task(TaskSpec(kind="chat", template=CHAT_TEMPLATE, soft_tokens=4), model, tok)
+    item = task.encode(Example({"messages": CONV}, "mem", 1))
+    opt = torch.optim.Adam(model.parameters_to_train(), lr=0.01)
+    losses = []
+    for _ in range(6):
+        loss = task.loss([item])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
