@@ -830,3 +830,129 @@ def test_train_flag_defaults_are_the_dataclasses_defaults():
     assert helps["patience"].startswith("dev evaluations without improvement")
     assert helps["patience"].endswith("(default: %(default)s)")
     assert helps["num_virtual_tokens"].startswith("number of virtual tokens")
+
+
+# ------------------------------------------------------------------------------ chat
+
+
+def _chat_rows():
+    system = {"role": "system", "content": "Answer yes or no."}
+    return [
+        {
+            "messages": [
+                system,
+                {"role": "user", "content": f"Is {t} good?"},
+                {"role": "assistant", "content": "yes" if t in POS else "no"},
+            ]
+        }
+        for t in POS + NEG
+    ]
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_chat_task_trains_evaluates_and_generates(tmp_path, capsys, tiny_folders, method):
+    data = write_jsonl(tmp_path / "chat.jsonl", _chat_rows())
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        capsys,
+        *train_args(tiny_folders["llama"], tmp_path, out, method),
+        "--task",
+        "chat",
+        "--placement",
+        "answer",
+        "--loss-turns",
+        "last",
+        "--max-new-tokens",
+        3,
+        "--train",
+        data,
+        "--eval",
+        data,
+        "--test",
+        data,
+    )
+    assert code == 0, err
+    assert "zero-shot rougeL" in stdout and "tuned rougeL" in stdout
+    task = json.loads((out / "adapter" / "adapter_config.json").read_text())["task"]
+    assert task["kind"] == "chat" and task["placement"] == "answer"
+    assert task["loss_turns"] == "last" and task["soft_tokens"] == (3 if method == "prompt" else 0)
+    summary = json.loads((out / "summary.json").read_text())
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        "--model",
+        tiny_folders["llama"],
+        "--adapter",
+        out / "adapter",
+        "--data",
+        data,
+    )
+    assert code == 0, err
+    metrics = json.loads(stdout)
+    assert set(metrics) >= {"exact_match", "rougeL"} and metrics["n"] == 8
+    assert metrics["exact_match"] == summary["test"]["exact_match"]
+    assert metrics["rougeL"] == pytest.approx(summary["test"]["rougeL"])
+    preds = [
+        json.loads(x) for x in (out / "adapter" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert [p["messages"] for p in preds] == [r["messages"] for r in _chat_rows()]
+    code, stdout, err = run_cli(
+        capsys, "generate", "--model", tiny_folders["llama"], "--adapter", out / "adapter", "Hi"
+    )
+    (line,) = [json.loads(x) for x in stdout.splitlines()]
+    assert code == 0 and line["messages"] == [{"role": "user", "content": "Hi"}]
+    assert isinstance(line["output"], str)
+
+
+def test_classify_in_chat_form_from_the_cli(tmp_path, capsys, tiny_folders, cls_data):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        capsys,
+        *train_args(
+            tiny_folders["llama"], cls_data, out, "prompt", "--test", cls_data / "dev.jsonl"
+        ),
+        "--chat",
+        "--system",
+        "Answer positive or negative.",
+        "--placement",
+        "start",
+    )
+    assert code == 0, err
+    assert "tuned accuracy" in stdout
+    task = json.loads((out / "adapter" / "adapter_config.json").read_text())["task"]
+    assert task["chat"] is True and task["template"] == "{text}" and task["soft_tokens"] == 3
+    assert task["system"] == "Answer positive or negative." and task["placement"] == "start"
+    code, stdout, err = run_cli(
+        capsys, "generate", "--model", tiny_folders["llama"], "--adapter", out / "adapter", "fun"
+    )
+    (line,) = [json.loads(x) for x in stdout.splitlines()]
+    assert code == 0 and line["label"] in ("negative", "positive")
+    assert abs(sum(line["scores"].values()) - 1) < 1e-4
+
+
+def test_chat_errors_are_one_clear_message(tmp_path, capsys, tiny_folders, cls_data):
+    from transformers import AutoTokenizer
+
+    bad = _chat_rows()[:2] + [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}
+    ]
+    data = write_jsonl(tmp_path / "chat.jsonl", bad)
+    base = train_args(tiny_folders["llama"], cls_data, tmp_path / "o", "prompt")
+    code, _, err = run_cli(capsys, *base, "--task", "chat", "--train", data, "--eval", data)
+    assert code == 2 and f"{data}:3: field 'messages[1].role' is 'bot'" in err
+    code, _, err = run_cli(capsys, *base, "--task", "generate", "--chat")
+    assert code == 2 and "--chat is for --task classify" in err
+    # a model whose tokenizer has no chat template
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in Path(tiny_folders["llama"]).iterdir():
+        if f.name.startswith(("config", "model", "generation")):
+            (plain / f.name).write_bytes(f.read_bytes())
+    tok = AutoTokenizer.from_pretrained(tiny_folders["llama"])
+    tok.chat_template = None
+    tok.save_pretrained(plain)
+    assert AutoTokenizer.from_pretrained(plain).chat_template is None
+    rows = write_jsonl(tmp_path / "ok.jsonl", _chat_rows())
+    args = train_args(plain, cls_data, tmp_path / "o2", "prompt")
+    code, _, err = run_cli(capsys, *args, "--task", "chat", "--train", rows, "--eval", rows)
+    assert code == 2 and "has no chat template" in err and "Traceback" not in err
