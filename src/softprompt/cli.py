@@ -692,7 +692,7 @@ def _document(parser: argparse.ArgumentParser, docs: dict[str, str]) -> None:
         if action.help is None and action.dest in docs:
             action.help = docs[action.dest] + (
                 ""
-                if action.default is None or action.default is False
+                if action.default is None or action.default is False or action.default == ""
                 else " (default: %(default)s)"
             )
 
@@ -728,28 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test", help="test data: zero-shot before and tuned metrics after training")
     t.add_argument("--output", help="output folder (required)")
     t.add_argument("--task", choices=["classify", "generate", "chat"], default="classify")
-    t.add_argument(
-        "--placement",
-        choices=list(CHAT_PLACEMENTS),
-        default=task["placement"],
-        help="chat forms (--task chat, --chat): where input-level virtual tokens go in the "
-        "rendered conversation: 'start' (before it), 'user' (start of the first user message), "
-        "'answer' (after the generation prompt); prefix methods ignore it (default: %(default)s)",
-    )
-    t.add_argument(
-        "--loss-turns",
-        choices=list(LOSS_TURNS),
-        default=task["loss_turns"],
-        help="--task chat: supervise 'all' assistant turns or the 'last' one "
-        "(default: %(default)s)",
-    )
-    t.add_argument(
-        "--chat",
-        action="store_true",
-        help="--task classify in chat form: the text is the user message of the tokenizer's "
-        "chat template and the labels are scored as the assistant's answer",
-    )
-    t.add_argument("--system", help="--chat: a system message before each text (\\n: newline)")
+    t.add_argument("--placement", choices=list(CHAT_PLACEMENTS), default=task["placement"])
+    t.add_argument("--loss-turns", choices=list(LOSS_TURNS), default=task["loss_turns"])
+    t.add_argument("--chat", action="store_true")
+    t.add_argument("--system", default=task["system"])
     t.add_argument(
         "--template",
         help='e.g. "[soft:10] Review: {text}\\nSentiment: {label}" (\\n is a newline, \\t a tab, '

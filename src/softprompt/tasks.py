@@ -58,14 +58,16 @@ class TaskSpec:
         head: classify on an encoder: True when a linear head reads the first token.
         max_length: prompt tokens kept (the main field is truncated to fit).
         max_new_tokens: generate: tokens to decode.
-        placement: chat forms: where input-level virtual tokens go in the rendered
-            conversation: "start", "user" or "answer".
-        loss_turns: chat: "all" assistant turns are supervised, or the "last" one only.
+        placement: --task chat / --chat: where an input-level method's virtual tokens go in
+            the rendered conversation: "start" (before it), "user" (at the start of the first
+            user message) or "answer" (after the generation prompt); prefix methods ignore it.
+        loss_turns: --task chat: supervise "all" assistant turns, or the "last" one only.
         soft_tokens: chat forms: virtual tokens inserted at ``placement`` (0: the method's
             prompt is inside attention, or none).
-        chat: classify: render the text as a user message with the chat template and score
-            the labels as the assistant's answer.
-        system: classify with ``chat``: a system message before the user message ("": none).
+        chat: --task classify in chat form: the text (through the template) is the user
+            message of the tokenizer's chat template, the labels are scored as the
+            assistant's answer.
+        system: with --chat: a system message before each text ("": none; \\n is a newline).
     """
 
     kind: str
