@@ -8,7 +8,9 @@ from conftest import perturb, tiny_model
 from torch.testing import assert_close
 
 import softprompt as sp
-from softprompt.tasks import Task, TaskSpec
+from softprompt.data import Example
+from softprompt.lm import answer_logprobs, lm_loss, pad_left
+from softprompt.tasks import CHAT_TEMPLATE, Task, TaskSpec
 
 
 class _Tok:
@@ -107,3 +109,117 @@ def test_predict_refuses_a_batch_size_below_one():
     )
     with pytest.raises(sp.SoftPromptError, match="--batch-size must be >= 1, got 0"):
         task.predict([], batch_size=0)
+
+
+# ------------------------------------------------------------------------------ chat forms
+
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Review: a joy to watch"},
+    {"role": "assistant", "content": "positive"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from conftest import _tokenizer
+
+    return _tokenizer()
+
+
+def ids_of(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def test_old_task_specs_load_with_the_new_defaults():
+    old = {"kind": "generate", "template": "{input}", "max_new_tokens": 8}
+    spec = TaskSpec.from_dict(old)
+    assert (spec.placement, spec.loss_turns, spec.soft_tokens, spec.chat) == (
+        "user",
+        "all",
+        0,
+        False,
+    )
+    with pytest.raises(sp.SoftPromptError, match="placement"):
+        TaskSpec.from_dict({"kind": "chat", "template": CHAT_TEMPLATE, "placement": "middle"})
+    with pytest.raises(sp.SoftPromptError, match="chat"):
+        TaskSpec(kind="generate", template="{input}", chat=True)
+
+
+def _chat_model(tok, soft=4):
+    from conftest import BUILDERS
+
+    torch.manual_seed(0)
+    base = BUILDERS["llama"](
+        vocab=len(tok), pad=tok.pad_token_id, bos=tok.bos_token_id, eos=tok.eos_token_id
+    ).eval()
+    model = sp.attach(base, tokenizer=tok)
+    model.add_adapter(
+        "p", sp.PromptTuningConfig(num_virtual_tokens=soft, placement="template"), tok
+    )
+    return model
+
+
+def test_a_chat_task_trains_its_answers_and_stops_at_the_end_of_turn(tok):
+    model = _chat_model(tok)
+    spec = TaskSpec(kind="chat", template=CHAT_TEMPLATE, soft_tokens=4, placement="user")
+    task = Task(spec, model, tok)
+    assert task.stop_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
+    row = Example({"messages": CONV}, "mem", 1)
+    item = task.encode(row)
+    assert item["prompt"] == task.prompt_ids({"messages": CONV[:4]})
+    assert item["target"] == ids_of(tok, "positive") + [task.stop_ids[0]]
+    assert tok.decode([t for t in item["prompt_labels"] if t != -100]) == "Hello!<|im_end|>"
+    last = Task(
+        TaskSpec(kind="chat", template=CHAT_TEMPLATE, soft_tokens=4, loss_turns="last"), model, tok
+    )
+    assert set(last.encode(row)["prompt_labels"]) == {-100}
+    # the loss is the LM loss on exactly the assistant tokens
+    seq = item["prompt"] + item["target"]
+    labels = item["prompt_labels"] + item["target"]
+    ids, mask = pad_left([seq], 0)
+    lab, _ = pad_left([labels], -100)
+    with torch.no_grad():
+        torch.testing.assert_close(task.loss([item]), lm_loss(model, ids, mask, lab))
+    # generation passes the end-of-turn id as the stop token
+    seen = {}
+    real = model.generate
+
+    def spy(**kw):
+        seen.update(kw)
+        return real(**kw)
+
+    model.generate = spy
+    (pred,) = task.predict([row])
+    assert seen["eos_token_id"] == task.stop_ids and isinstance(pred["prediction"], str)
+
+
+def test_classify_in_chat_form_scores_labels_after_the_generation_prompt(tok):
+    model = _chat_model(tok, soft=2)
+    spec = TaskSpec(
+        kind="classify",
+        template="{text}",
+        labels=["negative", "positive"],
+        chat=True,
+        system="Answer positive or negative.",
+        soft_tokens=2,
+        placement="answer",
+    )
+    task = Task(spec, model, tok)
+    ids = task.prompt_ids({"text": "a joy to watch"})
+    msgs = [
+        {"role": "system", "content": "Answer positive or negative."},
+        {"role": "user", "content": "a joy to watch"},
+    ]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ids == ids_of(tok, text) + [-1, -2]
+    assert task.answers == [ids_of(tok, "negative"), ids_of(tok, "positive")]  # no leading space
+    # the score of a label is log P(label tokens | rendered prompt)
+    with torch.no_grad():
+        scores = task.class_scores([ids])
+        ref = answer_logprobs(model, [ids], task.answers, pad_id=tok.pad_token_id)
+    torch.testing.assert_close(scores, ref)
+    assert task.prompt_ids({"messages": msgs}) == ids  # a row may also come as messages
