@@ -163,7 +163,7 @@ def _chat_model(tok, soft=4):
     return model
 
 
-def test_a_chat_task_trains_its_answers_and_stops_at_the_end_of_turn(tok):
+def test_a_chat_task_supervises_its_answers_and_stops_at_the_end_of_turn(tok):
     model = _chat_model(tok)
     spec = TaskSpec(kind="chat", template=CHAT_TEMPLATE, soft_tokens=4, placement="user")
     task = Task(spec, model, tok)

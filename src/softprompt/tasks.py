@@ -143,7 +143,12 @@ class TaskSpec:
 
 
 class Task:
-    """A task bound to a model and tokenizer."""
+    """A task bound to a model and tokenizer.
+
+    Attributes:
+        chat: the tokenizer's probed chat template (:class:`softprompt.chat.ChatFormat`) for the
+            chat forms (kind "chat", or classify with ``chat``), else None.
+    """
 
     def __init__(self, spec: TaskSpec, model: SoftPromptModel, tokenizer) -> None:
         if spec.kind not in TASKS:
