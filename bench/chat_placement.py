@@ -1,7 +1,7 @@
 """Chat placement: where input-level virtual tokens go in a rendered conversation.
 
     nice -n 10 python bench/chat_placement.py --out bench/results/chat_placement.json \
-        [--train-rows 400] [--test-rows 200] [--steps 60] [--seeds 0]
+        [--train-rows 400] [--test-rows 200] [--steps 60] [--seeds 0] [--placements start,user]
 
 Rotten Tomatoes in chat form (SmolLM2-135M-Instruct, its ChatML template): a system message
 ("Is this movie review positive or negative? Answer with one word."), the review as the user
@@ -9,9 +9,10 @@ message, the label ("positive" / "negative") as the assistant's answer. ``softpr
 --task chat --method prompt`` with each ``--placement`` (start, user, answer), the same rows,
 seed, steps and learning rate (the method's default), no model selection (no dev set: the
 adapter after the last step); then greedy generation on the first ``--test-rows`` rows of the
-test split, stopping at ``<|im_end|>``: exact match of the generated answer with the label
-(= accuracy). Zero-shot (the bare model, no virtual tokens) is the same for every placement and
-is measured once.
+test split (``softprompt eval``), stopping at ``<|im_end|>``: exact match of the generated
+answer with the label (= accuracy). Zero-shot (the bare model, no virtual tokens) is the same for
+every placement and is measured once, with the first run (``train --test``). Results are added
+to ``--out`` (runs of the same placement and seed replaced), so placements can be run apart.
 """
 
 from __future__ import annotations
@@ -55,37 +56,63 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--tokens", type=int, default=10)
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--placements", default=",".join(PLACEMENTS))
     args = ap.parse_args()
+    from softprompt.cli import build_parser, cmd_eval
     from softprompt.cli import main as cli
 
     tmp = Path(tempfile.mkdtemp(prefix="chat_placement_"))
     write(tmp / "train.jsonl", chat_rows("train", args.train_rows))
     write(tmp / "test.jsonl", chat_rows("test", args.test_rows))
-    results: dict = {"setup": vars(args), "system": SYSTEM, "runs": []}
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "placements")}
+    results: dict = {"setup": setup, "system": SYSTEM, "runs": []}
+    if Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        if old.get("setup") == setup:
+            results = old
+    first = "zero_shot" not in results
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for placement in PLACEMENTS:
+        for placement in args.placements.split(","):
             out = tmp / f"{placement}-{seed}"
             t0 = time.time()
             argv = [
                 "train", "--task", "chat", "--method", "prompt",
                 "--placement", placement, "--num-virtual-tokens", str(args.tokens),
-                "--train", str(tmp / "train.jsonl"), "--test", str(tmp / "test.jsonl"),
+                "--train", str(tmp / "train.jsonl"),
                 "--output", str(out), "--max-steps", str(args.steps), "--batch-size", "8",
                 "--eval-every", str(args.steps), "--max-new-tokens", "4",
                 "--seed", str(seed), "--no-progress",
             ]  # fmt: skip
+            if first:
+                argv += ["--test", str(tmp / "test.jsonl")]
             if cli(argv) != 0:
                 sys.exit(f"train failed for placement {placement}")
             summary = json.loads((out / "summary.json").read_text())
+            if first:
+                results["zero_shot"] = summary["zero_shot"]
+                first = False
+            log = out / "metrics.jsonl"
+            test = cmd_eval(
+                build_parser().parse_args(
+                    ["eval", "--adapter", str(out), "--data", str(tmp / "test.jsonl")]
+                )
+            )
             run = {
                 "placement": placement,
                 "seed": seed,
-                "exact_match": summary["test"]["exact_match"],
-                "rougeL": summary["test"]["rougeL"],
-                "zero_shot_exact_match": summary["zero_shot"]["exact_match"],
+                "exact_match": test["exact_match"],
+                "rougeL": test["rougeL"],
+                "final_train_loss": round(
+                    [r for r in map(json.loads, log.read_text().splitlines()) if "loss" in r][-1][
+                        "loss"
+                    ],
+                    4,
+                ),
                 "seconds": round(time.time() - t0, 1),
             }
-            results["runs"].append(run)
+            results["runs"] = [
+                r for r in results["runs"] if (r["placement"], r["seed"]) != (placement, seed)
+            ] + [run]
             print(json.dumps(run), flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=2))
