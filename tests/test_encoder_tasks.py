@@ -375,7 +375,7 @@ def test_cli_tag_on_minilm_learns_the_synthetic_entities(tmp_path, capsys):
     )
     assert code == 0, err
     losses = _curve(out)
-    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert len(losses) >= 4 and losses[-1] < 0.5 * losses[0], losses
     tensors = load_file(out / "adapter" / "adapter.safetensors")
     assert tensors["task_head.weight"].shape == (4, 384)  # O, B-NUM, B-WORK, I-WORK
     code, stdout, err = run_cli(
@@ -407,7 +407,7 @@ def test_cli_extract_on_minilm_reads_the_question(tmp_path, capsys):
     )
     assert code == 0, err
     losses = _curve(out)
-    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert len(losses) >= 4 and losses[-1] < 0.5 * losses[0], losses
     tensors = load_file(out / "adapter" / "adapter.safetensors")
     assert tensors["task_head.weight"].shape == (2, 384)
     code, stdout, err = run_cli(capsys, "eval", "--adapter", out / "adapter", "--data", dev)
@@ -418,3 +418,27 @@ def test_cli_extract_on_minilm_reads_the_question(tmp_path, capsys):
     base = extract_metrics(year, [r["answer"] for r in rows[200:]])
     assert base["exact_match"] == pytest.approx(0.5, abs=0.15)
     assert m["exact_match"] > base["exact_match"] + 0.2, (m, base)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT's own transformers deprecations
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_token_classification_returns_virtual_positions():
+    """The contrast: PEFT 0.21.2 prompt tuning on a BERT token classifier gives logits for
+    P + T positions (the first P belong to virtual tokens), so they no longer line up with the
+    T labels; softprompt's head sees T (test_outputs_have_the_real_tokens_length)."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=64, num_labels=3,
+    )
+    peft_model = get_peft_model(
+        BertForTokenClassification(cfg).eval(),
+        PromptTuningConfig(task_type=TaskType.TOKEN_CLS, num_virtual_tokens=5),
+    )
+    ids = torch.randint(5, 100, (2, 7))
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert logits.shape == (2, 5 + 7, 3)
