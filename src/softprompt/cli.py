@@ -192,9 +192,9 @@ def train_run(args):
     import softprompt as sp
 
     from .data import check_eval_labels, label_set
+    from .encoder_tasks import ENCODER_TEMPLATES, EXTRACT_LABELS, tag_label_set
     from .loading import load_base, model_kind
     from .methods.base import METHODS
-    from .encoder_tasks import ENCODER_TEMPLATES, EXTRACT_LABELS, tag_label_set
     from .tasks import ENCODER_TASKS, Task, TaskSpec, headline
     from .templates import Template, default_template
     from .trainer import Trainer, make_accelerator
@@ -577,7 +577,11 @@ def _generate_encoder_task(args, task) -> list[dict]:
         if kind == "tag":
             out = {"tokens": p["tokens"], "tags": p["prediction"]}
         else:
-            out = {"question": p["question"], "answer": p["prediction"], "start": p["prediction_start"]}
+            out = {
+                "question": p["question"],
+                "answer": p["prediction"],
+                "start": p["prediction_start"],
+            }
         print(json.dumps(out, ensure_ascii=False))
     return preds
 

@@ -180,7 +180,11 @@ def _check_list(row: dict[str, Any], name: str) -> list[str]:
         )
     value = row[name]
     if not isinstance(value, list):
-        hint = " (CSV/TSV cells hold no lists: write the data as JSONL)" if isinstance(value, str) else ""
+        hint = (
+            " (CSV/TSV cells hold no lists: write the data as JSONL)"
+            if isinstance(value, str)
+            else ""
+        )
         raise _BadRow(
             f"field {name!r} is {_describe(value)}, expected a list of strings{hint}; fix the "
             f"row, {_SKIP_HINT}"

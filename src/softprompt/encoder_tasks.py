@@ -118,7 +118,7 @@ class _EncoderTask(Task):
             if head is None:
                 raise SoftPromptError(
                     f"adapter {name!r} has no task head; --task {self.spec.kind} needs one "
-                    "(an adapter trained with softprompt train --task {self.spec.kind})"
+                    f"(an adapter trained with softprompt train --task {self.spec.kind})"
                 )
             rows = [b for b, n in enumerate(names) if n == name]
             part = head(hidden[rows])  # (b, T, C)
@@ -233,7 +233,9 @@ class ExtractTask(_EncoderTask):
             ) from None
         seq = enc.sequence_ids()
         ctx = [1 if s == 1 else 0 for s in seq]
-        offsets = [tuple(o) if s == 1 else (0, 0) for o, s in zip(enc["offset_mapping"], seq)]
+        offsets = [
+            tuple(o) if s == 1 else (0, 0) for o, s in zip(enc["offset_mapping"], seq, strict=True)
+        ]
         start = end = -100
         if train:
             a = int(f["answer_start"])
