@@ -299,7 +299,8 @@ def test_embedded_split_conflict_and_unknown_split():
 
 def test_unknown_task(tmp_path):
     with pytest.raises(
-        SoftPromptError, match="^unknown task 'summarise'; expected 'classify' or 'generate'$"
+        SoftPromptError,
+        match=r"^unknown task 'summarise'; expected one of \['classify', 'generate'.*'tag'",
     ):
         load_examples(tmp_path / "x.jsonl", "summarise")
 
