@@ -383,6 +383,24 @@ def test_cli_refuses_encoder_tasks_with_a_template(tmp_path, capsys):
     assert code == 2 and "--template does not apply to --task tag" in err
 
 
+def test_cli_refuses_encoder_tasks_on_a_language_model(tmp_path, capsys):
+    f = write_jsonl(tmp_path / "t.jsonl", tag_rows(4))
+    code, _, err = run_cli(
+        capsys, "train", "--model", "smollm2-135m-instruct", "--task", "tag", "--train", f,
+        "--output", tmp_path / "o",
+    )  # fmt: skip
+    assert code == 2 and "--task tag needs an encoder model" in err and "causal" in err
+
+
+def test_cli_bad_rows_stop_with_file_and_line(tmp_path, capsys):
+    rows = [*tag_rows(4), {"tokens": ["a", "b"], "tags": ["O"]}]
+    f = write_jsonl(tmp_path / "t.jsonl", rows)
+    argv = ["train", "--model", "all-minilm-l6-v2", "--task", "tag", "--train", f]
+    code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "o")
+    assert code == 2 and "t.jsonl:5: 2 tokens but 1 tags; give one tag per token" in err
+    assert not (tmp_path / "o" / "adapter").exists()
+
+
 def _curve(out: Path) -> list[float]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
@@ -487,6 +505,13 @@ def test_cli_extract_on_minilm_reads_the_question(tmp_path, capsys):
     base = extract_metrics(year, [r["answer"] for r in rows[200:]])
     assert base["exact_match"] == pytest.approx(0.5, abs=0.15)
     assert m["exact_match"] > base["exact_match"] + 0.2, (m, base)  # measured 0.81 at 75 steps
+    context = "A warm, funny picture. It came out in 1977. It was directed by Ann Lee."
+    code, stdout, err = run_cli(
+        capsys, "generate", "--adapter", out / "adapter", "Who directed it?", context
+    )
+    assert code == 0, err
+    got = json.loads(stdout)
+    assert context[got["start"] :].startswith(got["answer"]) and got["answer"]
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT's own transformers deprecations
