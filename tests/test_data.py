@@ -300,7 +300,8 @@ def test_embedded_split_conflict_and_unknown_split():
 def test_unknown_task(tmp_path):
     with pytest.raises(
         SoftPromptError,
-        match=r"^unknown task 'summarise'; expected one of \['classify', 'generate', 'chat'\]$",
+        match=r"^unknown task 'summarise'; expected one of \['classify', 'generate', 'chat', 'tag', "
+        r"'extract'\]$",
     ):
         load_examples(tmp_path / "x.jsonl", "summarise")
 

@@ -196,9 +196,10 @@ def train_run(args):
     import softprompt as sp
 
     from .data import check_eval_labels, label_set
+    from .encoder_tasks import ENCODER_TEMPLATES, EXTRACT_LABELS, tag_label_set
     from .loading import load_base, model_kind
     from .methods.base import METHODS
-    from .tasks import CHAT_TEMPLATE, Task, TaskSpec, headline
+    from .tasks import CHAT_TEMPLATE, ENCODER_TASKS, Task, TaskSpec, headline
     from .templates import Template, default_template
     from .trainer import Trainer, make_accelerator
 
@@ -227,12 +228,17 @@ def train_run(args):
 
     kind = model_kind(args.model)
     encoder_only = kind == "encoder"
+    encoder_task = args.task in ENCODER_TASKS
+    if encoder_task:
+        _check_encoder_task_flags(args, kind)
     if args.chat and args.task != "classify":
         raise SoftPromptError(
             "--chat is for --task classify (a chat task, --task chat, is always in chat form)"
         )
     chat = args.task == "chat" or args.chat
-    if args.task == "chat":
+    if encoder_task:
+        text = ENCODER_TEMPLATES[args.task]
+    elif args.task == "chat":
         if args.template:
             raise SoftPromptError(
                 "--task chat renders rows with the tokenizer's chat template; drop --template "
@@ -253,6 +259,8 @@ def train_run(args):
     template = Template.parse(text)
     train_rows = _load_data(args.train, args.task, args.skip_bad, template)
     labels = label_set(train_rows) if args.task == "classify" else []
+    if encoder_task:
+        labels = tag_label_set(train_rows) if args.task == "tag" else list(EXTRACT_LABELS)
     eval_rows = _load_data(args.eval, args.task, args.skip_bad, template) if args.eval else []
     test_rows = _load_data(args.test, args.task, args.skip_bad, template) if args.test else []
     if args.task == "classify":
@@ -271,7 +279,7 @@ def train_run(args):
         template=text,
         labels=labels,
         verbalizer=verbalizer,
-        head=encoder_only and args.task == "classify",
+        head=encoder_only and (args.task == "classify" or encoder_task),
         max_length=args.max_length,
         max_new_tokens=args.max_new_tokens,
         placement=args.placement,
@@ -335,6 +343,23 @@ def train_run(args):
             f"curve: {out / 'training_curve.png'}; log: {out / 'metrics.jsonl'}"
         )
     return summary, model, task
+
+
+def _check_encoder_task_flags(args, kind: str) -> None:
+    """--task tag / extract: an encoder, no template, verbalizer or label init."""
+    if kind != "encoder":
+        raise SoftPromptError(
+            f"--task {args.task} needs an encoder model (BERT, MiniLM, e.g. --model "
+            f"all-minilm-l6-v2); {args.model} is a {kind} model"
+        )
+    for flag in ("template", "verbalizer"):
+        if getattr(args, flag):
+            raise SoftPromptError(
+                f"--{flag} does not apply to --task {args.task}: the encoder reads the row's "
+                "fields as they are (see README: Encoder tasks); drop it"
+            )
+    if args.init == "labels":
+        raise SoftPromptError(f"--init labels applies to --task classify, not {args.task}")
 
 
 # flags that may differ between a run and its --resume (see docs: extending a run with more
@@ -518,6 +543,8 @@ def cmd_generate(args) -> list[dict]:
     from .data import Example, load_examples
 
     model, tok, task = _load_adapter_and_task(args.model, args.adapter, args.dtype)
+    if task.spec.kind in ("tag", "extract"):
+        return _generate_encoder_task(args, task)
     field = _main_field(task.spec.kind)
     if args.data:
         rows = load_examples(
@@ -547,6 +574,48 @@ def cmd_generate(args) -> list[dict]:
             print(json.dumps({"messages": msgs, "output": p["prediction"]}, ensure_ascii=False))
         else:
             print(json.dumps({"input": p[field], "output": p["prediction"]}, ensure_ascii=False))
+    return preds
+
+
+def _generate_encoder_task(args, task) -> list[dict]:
+    """generate for tag (TEXT: a sentence, split on whitespace) and extract (TEXT: QUESTION
+    CONTEXT pairs); --data reads rows as eval does."""
+    from .data import Example, load_examples
+
+    kind = task.spec.kind
+    if args.data:
+        rows = load_examples(args.data, kind, skip_bad=args.skip_bad, warn=_warn)
+    elif not args.text:
+        raise SoftPromptError("give TEXT arguments or --data FILE")
+    elif kind == "tag":
+        rows = [
+            Example({"tokens": t.split(), "tags": []}, "argv", i + 1)
+            for i, t in enumerate(args.text)
+            if t.split()
+        ]
+        if not rows:
+            raise SoftPromptError("the TEXT arguments hold no words")
+    else:
+        if len(args.text) % 2:
+            raise SoftPromptError(
+                "--task extract: give TEXT as QUESTION CONTEXT pairs (an even number of arguments)"
+            )
+        pairs = zip(args.text[::2], args.text[1::2], strict=True)
+        rows = [
+            Example({"question": q, "context": c, "answer": ""}, "argv", i + 1)
+            for i, (q, c) in enumerate(pairs)
+        ]
+    preds = task.predict(rows, args.batch_size)
+    for p in preds:
+        if kind == "tag":
+            out = {"tokens": p["tokens"], "tags": p["prediction"]}
+        else:
+            out = {
+                "question": p["question"],
+                "answer": p["prediction"],
+                "start": p["prediction_start"],
+            }
+        print(json.dumps(out, ensure_ascii=False))
     return preds
 
 
@@ -707,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS  # every registered method, the four built in and any plugin
     from .methods.base import AdapterConfig
     from .server import add_serve_parser
-    from .tasks import TaskSpec
+    from .tasks import TASKS, TaskSpec
     from .trainer import REPORT_TO, TrainArgs
 
     methods = sorted(METHODS)
@@ -727,7 +796,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--test", help="test data: zero-shot before and tuned metrics after training")
     t.add_argument("--output", help="output folder (required)")
-    t.add_argument("--task", choices=["classify", "generate", "chat"], default="classify")
+    t.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default="classify",
+        help="classify, generate, chat (rows {messages: [...]}); on encoders also tag (a BIO tag "
+        "per word, rows {tokens, tags}) and extract (extractive QA, rows {question, context, "
+        "answer}); default: %(default)s",
+    )
     t.add_argument("--placement", choices=list(CHAT_PLACEMENTS), default=task["placement"])
     t.add_argument("--loss-turns", choices=list(LOSS_TURNS), default=task["loss_turns"])
     t.add_argument("--chat", action="store_true")

@@ -25,6 +25,11 @@ Tasks and the fields each row needs (non-empty after stripping whitespace):
   "content": "..."}`` objects (the OpenAI / TRL conversational form) ending with an assistant
   message that answers a user message (the target; with ``chat_prompts`` a row may end with the
   user message instead); an error names the message, e.g. ``field 'messages[2].role'``;
+* ``"tag"``: ``tokens`` (a list of non-empty strings, the words) and ``tags`` (a list of as many
+  BIO tags: ``"O"``, ``"B-TYPE"`` or ``"I-TYPE"``); JSON sources only (a CSV cell holds no list);
+* ``"extract"``: ``question``, ``context`` and ``answer`` (strings, the answer a slice of the
+  context), optional ``answer_start`` (an integer: where the answer starts in the context;
+  default: its first occurrence, which is then stored in the row);
 * plus ``required_fields`` (fields a template uses): present, scalar and non-empty.
 """
 
@@ -58,6 +63,8 @@ TASKS: dict[str, tuple[str, ...]] = {
     "classify": ("text", "label"),
     "generate": ("input", "target"),
     "chat": ("messages",),
+    "tag": ("tokens", "tags"),
+    "extract": ("question", "context", "answer"),
 }
 """The fields every row of a task needs."""
 
@@ -176,6 +183,8 @@ def _check_row(
     row: Any, task: str, required: Sequence[str], chat_prompts: bool = False
 ) -> dict[str, Any]:
     """Validate one row and return its fields (label normalised to str); raises ``_BadRow``."""
+    if task in _ENCODER_CHECKS and isinstance(row, dict):
+        return _ENCODER_CHECKS[task](dict(row))
     if not isinstance(row, dict):
         example = ", ".join(f'"{f}": ...' for f in TASKS[task])
         raise _BadRow(
@@ -219,6 +228,104 @@ def _check_row(
                 f"fix the row, {_SKIP_HINT}"
             )
     return row
+
+
+def _check_text(row: dict[str, Any], name: str) -> str:
+    if name not in row:
+        have = ", ".join(repr(k) for k in row) or "none"
+        raise _BadRow(
+            f"field {name!r} is missing (row has: {have}); add {name!r} to every row, {_SKIP_HINT}"
+        )
+    value = row[name]
+    if not isinstance(value, str):
+        raise _BadRow(
+            f"field {name!r} is {_describe(value)}, expected a string; fix the row, {_SKIP_HINT}"
+        )
+    if not value.strip():
+        raise _BadRow(f"field {name!r} is empty; fill it in, {_SKIP_HINT}")
+    if not is_text(value):
+        raise _BadRow(
+            f"field {name!r} holds a lone surrogate (such as \\ud800), which is not text; "
+            f"fix the row, {_SKIP_HINT}"
+        )
+    return value
+
+
+def _check_list(row: dict[str, Any], name: str) -> list[str]:
+    if name not in row:
+        have = ", ".join(repr(k) for k in row) or "none"
+        raise _BadRow(
+            f"field {name!r} is missing (row has: {have}); add {name!r} to every row, {_SKIP_HINT}"
+        )
+    value = row[name]
+    if not isinstance(value, list):
+        hint = (
+            " (CSV/TSV cells hold no lists: write the data as JSONL)"
+            if isinstance(value, str)
+            else ""
+        )
+        raise _BadRow(
+            f"field {name!r} is {_describe(value)}, expected a list of strings{hint}; fix the "
+            f"row, {_SKIP_HINT}"
+        )
+    if not value:
+        raise _BadRow(f"field {name!r} is an empty list; give at least one word, {_SKIP_HINT}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip() or not is_text(item):
+            what = "empty" if isinstance(item, str) else _describe(item)
+            raise _BadRow(
+                f"field {name!r}: item {i} is {what}, expected a non-empty string; fix the row, "
+                f"{_SKIP_HINT}"
+            )
+    return value
+
+
+_BIO = re.compile(r"^(O|[BI]-\S+)$")
+
+
+def _check_tag_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``tag`` row: words and one BIO tag per word."""
+    tokens, tags = _check_list(row, "tokens"), _check_list(row, "tags")
+    if len(tokens) != len(tags):
+        raise _BadRow(
+            f"{len(tokens)} tokens but {len(tags)} tags; give one tag per token, {_SKIP_HINT}"
+        )
+    bad = next((t for t in tags if not _BIO.match(t)), None)
+    if bad is not None:
+        raise _BadRow(
+            f"field 'tags' holds {bad!r}, not a BIO tag; write 'O', 'B-TYPE' or 'I-TYPE', "
+            f"{_SKIP_HINT}"
+        )
+    return row
+
+
+def _check_extract_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An ``extract`` row: question, context, answer (a slice of it), answer_start (filled in)."""
+    _check_text(row, "question")
+    context, answer = _check_text(row, "context"), _check_text(row, "answer")
+    start = row.get("answer_start")
+    if start is None:
+        start = context.find(answer)
+        if start < 0:
+            raise _BadRow(
+                f"the answer {answer!r:.60} does not occur in the context; an extractive answer "
+                f"is a slice of the context (copy it exactly), {_SKIP_HINT}"
+            )
+        row["answer_start"] = start
+    elif not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise _BadRow(
+            f"field 'answer_start' is {_describe(start)}, expected an integer >= 0; fix the row, "
+            f"{_SKIP_HINT}"
+        )
+    elif context[start : start + len(answer)] != answer:
+        raise _BadRow(
+            f"the context at answer_start {start} reads {context[start : start + len(answer)]!r:.60}"
+            f", not the answer {answer!r:.60}; fix answer_start (or drop it), {_SKIP_HINT}"
+        )
+    return row
+
+
+_ENCODER_CHECKS = {"tag": _check_tag_row, "extract": _check_extract_row}
 
 
 # --------------------------------------------------------------------------------------------

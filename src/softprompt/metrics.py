@@ -2,7 +2,9 @@
 
 * classification: accuracy, macro F1 over the given labels, per-class precision/recall/F1/support;
 * generation: ROUGE-1/2/L F-measure (Porter stemmer, mean over examples, 0..100), corpus BLEU
-  (sacrebleu defaults, 0..100) and exact match after whitespace normalisation (0..1).
+  (sacrebleu defaults, 0..100) and exact match after whitespace normalisation (0..1);
+* tagging: span precision/recall/F1 over BIO entity spans (conlleval's rules, 0..1);
+* extractive QA: SQuAD v1.1 exact match and token F1 (0..1).
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ from collections.abc import Sequence
 
 from .errors import SoftPromptError, require
 
-__all__ = ["classification_metrics", "generation_metrics"]
+__all__ = [
+    "bio_spans",
+    "classification_metrics",
+    "extract_metrics",
+    "generation_metrics",
+    "span_f1",
+]
 
 
 def _check_lengths(a: Sequence, b: Sequence, what: tuple[str, str]) -> None:
@@ -105,3 +113,113 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str]) ->
     result["exact_match"] = matches / n
     result["n"] = n
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# tagging and extractive QA (no dependency: seqeval / the SQuAD script compute the same)
+# --------------------------------------------------------------------------------------------
+
+
+def bio_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """Entity spans ``(type, first word, last word)`` of a BIO tag sequence.
+
+    conlleval's (and seqeval's default) reading: a span starts at ``B-X``, or at ``I-X`` that
+    does not continue a span of type X (so ``O I-PER`` is a PER span); it continues while the
+    tags are ``I-X``; ``O`` and any other tag end it.
+    """
+    spans = set()
+    kind, start = None, 0
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, typ = tag.partition("-")
+        if kind is not None and not (prefix == "I" and typ == kind):
+            spans.add((kind, start, i - 1))
+            kind = None
+        if prefix in ("B", "I") and typ and kind is None:
+            kind, start = typ, i
+    return spans
+
+
+def span_f1(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> dict:
+    """Micro span precision/recall/F1 of tagged sequences (an entity counts only when its type
+    and both boundaries match), per type, and word accuracy.
+
+    Args:
+        gold: per sequence, one BIO tag per word.
+        predicted: the same shape.
+
+    Returns:
+        ``{"span_f1", "precision", "recall", "token_accuracy", "per_type": {type: {"precision",
+        "recall", "f1", "support"}}, "n"}``; scores in 0..1 (0 where undefined).
+    """
+    _check_lengths(gold, predicted, ("gold sequences", "predictions"))
+    counts: dict[str, list[int]] = {}  # type -> [true positives, predicted, gold]
+    right = words = 0
+    for i, (g, p) in enumerate(zip(gold, predicted, strict=True)):
+        if len(g) != len(p):
+            raise SoftPromptError(
+                f"sequence {i}: {len(g)} gold tags but {len(p)} predicted; one tag per word"
+            )
+        right += sum(a == b for a, b in zip(g, p, strict=True))
+        words += len(g)
+        gs, ps = bio_spans(g), bio_spans(p)
+        for kind, *_ in gs | ps:
+            counts.setdefault(kind, [0, 0, 0])
+        for kind, *_ in gs & ps:
+            counts[kind][0] += 1
+        for kind, *_ in ps:
+            counts[kind][1] += 1
+        for kind, *_ in gs:
+            counts[kind][2] += 1
+
+    def prf(tp: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
+        prec = tp / n_pred if n_pred else 0.0
+        rec = tp / n_gold if n_gold else 0.0
+        return prec, rec, (2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+
+    per_type = {}
+    for kind in sorted(counts):
+        prec, rec, f1 = prf(*counts[kind])
+        per_type[kind] = {"precision": prec, "recall": rec, "f1": f1, "support": counts[kind][2]}
+    total = [sum(c[k] for c in counts.values()) for k in range(3)]
+    prec, rec, f1 = prf(*total)
+    return {
+        "span_f1": f1,
+        "precision": prec,
+        "recall": rec,
+        "token_accuracy": right / words if words else 0.0,
+        "per_type": per_type,
+        "n": len(gold),
+    }
+
+
+def _squad_normalise(text: str) -> list[str]:
+    """SQuAD v1.1's normalisation: lower case, no punctuation, no a/an/the, words."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def extract_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict:
+    """SQuAD v1.1 exact match and token F1 of predicted answer texts, one gold answer each.
+
+    Returns:
+        ``{"exact_match", "f1", "n"}``: means over examples in 0..1 (the SQuAD script's numbers
+        divided by 100).
+    """
+    _check_lengths(predictions, answers, ("predictions", "answers"))
+    from collections import Counter
+
+    em = f1 = 0.0
+    for pred, gold in zip(predictions, answers, strict=True):
+        p, g = _squad_normalise(str(pred)), _squad_normalise(str(gold))
+        em += float(p == g)
+        common = sum((Counter(p) & Counter(g)).values())
+        if not p or not g:
+            f1 += float(p == g)
+        elif common:
+            prec, rec = common / len(p), common / len(g)
+            f1 += 2 * prec * rec / (prec + rec)
+    n = len(predictions)
+    return {"exact_match": em / n, "f1": f1 / n, "n": n}

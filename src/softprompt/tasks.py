@@ -41,6 +41,8 @@ from .model import SoftPromptModel
 from .templates import Template
 
 TASKS = ("classify", "generate", "chat")
+ENCODER_TASKS = ("tag", "extract")  # token classification, extractive QA: softprompt.encoder_tasks
+TASKS = TASKS + ENCODER_TASKS
 CHAT_TEMPLATE = "{messages}"
 """The nominal template of a chat task (the tokenizer's chat template renders the rows)."""
 DEFAULT_CHAT_PLACEMENT = "user"
@@ -143,12 +145,20 @@ class TaskSpec:
 
 
 class Task:
-    """A task bound to a model and tokenizer.
+    """A task bound to a model and tokenizer (``tag`` / ``extract`` make the subclasses in
+    ``softprompt.encoder_tasks``).
 
     Attributes:
         chat: the tokenizer's probed chat template (:class:`softprompt.chat.ChatFormat`) for the
             chat forms (kind "chat", or classify with ``chat``), else None.
     """
+
+    def __new__(cls, spec: TaskSpec, *args, **kwargs):
+        if cls is Task and getattr(spec, "kind", None) in ENCODER_TASKS:
+            from .encoder_tasks import TASK_CLASSES
+
+            cls = TASK_CLASSES[spec.kind]
+        return super().__new__(cls)
 
     def __init__(self, spec: TaskSpec, model: SoftPromptModel, tokenizer) -> None:
         if spec.kind not in TASKS:
@@ -391,7 +401,12 @@ def pad_id(tokenizer) -> int:
 
 
 def headline(metrics: dict) -> tuple[str, float]:
-    """The one number to select on and show: accuracy (classify) or ROUGE-L (generate)."""
+    """The one number to select on and show: accuracy (classify), span F1 (tag), exact match
+    (extract) or ROUGE-L (generate)."""
     if "accuracy" in metrics:
         return "accuracy", float(metrics["accuracy"])
+    if "span_f1" in metrics:
+        return "span_f1", float(metrics["span_f1"])
+    if "rougeL" not in metrics and "exact_match" in metrics:
+        return "exact_match", float(metrics["exact_match"])
     return "rougeL", float(metrics["rougeL"])

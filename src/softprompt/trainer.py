@@ -718,7 +718,8 @@ class Trainer:
 
 
 def headline_name(task: Task) -> str:
-    return "accuracy" if task.spec.kind == "classify" else "rougeL"
+    kind = task.spec.kind
+    return {"classify": "accuracy", "tag": "span_f1", "extract": "exact_match"}.get(kind, "rougeL")
 
 
 def plot_curves(log_path: Path, png: Path, log: Callable[[str], None] = print) -> None:
