@@ -198,6 +198,10 @@ def train_run(args):
     from .templates import Template, default_template
     from .trainer import Trainer, make_accelerator
 
+    if getattr(args, "tasks", None):  # several tasks, one adapter each (softprompt.multitask)
+        from .multitask import train_tasks
+
+        return train_tasks(args)
     for flag in ("train", "output"):
         if not getattr(args, flag):
             raise SoftPromptError(f"train needs --{flag} (on the command line or in --config)")
@@ -774,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(REPORT_TO),
         default=loop["report_to"],
     )
+    _add_multi_flags(t)
     t.set_defaults(func=cmd_train)
     methods_docs = (cls for cls, _ in METHODS.values())
     _document(t, _attribute_docs(TrainArgs, TaskSpec, AdapterConfig, *methods_docs))
@@ -823,6 +828,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_export_parser(sub)
     return parser
+
+
+def _add_multi_flags(t) -> None:
+    """train's flags for several tasks in one run and for prompt transfer."""
+    t.add_argument(
+        "--tasks",
+        help="name=data[,name=data...]: train one adapter per task in one run over mixed "
+        "batches, into OUTPUT/<name>/ (instead of --train; see softprompt.multitask)",
+    )
+    t.add_argument("--tasks-eval", help="name=data[,...]: each task's dev data (with --tasks)")
+    t.add_argument(
+        "--task-template",
+        nargs="+",
+        metavar="NAME=TEMPLATE",
+        help="a task's own template (with --tasks; default: --template)",
+    )
+    t.add_argument(
+        "--init-from",
+        metavar="ADAPTER",
+        help="start from a trained adapter of the same method and base model (prompt "
+        "transfer, SPoT); the flags must give it the same shape",
+    )
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
