@@ -459,8 +459,9 @@ def train_tasks(args: argparse.Namespace):
     Everything is checked (names, data, templates, labels) before the model loads or anything
     is written.
     """
-    import softprompt as sp
     import yaml
+
+    import softprompt as sp
 
     from .cli import _adapter_config, _load_data, _output_dir, _unescape, _warn
     from .data import check_eval_labels, label_set
