@@ -265,6 +265,10 @@ def train_run(args):
     config = _adapter_config(args, template)
     adapter = model.add_adapter(args.name, config, tok)
     adapter.task = spec.to_dict()
+    if getattr(args, "init_from", None):  # prompt transfer: start from a trained adapter
+        from .transfer import init_from
+
+        init_from(model, args.name, args.init_from)
     if spec.head:
         adapter.set_task_head(len(labels)).to(model.device)
         model.set_active(args.name)
@@ -826,6 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_assets)
 
     add_serve_parser(sub)
+    from .transfer import add_similar_parser
+
+    add_similar_parser(sub)
     add_export_parser(sub)
     return parser
 
