@@ -170,6 +170,15 @@ _ADAPTER_HELP = (
 )
 
 
+_ENSEMBLE_HELP = (
+    "; several folders (adapters of one task) make an ensemble, run as rows of one batch"
+)
+_COMBINE_HELP = (
+    "ensemble: mean label probability (classify; the default) or majority vote (classify: "
+    "ties to the higher mean probability; generate: the most frequent output)"
+)
+
+
 def _main_field(task_kind: str) -> str:
     return "text" if task_kind == "classify" else "input"
 
@@ -472,7 +481,26 @@ def cmd_demo(args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def _ensemble(args) -> bool:
+    """Whether eval/generate got several --adapter folders (an ensemble); with one, args.adapter
+    becomes that folder and --combine is refused."""
+    adapters = [args.adapter] if isinstance(args.adapter, str) else list(args.adapter)
+    if len(adapters) > 1:
+        args.adapter = adapters
+        if getattr(args, "combine", None) is None:
+            args.combine = "mean"
+        return True
+    if getattr(args, "combine", None) is not None:
+        raise SoftPromptError("--combine needs several --adapter folders (an ensemble)")
+    args.adapter = adapters[0]
+    return False
+
+
 def cmd_eval(args) -> dict:
+    if _ensemble(args):  # several adapters of one task: softprompt.ensemble
+        from .ensemble import cmd_eval_ensemble
+
+        return cmd_eval_ensemble(args)
     from .data import check_eval_labels, load_examples
     from .io import resolve_adapter_dir
 
@@ -500,6 +528,10 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_generate(args) -> list[dict]:
+    if _ensemble(args):  # several adapters of one task: softprompt.ensemble
+        from .ensemble import cmd_generate_ensemble
+
+        return cmd_generate_ensemble(args)
     from .data import Example, load_examples
 
     model, tok, task = _load_adapter_and_task(args.model, args.adapter, args.dtype)
@@ -797,7 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="metrics of an adapter on data (JSON on stdout)")
     _add_model(e, default=None)
-    e.add_argument("--adapter", required=True, help=_ADAPTER_HELP)
+    e.add_argument("--adapter", required=True, nargs="+", help=_ADAPTER_HELP + _ENSEMBLE_HELP)
+    e.add_argument("--combine", choices=["mean", "vote"], help=_COMBINE_HELP)
     e.add_argument("--data", required=True)
     e.add_argument(
         "--predictions", help="where to write predictions JSONL (default: beside the adapter)"
@@ -808,7 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="run an adapter on texts or a data file")
     _add_model(g, default=None)
-    g.add_argument("--adapter", required=True, help=_ADAPTER_HELP)
+    g.add_argument("--adapter", required=True, nargs="+", help=_ADAPTER_HELP + _ENSEMBLE_HELP)
+    g.add_argument("--combine", choices=["mean", "vote"], help=_COMBINE_HELP)
     g.add_argument("text", nargs="*")
     g.add_argument("--data")
     g.add_argument(
