@@ -102,13 +102,13 @@ def test_eval_and_generate_with_several_adapters(members, tiny_folders, tmp_path
         )
     )
     adapters = [str(root / f"s{k}") for k in range(3)]
+    repeated = [a for folder in adapters for a in ("--adapter", folder)]
     capsys.readouterr()
     assert (
         main(
             [
                 "eval",
-                "--adapter",
-                *adapters,
+                *repeated,
                 "--data",
                 str(data),
                 "--combine",
@@ -130,8 +130,7 @@ def test_eval_and_generate_with_several_adapters(members, tiny_folders, tmp_path
             TEXTS
         )
         assert m["accuracy"] == pytest.approx(member_acc)
-    # TEXT goes before --adapter (which takes several folders)
-    assert main(["generate", "great acting", "--adapter", *adapters]) == 0
+    assert main(["generate", "great acting", *repeated]) == 0
     line = json.loads(capsys.readouterr().out)
     assert set(line["votes"]) == {"neg", "pos"} and sum(line["votes"].values()) == 3
     # one adapter with --combine, and adapters of another task: clear errors
@@ -147,6 +146,17 @@ def test_eval_and_generate_with_several_adapters(members, tiny_folders, tmp_path
     ).to_dict()
     other.save_adapter(tmp_path / "other", "o")
     assert (
-        main(["eval", "--adapter", adapters[0], str(tmp_path / "other"), "--data", str(data)]) == 2
+        main(
+            [
+                "eval",
+                "--adapter",
+                adapters[0],
+                "--adapter",
+                str(tmp_path / "other"),
+                "--data",
+                str(data),
+            ]
+        )
+        == 2
     )
     assert "another task" in capsys.readouterr().err

@@ -171,7 +171,8 @@ _ADAPTER_HELP = (
 
 
 _ENSEMBLE_HELP = (
-    "; several folders (adapters of one task) make an ensemble, run as rows of one batch"
+    "; repeated (--adapter A --adapter B ...: adapters of one task) it is an ensemble, "
+    "run as rows of one batch"
 )
 _COMBINE_HELP = (
     "ensemble: mean label probability (classify; the default) or majority vote (classify: "
@@ -829,7 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="metrics of an adapter on data (JSON on stdout)")
     _add_model(e, default=None)
-    e.add_argument("--adapter", required=True, nargs="+", help=_ADAPTER_HELP + _ENSEMBLE_HELP)
+    e.add_argument("--adapter", required=True, action="append", help=_ADAPTER_HELP + _ENSEMBLE_HELP)
     e.add_argument("--combine", choices=["mean", "vote"], help=_COMBINE_HELP)
     e.add_argument("--data", required=True)
     e.add_argument(
@@ -841,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="run an adapter on texts or a data file")
     _add_model(g, default=None)
-    g.add_argument("--adapter", required=True, nargs="+", help=_ADAPTER_HELP + _ENSEMBLE_HELP)
+    g.add_argument("--adapter", required=True, action="append", help=_ADAPTER_HELP + _ENSEMBLE_HELP)
     g.add_argument("--combine", choices=["mean", "vote"], help=_COMBINE_HELP)
     g.add_argument("text", nargs="*")
     g.add_argument("--data")
@@ -922,7 +923,7 @@ def _config_value(action: argparse.Action, value, where: str):
         if not isinstance(value, bool):
             raise SoftPromptError(f"{where} must be true or false, got {value!r}")
         return value
-    many = action.nargs in ("*", "+")
+    many = action.nargs in ("*", "+") or isinstance(action, argparse._AppendAction)  # noqa: SLF001
     values = value if many and isinstance(value, list) else [value]
     out = []
     for v in values:
