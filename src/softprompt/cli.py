@@ -174,6 +174,16 @@ _ADAPTER_HELP = (
 )
 
 
+_ENSEMBLE_HELP = (
+    "; repeated (--adapter A --adapter B ...: adapters of one task) it is an ensemble, "
+    "run as rows of one batch"
+)
+_COMBINE_HELP = (
+    "ensemble: mean label probability (classify; the default) or majority vote (classify: "
+    "ties to the higher mean probability; generate: the most frequent output)"
+)
+
+
 def _main_field(task_kind: str) -> str:
     return {"classify": "text", "generate": "input", "chat": "messages"}[task_kind]
 
@@ -203,6 +213,10 @@ def train_run(args):
     from .templates import Template, default_template
     from .trainer import Trainer, make_accelerator
 
+    if getattr(args, "tasks", None):  # several tasks, one adapter each (softprompt.multitask)
+        from .multitask import train_tasks
+
+        return train_tasks(args)
     for flag in ("train", "output"):
         if not getattr(args, flag):
             raise SoftPromptError(f"train needs --{flag} (on the command line or in --config)")
@@ -292,6 +306,10 @@ def train_run(args):
         spec.soft_tokens = config.num_virtual_tokens
     adapter = model.add_adapter(args.name, config, tok)
     adapter.task = spec.to_dict()
+    if getattr(args, "init_from", None):  # prompt transfer: start from a trained adapter
+        from .transfer import init_from
+
+        init_from(model, args.name, args.init_from)
     if spec.head:
         adapter.set_task_head(len(labels)).to(model.device)
         model.set_active(args.name)
@@ -512,7 +530,26 @@ def cmd_demo(args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def _ensemble(args) -> bool:
+    """Whether eval/generate got several --adapter folders (an ensemble); with one, args.adapter
+    becomes that folder and --combine is refused."""
+    adapters = [args.adapter] if isinstance(args.adapter, str) else list(args.adapter)
+    if len(adapters) > 1:
+        args.adapter = adapters
+        if getattr(args, "combine", None) is None:
+            args.combine = "mean"
+        return True
+    if getattr(args, "combine", None) is not None:
+        raise SoftPromptError("--combine needs several --adapter folders (an ensemble)")
+    args.adapter = adapters[0]
+    return False
+
+
 def cmd_eval(args) -> dict:
+    if _ensemble(args):  # several adapters of one task: softprompt.ensemble
+        from .ensemble import cmd_eval_ensemble
+
+        return cmd_eval_ensemble(args)
     from .data import check_eval_labels, load_examples
     from .io import resolve_adapter_dir
 
@@ -540,6 +577,10 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_generate(args) -> list[dict]:
+    if _ensemble(args):  # several adapters of one task: softprompt.ensemble
+        from .ensemble import cmd_generate_ensemble
+
+        return cmd_generate_ensemble(args)
     from .data import Example, load_examples
 
     model, tok, task = _load_adapter_and_task(args.model, args.adapter, args.dtype)
@@ -888,6 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(REPORT_TO),
         default=loop["report_to"],
     )
+    _add_multi_flags(t)
     t.set_defaults(func=cmd_train)
     methods_docs = (cls for cls, _ in METHODS.values())
     _document(t, _attribute_docs(TrainArgs, TaskSpec, AdapterConfig, *methods_docs))
@@ -902,7 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="metrics of an adapter on data (JSON on stdout)")
     _add_model(e, default=None)
-    e.add_argument("--adapter", required=True, help=_ADAPTER_HELP)
+    e.add_argument("--adapter", required=True, action="append", help=_ADAPTER_HELP + _ENSEMBLE_HELP)
+    e.add_argument("--combine", choices=["mean", "vote"], help=_COMBINE_HELP)
     e.add_argument("--data", required=True)
     e.add_argument(
         "--predictions", help="where to write predictions JSONL (default: beside the adapter)"
@@ -913,7 +956,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="run an adapter on texts or a data file")
     _add_model(g, default=None)
-    g.add_argument("--adapter", required=True, help=_ADAPTER_HELP)
+    g.add_argument("--adapter", required=True, action="append", help=_ADAPTER_HELP + _ENSEMBLE_HELP)
+    g.add_argument("--combine", choices=["mean", "vote"], help=_COMBINE_HELP)
     g.add_argument("text", nargs="*")
     g.add_argument("--data")
     g.add_argument(
@@ -935,8 +979,33 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_assets)
 
     add_serve_parser(sub)
+    from .transfer import add_similar_parser
+
+    add_similar_parser(sub)
     add_export_parser(sub)
     return parser
+
+
+def _add_multi_flags(t) -> None:
+    """train's flags for several tasks in one run and for prompt transfer."""
+    t.add_argument(
+        "--tasks",
+        help="name=data[,name=data...]: train one adapter per task in one run over mixed "
+        "batches, into OUTPUT/<name>/ (instead of --train; see softprompt.multitask)",
+    )
+    t.add_argument("--tasks-eval", help="name=data[,...]: each task's dev data (with --tasks)")
+    t.add_argument(
+        "--task-template",
+        nargs="+",
+        metavar="NAME=TEMPLATE",
+        help="a task's own template (with --tasks; default: --template)",
+    )
+    t.add_argument(
+        "--init-from",
+        metavar="ADAPTER",
+        help="start from a trained adapter of the same method and base model (prompt "
+        "transfer, SPoT); the flags must give it the same shape",
+    )
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -968,7 +1037,7 @@ def _config_value(action: argparse.Action, value, where: str):
         if not isinstance(value, bool):
             raise SoftPromptError(f"{where} must be true or false, got {value!r}")
         return value
-    many = action.nargs in ("*", "+")
+    many = action.nargs in ("*", "+") or isinstance(action, argparse._AppendAction)  # noqa: SLF001
     values = value if many and isinstance(value, list) else [value]
     out = []
     for v in values:
