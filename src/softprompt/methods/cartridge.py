@@ -11,7 +11,7 @@ their gradient is exactly zero and (with weight decay 0, the default) AdamW neve
 
 Init:
 
-* ``text`` (the paper's best): the model's own keys and values of the first P tokens of
+* ``prefill`` (default, the paper's best): the model's own keys and values of the first P tokens of
   ``init_text`` (or ``init_token_ids``), read in one prefill. At step 0 the model with the
   cartridge gives exactly what it gives with those P tokens in its context (on rotary models
   the prefill runs at positions -P..-1, see ``_hf.capture_attention_kv``; on other models the
@@ -50,16 +50,17 @@ class CartridgeConfig(AdapterConfig):
     Attributes:
         num_virtual_tokens: P, the cartridge's length in key/value tokens (its KV memory is that
             of P tokens of context).
-        init: "text" (prefill of ``init_text``'s first P tokens) or "vocab" (K/V of random
+        init: "prefill" (the K/V of ``init_text``'s / ``init_token_ids``' first P tokens, read
+            in one prefill; a config loaded from a file needs neither) or "vocab" (K/V of random
             frequent tokens).
         num_frozen: leading tokens kept frozen (1: the attention sink, as in the paper and PEFT's
             ``num_frozen_tokens``).
     """
 
-    inits: ClassVar[tuple[str, ...]] = ("text", "vocab")
+    inits: ClassVar[tuple[str, ...]] = ("prefill", "vocab")
     default_lr: ClassVar[float] = 2e-2  # the paper's Adam rate on a text-initialised cache
     cli_fields: ClassVar[dict[str, str]] = {}
-    init: str = "text"
+    init: str = "prefill"
     num_frozen: int = 1
 
     def __post_init__(self) -> None:
@@ -82,7 +83,12 @@ def prefill_targets(
             repeats: that would not be the text's own K/V).
     """
     n = config.num_virtual_tokens
-    if config.init == "text":
+    if config.init == "prefill":
+        if not (config.init_text or config.init_token_ids):
+            raise SoftPromptError(
+                "a cartridge with init='prefill' needs init_text (and a tokenizer) or "
+                "init_token_ids: the text whose first P tokens' keys and values it starts from"
+            )
         ids = text_token_ids(config, ctx)
         if len(ids) < n:
             raise SoftPromptError(
