@@ -67,3 +67,123 @@ def test_p_larger_than_text_is_refused():
 def test_bad_num_frozen_is_refused():
     with pytest.raises(SoftPromptError, match="num_frozen"):
         CartridgeConfig(num_virtual_tokens=4, init_token_ids=[1], num_frozen=5)
+
+
+# ------------------------------------------------------------------------------ distillation
+
+
+def _targets(model, n_rows=6, seed=0):
+    from softprompt.cartridge import teacher_row
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n_rows):
+        conv = torch.randint(3, 110, (9,), generator=g).tolist()
+        rows.append(teacher_row(model.base_model, TEXT, conv, 4, 9, top_k=8))
+    return rows
+
+
+def test_distillation_kl_falls(tmp_path):
+    from softprompt.cartridge import DistillTask
+    from softprompt.trainer import Trainer, TrainArgs
+
+    torch.manual_seed(0)
+    base = tiny_model("llama")
+    with torch.no_grad():  # sharper attention: the random model's output depends on its context
+        for name, p in base.named_parameters():
+            if "q_proj" in name or "k_proj" in name or "v_proj" in name:
+                p.mul_(6)
+            if "lm_head" in name:
+                p.mul_(30)
+    model = sp.attach(base, CartridgeConfig(num_virtual_tokens=12, init="vocab"))
+    train, dev = _targets(model, 8), _targets(model, 4, seed=1)
+    task = DistillTask(model, None)
+    task.pad_id = 0
+    model.eval()
+    before = task.metrics(dev, task.predict(dev))["kl"]
+    args = TrainArgs(
+        output_dir=str(tmp_path), max_steps=30, lr=5e-2, batch_size=4, eval_every=10,
+        progress=False, lower_layer_cache_mb=0,
+    )
+    result = Trainer(model, task, train, dev, args, log=lambda s: None).train()
+    model.eval()
+    after = task.metrics(dev, task.predict(dev))["kl"]
+    assert before > 0.01
+    assert after < 0.5 * before, (before, after)
+    assert result["best"] == pytest.approx(-after, rel=1e-4)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert any('"neg_kl"' in ln for ln in lines)
+    # the prefill init: the teacher's context itself gives zero KL
+    model.add_adapter("exact", CartridgeConfig(num_virtual_tokens=12, init_token_ids=TEXT))
+    assert task.metrics(dev, task.predict(dev))["kl"] < 1e-6
+
+
+def test_topk_kl_is_zero_for_equal_distributions_and_positive_else():
+    from softprompt.cartridge import topk_kl
+
+    logits = torch.randn(3, 20)
+    logp = torch.log_softmax(logits, -1)
+    vals, idx = logp.topk(20, -1)
+    assert topk_kl(logits, idx, vals).abs().max() < 1e-6
+    assert (topk_kl(logits + torch.randn(3, 20), idx, vals) > 0).all()
+
+
+# ------------------------------------------------------------------------------ corpus, command
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [(b"", "empty"), (b"  \n\t", "empty"), (b"abc\x00def", "binary"), (b"\xff\xfeab", "UTF-8")],
+)
+def test_bad_corpus_is_refused(tmp_path, data, match):
+    from softprompt.cartridge import read_corpus
+
+    path = tmp_path / "c.txt"
+    path.write_bytes(data)
+    with pytest.raises(SoftPromptError, match=match):
+        read_corpus(path)
+    with pytest.raises(SoftPromptError, match="does not exist"):
+        read_corpus(tmp_path / "missing.txt")
+
+
+CORPUS = (
+    "The lighthouse of Varn stands on a granite cliff. It was built in 1854 by Ada Morrow. "
+    "Its lamp burns whale oil and can be seen for twenty miles. The keeper, Tomas Reed, "
+    "climbs its 212 steps every evening. In 1901 a storm broke the lens, and a new one came "
+    "from Paris. "
+) * 2
+
+
+def test_cartridge_command_writes_chat_rows_resumes_and_trains(tiny_folders, tmp_path, capsys):
+    import json
+
+    from softprompt.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    out = tmp_path / "run"
+    argv = [
+        "cartridge", str(corpus), "--output", str(out), "--model", tiny_folders["llama"],
+        "--tokens", "16", "--steps", "4", "--conversations", "3", "--dev", "2",
+        "--chunk-tokens", "40", "--max-new-tokens", "8", "--batch-size", "2", "--no-progress",
+    ]
+    assert main(argv) == 0
+    rows = [json.loads(ln) for ln in (out / "selfstudy.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant"]
+    assert rows[0]["messages"][0]["content"] in CORPUS
+    assert len((out / "dev.jsonl").read_text().splitlines()) == 2
+    assert (out / "teacher.pt").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["method"] == "cartridge" and cfg["config"]["num_virtual_tokens"] == 16
+    # resumable: a cut file continues with the same rows
+    lines = (out / "selfstudy.jsonl").read_text().splitlines()
+    (out / "selfstudy.jsonl").write_text(lines[0] + "\n" + lines[1][:10])
+    argv[argv.index("--steps") + 1] = "6"
+    assert main(argv) == 0
+    again = (out / "selfstudy.jsonl").read_text().splitlines()
+    assert again == lines
+    capsys.readouterr()
+    # P larger than the corpus: a clear error
+    assert main([*argv[:6], "--tokens", "5000", *argv[8:]]) == 2
+    assert "larger than the corpus" in capsys.readouterr().err

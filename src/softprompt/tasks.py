@@ -269,6 +269,8 @@ def pad_id(tokenizer) -> int:
 
 def headline(metrics: dict) -> tuple[str, float]:
     """The one number to select on and show: accuracy (classify) or ROUGE-L (generate)."""
+    if "neg_kl" in metrics:  # context distillation (softprompt.cartridge): -KL, higher is better
+        return "neg_kl", float(metrics["neg_kl"])
     if "accuracy" in metrics:
         return "accuracy", float(metrics["accuracy"])
     return "rougeL", float(metrics["rougeL"])
