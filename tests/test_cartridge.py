@@ -187,3 +187,50 @@ def test_cartridge_command_writes_chat_rows_resumes_and_trains(tiny_folders, tmp
     # P larger than the corpus: a clear error
     assert main([*argv[:6], "--tokens", "5000", *argv[8:]]) == 2
     assert "larger than the corpus" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ composition
+
+
+def test_two_cartridges_in_one_row_equal_the_concatenated_text():
+    from softprompt.cartridge import compose
+
+    model = _attach("llama", 12)  # the prefill of TEXT, cut into two cartridges of 6 tokens
+    whole = model.adapters["cart"].prefix.detach()
+    for nm, rows in (("a", whole[:6]), ("b", whole[6:])):
+        ad = model.add_adapter(nm, CartridgeConfig(num_virtual_tokens=6, init="vocab"))
+        ad.load_baked({"prefix": rows})
+    compose(model, ["a", "b"], "ab")
+    model.eval()
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor([CONT]), adapter_names=["ab"]).logits[0]
+        full = model.base_model(input_ids=torch.tensor([TEXT + CONT])).logits[0, 12:]
+        alone_a = model(input_ids=torch.tensor([CONT]), adapter_names=["a"]).logits[0]
+    assert torch.allclose(got, full, atol=1e-5), (got - full).abs().max()
+    assert (alone_a - full).abs().max() > 1e-3
+    with pytest.raises(SoftPromptError, match="cartridges"):
+        model.add_adapter("p", sp.PrefixTuningConfig(num_virtual_tokens=3))
+        compose(model, ["a", "p"], "ap")
+
+
+def test_cartridges_mix_with_task_adapters_across_rows():
+    from conftest import perturb
+
+    model = _attach("llama", 10)
+    model.add_adapter("task", sp.PrefixTuningConfig(num_virtual_tokens=3))
+    perturb(model)
+    model.eval()
+    rows = [[7, 8, 9, 10, 11], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34]]
+    names = ["cart", "task", None]
+    with torch.no_grad():
+        mixed = model(input_ids=torch.tensor(rows), adapter_names=names).logits
+        gen = model.generate(
+            input_ids=torch.tensor(rows), adapter_names=names, max_new_tokens=4, do_sample=False
+        )
+        for i, (r, n) in enumerate(zip(rows, names, strict=True)):
+            alone = model(input_ids=torch.tensor([r]), adapter_names=[n]).logits[0]
+            assert torch.allclose(mixed[i], alone, atol=1e-5)
+            one = model.generate(
+                input_ids=torch.tensor([r]), adapter_names=[n], max_new_tokens=4, do_sample=False
+            )
+            assert torch.equal(gen[i], one[0])

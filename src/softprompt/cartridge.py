@@ -510,3 +510,42 @@ def cmd_cartridge(args) -> None:
         resume=(out / "checkpoint").exists(), progress=not args.no_progress,
     )
     print(json.dumps({k: v for k, v in result.items()}, indent=2))
+
+
+# ------------------------------------------------------------------------------ composition
+
+
+def compose(model, names: Sequence[str], name: str):
+    """Add adapter ``name``: the cartridges ``names`` in one prefix (their K/V concatenated in
+    that order), for rows that should read several corpora. It is a cartridge like any other:
+    it mixes with other adapters across the rows of a batch, in forward, generate and the
+    server (save it and load it there).
+
+    Exact where the parts are consecutive pieces of one prefill (the concatenated text's own
+    K/V); independently made cartridges compose approximately, as in the paper (each was read
+    at its own positions, without the other in context).
+    """
+    from .methods.cartridge import CartridgeConfig
+
+    if len(names) < 2:
+        raise SoftPromptError("compose needs at least two cartridges")
+    model._check_names(list(names))
+    parts = [model.adapters[n] for n in names]
+    bad = [n for n, a in zip(names, parts, strict=True) if a.config.method != "cartridge"]
+    if bad:
+        raise SoftPromptError(f"compose takes cartridges; {bad} are not")
+    offsets = {a.position_offset for a in parts}
+    if offsets != {0}:
+        raise SoftPromptError(
+            "cartridges on a model without shared rotary positions number the real tokens after "
+            "their own length; they cannot be concatenated"
+        )
+    with torch.no_grad():
+        flat = torch.cat([a.prefix.detach() for a in parts], dim=0)
+    cfg = CartridgeConfig(
+        num_virtual_tokens=flat.shape[0], init="vocab", num_frozen=parts[0].config.num_frozen
+    )
+    ad = model.add_adapter(name, cfg, _init=False)
+    ad.load_baked({"prefix": flat})
+    ad.task = parts[0].task
+    return ad
