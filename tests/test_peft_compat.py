@@ -117,7 +117,11 @@ def test_peft_folder_gives_peft_logits_and_generation(peft_dirs, family, kind):
     assert torch.equal(got_gen, want_gen)
     meta = read_adapter_config(path)
     assert meta["method"] == (
-        "prompt" if kind in ("prompt", "ptuning_mlp", "ptuning_lstm") else "deep"
+        "prompt"
+        if kind in ("prompt", "ptuning_mlp", "ptuning_lstm")
+        else "cartridge"
+        if kind == "cartridge"
+        else "deep"
     )
     assert meta["task"] == {"kind": "generate", "template": "{input}"}
 
@@ -633,3 +637,23 @@ def test_a_peft_folder_with_non_finite_weights_is_refused(peft_dirs, tmp_path):
     with pytest.raises(sp.SoftPromptError, match="holds 1 NaN or infinite values"):
         sp.load_adapter(model, d)
     assert len(model.adapters) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cartridge_exports_as_peft_cartridge(tmp_path, family):
+    torch.manual_seed(0)
+    text = [5, 17, 33, 8, 91, 44, 12]
+    model = sp.attach(
+        tiny_model(family),
+        sp.methods.CartridgeConfig(num_virtual_tokens=6, init_token_ids=text, num_frozen=2),
+    )
+    perturb(model)
+    out = save_peft(model, tmp_path / "out")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "CARTRIDGE" and cfg["num_frozen_tokens"] == 2
+    want = sp_logits(model, IDS)
+    assert_close(peft_logits(tiny_model(family), out, IDS), want, atol=1e-4, rtol=0)
+    back = sp.load_adapter(tiny_model(family), out, name="back")
+    assert back.adapters["back"].config.method == "cartridge"
+    assert back.adapters["back"].config.num_frozen == 2
+    assert_close(sp_logits(back, IDS), want, atol=1e-4, rtol=0)

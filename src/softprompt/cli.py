@@ -983,6 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_similar_parser(sub)
     add_export_parser(sub)
+    from .cartridge import add_cartridge_parser
+
+    add_cartridge_parser(sub)
     return parser
 
 

@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 from . import _hf
 from .errors import SoftPromptError
 from .methods.base import AdapterConfig
+from .methods.cartridge import CartridgeConfig
 from .methods.deep_prompt import DeepPromptConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .model import SoftPromptModel
@@ -113,7 +114,15 @@ def peft_meta(directory: Path, data: dict) -> dict:
         config: AdapterConfig = PromptTuningConfig(num_virtual_tokens=n)
         geometry = {"hidden_size": dim} if dim else {}
     else:
-        config = DeepPromptConfig(num_virtual_tokens=n)
+        if ptype == "CARTRIDGE":
+            frozen = data.get("num_frozen_tokens", 1)
+            if not isinstance(frozen, int) or not 0 <= frozen <= n:
+                raise SoftPromptError(
+                    f"{where}: num_frozen_tokens must be an integer in [0, {n}], got {frozen!r}"
+                )
+            config = CartridgeConfig(num_virtual_tokens=n, num_frozen=frozen)
+        else:
+            config = DeepPromptConfig(num_virtual_tokens=n)
         geometry = {}
         if dim:
             geometry["kv_dims"] = [dim]
@@ -366,10 +375,15 @@ def peft_tensor_and_config(
         if ad.position_offset != n:
             tensor = _to_peft_positions(model, ad, tensor, what)
         ptype = source.get("peft_type") if source.get("peft_type") in PREFIX_TYPES else None
+        extra = {}
+        if ad.config.method == "cartridge":
+            ptype = ptype or "CARTRIDGE"
+            extra = {"num_frozen_tokens": ad.config.num_frozen}
         geometry = {
             "num_attention_heads": kv_heads,
             "num_layers": layers,
             "token_dim": kv_heads * head_dim,
+            **extra,
         }
     ptype = ptype or ("PROMPT_TUNING" if "prompt" in baked else "PREFIX_TUNING")
     if ptype == "PREFIX_TUNING" and "encoder_hidden_size" not in source:

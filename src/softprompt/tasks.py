@@ -402,7 +402,10 @@ def pad_id(tokenizer) -> int:
 
 def headline(metrics: dict) -> tuple[str, float]:
     """The one number to select on and show: accuracy (classify), span F1 (tag), exact match
-    (extract) or ROUGE-L (generate)."""
+    (extract), -KL (context distillation, softprompt.cartridge; higher is better) or ROUGE-L
+    (generate, chat)."""
+    if "neg_kl" in metrics:
+        return "neg_kl", float(metrics["neg_kl"])
     if "accuracy" in metrics:
         return "accuracy", float(metrics["accuracy"])
     if "span_f1" in metrics:

@@ -1,6 +1,7 @@
 """Soft-prompt methods, one module each, registered by name in ``base.METHODS``."""
 
 from .base import METHODS, Adapter, AdapterConfig
+from .cartridge import CartridgeConfig
 from .deep_prompt import DeepPromptConfig
 from .p_tuning import PTuningConfig
 from .prefix_tuning import PrefixTuningConfig
@@ -10,6 +11,7 @@ __all__ = [
     "METHODS",
     "Adapter",
     "AdapterConfig",
+    "CartridgeConfig",
     "DeepPromptConfig",
     "PTuningConfig",
     "PrefixTuningConfig",
