@@ -313,7 +313,8 @@ def test_shared_prompt_on_a_half_precision_model():
 
 
 @pytest.mark.parametrize(
-    "family, method", [("llama", "prefix"), ("llama", "prompt"), ("gpt2", "deep"), ("bert", "prefix")]
+    "family, method",
+    [("llama", "prefix"), ("llama", "prompt"), ("gpt2", "deep"), ("bert", "prefix")],
 )
 def test_sdpa_without_a_mask_equals_eager(family, method, monkeypatch):
     """An unpadded batch whose rows all read the whole prefix runs SDPA with no explicit mask
