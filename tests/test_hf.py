@@ -144,13 +144,14 @@ def test_decode_attention_adds_t5s_position_bias_to_the_cache_only():
 
 
 @pytest.mark.parametrize(
-    "family, masks", [("llama", 1), ("qwen3", 1), ("gpt2", 1), ("bert", 1), ("bart", 3), ("t5", 3)]
+    "family, masks", [("llama", 1), ("qwen3", 1), ("gpt2", 1), ("bert", 1), ("bart", 2), ("t5", 3)]
 )
 def test_the_extended_mask_is_built_once_per_kind_of_attention_per_forward(
     family, masks, monkeypatch
 ):
     """Every layer of a forward shares its mask: the prefix columns are added once per kind of
-    attention (self; or encoder, decoder and cross), not once per layer."""
+    attention (self; or encoder, decoder and cross), not once per layer. BART's decoder
+    self-attention gets no mask from transformers and needs none (``_sdpa_mask_free``)."""
     from conftest import inputs_for
 
     model = sp.attach(tiny_model(family))
@@ -306,3 +307,70 @@ def test_shared_prompt_on_a_half_precision_model():
         losses.append(loss.float())
     assert torch.isfinite(losses[0]) and model.adapters["a"].embedding.grad is not None
     assert_close(losses[0], losses[1], atol=2e-2, rtol=1e-2)
+
+
+# ------------------------------------------------------------------------------ mask-free SDPA
+
+
+@pytest.mark.parametrize(
+    "family, method",
+    [("llama", "prefix"), ("llama", "prompt"), ("gpt2", "deep"), ("bert", "prefix")],
+)
+def test_sdpa_without_a_mask_equals_eager(family, method, monkeypatch):
+    """An unpadded batch whose rows all read the whole prefix runs SDPA with no explicit mask
+    (causal: ``causal_lower_right``, so a GPU can pick the flash / efficient kernels): logits and
+    adapter gradients equal eager attention's with its explicit mask."""
+    calls = []
+    free = _hf._sdpa_mask_free
+
+    def counting(*a, **kw):
+        calls.append(a[1].shape[2])  # (module, query, ...): the query length
+        return free(*a, **kw)
+
+    monkeypatch.setattr(_hf, "_sdpa_mask_free", counting)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    out, grads = {}, {}
+    for attn in ("eager", "sdpa"):
+        model = sp.attach(tiny_model(family, attn=attn))
+        model.add_adapter("a", method_config(method))
+        model.add_adapter("b", method_config(method))
+        perturb(model)
+        model.train()
+        res = model(input_ids=ids, adapter_names=["a", "b"])
+        y = res.logits if "logits" in res else res.last_hidden_state
+        y.float().pow(2).mean().backward()
+        out[attn] = y.detach()
+        grads[attn] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert calls and set(calls) == {ids.shape[1]}  # the sdpa run took the mask-free path
+    assert_close(out["sdpa"], out["eager"], atol=1e-5, rtol=1e-5)
+    assert len(grads["sdpa"]) == len(grads["eager"]) > 0
+    for g_s, g_e in zip(grads["sdpa"], grads["eager"], strict=True):
+        assert_close(g_s, g_e, atol=1e-5, rtol=1e-4)
+
+
+def test_mask_free_sdpa_only_where_every_row_reads_its_whole_prefix(monkeypatch):
+    """A row without an adapter, or padding, needs the explicit mask; a cached continuation of
+    several tokens (q < k) keeps the bottom-right alignment and equals eager."""
+    calls = []
+    free = _hf._sdpa_mask_free
+    monkeypatch.setattr(_hf, "_sdpa_mask_free", lambda *a, **kw: calls.append(1) or free(*a, **kw))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    logits = {}
+    for attn in ("eager", "sdpa"):
+        model = sp.attach(tiny_model("llama", attn=attn))
+        model.add_adapter("a", method_config("prefix"))
+        perturb(model)
+        with torch.no_grad():
+            calls.clear()
+            mixed = model(input_ids=ids, adapter_names=["a", None]).logits
+            assert not calls  # row 1 reads no prefix: explicit mask
+            padded = model(
+                input_ids=ids, attention_mask=torch.tensor([[1] * 6, [0, 1, 1, 1, 1, 1]])
+            ).logits
+            assert not calls
+            first = model(input_ids=ids[:, :3], use_cache=True)
+            rest = model(input_ids=ids[:, 3:], past_key_values=first.past_key_values).logits
+            assert bool(calls) == (attn == "sdpa")  # q=3 over 3 + 3 + P keys: mask-free
+        logits[attn] = (mixed, padded[1:, 1:], rest)
+    for s, e in zip(logits["sdpa"], logits["eager"], strict=True):
+        assert_close(s, e, atol=1e-5, rtol=1e-5)

@@ -955,3 +955,53 @@ def test_prompts_of_one_length_share_one_pass_and_each_slot_prefix_is_built_once
         )
     assert passes == [(2, 3, model.info.hidden_size)]
     assert sorted(builds) == list(range(len(model.info.slots)))  # each slot once
+
+
+# ------------------------------------------------------------------------------ host syncs
+
+
+def _softprompt_syncs(fn) -> list[tuple[str, str, int]]:
+    """Run ``fn``; return the tensor-to-host reads (``bool``, ``item``, ``tolist``, ``int``,
+    ``float``, ``index``) made by softprompt's own code, as (what, file, line). On a GPU each is a
+    host-device sync; on the CPU they are counted the same way."""
+    import sys
+
+    calls = []
+    saved = {}
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        orig = saved[name] = getattr(torch.Tensor, name)
+
+        def wrap(self, *a, _orig=orig, _name=name, **kw):
+            frame = sys._getframe(1)
+            if "/softprompt/" in frame.f_code.co_filename.replace("\\", "/"):
+                calls.append((_name, frame.f_code.co_filename.rsplit("/", 1)[-1], frame.f_lineno))
+            return _orig(self, *a, **kw)
+
+        setattr(torch.Tensor, name, wrap)
+    try:
+        fn()
+    finally:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "family, method, most",
+    [("llama", "prefix", 1), ("llama", "prompt", 1), ("bert", "deep", 1), ("gpt2", "prompt", 2)],
+)
+def test_a_training_forward_reads_the_device_at_most_once_or_twice(family, method, most):
+    """A left-padded training forward and backward: one read of the ids (template markers), plus
+    one of the mask where virtual tokens are spliced into each row; none per layer."""
+    model = sp.attach(tiny_model(family))
+    model.add_adapter("a", method_config(method))
+    model.train()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+
+    def step():
+        out = model(input_ids=ids, attention_mask=mask)
+        (out.logits if "logits" in out else out.last_hidden_state).float().sum().backward()
+
+    calls = _softprompt_syncs(step)
+    assert 1 <= len(calls) <= most, calls

@@ -279,6 +279,60 @@ def _decode_attention(query, key, value, attention_mask, k_p, v_p, valid, scalin
     return out.reshape(batch, heads, 1, hd).transpose(1, 2).contiguous()  # (B, 1, H, hd)
 
 
+def _mask_free_ok(state, valid: torch.Tensor, kwargs: dict) -> bool:
+    """Can the prefix join the keys without an explicit mask? Only where the model gave none
+    (no padding: transformers leaves causality to SDPA), every row reads its whole prefix (the
+    state knows that on the host: ``is_full``), and no position bias or paged cache is in play."""
+    is_full = getattr(state, "is_full", None)
+    return (
+        is_full is not None
+        and kwargs.get("position_bias") is None
+        and kwargs.get("cache") is None
+        and not kwargs.get("output_attentions")
+        and is_full(valid)
+    )
+
+
+def _sdpa_mask_free(module, query, key, value, k_p, v_p, kwargs):
+    """SDPA over [prefix; keys] with no materialised mask.
+
+    Causal self-attention with q > 1 queries over P + k keys needs the causal pattern aligned to
+    the bottom right (the queries are the last q keys; the prefix is open to all), which is what
+    ``torch.nn.attention.bias.causal_lower_right`` says without a tensor: on a GPU SDPA then
+    picks its flash or memory-efficient kernel (SDPA's own ``is_causal`` aligns top left, wrong
+    here). Non-causal attention (encoders, a single query) needs no mask at all.
+
+    Args:
+        query: (B, H, q, hd); key, value: (B, kvh, k, hd); k_p, v_p: (B, kvh, P, hd).
+
+    Returns:
+        ((B, q, H, hd), None), as the attention functions return it.
+    """
+    key = torch.cat([k_p.to(key.dtype), key], dim=2)
+    value = torch.cat([v_p.to(value.dtype), value], dim=2)
+    is_causal = kwargs.get("is_causal")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if not (causal and q_len > 1):
+        kwargs["is_causal"] = False
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    from torch.nn.attention.bias import causal_lower_right
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = getattr(module, "num_key_value_groups", 1) or 1
+    if groups > 1:  # the lower-right kernels take as many key heads as query heads
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=causal_lower_right(q_len, k_len),
+        dropout_p=kwargs.get("dropout") or 0.0,
+        scale=kwargs.get("scaling"),
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _softprompt_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         state = kwargs.pop(STATE_KWARG, None) or _GENERATE_STATE.get()
@@ -305,6 +359,8 @@ def _softprompt_attention(base: str) -> Callable:
                 kwargs.get("position_bias"),
             )
             return out, None
+        if base == "sdpa" and attention_mask is None and _mask_free_ok(state, valid, kwargs):
+            return _sdpa_mask_free(module, query, key, value, k_p, v_p, kwargs)
         # Every layer of one forward gets the same mask object: extend it once, not per layer.
         is_causal = kwargs.get("is_causal")
         memo_key = (

@@ -172,9 +172,12 @@ class SoftPromptModel(ModelCompat, AdapterBank, PromptSharing, nn.Module):
                 out[name] = p
         return out
 
-    def _embed(self, ids: torch.Tensor, rows, prompts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Embed ids where negative ids ``-1 - k`` mean the row's virtual token k.  (B, T, d)"""
-        return embed_ids(self.base_model.get_input_embeddings(), ids, rows, prompts)
+    def _embed(
+        self, ids: torch.Tensor, rows, prompts: dict[str, torch.Tensor], need=None
+    ) -> torch.Tensor:
+        """Embed ids where negative ids ``-1 - k`` mean the row's virtual token k.  (B, T, d)
+        (``need``: see ``splice.embed_ids``)"""
+        return embed_ids(self.base_model.get_input_embeddings(), ids, rows, prompts, need)
 
     def _splice(self, *args):
         """``splice.splice_inputs`` for this model's adapters."""
@@ -258,9 +261,15 @@ class SoftPromptModel(ModelCompat, AdapterBank, PromptSharing, nn.Module):
             )
             input_ids = None
         if position_ids is None and self._takes_position_ids and attention_mask is not None:
-            if attention_mask.dim() == 2 and (attention_mask[:, 0] == 0).any():
+            if attention_mask.dim() == 2:
+                # left padding must not shift a row's real positions (cumsum - 1); other
+                # positions keep the model's own 0..T-1 (unpadded rows: exactly the base
+                # model's). Computed for every 2-D mask rather than asking the device whether
+                # the batch is left padded (a host sync per call).
                 q = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-                position_ids = mask_positions(attention_mask)[:, -q:]
+                own = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+                pos = torch.where(attention_mask != 0, mask_positions(attention_mask), own)
+                position_ids = pos[:, -q:]
         offsets = self._position_offsets(rows)
         if offsets is not None:
             q = (input_ids if input_ids is not None else inputs_embeds).shape[1]

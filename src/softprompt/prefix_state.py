@@ -60,6 +60,7 @@ class PrefixState:
         )
         self._memo: dict[tuple[int, int], tuple | None] = {}
         self._valids: dict[tuple, torch.Tensor] = {}
+        self._full: set[int] = set()  # ids of the validity masks that are all True
         self._indices: dict[tuple, torch.Tensor] = {}
         self._tables = bank if bank is not None else {}  # (slot, device) -> stacked table
         # the attention seam's extended masks of this forward: [(memo key, mask)], a few kinds
@@ -128,6 +129,11 @@ class PrefixState:
         self._indices[key] = idx
         return idx
 
+    def is_full(self, valid: torch.Tensor) -> bool:
+        """Whether ``valid`` (from this state) opens every prefix entry to every row: known on
+        the host, so the attention seam can drop the mask without a device sync."""
+        return id(valid) in self._full
+
     def _valid(self, batch: int, lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """(B, P) which prefix entries each row attends to; one object per (batch, lengths), so
         the attention seam can extend a forward's mask once for all layers that share it."""
@@ -142,4 +148,8 @@ class PrefixState:
                     < torch.tensor(lengths, device=device)[:, None]
                 )
                 self._valids[key] = table[self._row_index(batch, device)]
+            if len(lengths) == 1 or (
+                min(self.row_uid) > 0 and len({lengths[u] for u in self.row_uid}) == 1
+            ):
+                self._full.add(id(self._valids[key]))
         return self._valids[key]

@@ -52,10 +52,11 @@ def _splice_layout(
     """
     batch, length = mask.shape
     pmax = max(counts)
-    left = fill_left and not bool((mask[:, -1] == 0).any())
+    host = mask.tolist()  # the one host sync of a splice: each row's real positions
+    left = fill_left and all(r[-1] != 0 for r in host)
     srcs, outs, starts = [], [], []
     for b in range(batch):
-        real = torch.nonzero(mask[b]).flatten().tolist()
+        real = [j for j, v in enumerate(host[b]) if v]
         if placements[b] == "append":
             start = real[-1] + 1 if real else length
         else:
@@ -115,25 +116,35 @@ def offset_positions(
 
 
 def embed_ids(
-    emb_layer: nn.Module, ids: torch.Tensor, rows, prompts: dict[str, torch.Tensor]
+    emb_layer: nn.Module,
+    ids: torch.Tensor,
+    rows,
+    prompts: dict[str, torch.Tensor],
+    need: list[int] | None = None,
 ) -> torch.Tensor:
-    """Embed ids where negative ids ``-1 - k`` mean the row's virtual token k.  (B, T, d)"""
+    """Embed ids where negative ids ``-1 - k`` mean the row's virtual token k.  (B, T, d)
+
+    ``need``: per row, 1 + the highest virtual index its ids hold (0: none), when the caller
+    knows it on the host (a splice does); else it is read from ``ids`` with one host sync.
+    """
     virtual = ids < 0
     emb = emb_layer(ids.clamp(min=0))
-    if not virtual.any():
-        return emb
     k = (-1 - ids).clamp(min=0)  # (B, T) virtual index
+    if need is None:
+        need = (torch.where(virtual, k, -1).amax(dim=1) + 1).tolist() if ids.numel() else []
+    if not any(need):
+        return emb
     vals = []
     for b, name in enumerate(rows):
-        need = int(k[b][virtual[b]].max()) + 1 if virtual[b].any() else 0
-        if need == 0:
+        need_b = need[b]
+        if need_b == 0:
             vals.append(emb.new_zeros(ids.shape[1], emb.shape[-1]))
             continue
         table = prompts.get(name)
-        if table is None or need > table.shape[0]:
+        if table is None or need_b > table.shape[0]:
             have = 0 if table is None else table.shape[0]
             raise SoftPromptError(
-                f"row {b} asks for virtual token {need - 1} but adapter {name!r} has {have}"
+                f"row {b} asks for virtual token {need_b - 1} but adapter {name!r} has {have}"
             )
         table = table.to(emb.dtype)
         vals.append(table[k[b].clamp(max=table.shape[0] - 1)])  # (T, d)
@@ -183,11 +194,11 @@ def splice_inputs(
     vidx = torch.where(virt, -1 - src, torch.zeros_like(src))
     if input_ids is not None:
         ids = torch.where(real, input_ids.gather(1, ridx), torch.where(virt, -1 - vidx, 0))
-        emb = model._embed(ids, rows, prompts)
+        emb = model._embed(ids, rows, prompts, counts)
     else:
         emb = _gather_seq(inputs_embeds, ridx)
         marker = torch.where(virt, -1 - vidx, torch.zeros_like(vidx))
-        emb = torch.where(virt[..., None], model._embed(marker, rows, prompts), emb)
+        emb = torch.where(virt[..., None], model._embed(marker, rows, prompts, counts), emb)
     ext_mask = torch.where(real, mask.gather(1, ridx), virt.to(mask.dtype))
     if position_ids is not None:
         pos = position_ids.gather(1, ridx)
