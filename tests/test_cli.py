@@ -499,7 +499,7 @@ def test_bad_numbers_are_refused_by_the_flags(capsys, argv, message):
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
-        ("method: bogus\n", "method must be one of deep, prefix, prompt, ptuning, got 'bogus'"),
+        ("method: bogus\n", "method must be one of cartridge, deep, prefix, prompt, ptuning, got 'bogus'"),
         ("lr: [0.1, 0.2]\n", "lr must be a single value, got [0.1, 0.2]"),
         ("lr: .nan\n", "lr must be a finite number > 0"),
         ("batch_size: 0\n", "batch_size must be an integer >= 1, got 0"),
