@@ -507,8 +507,8 @@ def load_examples(
     Args:
         path: a ``.jsonl``/``.json``/``.csv``/``.tsv`` file, a ``datasets`` folder, or an
             embedded data set ``"rotten-tomatoes[:split]"`` / ``"aclsum[:split]"``.
-        task: ``"classify"`` (rows need ``text`` and ``label``) or ``"generate"`` (``input`` and
-            ``target``).
+        task: ``"classify"`` (rows need ``text`` and ``label``), ``"generate"`` (``input`` and
+            ``target``), ``"tag"`` or ``"extract"`` (see the module docstring).
         split: the split of a ``datasets`` DatasetDict or embedded data set (default ``train``).
             Not accepted for a plain file, which is a single split.
         skip_bad: skip bad rows instead of raising on the first one.

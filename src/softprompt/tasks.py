@@ -7,6 +7,8 @@
   state, trained with the prompt (P-tuning v2).
 * ``generate``: next-token loss on the target only; prediction by greedy decoding. Decoder-only
   LMs read prompt + target; encoder-decoders read the prompt and decode the target.
+* ``tag`` and ``extract`` (encoders): a BIO tag per word and extractive QA, each with a head per
+  adapter; ``Task(spec, ...)`` returns their classes from ``softprompt.encoder_tasks``.
 
 A task is saved in the adapter's ``adapter_config.json`` (``"task"``), so an adapter file alone
 says how to use it (the CLI's eval/generate and the server read it from there).
