@@ -588,7 +588,8 @@ def load_examples(
         path: a ``.jsonl``/``.json``/``.csv``/``.tsv`` file, a ``datasets`` folder, or an
             embedded data set ``"rotten-tomatoes[:split]"`` / ``"aclsum[:split]"``.
         task: ``"classify"`` (rows need ``text`` and ``label``), ``"generate"`` (``input`` and
-            ``target``) or ``"chat"`` (``messages``).
+            ``target``), ``"chat"`` (``messages``), ``"tag"`` or ``"extract"`` (see the module
+            docstring).
         split: the split of a ``datasets`` DatasetDict or embedded data set (default ``train``).
             Not accepted for a plain file, which is a single split.
         skip_bad: skip bad rows instead of raising on the first one.

@@ -18,6 +18,8 @@
 With ``soft_tokens`` > 0 (an input-level method: the adapter's placement is ``"template"``),
 the chat forms insert the virtual-token markers where ``placement`` says: ``"start"``,
 ``"user"`` or ``"answer"`` (see :mod:`softprompt.chat`).
+* ``tag`` and ``extract`` (encoders): a BIO tag per word and extractive QA, each with a head per
+  adapter; ``Task(spec, ...)`` returns their classes from ``softprompt.encoder_tasks``.
 
 A task is saved in the adapter's ``adapter_config.json`` (``"task"``), so an adapter file alone
 says how to use it (the CLI's eval/generate and the server read it from there).
