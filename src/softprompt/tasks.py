@@ -14,12 +14,12 @@
 * ``classify`` with ``chat=True``: the row's text (through the template, without ``{label}``)
   is the user message, after an optional ``system`` message; the labels are scored as the
   assistant's answer right after the generation prompt (``<|im_start|>assistant\n``).
+* ``tag`` and ``extract`` (encoders): a BIO tag per word and extractive QA, each with a head per
+  adapter; ``Task(spec, ...)`` returns their classes from ``softprompt.encoder_tasks``.
 
 With ``soft_tokens`` > 0 (an input-level method: the adapter's placement is ``"template"``),
 the chat forms insert the virtual-token markers where ``placement`` says: ``"start"``,
 ``"user"`` or ``"answer"`` (see :mod:`softprompt.chat`).
-* ``tag`` and ``extract`` (encoders): a BIO tag per word and extractive QA, each with a head per
-  adapter; ``Task(spec, ...)`` returns their classes from ``softprompt.encoder_tasks``.
 
 A task is saved in the adapter's ``adapter_config.json`` (``"task"``), so an adapter file alone
 says how to use it (the CLI's eval/generate and the server read it from there).
