@@ -138,7 +138,7 @@ def test_old_task_specs_load_with_the_new_defaults():
     old = {"kind": "generate", "template": "{input}", "max_new_tokens": 8}
     spec = TaskSpec.from_dict(old)
     assert (spec.placement, spec.loss_turns, spec.soft_tokens, spec.chat) == (
-        "user",
+        "start",
         "all",
         0,
         False,
