@@ -81,10 +81,14 @@ def build_tasks() -> dict[str, dict]:
         # a related target for transfer: sentiment in another format and other label words
         "opinion": dict(
             template="Text: {text}\nOpinion: {label}",
-            train=[{"text": r["text"], "label": {"positive": "good", "negative": "bad"}[r["label"]]}
-                   for r in rt[1240:1440]],
-            dev=[{"text": r["text"], "label": {"positive": "good", "negative": "bad"}[r["label"]]}
-                 for r in rt_dev[2 * DEV : 3 * DEV]],
+            train=[
+                {"text": r["text"], "label": {"positive": "good", "negative": "bad"}[r["label"]]}
+                for r in rt[1240:1440]
+            ],
+            dev=[
+                {"text": r["text"], "label": {"positive": "good", "negative": "bad"}[r["label"]]}
+                for r in rt_dev[2 * DEV : 3 * DEV]
+            ],
         ),
     }
 
@@ -108,8 +112,16 @@ def dev_acc(model, name, task, dev) -> float:
 
 def train_one(model, name, task, train, steps, seed, out, batch=8) -> float:
     model.set_active(name)
-    args = TrainArgs(output_dir=str(out / name), max_steps=steps, lr=LR, batch_size=batch,
-                     eval_every=10**6, seed=seed, progress=False, log_every=10)
+    args = TrainArgs(
+        output_dir=str(out / name),
+        max_steps=steps,
+        lr=LR,
+        batch_size=batch,
+        eval_every=10**6,
+        seed=seed,
+        progress=False,
+        log_every=10,
+    )
     t = time.time()
     Trainer(model, task, rows(train, name), None, args, log=lambda _: None).train()
     return time.time() - t
@@ -122,8 +134,17 @@ def main() -> None:
     model = sp.attach(base, tokenizer=tok)
     data = build_tasks()
     tmp = Path(tempfile.mkdtemp(prefix="bench-multi-"))
-    result: dict = {"config": dict(tokens=TOKENS, lr=LR, steps=STEPS, max_length=MAXLEN,
-                                   dev_rows=DEV, method="prompt", threads=2)}
+    result: dict = {
+        "config": dict(
+            tokens=TOKENS,
+            lr=LR,
+            steps=STEPS,
+            max_length=MAXLEN,
+            dev_rows=DEV,
+            method="prompt",
+            threads=2,
+        )
+    }
 
     # 1. sequential vs one --tasks run
     names = ["sent", "length", "domain"]
@@ -134,8 +155,14 @@ def main() -> None:
         seq_acc[n] = dev_acc(model, f"seq_{n}", task, data[n]["dev"])
         print(f"sequential {n}: {seq_time[n]:.1f}s dev {seq_acc[n]:.3f}", flush=True)
     tasks = {n: (add(model, n, data[n]), rows(data[n]["train"], n), []) for n in names}
-    args = TrainArgs(output_dir=str(tmp / "multi"), max_steps=STEPS, lr=LR, batch_size=24,
-                     eval_every=STEPS, progress=False)
+    args = TrainArgs(
+        output_dir=str(tmp / "multi"),
+        max_steps=STEPS,
+        lr=LR,
+        batch_size=24,
+        eval_every=STEPS,
+        progress=False,
+    )
     t = time.time()
     mt = MultiTaskTrainer(model, tasks, args, log=lambda _: None)
     info = mt.train()
@@ -143,8 +170,12 @@ def main() -> None:
     multi_acc = {n: dev_acc(model, n, tasks[n][0], data[n]["dev"]) for n in names}
     print(f"multi: {multi_time:.1f}s dev {multi_acc}", flush=True)
     result["multitask"] = dict(
-        sequential_s=seq_time, sequential_total_s=sum(seq_time.values()), multi_s=multi_time,
-        speedup=sum(seq_time.values()) / multi_time, sequential_dev=seq_acc, multi_dev=multi_acc,
+        sequential_s=seq_time,
+        sequential_total_s=sum(seq_time.values()),
+        multi_s=multi_time,
+        speedup=sum(seq_time.values()) / multi_time,
+        sequential_dev=seq_acc,
+        multi_dev=multi_acc,
         multi_rows_seen={n: v["rows_seen"] for n, v in info["tasks"].items()},
         multi_updates={n: v["updates"] for n, v in info["tasks"].items()},
     )
@@ -168,9 +199,7 @@ def main() -> None:
     OUT.write_text(json.dumps(result, indent=2))
     # retrieval: the 50-row vocab-init opinion prompt against the three source prompts
     mine = prompt_rows(model.adapters["t_opinion_50_vocab"])
-    result["similar"] = {
-        n: similarity(mine, prompt_rows(model.adapters[n])) for n in names
-    }
+    result["similar"] = {n: similarity(mine, prompt_rows(model.adapters[n])) for n in names}
 
     # 3. ensembles: 3 seeds on sentiment, test rows
     test = [e.fields for e in load_examples("rotten-tomatoes:test", "classify")][:200]
@@ -185,8 +214,9 @@ def main() -> None:
     for combine in ("mean", "vote"):
         t = time.time()
         preds = ensemble_predict(model, [task] * 3, members, rows(test, "test"), 32, combine)
-        ens[combine] = dict(acc=headline(task.metrics(rows(test, "test"), preds))[1],
-                            seconds=time.time() - t)
+        ens[combine] = dict(
+            acc=headline(task.metrics(rows(test, "test"), preds))[1], seconds=time.time() - t
+        )
     result["ensemble"] = dict(single=single, best_single=max(single.values()), **ens)
     print(json.dumps(result["ensemble"]), flush=True)
     OUT.write_text(json.dumps(result, indent=2))
