@@ -37,7 +37,7 @@ from softprompt.trainer import TrainArgs, Trainer  # noqa: E402
 from softprompt.transfer import init_from, prompt_rows, similarity  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "multitask.json"
-TOKENS, LR, STEPS, MAXLEN, DEV = 10, 1e-2, 15, 48, 100
+TOKENS, LR, STEPS, MAXLEN, DEV, BATCH = 10, 1e-2, 15, 48, 100, 8
 
 
 def rows(fields: list[dict], tag: str) -> list[Example]:
@@ -110,7 +110,8 @@ def dev_acc(model, name, task, dev) -> float:
     return headline(task.metrics(rows(dev, "dev"), preds))[1]
 
 
-def train_one(model, name, task, train, steps, seed, out, batch=8) -> float:
+def train_one(model, name, task, train, steps, seed, out, batch=None) -> float:
+    batch = batch or BATCH
     model.set_active(name)
     args = TrainArgs(
         output_dir=str(out / name),
@@ -128,6 +129,18 @@ def train_one(model, name, task, train, steps, seed, out, batch=8) -> float:
 
 
 def main() -> None:
+    global STEPS, MAXLEN, DEV, BATCH
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="multitask,transfer,ensemble")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--batch", type=int, default=BATCH, help="rows per task per step")
+    ap.add_argument("--max-length", type=int, default=MAXLEN)
+    ap.add_argument("--dev", type=int, default=DEV)
+    opt = ap.parse_args()
+    STEPS, BATCH, MAXLEN, DEV = opt.steps, opt.batch, opt.max_length, opt.dev
+    sections = opt.sections.split(",")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     base, tok = load_base("smollm2-135m-instruct")
@@ -136,6 +149,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-multi-"))
     result: dict = {
         "config": dict(
+            batch=BATCH,
+            sections=sections,
             tokens=TOKENS,
             lr=LR,
             steps=STEPS,
@@ -159,7 +174,7 @@ def main() -> None:
         output_dir=str(tmp / "multi"),
         max_steps=STEPS,
         lr=LR,
-        batch_size=24,
+        batch_size=3 * BATCH,
         eval_every=STEPS,
         progress=False,
     )
@@ -181,44 +196,46 @@ def main() -> None:
     )
     OUT.write_text(json.dumps(result, indent=2))
 
-    # 2. transfer: source = sequential sentiment adapter; targets at 50 / 200 rows
-    src_dir = tmp / "seq_sent" / "adapter"
-    transfer = []
-    for target in ("opinion",):
-        for n_rows in (50, 200):
-            for init in ("vocab", "transfer"):
-                name = f"t_{target}_{n_rows}_{init}"
-                task = add(model, name, data[target], seed=1)
-                if init == "transfer":
-                    init_from(model, name, src_dir)
-                train_one(model, name, task, data[target]["train"][:n_rows], 12, 1, tmp)
-                acc = dev_acc(model, name, task, data[target]["dev"])
-                transfer.append(dict(target=target, rows=n_rows, init=init, dev=acc))
-                print(f"transfer {name}: dev {acc:.3f}", flush=True)
-    result["transfer"] = transfer
-    OUT.write_text(json.dumps(result, indent=2))
-    # retrieval: the 50-row vocab-init opinion prompt against the three source prompts
-    mine = prompt_rows(model.adapters["t_opinion_50_vocab"])
-    result["similar"] = {n: similarity(mine, prompt_rows(model.adapters[n])) for n in names}
+    if "transfer" in sections:
+        # 2. transfer: source = sequential sentiment adapter; targets at 50 / 200 rows
+        src_dir = tmp / "seq_sent" / "adapter"
+        transfer = []
+        for target in ("opinion",):
+            for n_rows in (50, 200):
+                for init in ("vocab", "transfer"):
+                    name = f"t_{target}_{n_rows}_{init}"
+                    task = add(model, name, data[target], seed=1)
+                    if init == "transfer":
+                        init_from(model, name, src_dir)
+                    train_one(model, name, task, data[target]["train"][:n_rows], 12, 1, tmp)
+                    acc = dev_acc(model, name, task, data[target]["dev"])
+                    transfer.append(dict(target=target, rows=n_rows, init=init, dev=acc))
+                    print(f"transfer {name}: dev {acc:.3f}", flush=True)
+        result["transfer"] = transfer
+        OUT.write_text(json.dumps(result, indent=2))
+        # retrieval: the 50-row vocab-init opinion prompt against the three source prompts
+        mine = prompt_rows(model.adapters["t_opinion_50_vocab"])
+        result["similar"] = {n: similarity(mine, prompt_rows(model.adapters[n])) for n in names}
 
-    # 3. ensembles: 3 seeds on sentiment, test rows
-    test = [e.fields for e in load_examples("rotten-tomatoes:test", "classify")][:200]
-    members = ["seq_sent"]
-    for seed in (1, 2):
-        task = add(model, f"ens{seed}", data["sent"], seed=seed)
-        train_one(model, f"ens{seed}", task, data["sent"]["train"], STEPS, seed, tmp)
-        members.append(f"ens{seed}")
-    task = Task(spec_of(data["sent"]), model, tok)
-    single = {m: dev_acc(model, m, task, test) for m in members}
-    ens = {}
-    for combine in ("mean", "vote"):
-        t = time.time()
-        preds = ensemble_predict(model, [task] * 3, members, rows(test, "test"), 32, combine)
-        ens[combine] = dict(
-            acc=headline(task.metrics(rows(test, "test"), preds))[1], seconds=time.time() - t
-        )
-    result["ensemble"] = dict(single=single, best_single=max(single.values()), **ens)
-    print(json.dumps(result["ensemble"]), flush=True)
+    if "ensemble" in sections:
+        # 3. ensembles: 3 seeds on sentiment, test rows
+        test = [e.fields for e in load_examples("rotten-tomatoes:test", "classify")][:200]
+        members = ["seq_sent"]
+        for seed in (1, 2):
+            task = add(model, f"ens{seed}", data["sent"], seed=seed)
+            train_one(model, f"ens{seed}", task, data["sent"]["train"], STEPS, seed, tmp)
+            members.append(f"ens{seed}")
+        task = Task(spec_of(data["sent"]), model, tok)
+        single = {m: dev_acc(model, m, task, test) for m in members}
+        ens = {}
+        for combine in ("mean", "vote"):
+            t = time.time()
+            preds = ensemble_predict(model, [task] * 3, members, rows(test, "test"), 32, combine)
+            ens[combine] = dict(
+                acc=headline(task.metrics(rows(test, "test"), preds))[1], seconds=time.time() - t
+            )
+        result["ensemble"] = dict(single=single, best_single=max(single.values()), **ens)
+        print(json.dumps(result["ensemble"]), flush=True)
     OUT.write_text(json.dumps(result, indent=2))
     print(f"wrote {OUT}")
 
