@@ -1,6 +1,6 @@
 """Several tasks in one run, prompt transfer and prompt ensembles on SmolLM2-135M (CPU).
 
-    nice -n 10 python bench/multitask.py      # ~10 minutes on 2 CPU threads; writes
+    nice -n 10 python bench/multitask.py      # ~10 minutes on 2 busy CPU threads; writes
                                               # bench/results/multitask.json
 
 1. Wall time: three prompt-tuning tasks built from the embedded data (Rotten Tomatoes
@@ -37,7 +37,7 @@ from softprompt.trainer import TrainArgs, Trainer  # noqa: E402
 from softprompt.transfer import init_from, prompt_rows, similarity  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "multitask.json"
-TOKENS, LR, STEPS, MAXLEN, DEV = 10, 1e-2, 30, 64, 150
+TOKENS, LR, STEPS, MAXLEN, DEV, BATCH = 10, 1e-2, 15, 48, 100, 8
 
 
 def rows(fields: list[dict], tag: str) -> list[Example]:
@@ -81,10 +81,14 @@ def build_tasks() -> dict[str, dict]:
         # a related target for transfer: sentiment in another format and other label words
         "opinion": dict(
             template="Text: {text}\nOpinion: {label}",
-            train=[{"text": r["text"], "label": {"positive": "good", "negative": "bad"}[r["label"]]}
-                   for r in rt[1240:1440]],
-            dev=[{"text": r["text"], "label": {"positive": "good", "negative": "bad"}[r["label"]]}
-                 for r in rt_dev[2 * DEV : 3 * DEV]],
+            train=[
+                {"text": r["text"], "label": {"positive": "good", "negative": "bad"}[r["label"]]}
+                for r in rt[1240:1440]
+            ],
+            dev=[
+                {"text": r["text"], "label": {"positive": "good", "negative": "bad"}[r["label"]]}
+                for r in rt_dev[2 * DEV : 3 * DEV]
+            ],
         ),
     }
 
@@ -106,24 +110,56 @@ def dev_acc(model, name, task, dev) -> float:
     return headline(task.metrics(rows(dev, "dev"), preds))[1]
 
 
-def train_one(model, name, task, train, steps, seed, out, batch=8) -> float:
+def train_one(model, name, task, train, steps, seed, out, batch=None) -> float:
+    batch = batch or BATCH
     model.set_active(name)
-    args = TrainArgs(output_dir=str(out / name), max_steps=steps, lr=LR, batch_size=batch,
-                     eval_every=10**6, seed=seed, progress=False, log_every=10)
+    args = TrainArgs(
+        output_dir=str(out / name),
+        max_steps=steps,
+        lr=LR,
+        batch_size=batch,
+        eval_every=10**6,
+        seed=seed,
+        progress=False,
+        log_every=10,
+    )
     t = time.time()
     Trainer(model, task, rows(train, name), None, args, log=lambda _: None).train()
     return time.time() - t
 
 
 def main() -> None:
+    global STEPS, MAXLEN, DEV, BATCH
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="multitask,transfer,ensemble")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--batch", type=int, default=BATCH, help="rows per task per step")
+    ap.add_argument("--max-length", type=int, default=MAXLEN)
+    ap.add_argument("--dev", type=int, default=DEV)
+    opt = ap.parse_args()
+    STEPS, BATCH, MAXLEN, DEV = opt.steps, opt.batch, opt.max_length, opt.dev
+    sections = opt.sections.split(",")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     base, tok = load_base("smollm2-135m-instruct")
     model = sp.attach(base, tokenizer=tok)
     data = build_tasks()
     tmp = Path(tempfile.mkdtemp(prefix="bench-multi-"))
-    result: dict = {"config": dict(tokens=TOKENS, lr=LR, steps=STEPS, max_length=MAXLEN,
-                                   dev_rows=DEV, method="prompt", threads=2)}
+    result: dict = {
+        "config": dict(
+            batch=BATCH,
+            sections=sections,
+            tokens=TOKENS,
+            lr=LR,
+            steps=STEPS,
+            max_length=MAXLEN,
+            dev_rows=DEV,
+            method="prompt",
+            threads=2,
+        )
+    }
 
     # 1. sequential vs one --tasks run
     names = ["sent", "length", "domain"]
@@ -134,8 +170,14 @@ def main() -> None:
         seq_acc[n] = dev_acc(model, f"seq_{n}", task, data[n]["dev"])
         print(f"sequential {n}: {seq_time[n]:.1f}s dev {seq_acc[n]:.3f}", flush=True)
     tasks = {n: (add(model, n, data[n]), rows(data[n]["train"], n), []) for n in names}
-    args = TrainArgs(output_dir=str(tmp / "multi"), max_steps=STEPS, lr=LR, batch_size=24,
-                     eval_every=STEPS, progress=False)
+    args = TrainArgs(
+        output_dir=str(tmp / "multi"),
+        max_steps=STEPS,
+        lr=LR,
+        batch_size=3 * BATCH,
+        eval_every=STEPS,
+        progress=False,
+    )
     t = time.time()
     mt = MultiTaskTrainer(model, tasks, args, log=lambda _: None)
     info = mt.train()
@@ -143,50 +185,57 @@ def main() -> None:
     multi_acc = {n: dev_acc(model, n, tasks[n][0], data[n]["dev"]) for n in names}
     print(f"multi: {multi_time:.1f}s dev {multi_acc}", flush=True)
     result["multitask"] = dict(
-        sequential_s=seq_time, sequential_total_s=sum(seq_time.values()), multi_s=multi_time,
-        speedup=sum(seq_time.values()) / multi_time, sequential_dev=seq_acc, multi_dev=multi_acc,
+        sequential_s=seq_time,
+        sequential_total_s=sum(seq_time.values()),
+        multi_s=multi_time,
+        speedup=sum(seq_time.values()) / multi_time,
+        sequential_dev=seq_acc,
+        multi_dev=multi_acc,
         multi_rows_seen={n: v["rows_seen"] for n, v in info["tasks"].items()},
         multi_updates={n: v["updates"] for n, v in info["tasks"].items()},
     )
+    OUT.write_text(json.dumps(result, indent=2))
 
-    # 2. transfer: source = sequential sentiment adapter; targets at 50 / 200 rows
-    src_dir = tmp / "seq_sent" / "adapter"
-    transfer = []
-    for target in ("opinion", "length"):
-        for n_rows in (50, 200):
-            for init in ("vocab", "transfer"):
-                name = f"t_{target}_{n_rows}_{init}"
-                task = add(model, name, data[target], seed=1)
-                if init == "transfer":
-                    init_from(model, name, src_dir)
-                train_one(model, name, task, data[target]["train"][:n_rows], 20, 1, tmp)
-                acc = dev_acc(model, name, task, data[target]["dev"])
-                transfer.append(dict(target=target, rows=n_rows, init=init, dev=acc))
-                print(f"transfer {name}: dev {acc:.3f}", flush=True)
-    result["transfer"] = transfer
-    # retrieval: the 50-row vocab-init opinion prompt against the three source prompts
-    mine = prompt_rows(model.adapters["t_opinion_50_vocab"])
-    result["similar"] = {
-        n: similarity(mine, prompt_rows(model.adapters[n])) for n in names
-    }
+    if "transfer" in sections:
+        # 2. transfer: source = sequential sentiment adapter; targets at 50 / 200 rows
+        src_dir = tmp / "seq_sent" / "adapter"
+        transfer = []
+        for target in ("opinion",):
+            for n_rows in (50, 200):
+                for init in ("vocab", "transfer"):
+                    name = f"t_{target}_{n_rows}_{init}"
+                    task = add(model, name, data[target], seed=1)
+                    if init == "transfer":
+                        init_from(model, name, src_dir)
+                    train_one(model, name, task, data[target]["train"][:n_rows], 12, 1, tmp)
+                    acc = dev_acc(model, name, task, data[target]["dev"])
+                    transfer.append(dict(target=target, rows=n_rows, init=init, dev=acc))
+                    print(f"transfer {name}: dev {acc:.3f}", flush=True)
+        result["transfer"] = transfer
+        OUT.write_text(json.dumps(result, indent=2))
+        # retrieval: the 50-row vocab-init opinion prompt against the three source prompts
+        mine = prompt_rows(model.adapters["t_opinion_50_vocab"])
+        result["similar"] = {n: similarity(mine, prompt_rows(model.adapters[n])) for n in names}
 
-    # 3. ensembles: 3 seeds on sentiment, test rows
-    test = [e.fields for e in load_examples("rotten-tomatoes:test", "classify")][:300]
-    members = ["seq_sent"]
-    for seed in (1, 2):
-        task = add(model, f"ens{seed}", data["sent"], seed=seed)
-        train_one(model, f"ens{seed}", task, data["sent"]["train"], STEPS, seed, tmp)
-        members.append(f"ens{seed}")
-    task = Task(spec_of(data["sent"]), model, tok)
-    single = {m: dev_acc(model, m, task, test) for m in members}
-    ens = {}
-    for combine in ("mean", "vote"):
-        t = time.time()
-        preds = ensemble_predict(model, [task] * 3, members, rows(test, "test"), 32, combine)
-        ens[combine] = dict(acc=headline(task.metrics(rows(test, "test"), preds))[1],
-                            seconds=time.time() - t)
-    result["ensemble"] = dict(single=single, best_single=max(single.values()), **ens)
-    print(json.dumps(result["ensemble"]), flush=True)
+    if "ensemble" in sections:
+        # 3. ensembles: 3 seeds on sentiment, test rows
+        test = [e.fields for e in load_examples("rotten-tomatoes:test", "classify")][:200]
+        members = ["seq_sent"]
+        for seed in (1, 2):
+            task = add(model, f"ens{seed}", data["sent"], seed=seed)
+            train_one(model, f"ens{seed}", task, data["sent"]["train"], STEPS, seed, tmp)
+            members.append(f"ens{seed}")
+        task = Task(spec_of(data["sent"]), model, tok)
+        single = {m: dev_acc(model, m, task, test) for m in members}
+        ens = {}
+        for combine in ("mean", "vote"):
+            t = time.time()
+            preds = ensemble_predict(model, [task] * 3, members, rows(test, "test"), 32, combine)
+            ens[combine] = dict(
+                acc=headline(task.metrics(rows(test, "test"), preds))[1], seconds=time.time() - t
+            )
+        result["ensemble"] = dict(single=single, best_single=max(single.values()), **ens)
+        print(json.dumps(result["ensemble"]), flush=True)
     OUT.write_text(json.dumps(result, indent=2))
     print(f"wrote {OUT}")
 

@@ -126,3 +126,68 @@ def test_similar_ranks_a_copy_of_the_target_first(model, tmp_path, tiny_folders,
     assert lines[0]["adapter"].endswith("c_copy") and lines[0]["mean"] == pytest.approx(
         1.0, abs=1e-6
     )
+
+
+def test_train_init_from_on_the_command_line(tiny_folders, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    rows = [{"text": t, "label": lab} for t, lab in [("great fun", "pos"), ("dull", "neg")] * 4]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def train(out, *extra):
+        argv = [
+            "train",
+            "--model",
+            tiny_folders["llama"],
+            "--train",
+            data,
+            "--output",
+            out,
+            "--max-steps",
+            2,
+            "--batch-size",
+            4,
+            "--num-virtual-tokens",
+            3,
+            "--no-progress",
+            *extra,
+        ]
+        return main([str(a) for a in argv])
+
+    assert train(tmp_path / "src", "--method", "prompt", "--lr", "0.5") == 0
+    src = load_file(tmp_path / "src" / "adapter" / "adapter.safetensors")
+    # a learning rate of 1e-12: the new run ends where it started, i.e. at the source's prompt
+    assert (
+        train(
+            tmp_path / "dst",
+            "--method",
+            "prompt",
+            "--lr",
+            "1e-12",
+            "--seed",
+            "5",
+            "--init-from",
+            tmp_path / "src",
+        )
+        == 0
+    )
+    dst = load_file(tmp_path / "dst" / "adapter" / "adapter.safetensors")
+    torch.testing.assert_close(dst["prompt"], src["prompt"], atol=1e-8, rtol=0)
+    capsys.readouterr()
+    assert train(tmp_path / "bad", "--method", "prefix", "--init-from", tmp_path / "src") == 2
+    assert "it is a 'prompt' adapter, this run trains 'prefix'" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "adapter").exists()
+    assert (
+        train(
+            tmp_path / "bad2",
+            "--method",
+            "prompt",
+            "--num-virtual-tokens",
+            4,
+            "--init-from",
+            tmp_path / "src",
+        )
+        == 2
+    )
+    assert "another shape" in capsys.readouterr().err
