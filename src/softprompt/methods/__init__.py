@@ -2,6 +2,7 @@
 
 from .base import METHODS, Adapter, AdapterConfig
 from .deep_prompt import DeepPromptConfig
+from .multitask_prompt import MultitaskPromptConfig
 from .p_tuning import PTuningConfig
 from .prefix_tuning import PrefixTuningConfig
 from .prompt_tuning import PromptTuningConfig
@@ -11,6 +12,7 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "DeepPromptConfig",
+    "MultitaskPromptConfig",
     "PTuningConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
