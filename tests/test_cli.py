@@ -830,3 +830,32 @@ def test_train_flag_defaults_are_the_dataclasses_defaults():
     assert helps["patience"].startswith("dev evaluations without improvement")
     assert helps["patience"].endswith("(default: %(default)s)")
     assert helps["num_virtual_tokens"].startswith("number of virtual tokens")
+
+
+def test_mpt_stage_two_from_the_cli(tmp_path, capsys, tiny_folders, cls_data):
+    """Stage 1 (prompt tuning) then stage 2 (mpt on its prompt, shared frozen): the saved stage-2
+    adapter names its shared source and rank; its trainable file keeps the shared prompt."""
+    llama = tiny_folders["llama"]
+    code, _, err = run_cli(capsys, *train_args(llama, cls_data, tmp_path / "s1", "prompt"))
+    assert code == 0, err
+    stage2 = train_args(
+        llama,
+        cls_data,
+        tmp_path / "s2",
+        "mpt",
+        "--shared-from",
+        tmp_path / "s1" / "adapter",
+        "--num-ranks",
+        2,
+        "--freeze-shared",
+    )
+    code, _, err = run_cli(capsys, *stage2)
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "s2" / "adapter" / "adapter_config.json").read_text())["config"]
+    assert cfg["method"] == "mpt" and cfg["num_ranks"] == 2 and cfg["train_shared"] is False
+    assert cfg["shared_init_from"] == str(tmp_path / "s1" / "adapter")
+    s1 = load_file(str(tmp_path / "s1" / "adapter" / "adapter.safetensors"))["prompt"]
+    (state,) = list((tmp_path / "s2").rglob("trainable.safetensors"))
+    state = load_file(str(state))
+    assert torch.equal(state["shared"], s1)  # frozen: the shared prompt never moved
+    assert state["cols"].shape == (1, 3, 2) and state["rows"].shape[:2] == (1, 2)
