@@ -139,3 +139,19 @@ def test_bad_config_and_shared_source_are_refused(tmp_path):
             tiny_model("llama"),
             sp.MultitaskPromptConfig(num_virtual_tokens=4, shared_init_from=str(tmp_path / "s")),
         )
+
+
+def test_export_to_peft_is_its_baked_prompt(tmp_path):
+    from softprompt.peft_compat import save_peft
+
+    path = peft_mpt_folder("llama", tmp_path / "mpt")
+    model = sp.load_adapter(tiny_model("llama"), path)
+    model.adapters[model.active].set_task(1)
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+    out = save_peft(model, tmp_path / "out")
+    pm = PeftModel.from_pretrained(tiny_model("llama"), out).eval()
+    assert pm.peft_config["default"].peft_type == "PROMPT_TUNING"
+    with torch.no_grad():
+        got = pm(input_ids=IDS).logits[:, -IDS.shape[1] :]
+    assert_close(got, want, atol=1e-4, rtol=0)
