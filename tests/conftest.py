@@ -161,10 +161,12 @@ def method_config(method: str, **kw) -> sp.AdapterConfig:
         return sp.DeepPromptConfig(num_virtual_tokens=kw.pop("n", 3), **kw)
     if method == "ptuning":
         return sp.PTuningConfig(num_virtual_tokens=kw.pop("n", 4), encoder_hidden_size=16, **kw)
+    if method == "mpt":
+        return sp.MultitaskPromptConfig(num_virtual_tokens=kw.pop("n", 4), num_ranks=2, **kw)
     raise ValueError(method)
 
 
-METHODS = ("prompt", "prefix", "deep", "ptuning")
+METHODS = ("prompt", "prefix", "deep", "ptuning", "mpt")
 
 
 def perturb(model: sp.SoftPromptModel, scale: float = 0.5, seed: int = 1) -> None:

@@ -499,7 +499,10 @@ def test_bad_numbers_are_refused_by_the_flags(capsys, argv, message):
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
-        ("method: bogus\n", "method must be one of cartridge, deep, prefix, prompt, ptuning, got 'bogus'"),
+        (
+            "method: bogus\n",
+            "method must be one of cartridge, deep, prefix, prompt, ptuning, got 'bogus'",
+        ),
         ("lr: [0.1, 0.2]\n", "lr must be a single value, got [0.1, 0.2]"),
         ("lr: .nan\n", "lr must be a finite number > 0"),
         ("batch_size: 0\n", "batch_size must be an integer >= 1, got 0"),
@@ -956,3 +959,32 @@ def test_chat_errors_are_one_clear_message(tmp_path, capsys, tiny_folders, cls_d
     args = train_args(plain, cls_data, tmp_path / "o2", "prompt")
     code, _, err = run_cli(capsys, *args, "--task", "chat", "--train", rows, "--eval", rows)
     assert code == 2 and "has no chat template" in err and "Traceback" not in err
+
+
+def test_mpt_stage_two_from_the_cli(tmp_path, capsys, tiny_folders, cls_data):
+    """Stage 1 (prompt tuning) then stage 2 (mpt on its prompt, shared frozen): the saved stage-2
+    adapter names its shared source and rank; its trainable file keeps the shared prompt."""
+    llama = tiny_folders["llama"]
+    code, _, err = run_cli(capsys, *train_args(llama, cls_data, tmp_path / "s1", "prompt"))
+    assert code == 0, err
+    stage2 = train_args(
+        llama,
+        cls_data,
+        tmp_path / "s2",
+        "mpt",
+        "--shared-from",
+        tmp_path / "s1" / "adapter",
+        "--num-ranks",
+        2,
+        "--freeze-shared",
+    )
+    code, _, err = run_cli(capsys, *stage2)
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "s2" / "adapter" / "adapter_config.json").read_text())["config"]
+    assert cfg["method"] == "mpt" and cfg["num_ranks"] == 2 and cfg["train_shared"] is False
+    assert cfg["shared_init_from"] == str(tmp_path / "s1" / "adapter")
+    s1 = load_file(str(tmp_path / "s1" / "adapter" / "adapter.safetensors"))["prompt"]
+    (state,) = list((tmp_path / "s2").rglob("trainable.safetensors"))
+    state = load_file(str(state))
+    assert torch.equal(state["shared"], s1)  # frozen: the shared prompt never moved
+    assert state["cols"].shape == (1, 3, 2) and state["rows"].shape[:2] == (1, 2)

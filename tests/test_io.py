@@ -47,7 +47,7 @@ def test_saved_keys_and_config(tmp_path, method):
     tensors = load_file(tmp_path / "ad" / "adapter.safetensors")
     meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     p = model.adapters["task"].num_virtual_tokens
-    if method in ("prompt", "ptuning"):
+    if method in ("prompt", "ptuning", "mpt"):
         assert list(tensors) == ["prompt"] and tensors["prompt"].shape == (p, 32)
         assert meta["slots"] == []
     else:

@@ -13,6 +13,7 @@ from .io import save_adapter  # noqa: E402
 from .methods import (  # noqa: E402
     AdapterConfig,
     DeepPromptConfig,
+    MultitaskPromptConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
     PTuningConfig,
@@ -22,6 +23,7 @@ from .model import SoftPromptModel, attach, load_adapter  # noqa: E402
 __all__ = [
     "AdapterConfig",
     "DeepPromptConfig",
+    "MultitaskPromptConfig",
     "PTuningConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",

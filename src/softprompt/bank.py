@@ -93,8 +93,9 @@ class AdapterBank:
         self.active = name
         for key, p in self.named_parameters():
             if is_adapter_key(key):
-                baked = self.adapters[key.split(".")[1]].is_baked
-                p.requires_grad_(name is not None and is_adapter_key(key, name) and not baked)
+                _, owner, param = key.split(".", 2)
+                trains = self.adapters[owner].trains(param)
+                p.requires_grad_(name is not None and is_adapter_key(key, name) and trains)
             else:
                 p.requires_grad_(False)
 

@@ -875,6 +875,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=_field_defaults(METHODS["ptuning"][0])["encoder"],
         help="P-tuning prompt encoder",
     )
+    mpt = _field_defaults(METHODS["mpt"][0])
+    t.add_argument(
+        "--num-ranks",
+        type=_POSITIVE,
+        default=mpt["num_ranks"],
+        help="mpt: rank of the task's multiplicative update of the shared prompt",
+    )
+    t.add_argument(
+        "--shared-from",
+        dest="shared_init_from",
+        default=mpt["shared_init_from"],
+        help="mpt: adapter folder (softprompt prompt/mpt, or PEFT PROMPT_TUNING / "
+        "MULTITASK_PROMPT_TUNING) whose prompt starts the shared prompt",
+    )
+    t.add_argument(
+        "--freeze-shared",
+        dest="train_shared",
+        action="store_false",
+        default=mpt["train_shared"],
+        help="mpt: train only the rank-r factors, the shared prompt stays as loaded",
+    )
     t.add_argument("--epochs", type=_finite(0, False), default=loop["epochs"])
     t.add_argument("--max-steps", type=_POSITIVE)
     t.add_argument(

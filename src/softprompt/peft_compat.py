@@ -55,6 +55,8 @@ BIN_NAME = "adapter_model.bin"
 KEY = "prompt_embeddings"
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
 PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+MPT_TYPE = "MULTITASK_PROMPT_TUNING"
+MPT_KEYS = ("prefix_task_cols", "prefix_task_rows")  # besides KEY, the shared prompt
 TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION")
 # A PEFT folder has no softprompt task: generate from the raw input.
 PLAIN_TASK = {"kind": "generate", "template": "{input}"}
@@ -83,10 +85,10 @@ def peft_meta(directory: Path, data: dict) -> dict:
     """
     where = directory / CONFIG_NAME
     ptype = data.get("peft_type")
-    if ptype not in PROMPT_TYPES + PREFIX_TYPES:
+    if ptype not in PROMPT_TYPES + PREFIX_TYPES + (MPT_TYPE,):
         raise SoftPromptError(
             f"{where}: peft_type {ptype!r} is not supported; softprompt loads the PEFT "
-            f"prompt-learning types {list(PROMPT_TYPES + PREFIX_TYPES)} "
+            f"prompt-learning types {list(PROMPT_TYPES + PREFIX_TYPES + (MPT_TYPE,))} "
             "(LoRA and other weight adapters change the model's weights, not its prompt)"
         )
     task_type = data.get("task_type")
@@ -110,8 +112,21 @@ def peft_meta(directory: Path, data: dict) -> dict:
     if not isinstance(n, int) or n < 1:
         raise SoftPromptError(f"{where}: num_virtual_tokens must be a positive integer, got {n!r}")
     dim = data.get("token_dim")
-    if ptype in PROMPT_TYPES:
-        config: AdapterConfig = PromptTuningConfig(num_virtual_tokens=n)
+    if ptype == MPT_TYPE:
+        from .methods.multitask_prompt import MultitaskPromptConfig
+
+        ranks, tasks = data.get("num_ranks") or 1, data.get("num_tasks") or 1
+        if not all(isinstance(v, int) and v >= 1 for v in (ranks, tasks)):
+            raise SoftPromptError(
+                f"{where}: num_ranks and num_tasks must be positive integers, got "
+                f"{ranks!r} and {tasks!r}"
+            )
+        config: AdapterConfig = MultitaskPromptConfig(
+            num_virtual_tokens=n, num_ranks=ranks, num_tasks=tasks
+        )
+        geometry = {"hidden_size": dim} if dim else {}
+    elif ptype in PROMPT_TYPES:
+        config = PromptTuningConfig(num_virtual_tokens=n)
         geometry = {"hidden_size": dim} if dim else {}
     else:
         if ptype == "CARTRIDGE":
@@ -147,6 +162,32 @@ def read_peft_weights(directory: Path) -> torch.Tensor:
     Returns:
         (rows, width) float tensor.
     """
+    tensors, where = read_peft_tensors(directory)
+    extra = sorted(set(tensors) - {KEY})
+    if extra:
+        raise SoftPromptError(
+            f"{where} holds {extra} besides {KEY!r}: trained model weights (e.g. a classifier "
+            "head), not a soft prompt; softprompt cannot load them"
+        )
+    return _checked(tensors, KEY, where, 2)
+
+
+def _checked(tensors: dict, key: str, where: Path, dim: int) -> torch.Tensor:
+    """``tensors[key]``, refused unless a finite float tensor of ``dim`` dimensions."""
+    if key not in tensors or tensors[key].dim() != dim:
+        raise SoftPromptError(f"{where} has no {dim}-D tensor {key!r}")
+    table = tensors[key]
+    if not table.is_floating_point() or not torch.isfinite(table).all():
+        bad = int((~torch.isfinite(table.float())).sum())
+        raise SoftPromptError(
+            f"{where}: tensor {key!r} holds {bad} NaN or infinite values (or is not a float "
+            "tensor); the adapter is broken: retrain it"
+        )
+    return table
+
+
+def read_peft_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """Every tensor of a PEFT folder's weights file (see ``read_peft_weights``), and the file."""
     st, binary = directory / WEIGHTS_NAME, directory / BIN_NAME
     if st.is_file():
         try:
@@ -174,22 +215,7 @@ def read_peft_weights(directory: Path) -> torch.Tensor:
         raise SoftPromptError(
             f"{directory} has a PEFT adapter_config.json but neither {WEIGHTS_NAME} nor {BIN_NAME}"
         )
-    extra = sorted(set(tensors) - {KEY})
-    if extra:
-        raise SoftPromptError(
-            f"{where} holds {extra} besides {KEY!r}: trained model weights (e.g. a classifier "
-            "head), not a soft prompt; softprompt cannot load them"
-        )
-    if KEY not in tensors or tensors[KEY].dim() != 2:
-        raise SoftPromptError(f"{where} has no 2-D tensor {KEY!r}")
-    table = tensors[KEY]
-    if not table.is_floating_point() or not torch.isfinite(table).all():
-        bad = int((~torch.isfinite(table.float())).sum())
-        raise SoftPromptError(
-            f"{where}: tensor {KEY!r} holds {bad} NaN or infinite values (or is not a float "
-            "tensor); the adapter is broken: retrain it"
-        )
-    return table
+    return tensors, where
 
 
 def _model_heads(model) -> int | None:
@@ -212,7 +238,7 @@ def _check_base(model: SoftPromptModel, directory: Path, data: dict, rows: int, 
     diffs = []
     if info.is_encoder_decoder:
         diffs.append("the model is an encoder-decoder; the adapter is for a decoder-only model")
-    if ptype in PROMPT_TYPES:
+    if ptype in PROMPT_TYPES + (MPT_TYPE,):
         if width != info.hidden_size:
             diffs.append(
                 f"token_dim: adapter has {width}, model has hidden size {info.hidden_size}"
@@ -262,6 +288,8 @@ def load_peft(
     """
     directory = Path(directory)
     data = meta["peft"]
+    if data["peft_type"] == MPT_TYPE:
+        return _load_peft_mpt(model, directory, meta, name)
     table = read_peft_weights(directory).float()  # (P, hidden) or (P, layers * 2 * token_dim)
     _check_base(model, directory, data, *table.shape)
     prefix = data["peft_type"] in PREFIX_TYPES
@@ -278,6 +306,48 @@ def load_peft(
             adapter.load_baked({"prefix" if prefix else "prompt": table.to(model.device)})
         adapter.task = dict(meta["task"])
         adapter.position_offset = table.shape[0] if prefix else 0
+        adapter.source = {"peft": data}
+    except Exception:
+        model.delete_adapter(name)
+        raise
+    model.set_active(name)
+    return model
+
+
+def _load_peft_mpt(
+    model: SoftPromptModel, directory: Path, meta: dict, name: str | None
+) -> SoftPromptModel:
+    """A PEFT MULTITASK_PROMPT_TUNING folder as softprompt's ``mpt`` method, task 0 active
+    (PEFT's ``task_ids``: set ``adapter.config.task_id`` for another task)."""
+    data = meta["peft"]
+    tensors, where = read_peft_tensors(directory)
+    extra = sorted(set(tensors) - {KEY, *MPT_KEYS})
+    if extra:
+        raise SoftPromptError(
+            f"{where} holds {extra} besides {[KEY, *MPT_KEYS]}: not a multitask prompt; "
+            "softprompt cannot load them"
+        )
+    shared = _checked(tensors, KEY, where, 2).float()  # (P, d)
+    cols = _checked(tensors, MPT_KEYS[0], where, 3).float()  # (tasks, P, r)
+    rows = _checked(tensors, MPT_KEYS[1], where, 3).float()  # (tasks, r, d)
+    _check_base(model, directory, data, *shared.shape)
+    config = AdapterConfig.from_dict(meta["config"])
+    want = {
+        MPT_KEYS[0]: (config.num_tasks, config.num_virtual_tokens, config.num_ranks),
+        MPT_KEYS[1]: (config.num_tasks, config.num_ranks, shared.shape[1]),
+    }
+    for key, t in ((MPT_KEYS[0], cols), (MPT_KEYS[1], rows)):
+        if tuple(t.shape) != want[key]:
+            raise SoftPromptError(
+                f"{where}: tensor {key!r} has shape {tuple(t.shape)}; adapter_config.json "
+                f"(num_tasks, num_virtual_tokens, num_ranks) implies {want[key]}"
+            )
+    name = name or "default"
+    adapter = model.add_adapter(name, config, _init=False)
+    try:
+        with torch.no_grad():
+            adapter.load_factors(shared, cols, rows)
+        adapter.task = dict(meta["task"])
         adapter.source = {"peft": data}
     except Exception:
         model.delete_adapter(name)
@@ -342,6 +412,8 @@ def peft_tensor_and_config(
     if ad.task_head is not None:
         raise SoftPromptError(f"{what} has a task head; PEFT prompt learning has no place for it")
     source = (ad.source or {}).get("peft") or {}
+    if source.get("peft_type") == MPT_TYPE:  # exported as its baked prompt: PROMPT_TUNING
+        source = {"base_model_name_or_path": source.get("base_model_name_or_path")}
     with torch.no_grad():
         baked = {k: v.detach().float().cpu() for k, v in ad.baked_tensors().items()}
     n = ad.num_virtual_tokens

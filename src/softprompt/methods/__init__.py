@@ -3,6 +3,7 @@
 from .base import METHODS, Adapter, AdapterConfig
 from .cartridge import CartridgeConfig
 from .deep_prompt import DeepPromptConfig
+from .multitask_prompt import MultitaskPromptConfig
 from .p_tuning import PTuningConfig
 from .prefix_tuning import PrefixTuningConfig
 from .prompt_tuning import PromptTuningConfig
@@ -13,6 +14,7 @@ __all__ = [
     "AdapterConfig",
     "CartridgeConfig",
     "DeepPromptConfig",
+    "MultitaskPromptConfig",
     "PTuningConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",

@@ -240,6 +240,11 @@ class Adapter(nn.Module):
     def is_baked(self) -> bool:
         return False
 
+    def trains(self, param: str) -> bool:
+        """Whether parameter ``param`` (a name in ``named_parameters()``) trains when the
+        adapter is active: all of them unless baked (a method may keep some frozen)."""
+        return not self.is_baked
+
     def bake(self) -> None:
         """Replace any reparameterisation by its output (idempotent)."""
         with torch.no_grad():
