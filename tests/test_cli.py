@@ -501,7 +501,7 @@ def test_bad_numbers_are_refused_by_the_flags(capsys, argv, message):
     [
         (
             "method: bogus\n",
-            "method must be one of cartridge, deep, prefix, prompt, ptuning, got 'bogus'",
+            "method must be one of cartridge, deep, mpt, prefix, prompt, ptuning, got 'bogus'",
         ),
         ("lr: [0.1, 0.2]\n", "lr must be a single value, got [0.1, 0.2]"),
         ("lr: .nan\n", "lr must be a finite number > 0"),
