@@ -58,11 +58,19 @@ def dev_kls(model, tok, rows, names):
 @torch.no_grad()
 def latency(model, tok, adapter, question, new=16):
     """Seconds to generate ``new`` tokens for a question with ``adapter``'s prefix."""
-    head = C.render(tok, [{"role": "system", "content": "x"}, {"role": "user", "content": question}], True)
+    head = C.render(
+        tok, [{"role": "system", "content": "x"}, {"role": "user", "content": question}], True
+    )
     ids = head[len(C.render(tok, [{"role": "system", "content": "x"}])) :]
     t0 = time.perf_counter()
-    model.generate(input_ids=torch.tensor([ids]), adapter_names=[adapter], max_new_tokens=new,
-                   min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+    model.generate(
+        input_ids=torch.tensor([ids]),
+        adapter_names=[adapter],
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
     return round(time.perf_counter() - t0, 2)
 
 
@@ -85,42 +93,67 @@ def main() -> None:
     corpus_ctx = C.context_ids(tok, text)
     out = Path(args.out)
     report = {
-        "corpus": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "corpus_tokens": len(corpus_ctx), "runs": [],
+        "corpus": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "corpus_tokens": len(corpus_ctx),
+        "runs": [],
     }
     info = model.info
     per_token = sum(2 * s.kv_dim for s in info.slots) * 4  # float32 bytes
     t0 = time.time()
-    model.add_adapter("full", CartridgeConfig(num_virtual_tokens=len(corpus_ctx),
-                                              init_token_ids=corpus_ctx, num_frozen=0))
+    model.add_adapter(
+        "full",
+        CartridgeConfig(
+            num_virtual_tokens=len(corpus_ctx), init_token_ids=corpus_ctx, num_frozen=0
+        ),
+    )
     report["full_text_prefill_s"] = round(time.time() - t0, 1)
     print("full prefill", report["full_text_prefill_s"], flush=True)
     for p in args.tokens:
         p = p or len(corpus_ctx) // 8
         t0 = time.time()
-        model.add_adapter(f"trunc{p}", CartridgeConfig(num_virtual_tokens=p,
-                                                      init_token_ids=corpus_ctx, num_frozen=0))
+        model.add_adapter(
+            f"trunc{p}",
+            CartridgeConfig(num_virtual_tokens=p, init_token_ids=corpus_ctx, num_frozen=0),
+        )
         res = C.train_cartridge(
-            model, tok, text, out, tokens=p, steps=args.steps, conversations=args.conversations,
-            dev=args.dev, chunk_tokens=args.chunk_tokens, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, eval_every=max(1, args.steps // 3), progress=False,
-            name=f"cart{p}", log=lambda s: print(s, flush=True),
+            model,
+            tok,
+            text,
+            out,
+            tokens=p,
+            steps=args.steps,
+            conversations=args.conversations,
+            dev=args.dev,
+            chunk_tokens=args.chunk_tokens,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            eval_every=max(1, args.steps // 3),
+            progress=False,
+            name=f"cart{p}",
+            log=lambda s: print(s, flush=True),
         )
         # the best adapter on the held-out rows, as the command leaves it
         sp.load_adapter(model, out / "adapter", name=f"best{p}")
         rows = C.read_rows(out / C.DEV_NAME)
-        kls, n = dev_kls(model, tok, rows, {"bare": None, "truncated": f"trunc{p}",
-                                            "cartridge": f"best{p}"})
+        kls, n = dev_kls(
+            model, tok, rows, {"bare": None, "truncated": f"trunc{p}", "cartridge": f"best{p}"}
+        )
         gap = kls["bare"]
         q = "Who holds the copyright of Python?"
         run = {
-            "P": p, "fraction_of_text": round(p / len(corpus_ctx), 4), "dev_tokens": n,
-            "kl": kls, "gap_closed": round(1 - kls["cartridge"] / gap, 3) if gap else None,
+            "P": p,
+            "fraction_of_text": round(p / len(corpus_ctx), 4),
+            "dev_tokens": n,
+            "kl": kls,
+            "gap_closed": round(1 - kls["cartridge"] / gap, 3) if gap else None,
             "beats_truncated": kls["cartridge"] < kls["truncated"],
             "kv_bytes": {"cartridge": p * per_token, "full_text": len(corpus_ctx) * per_token},
             "train": {k: res[k] for k in ("steps", "best", "lr", "dev_kl_bare", "dev_kl_init")},
-            "latency_s_16_tokens": {"cartridge": latency(model, tok, f"best{p}", q),
-                                    "full_text_cached": latency(model, tok, "full", q)},
+            "latency_s_16_tokens": {
+                "cartridge": latency(model, tok, f"best{p}", q),
+                "full_text_cached": latency(model, tok, "full", q),
+            },
             "wall_s": round(time.time() - t0, 1),
         }
         report["runs"].append(run)

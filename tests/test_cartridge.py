@@ -85,7 +85,7 @@ def _targets(model, n_rows=6, seed=0):
 
 def test_distillation_kl_falls(tmp_path):
     from softprompt.cartridge import DistillTask
-    from softprompt.trainer import Trainer, TrainArgs
+    from softprompt.trainer import TrainArgs, Trainer
 
     torch.manual_seed(0)
     base = tiny_model("llama")
@@ -102,8 +102,13 @@ def test_distillation_kl_falls(tmp_path):
     model.eval()
     before = task.metrics(dev, task.predict(dev))["kl"]
     args = TrainArgs(
-        output_dir=str(tmp_path), max_steps=30, lr=5e-2, batch_size=4, eval_every=10,
-        progress=False, lower_layer_cache_mb=0,
+        output_dir=str(tmp_path),
+        max_steps=30,
+        lr=5e-2,
+        batch_size=4,
+        eval_every=10,
+        progress=False,
+        lower_layer_cache_mb=0,
     )
     result = Trainer(model, task, train, dev, args, log=lambda s: None).train()
     model.eval()
@@ -163,9 +168,27 @@ def test_cartridge_command_writes_chat_rows_resumes_and_trains(tiny_folders, tmp
     corpus.write_text(CORPUS)
     out = tmp_path / "run"
     argv = [
-        "cartridge", str(corpus), "--output", str(out), "--model", tiny_folders["llama"],
-        "--tokens", "16", "--steps", "4", "--conversations", "3", "--dev", "2",
-        "--chunk-tokens", "40", "--max-new-tokens", "8", "--batch-size", "2", "--no-progress",
+        "cartridge",
+        str(corpus),
+        "--output",
+        str(out),
+        "--model",
+        tiny_folders["llama"],
+        "--tokens",
+        "16",
+        "--steps",
+        "4",
+        "--conversations",
+        "3",
+        "--dev",
+        "2",
+        "--chunk-tokens",
+        "40",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "2",
+        "--no-progress",
     ]
     assert main(argv) == 0
     rows = [json.loads(ln) for ln in (out / "selfstudy.jsonl").read_text().splitlines()]

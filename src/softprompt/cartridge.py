@@ -74,7 +74,7 @@ def read_corpus(path: str | Path) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SoftPromptError(
-            f"corpus {path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r})"
+            f"corpus {path} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 4]!r})"
         ) from e
     if not text.strip():
         raise SoftPromptError(f"corpus {path} is empty")
@@ -113,7 +113,11 @@ def split_row(tok, messages: list[dict]) -> dict:
         {"context": ids of the system message, "conv": ids of the rest, "answer": (start, end)
         of the last assistant message (its text and end-of-turn token) in ``conv``}.
     """
-    if not messages or messages[0].get("role") != "system" or messages[-1].get("role") != "assistant":
+    if (
+        not messages
+        or messages[0].get("role") != "system"
+        or messages[-1].get("role") != "assistant"
+    ):
         raise SoftPromptError("a self-study row is [system (the chunk), ..., assistant]")
     full = render(tok, messages)
     ctx = render(tok, messages[:1])
@@ -193,7 +197,10 @@ def self_study(
                     )
                 ask = rng.choice(SEED_KINDS[kind])
                 question = _generate(
-                    base, tok, [system, {"role": "user", "content": ask}], max_new_tokens // 2,
+                    base,
+                    tok,
+                    [system, {"role": "user", "content": ask}],
+                    max_new_tokens // 2,
                     seed=rng.randrange(2**31),
                 )
                 question = question or ask
@@ -280,8 +287,13 @@ def teacher_row(base, context: list[int], conv: list[int], start: int, end: int,
     c = len(context)
     logp = F.log_softmax(logits[c + start - 1 : c + end - 1], dim=-1)  # (A, V)
     vals, idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
-    return {"prompt": list(conv), "start": start, "end": end, "topk_ids": idx.cpu(),
-            "topk_logp": vals.cpu()}
+    return {
+        "prompt": list(conv),
+        "start": start,
+        "end": end,
+        "topk_ids": idx.cpu(),
+        "topk_logp": vals.cpu(),
+    }
 
 
 def save_targets(targets: list[dict], path: str | Path) -> None:
@@ -425,8 +437,16 @@ def train_cartridge(
             "that many tokens"
         )
     train_path, dev_path = self_study(
-        model, tok, text, out, conversations=conversations, dev=dev,
-        chunk_tokens=chunk_tokens, max_new_tokens=max_new_tokens, seed=seed, log=log,
+        model,
+        tok,
+        text,
+        out,
+        conversations=conversations,
+        dev=dev,
+        chunk_tokens=chunk_tokens,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        log=log,
     )
     train = _targets(model, tok, train_path, out / TEACHER_NAME, top_k, log)
     held = _targets(model, tok, dev_path, out / "teacher_dev.pt", top_k, log)
@@ -443,10 +463,18 @@ def train_cartridge(
     init = task.metrics(held, task.predict(held))["kl"]
     log(f"dev KL: bare model {bare:.4f}, cartridge at init {init:.4f}")
     args = TrainArgs(
-        output_dir=str(out), max_steps=steps, lr=lr, batch_size=batch_size,
-        eval_every=eval_every, seed=seed, resume=resume, progress=progress,
-        eval_batch_size=batch_size, log_every=max(1, min(10, steps // 10)),
-        lower_layer_cache_mb=0, warmup_ratio=0.0,
+        output_dir=str(out),
+        max_steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        seed=seed,
+        resume=resume,
+        progress=progress,
+        eval_batch_size=batch_size,
+        log_every=max(1, min(10, steps // 10)),
+        lower_layer_cache_mb=0,
+        warmup_ratio=0.0,
     )
     result = Trainer(model, task, train, held, args, log=log).train()
     return {**result, "dev_kl_bare": bare, "dev_kl_init": init}
@@ -494,8 +522,16 @@ def cmd_cartridge(args) -> None:
     from .loading import load_base
     from .model import attach
 
-    for flag in ("tokens", "steps", "conversations", "dev", "chunk_tokens", "max_new_tokens",
-                 "top_k", "batch_size"):
+    for flag in (
+        "tokens",
+        "steps",
+        "conversations",
+        "dev",
+        "chunk_tokens",
+        "max_new_tokens",
+        "top_k",
+        "batch_size",
+    ):
         if getattr(args, flag) < 1:
             raise SoftPromptError(f"--{flag.replace('_', '-')} must be positive")
     text = read_corpus(args.corpus)
@@ -503,11 +539,22 @@ def cmd_cartridge(args) -> None:
     model = attach(base, tokenizer=tok)
     out = Path(args.output)
     result = train_cartridge(
-        model, tok, text, out, tokens=args.tokens, steps=args.steps,
-        conversations=args.conversations, dev=args.dev, chunk_tokens=args.chunk_tokens,
-        max_new_tokens=args.max_new_tokens, top_k=args.top_k, lr=args.lr,
-        batch_size=args.batch_size, seed=args.seed,
-        resume=(out / "checkpoint").exists(), progress=not args.no_progress,
+        model,
+        tok,
+        text,
+        out,
+        tokens=args.tokens,
+        steps=args.steps,
+        conversations=args.conversations,
+        dev=args.dev,
+        chunk_tokens=args.chunk_tokens,
+        max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        resume=(out / "checkpoint").exists(),
+        progress=not args.no_progress,
     )
     print(json.dumps({k: v for k, v in result.items()}, indent=2))
 

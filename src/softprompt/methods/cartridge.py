@@ -65,16 +65,17 @@ class CartridgeConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.num_frozen, int) or not 0 <= self.num_frozen <= self.num_virtual_tokens:
+        if (
+            not isinstance(self.num_frozen, int)
+            or not 0 <= self.num_frozen <= self.num_virtual_tokens
+        ):
             raise SoftPromptError(
                 f"CartridgeConfig.num_frozen must be an integer in [0, num_virtual_tokens="
                 f"{self.num_virtual_tokens}], got {self.num_frozen!r}"
             )
 
 
-def prefill_targets(
-    config: CartridgeConfig, ctx: InitContext, layout: FlatPrefix
-) -> torch.Tensor:
+def prefill_targets(config: CartridgeConfig, ctx: InitContext, layout: FlatPrefix) -> torch.Tensor:
     """(P, width) flat K/V of the first P tokens of the init text, read in one prefill (or of
     sampled frequent tokens for ``init="vocab"``).
 
