@@ -257,3 +257,56 @@ def test_cartridges_mix_with_task_adapters_across_rows():
                 input_ids=torch.tensor([r]), adapter_names=[n], max_new_tokens=4, do_sample=False
             )
             assert torch.equal(gen[i], one[0])
+
+
+def test_server_serves_a_composed_cartridge_beside_a_task_adapter(tiny_folders, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt import server as srv
+    from softprompt.cartridge import compose
+
+    folder = tiny_folders["llama"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(folder), tokenizer=tok)
+    plain = {"kind": "generate", "template": "{input}"}
+    for nm, text in (("a", "The lighthouse stands on a cliff."), ("b", "Ada Morrow built it.")):
+        model.add_adapter(nm, CartridgeConfig(num_virtual_tokens=5, init_text=text)).task = plain
+    compose(model, ["a", "b"], "ab")
+    model.add_adapter("task", sp.PrefixTuningConfig(num_virtual_tokens=3)).task = plain
+    from conftest import perturb
+
+    perturb(model)
+    dirs = {}
+    for nm in ("ab", "task"):
+        model.save_adapter(tmp_path / nm, nm)
+        dirs[nm] = str(tmp_path / nm)
+    app = srv.create_app(
+        AutoModelForCausalLM.from_pretrained(folder), tok, dirs, srv.ServeSettings(max_wait_ms=50)
+    )
+    prompt = "who built it"
+    ids = tok(prompt)["input_ids"]
+    with TestClient(app) as client:
+
+        def ask(nm):
+            body = {"model": nm, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+            return client.post("/v1/completions", json=body)
+
+        with ThreadPoolExecutor(2) as pool:  # both in the server's batch
+            answers = list(pool.map(ask, ["ab", "task"]))
+    for nm, r in zip(["ab", "task"], answers, strict=True):
+        assert r.status_code == 200, r.text
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([ids]),
+                adapter_names=[nm],
+                max_new_tokens=4,
+                do_sample=False,
+                min_new_tokens=4,
+                pad_token_id=srv.pad_id(tok),
+            )
+        want = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+        got = r.json()["choices"][0]["text"]
+        assert want.startswith(got), (nm, got, want)
