@@ -179,6 +179,13 @@ class GenerationRow:
         stop: strings that end the completion (not included in the text).
         seed: seed of this row's own sampling generator (None: a random one); any integer,
             taken modulo 2**64.
+        stop_ids: token ids that end this row (None: the model's EOS ids); a chat row's
+            end-of-turn token.
+        logprobs: keep each new token's log-probability and this many top alternatives
+            (None: none).
+        stream: report text as it is generated (``on_delta``), held back only while it may be
+            the start of a stop string or an unfinished multi-byte character.
+        abort: when set (the client went away), the row ends at the next decode step.
     """
 
     ids: list[int]
@@ -188,6 +195,10 @@ class GenerationRow:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stop_ids: tuple[int, ...] | None = None
+    logprobs: int | None = None
+    stream: bool = False
+    abort: threading.Event | None = field(default=None, compare=False, repr=False)
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -215,6 +226,9 @@ class _RowSampler:
                 gen.manual_seed(r.seed % 2**64 if r.seed is not None else secrets.randbits(63))
                 self.sampled.append((b, r.temperature, r.top_p, gen))
         self.adapters = [r.adapter for r in rows]
+        self.want_logprobs = [(b, r.logprobs) for b, r in enumerate(rows) if r.logprobs is not None]
+        # per row, one entry per step: {"id", "logprob", "top": [(id, logprob), ...]}
+        self.entries: list[list[dict]] = [[] for _ in rows]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         bad = scores.isnan().any(-1)  # (B,)
@@ -224,8 +238,16 @@ class _RowSampler:
                 f"adapter {self.adapters[b]!r} gave NaN logits; its weights are not finite "
                 "(or overflow in this dtype): load a good adapter"
             )
-        if not self.sampled:
-            return scores
+        raw = scores
+        if self.sampled:
+            scores = self._sample(scores)
+        for b, k in self.want_logprobs:  # the model's distribution (before temperature)
+            logp = F.log_softmax(raw[b].float(), dim=-1)  # (V,)
+            chosen = int(scores[b].argmax())
+            self.entries[b].append(token_entry(logp, chosen, k))
+        return scores
+
+    def _sample(self, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.clone()  # (B, V)
         for b, temperature, top_p, gen in self.sampled:
             logits = scores[b].float()  # (V,)
@@ -245,36 +267,99 @@ class _RowSampler:
         return scores
 
 
+def token_entry(logp: torch.Tensor, token: int, top: int) -> dict:
+    """A token's log-probability and the ``top`` most likely tokens at its position.
+
+    Args:
+        logp: (V,) log-probabilities at the position.
+    """
+    entry = {"id": token, "logprob": float(logp[token]), "top": []}
+    if top > 0:
+        values, ids = logp.topk(min(top, logp.shape[-1]))
+        entry["top"] = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return entry
+
+
+def _unfinished_tail(text: str) -> int:
+    """How many trailing characters of ``text`` are U+FFFD (a multi-byte character whose
+    remaining bytes are still to come)."""
+    return len(text) - len(text.rstrip("\ufffd"))
+
+
 class Cancelled(Exception):
     """``generate_rows`` was cancelled (``cancel`` set) before every row finished."""
 
 
 class _RowStops:
-    """Stopping criterion: each row ends on EOS, its own ``max_tokens`` or a stop string; every
-    row ends at once when ``cancel`` is set (checked between decode steps).
+    """Stopping criterion: each row ends on its stop tokens (EOS), its own ``max_tokens`` or a
+    stop string; a row whose ``abort`` is set ends at the next step; every row ends at once when
+    ``cancel`` is set (checked between decode steps).
 
     Calls ``on_done(b, result)`` the moment row b finishes, so its answer can go out while the
-    rest of the batch is still generating.
+    rest of the batch is still generating, and ``on_delta(b, text, entries)`` after each step
+    of a streamed row with the text (and log-probability entries) released since the last
+    call. The released text is always a prefix of the row's final text.
     """
 
-    def __init__(self, rows, eos: list[int], decode, on_done, cancel=None) -> None:
+    def __init__(
+        self, rows, eos: list[int], decode, on_done, cancel=None, on_delta=None, sampler=None
+    ) -> None:
         self.rows = rows
         self.cancel = cancel
-        self.eos = set(eos)
+        self.eos = set(eos)  # every row's stop ids: generate pads a row after any of them
         self.decode = decode
         self.on_done = on_done
+        self.on_delta = on_delta
+        self.sampler = sampler
         self.start: int | None = None
         self.results: list[dict | None] = [None] * len(rows)
+        self.ends: list[list[int]] = [[] for _ in rows]  # per token: end of its text
+        self.sent: list[str] = [""] * len(rows)  # text released to on_delta
+        self.sent_entries = [0] * len(rows)
+        self.hold = [max((len(x) for x in r.stop), default=1) - 1 for r in rows]
+
+    def _entries(self, b: int, n: int) -> list[dict] | None:
+        if self.sampler is None or self.rows[b].logprobs is None:
+            return None
+        return self.sampler.entries[b][:n]
 
     def _finish(self, b: int, tokens: list[int], reason: str) -> None:
         text = self.decode(tokens)
         stops = [i for i in (text.find(s) for s in self.rows[b].stop) if i >= 0]
+        entries = self._entries(b, len(tokens))
         if stops:
             text, reason = text[: min(stops)], "stop"
-        result = {"text": text, "finish_reason": reason, "completion_tokens": len(tokens)}
+            ends = self.ends[b]
+            keep = sum(1 for i in range(len(tokens)) if (ends[i - 1] if i else 0) < len(text))
+            tokens = tokens[:keep]
+            entries = None if entries is None else entries[:keep]
+        result = {
+            "text": text,
+            "finish_reason": reason,
+            "completion_tokens": len(tokens),
+            "token_ids": tokens,
+            "logprobs": entries,
+        }
         self.results[b] = result
         if self.on_done is not None:
             self.on_done(b, result)
+
+    def _release(self, b: int, text: str) -> None:
+        """Send row b's new text, less what may still change (a stop string's start, an
+        unfinished character)."""
+        if not text.startswith(self.sent[b]):  # decoding changed earlier text: wait for the end
+            return
+        safe = len(text) - max(_unfinished_tail(text), self.hold[b])
+        if safe <= len(self.sent[b]):
+            return
+        delta = text[len(self.sent[b]) : safe]
+        self.sent[b] = text[:safe]
+        entries = None
+        if self.rows[b].logprobs is not None:
+            n = sum(1 for e in self.ends[b] if e <= safe)
+            entries = self._entries(b, n)[self.sent_entries[b] :]
+            self.sent_entries[b] = n
+        self.on_delta(b, delta, entries)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.start is None:  # first call: one new token so far
@@ -286,12 +371,21 @@ class _RowStops:
         for b, row in enumerate(self.rows):
             if self.results[b] is None:
                 new = input_ids[b, self.start :].tolist()
-                if new[-1] in self.eos:
+                stop_ids = self.eos if row.stop_ids is None else set(row.stop_ids)
+                text = None
+                if row.stop or row.stream or row.logprobs is not None:
+                    text = self.decode(new)
+                    self.ends[b].append(len(text))
+                if row.abort is not None and row.abort.is_set():
+                    self._finish(b, new, "aborted")
+                elif new[-1] in stop_ids or new[-1] in self.eos:
                     self._finish(b, new[:-1], "stop")
-                elif row.stop and any(s in self.decode(new) for s in row.stop):
+                elif row.stop and any(s in text for s in row.stop):
                     self._finish(b, new, "stop")
                 elif step >= row.max_tokens:
                     self._finish(b, new, "length")
+                elif row.stream and self.on_delta is not None:
+                    self._release(b, text)
             done[b] = self.results[b] is not None
         return done
 
@@ -304,6 +398,7 @@ def generate_rows(
     on_done=None,
     decode=None,
     cancel: threading.Event | None = None,
+    on_delta=None,
 ):
     """Complete rows of different adapters and settings in ONE ``generate`` call.
 
@@ -313,10 +408,12 @@ def generate_rows(
         on_done: ``on_done(b, result)`` is called as soon as row b is finished.
         decode: token ids -> text (default: ``tokenizer.decode(..., skip_special_tokens=True)``).
         cancel: when set, generation stops after the current decode step.
+        on_delta: ``on_delta(b, text, entries)``: new text of a streamed row (see ``_RowStops``).
 
     Returns:
-        One dict per row: ``text``, ``finish_reason`` ("stop" or "length") and
-        ``completion_tokens``. A row's result equals that row run alone (greedy rows: the same
+        One dict per row: ``text``, ``finish_reason`` ("stop", "length", or "aborted" when the
+        row's ``abort`` was set), ``completion_tokens``, ``token_ids`` and ``logprobs`` (None,
+        or one entry per token: ``id``, ``logprob``, ``top``: [(id, logprob), ...]). A row's result equals that row run alone (greedy rows: the same
         tokens; sampled rows: the same draws from its seeded generator).
 
     Raises:
@@ -333,8 +430,11 @@ def generate_rows(
 
     pad = pad_id(tokenizer)
     eos = eos_ids(model, tokenizer)
+    for r in rows:
+        eos += [t for t in r.stop_ids or () if t not in eos]
     ids, mask = pad_left([r.ids for r in rows], pad, model.device)
-    stops = _RowStops(rows, eos, decode, on_done, cancel)
+    sampler = _RowSampler(rows, model.device)
+    stops = _RowStops(rows, eos, decode, on_done, cancel, on_delta, sampler)
     model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -343,7 +443,7 @@ def generate_rows(
         do_sample=False,
         pad_token_id=pad,
         eos_token_id=eos or None,
-        logits_processor=LogitsProcessorList([_RowSampler(rows, model.device)]),
+        logits_processor=LogitsProcessorList([sampler]),
         stopping_criteria=StoppingCriteriaList([stops]),
     )
     if any(r is None for r in stops.results):
@@ -406,6 +506,48 @@ def classify_rows(model, prompts: Sequence[Sequence[int]], adapters: Sequence[st
     return out
 
 
+@torch.no_grad()
+def prompt_logprobs(model, tokenizer, rows) -> list[list[dict | None]]:
+    """Log-probability of each real prompt token given the tokens before it, in ONE forward.
+
+    Args:
+        rows: objects with ``ids`` (token ids; negative: template virtual tokens), ``adapter``
+            and ``top`` (how many most likely tokens to give per position).
+
+    Returns:
+        Per row, one entry per real (non-negative) token: None for the row's first token (it
+        has no context), else ``token_entry``'s dict.
+    """
+    head = _hf.lm_body_and_head(model.base_model)[1]
+    ids, mask = pad_left([r.ids for r in rows], pad_id(tokenizer), model.device)
+    hidden = model(
+        input_ids=ids,
+        attention_mask=mask,
+        adapter_names=[r.adapter for r in rows],
+        body_only=True,
+        use_cache=False,
+    ).last_hidden_state  # (B, T, d)
+    width = ids.shape[1]
+    out = []
+    for b, r in enumerate(rows):
+        off = width - len(r.ids)
+        real = [i for i, t in enumerate(r.ids) if t >= 0]
+        scored = [i for i in real if i > 0]
+        entries: dict[int, dict] = {}
+        if scored:
+            at = torch.tensor([off + i - 1 for i in scored], device=model.device)
+            logp = F.log_softmax(head(hidden[b, at]).float(), dim=-1)  # (N, V)
+            if not torch.isfinite(logp).all():
+                raise SoftPromptError(
+                    f"adapter {r.adapter!r} gave non-finite logits; its weights are not finite "
+                    "(or overflow in this dtype): load a good adapter"
+                )
+            for j, i in enumerate(scored):
+                entries[i] = token_entry(logp[j], r.ids[i], r.top)
+        out.append([entries.get(i) for i in real])
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The engine: adapters, validation, queue and the batching worker
 # --------------------------------------------------------------------------------------------
@@ -441,12 +583,17 @@ class AdapterEntry:
 
 @dataclass(eq=False)
 class _Row:
-    kind: str  # "generate" | "classify"
+    """A queued row. ``sink`` (streamed rows): called from the worker thread with
+    ``("delta", (text, entries))``, then ``("done", result)`` or ``("error", exception)``."""
+
+    kind: str  # "generate" | "classify" | "score"
     entry: AdapterEntry | None
     ids: list[int]
     gen: GenerationRow | None = None
     future: Future = field(default_factory=Future)
     enqueued: float = 0.0
+    sink: Any = None
+    top: int = 0  # "score" rows: top log-probabilities per prompt token
 
     @property
     def adapter(self) -> str | None:
@@ -460,13 +607,17 @@ class _Row:
         try:
             self.future.set_result(value)
         except InvalidStateError:  # already answered, or the client went away
-            pass
+            return
+        if self.sink is not None:
+            self.sink(("done", value))
 
     def fail(self, err: BaseException) -> None:
         try:
             self.future.set_exception(err)
         except InvalidStateError:
-            pass
+            return
+        if self.sink is not None:
+            self.sink(("error", err))
 
 
 class Engine:
@@ -503,6 +654,7 @@ class Engine:
             "batch_sizes": Counter(),
             "mixed_adapter_calls": 0,
             "max_adapters_in_call": 0,
+            "aborted_rows": 0,
         }
         cfg = model.base_model.config
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
@@ -703,6 +855,60 @@ class Engine:
                 ids = list(self.tok(prompt)["input_ids"])
         return self._check_prompt(ids)
 
+    def encode_chat(
+        self, entry: AdapterEntry | None, messages: list[dict]
+    ) -> tuple[list[int], tuple[int, ...]]:
+        """Prompt ids and end-of-turn ids of a conversation: the base model's chat template
+        (with the generation prompt), or an adapter's chat task (``Task.prompt_ids``)."""
+        if entry is None:
+            if not getattr(self.tok, "chat_template", None):
+                raise ServeError(
+                    400,
+                    "model: the base model's tokenizer has no chat template; use "
+                    "/v1/completions, or an adapter trained with --task chat",
+                    param="model",
+                )
+            try:
+                with self.tok_lock:
+                    text = self.tok.apply_chat_template(
+                        messages, add_generation_prompt=True, tokenize=False
+                    )
+                    ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+            except Exception as e:  # a template that raises on these messages (jinja)
+                raise ServeError(
+                    400, f"messages: the chat template refused them: {e}", param="messages"
+                ) from e
+            stop = self._base_chat_stop_ids()
+        else:
+            kind = None if entry.task is None else getattr(entry.task.spec, "kind", None)
+            if kind != "chat":
+                raise ServeError(
+                    400,
+                    f"model: adapter {entry.name!r} has task {kind!r}; chat completions need "
+                    'an adapter trained with --task chat, or "model": "base" (use '
+                    "/v1/completions or /v1/classify for this adapter)",
+                    "model_not_chat",
+                    "model",
+                )
+            try:
+                with self.tok_lock:
+                    ids = list(entry.task.prompt_ids({"messages": messages}))
+                    stop = tuple(entry.task.stop_ids)
+            except SoftPromptError as e:
+                raise ServeError(400, f"messages: {e}", param="messages") from e
+        return self._check_prompt(ids, "messages"), tuple(stop)
+
+    def _base_chat_stop_ids(self) -> tuple[int, ...]:
+        stop = eos_ids(self.model, self.tok)
+        try:  # softprompt.chat (the chat-task module) knows templates' end-of-turn tokens
+            from .chat import ChatFormat
+
+            with self.tok_lock:
+                extra = list(ChatFormat.of(self.tok).stop_ids)
+        except Exception:  # not there, or a template it cannot probe: EOS only
+            extra = []
+        return tuple(dict.fromkeys(stop + extra))
+
     def encode_classify(self, entry: AdapterEntry, item: str | dict[str, str]):
         if isinstance(item, str):
             name = self._template_field(entry, "text")
@@ -892,7 +1098,12 @@ class Engine:
                 self._running = 0
 
     def _run_batch(self, batch: list[_Row]) -> None:
-        for kind in ("classify", "generate"):
+        for r in batch:  # the client went away while the row was queued
+            if r.gen is not None and r.gen.abort is not None and r.gen.abort.is_set():
+                self.stats["aborted_rows"] += 1
+                r.fail(ServeError(499, "the client closed the connection", "client_closed"))
+        batch = [r for r in batch if not r.done]
+        for kind in ("classify", "score", "generate"):
             rows = [r for r in batch if r.kind == kind]
             if not rows:
                 continue
@@ -922,6 +1133,8 @@ class Engine:
         try:
             if kind == "generate":
                 self._generate(rows)
+            elif kind == "score":
+                self._score(rows)
             else:
                 self._classify(rows)
         except Exception as e:
@@ -955,11 +1168,35 @@ class Engine:
         with self.tok_lock:
             return self.tok.decode(ids, skip_special_tokens=True)
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text (special tokens included), for log-probability answers."""
+        with self.tok_lock:
+            return [self.tok.decode([i]) for i in ids]
+
     def _generate(self, rows: list[_Row]) -> None:
         def done(b: int, result: dict) -> None:
+            if result["finish_reason"] == "aborted":
+                self.stats["aborted_rows"] += 1
             rows[b].resolve(result)
 
-        generate_rows(self.model, self.tok, [r.gen for r in rows], done, self._decode, self._cancel)
+        def delta(b: int, text: str, entries) -> None:
+            if rows[b].sink is not None:
+                rows[b].sink(("delta", (text, entries)))
+
+        generate_rows(
+            self.model,
+            self.tok,
+            [r.gen for r in rows],
+            done,
+            self._decode,
+            self._cancel,
+            on_delta=delta,
+        )
+
+    def _score(self, rows: list[_Row]) -> None:
+        """Prompt tokens' log-probabilities (``echo``): one forward over the rows."""
+        for r, entries in zip(rows, prompt_logprobs(self.model, self.tok, rows), strict=True):
+            r.resolve(entries)
 
     def _classify(self, rows: list[_Row]) -> None:
         scores = classify_rows(
@@ -1014,29 +1251,111 @@ def _utf8_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8_text)]  # a str that is valid Unicode (no surrogates)
 
 
+MAX_TOP_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+
+
 class CompletionRequest(BaseModel):
     """``POST /v1/completions`` (OpenAI's completions API; extensions: ``use_template``)."""
 
     model_config = _STRICT
     model: Text
     prompt: Text | list[Text]
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(1, ge=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     use_template: bool = True
     user: Text | None = None
-    # OpenAI fields accepted only at their neutral values
     echo: bool = False
-    logprobs: None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # OpenAI fields accepted only at their neutral values
     best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[Text, float] | None = None
     suffix: None = None
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Text
+    text: Text | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: Text
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions`` (OpenAI's chat completions API)."""
+
+    model_config = _STRICT
+    model: Text
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    user: Text | None = None
+    # OpenAI fields accepted only at their neutral values
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[Text, float] | None = None
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """``[{"role", "content"}]`` from a request's messages; 400 naming the message at fault."""
+    if not messages:
+        raise ServeError(400, "messages: give at least one message", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        if m.role not in CHAT_ROLES:
+            raise ServeError(
+                400,
+                f"{where}.role: unknown role {m.role!r}; expected one of {list(CHAT_ROLES)}",
+                param=f"{where}.role",
+            )
+        content = m.content
+        if isinstance(content, list):
+            bad = [p.type for p in content if p.type != "text" or p.text is None]
+            if bad:
+                raise ServeError(
+                    400,
+                    f"{where}.content: only text parts are supported, got {bad[0]!r}",
+                    param=f"{where}.content",
+                )
+            content = "".join(p.text for p in content)
+        if content is None:
+            raise ServeError(
+                400,
+                f"{where}.content: a {m.role} message needs content (a string)",
+                param=f"{where}.content",
+            )
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
 
 
 class ClassifyRequest(BaseModel):
@@ -1253,13 +1572,9 @@ def create_app(
     async def list_models():
         return {"object": "list", "data": engine.models()}
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        if req.stream:
-            raise ServeError(400, "streaming is not supported; send stream: false", param="stream")
+    def check_unsupported(req) -> None:
         for name, ok in (
-            ("echo", not req.echo),
-            ("best_of", req.best_of in (None, 1)),
+            ("best_of", getattr(req, "best_of", None) in (None, 1)),
             ("presence_penalty", req.presence_penalty == 0),
             ("frequency_penalty", req.frequency_penalty == 0),
             ("logit_bias", not req.logit_bias),
@@ -1268,18 +1583,8 @@ def create_app(
                 raise ServeError(400, f"{name} is not supported by this server", param=name)
         if not engine.can_generate:
             raise ServeError(400, "the base model is an encoder; it cannot generate text")
-        entry = engine.resolve(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not prompts:
-            raise ServeError(400, "prompt: give at least one prompt", param="prompt")
-        if len(prompts) * req.n > settings.max_prompts:
-            raise ServeError(
-                400,
-                f"{len(prompts)} prompts x n={req.n} exceeds this server's limit of "
-                f"{settings.max_prompts} completions per request",
-                param="prompt",
-            )
-        max_tokens = req.max_tokens or settings.default_max_tokens
+
+    def check_max_tokens(max_tokens: int) -> None:
         if max_tokens > settings.max_tokens_limit:
             raise ServeError(
                 400,
@@ -1288,47 +1593,312 @@ def create_app(
                 "max_tokens_too_large",
                 "max_tokens",
             )
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    def parse_stop(value) -> tuple[str, ...]:
+        stop = [value] if isinstance(value, str) else list(value or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ServeError(400, "stop: at most 4 non-empty strings", param="stop")
-        rows, usage_prompt = [], 0
+        return tuple(stop)
+
+    def check_count(rows: int, param: str) -> None:
+        if rows > settings.max_prompts:
+            raise ServeError(
+                400,
+                f"{rows} completions (prompts x n) exceed this server's limit of "
+                f"{settings.max_prompts} per request",
+                param=param,
+            )
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def completion_logprobs(pairs: list[tuple[int, dict | None]], offset: int) -> dict:
+        """OpenAI completions ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset."""
+        texts = engine.token_texts([i for i, _ in pairs])
+        tops = engine.token_texts([t for _, e in pairs if e for t, _ in e["top"]])
+        top_iter = iter(tops)
+        out = {"tokens": texts, "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for text, (_, e) in zip(texts, pairs, strict=True):
+            out["token_logprobs"].append(None if e is None else e["logprob"])
+            out["top_logprobs"].append(
+                None if e is None else {next(top_iter): lp for _, lp in e["top"]}
+            )
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def chat_logprobs(entries: list[dict]) -> list[dict]:
+        """OpenAI chat ``logprobs.content``: token, logprob, bytes, top_logprobs."""
+        texts = engine.token_texts([e["id"] for e in entries])
+        tops = iter(engine.token_texts([t for e in entries for t, _ in e["top"]]))
+
+        def one(text: str, lp: float) -> dict:
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return [
+            {**one(text, e["logprob"]), "top_logprobs": [one(next(tops), lp) for _, lp in e["top"]]}
+            for text, e in zip(texts, entries, strict=True)
+        ]
+
+    def streamed(rows: list[_Row], chunk, finish_chunk, tail_chunks):
+        """SSE of streamed rows: ``chunk(index, text, entries, finish_reason)`` per delta, then
+        ``tail_chunks(completion_tokens)`` (usage), then ``[DONE]``. A client that goes away
+        aborts its unfinished rows (they end at the next decode step)."""
+        from fastapi.responses import StreamingResponse
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, r in enumerate(rows):
+
+            def sink(event, i=i):
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+                except RuntimeError:  # the event loop is closed
+                    pass
+
+            r.sink = sink
+            r.gen.abort = threading.Event()
+
+        def sse(obj) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def events():
+            sent = [""] * len(rows)
+            sent_entries = [0] * len(rows)
+            left, completion_tokens = len(rows), 0
+            try:
+                for i in range(len(rows)):
+                    first = finish_chunk(i)
+                    if first is not None:
+                        yield sse(first)
+                while left:
+                    i, (kind, payload) = await queue.get()
+                    if kind == "delta":
+                        text, entries = payload
+                        sent[i] += text
+                        sent_entries[i] += len(entries or ())
+                        yield sse(chunk(i, text, entries, None))
+                    elif kind == "done":
+                        left -= 1
+                        completion_tokens += payload["completion_tokens"]
+                        rest = payload["text"][len(sent[i]) :]
+                        entries = payload["logprobs"]
+                        entries = None if entries is None else entries[sent_entries[i] :]
+                        yield sse(chunk(i, rest, entries, payload["finish_reason"]))
+                    else:
+                        err = payload
+                        if not isinstance(err, ServeError):
+                            err = ServeError(500, f"internal error: {type(err).__name__}: {err}")
+                        yield sse(err.body())
+                        break
+                else:
+                    for extra in tail_chunks(completion_tokens):
+                        yield sse(extra)
+                yield "data: [DONE]\n\n"
+            finally:
+                for r in rows:
+                    if not r.done:
+                        r.gen.abort.set()
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_unsupported(req)
+        entry = engine.resolve(req.model)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not prompts:
+            raise ServeError(400, "prompt: give at least one prompt", param="prompt")
+        check_count(len(prompts) * req.n, "prompt")
+        max_tokens = settings.default_max_tokens if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not req.echo:
+            raise ServeError(
+                400,
+                "max_tokens: 0 generates nothing; it needs echo: true (the prompt's token "
+                "log-probabilities)",
+                param="max_tokens",
+            )
+        check_max_tokens(max_tokens)
+        stop = parse_stop(req.stop)
+        if req.echo and engine.model.info.is_encoder_decoder:
+            raise ServeError(400, "echo: not supported on encoder-decoder models", param="echo")
+        if req.stream and req.echo:
+            raise ServeError(400, "echo is not supported with stream: true", param="echo")
+        top = req.logprobs
+        gens, scores, usage_prompt = [], [], 0
         for p in prompts:
             ids = engine.encode_completion(entry, p, req.use_template)
             engine.check_context(entry, ids, max_tokens)
             usage_prompt += sum(t >= 0 for t in ids)  # real tokens, once per prompt
-            for _ in range(req.n):
-                i = len(rows)
+            if req.echo:
+                scores.append(_Row("score", entry, ids, top=top or 0))
+            for _ in range(req.n if max_tokens else 0):
                 gen = GenerationRow(
                     ids=ids,
                     adapter=None if entry is None else entry.name,
                     max_tokens=max_tokens,
                     temperature=req.temperature,
                     top_p=req.top_p,
-                    stop=tuple(stop),
-                    seed=None if req.seed is None else req.seed + i,
+                    stop=stop,
+                    seed=None if req.seed is None else req.seed + len(gens),
+                    logprobs=top,
+                    stream=req.stream,
                 )
-                rows.append(_Row("generate", entry, ids, gen))
-        results = await wait(engine.submit(rows, "prompt"))
-        completion_tokens = sum(r["completion_tokens"] for r in results)
-        return {
+                gens.append(_Row("generate", entry, ids, gen))
+        head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": req.model,
-            "choices": [
-                {
+        }
+        if req.stream:
+
+            def chunk(i, text, entries, finish):
+                lp = None
+                if top is not None:
+                    lp = completion_logprobs([(e["id"], e) for e in entries or []], 0)
+                choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": lp}
+                return {**head, "choices": [choice]}
+
+            def tail(completion_tokens):
+                opts = req.stream_options
+                if opts is not None and opts.include_usage:
+                    yield {**head, "choices": [], "usage": usage(usage_prompt, completion_tokens)}
+
+            response = streamed(gens, chunk, lambda i: None, tail)
+            engine.submit(gens, "prompt")
+            return response
+        results = await wait(engine.submit(scores + gens, "prompt"))
+        prompt_lps, results = results[: len(scores)], results[len(scores) :]
+        choices = []
+        for i in range(len(prompts) * req.n):
+            p = i // req.n
+            r = (
+                results[i]
+                if max_tokens
+                else {
+                    "text": "",
+                    "finish_reason": "length",
+                    "token_ids": [],
+                    "logprobs": [],
+                    "completion_tokens": 0,
+                }
+            )
+            text, lp = r["text"], None
+            pairs = []
+            if req.echo:
+                real = [t for t in scores[p].ids if t >= 0]
+                echo = prompts[p] if entry is None or not req.use_template else engine._decode(real)
+                text = echo + text
+                pairs = list(zip(real, prompt_lps[p], strict=True))
+            if top is not None:
+                pairs += list(zip(r["token_ids"], r["logprobs"], strict=True))
+                lp = completion_logprobs(pairs, 0)
+            choices.append(
+                {"index": i, "text": text, "finish_reason": r["finish_reason"], "logprobs": lp}
+            )
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        return {**head, "choices": choices, "usage": usage(usage_prompt, completion_tokens)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        check_unsupported(req)
+        if engine.model.info.is_encoder_decoder:
+            raise ServeError(
+                400, "model: chat completions need a decoder-only model", param="model"
+            )
+        entry = engine.resolve(req.model)
+        messages = chat_messages(req.messages)
+        check_count(req.n, "n")
+        max_tokens = req.max_completion_tokens or req.max_tokens or settings.default_max_tokens
+        check_max_tokens(max_tokens)
+        stop = parse_stop(req.stop)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ServeError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        ids, stop_ids = engine.encode_chat(entry, messages)
+        engine.check_context(entry, ids, max_tokens)
+        usage_prompt = sum(t >= 0 for t in ids)
+        rows = [
+            _Row(
+                "generate",
+                entry,
+                ids,
+                GenerationRow(
+                    ids=ids,
+                    adapter=None if entry is None else entry.name,
+                    max_tokens=max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    stop=stop,
+                    seed=None if req.seed is None else req.seed + i,
+                    stop_ids=stop_ids,
+                    logprobs=top,
+                    stream=req.stream,
+                ),
+            )
+            for i in range(req.n)
+        ]
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": req.model,
+            "system_fingerprint": None,
+        }
+        if req.stream:
+            head["object"] = "chat.completion.chunk"
+
+            def chunk(i, text, entries, finish):
+                delta = {"content": text} if text or finish is None else {}
+                lp = (
+                    None
+                    if top is None
+                    else {"content": chat_logprobs(entries or []), "refusal": None}
+                )
+                choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}
+                return {**head, "choices": [choice]}
+
+            def first(i):
+                choice = {
                     "index": i,
-                    "text": r["text"],
-                    "finish_reason": r["finish_reason"],
+                    "delta": {"role": "assistant", "content": ""},
+                    "finish_reason": None,
                     "logprobs": None,
                 }
-                for i, r in enumerate(results)
-            ],
-            "usage": {
-                "prompt_tokens": usage_prompt,
-                "completion_tokens": completion_tokens,
-                "total_tokens": usage_prompt + completion_tokens,
-            },
+                return {**head, "choices": [choice]}
+
+            def tail(completion_tokens):
+                opts = req.stream_options
+                if opts is not None and opts.include_usage:
+                    yield {**head, "choices": [], "usage": usage(usage_prompt, completion_tokens)}
+
+            response = streamed(rows, chunk, first, tail)
+            engine.submit(rows, "messages")
+            return response
+        results = await wait(engine.submit(rows, "messages"))
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r["text"], "refusal": None},
+                "finish_reason": r["finish_reason"],
+                "logprobs": None
+                if top is None
+                else {"content": chat_logprobs(r["logprobs"]), "refusal": None},
+            }
+            for i, r in enumerate(results)
+        ]
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": choices,
+            "usage": usage(usage_prompt, completion_tokens),
         }
 
     @app.post("/v1/classify")
