@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from test_server import PROMPTS, LiveServer, make_app, wait_for
 
+from softprompt import engine as engine_mod
 from softprompt import server as srv
 from softprompt.server import ServeSettings, create_app
 
@@ -220,7 +221,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(bank, monkeypatch):
         results.extend(out)
         return out
 
-    monkeypatch.setattr(srv, "generate_rows", spy)
+    monkeypatch.setattr(engine_mod, "generate_rows", spy)
     live = LiveServer(app)
     try:
         body = {
