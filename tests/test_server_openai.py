@@ -354,5 +354,30 @@ def test_a_chat_adapter_renders_through_its_task(bank, ref):
         assert got.usage.prompt_tokens == len(ids)
         chunks = client.chat.completions.create(stream=True, **kw)
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == want["text"]
+        with pytest.raises(openai.BadRequestError) as e:  # a chat adapter takes messages
+            client.completions.create(model="gen-deep", prompt="hi", max_tokens=2)
+        assert e.value.body["param"] == "model" and "chat" in e.value.body["message"]
     finally:
         live.stop()
+
+
+def test_lm_evals_loglikelihood_over_the_completions_api(bank, ref, live):
+    """lm-eval's ``local-completions`` (echo, max_tokens 1, logprobs 1) gets the model's
+    log-likelihoods: the sum over the continuation's tokens of a plain forward's."""
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api] (tenacity)")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("local-completions").create_from_arg_string(
+        f"model=base,base_url={live.url}/v1/completions,tokenizer_backend=huggingface,"
+        f"tokenizer={bank['folder']},tokenized_requests=False,num_concurrent=1"
+    )
+    pairs = [("The cat sat on", " the mat"), ("One, two,", " three, four")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, idx=0) for p in pairs], True)
+    for (ctx, cont), (logp, greedy) in zip(pairs, got, strict=True):
+        whole, head = ref.tok(ctx + cont)["input_ids"], ref.tok(ctx)["input_ids"]
+        table = token_logprobs(ref.model, whole, None)
+        steps = range(len(head), len(whole))
+        want = sum(float(table[i - 1, whole[i]]) for i in steps)
+        assert abs(logp - want) < 1e-3, (ctx, logp, want)
+        assert greedy == all(int(table[i - 1].argmax()) == whole[i] for i in steps)

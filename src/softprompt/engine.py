@@ -302,8 +302,13 @@ class _RowStops:
             return None
         return self.sampler.entries[b][:n]
 
-    def _finish(self, b: int, tokens: list[int], reason: str) -> None:
+    def _finish(self, b: int, tokens: list[int], reason: str, stop_token: bool = False) -> None:
+        """Row b's result; ``stop_token``: the token after ``tokens`` was its stop token (its
+        log-probability entry becomes ``stop_logprob``)."""
         text = self.decode(tokens)
+        stop_entry = None
+        if stop_token and self._entries(b, len(tokens) + 1):
+            stop_entry = self._entries(b, len(tokens) + 1)[-1]
         stops = [i for i in (text.find(s) for s in self.rows[b].stop) if i >= 0]
         entries = self._entries(b, len(tokens))
         if stops:
@@ -318,6 +323,7 @@ class _RowStops:
             "completion_tokens": len(tokens),
             "token_ids": tokens,
             "logprobs": entries,
+            "stop_logprob": stop_entry,
         }
         self.results[b] = result
         if self.on_done is not None:
@@ -358,7 +364,7 @@ class _RowStops:
                 if row.abort is not None and row.abort.is_set():
                     self._finish(b, new, "aborted")
                 elif new[-1] in stop_ids or new[-1] in self.eos:
-                    self._finish(b, new[:-1], "stop")
+                    self._finish(b, new[:-1], "stop", stop_token=True)
                 elif row.stop and any(s in text for s in row.stop):
                     self._finish(b, new, "stop")
                 elif step >= row.max_tokens:
@@ -391,8 +397,9 @@ def generate_rows(
 
     Returns:
         One dict per row: ``text``, ``finish_reason`` ("stop", "length", or "aborted" when the
-        row's ``abort`` was set), ``completion_tokens``, ``token_ids`` and ``logprobs`` (None,
-        or one entry per token: ``id``, ``logprob``, ``top``: [(id, logprob), ...]). A row's result equals that row run alone (greedy rows: the same
+        row's ``abort`` was set), ``completion_tokens``, ``token_ids``, ``logprobs`` (None,
+        or one entry per token: ``id``, ``logprob``, ``top``: [(id, logprob), ...]) and
+        ``stop_logprob`` (the entry of the stop token that ended the row, if any). A row's result equals that row run alone (greedy rows: the same
         tokens; sampled rows: the same draws from its seeded generator).
 
     Raises:
@@ -798,6 +805,15 @@ class Engine:
     def encode_completion(self, entry: AdapterEntry | None, prompt: str, use_template: bool):
         """Prompt ids: through the adapter's task template (its input field) or as raw text."""
         if entry is not None and entry.task is not None and use_template:
+            if entry.task.spec.kind == "chat":
+                raise EngineError(
+                    "invalid",
+                    f"model: adapter {entry.name!r} is a chat adapter (task 'chat'): send "
+                    'messages to /v1/chat/completions, or "use_template": false with the full '
+                    "text",
+                    "model_is_chat",
+                    "model",
+                )
             main = "input" if entry.task.spec.kind == "generate" else "text"
             name = self._template_field(entry, main)
             if name is None:
@@ -891,6 +907,8 @@ class Engine:
     def _encode_row(self, entry: AdapterEntry, row: dict, param: str) -> list[int]:
         try:
             with self.tok_lock:
+                if getattr(entry.task.spec, "is_chat", False):  # classify in chat form
+                    return list(entry.task.prompt_ids(row))
                 return entry.task.template.encode(row, self.tok)
         except SoftPromptError as e:
             fields = sorted(entry.task.template.fields)

@@ -544,9 +544,10 @@ def create_app(
             for text, e in zip(texts, entries, strict=True)
         ]
 
-    def streamed(rows: list[_Row], chunk, finish_chunk, tail_chunks):
+    def streamed(rows: list[_Row], chunk, finish_chunk, tail_chunks, with_stop_token=False):
         """SSE of streamed rows: ``chunk(index, text, entries, finish_reason)`` per delta, then
-        ``tail_chunks(completion_tokens)`` (usage), then ``[DONE]``. A client that goes away
+        ``tail_chunks(completion_tokens)`` (usage), then ``[DONE]`` (``with_stop_token``: the
+        last chunk's entries end with the stop token's, as completions give it). A client that goes away
         aborts its unfinished rows (they end at the next decode step)."""
         from fastapi.responses import StreamingResponse
 
@@ -588,6 +589,8 @@ def create_app(
                         rest = payload["text"][len(sent[i]) :]
                         entries = payload["logprobs"]
                         entries = None if entries is None else entries[sent_entries[i] :]
+                        if entries is not None and with_stop_token and payload["stop_logprob"]:
+                            entries = [*entries, payload["stop_logprob"]]
                         yield sse(chunk(i, rest, entries, payload["finish_reason"]))
                     else:
                         err = payload
@@ -675,7 +678,7 @@ def create_app(
                 if opts is not None and opts.include_usage:
                     yield {**head, "choices": [], "usage": usage(usage_prompt, completion_tokens)}
 
-            response = streamed(gens, chunk, lambda i: None, tail)
+            response = streamed(gens, chunk, lambda i: None, tail, with_stop_token=True)
             engine.submit(gens, "prompt")
             return response
         results = await wait(engine.submit(scores + gens, "prompt"))
@@ -702,7 +705,9 @@ def create_app(
                 text = echo + text
                 pairs = list(zip(real, prompt_lps[p], strict=True))
             if top is not None:
-                pairs += list(zip(r["token_ids"], r["logprobs"], strict=True))
+                pairs += [(e["id"], e) for e in r["logprobs"]]
+                if r.get("stop_logprob"):  # as OpenAI: the stop token ends the entries
+                    pairs.append((r["stop_logprob"]["id"], r["stop_logprob"]))
                 lp = completion_logprobs(pairs, 0)
             choices.append(
                 {"index": i, "text": text, "finish_reason": r["finish_reason"], "logprobs": lp}
