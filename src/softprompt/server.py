@@ -5,8 +5,9 @@
     curl -s 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
         -d '{"model": "summary", "prompt": "...", "max_tokens": 32, "temperature": 0}'
 
-The API follows OpenAI's completions API (``POST /v1/completions``, ``GET /v1/models``), with
-``"model"`` naming the adapter (``"base"`` or the base model's name: no adapter). Classification
+The API follows OpenAI's (``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET
+/v1/models``; ``stream: true`` as server-sent events, ``logprobs``, ``echo``), with ``"model"``
+naming the adapter (``"base"`` or the base model's name: no adapter). Classification
 adapters also answer ``POST /v1/classify``; ``POST /v1/adapters`` and ``DELETE
 /v1/adapters/{name}`` load and unload adapters while the server runs. See docs/serving.md.
 
@@ -15,7 +16,7 @@ module is the FastAPI layer: request models, OpenAI bodies, server-sent events, 
 status codes. Requests are validated and tokenized on the event loop, then queued as rows (one
 per prompt). One worker thread takes up to ``max_batch`` queued rows, waiting at most
 ``max_wait_ms`` after the oldest arrived, and runs ONE model call per kind of row (generate,
-classify) with ``adapter_names=[...]``, one adapter per row. Generation settings never split a
+classify, score) with ``adapter_names=[...]``, one adapter per row. Generation settings never split a
 batch: sampling runs per row (own temperature, top-p and seeded generator), and each row stops
 on its own ``max_tokens``, EOS or stop strings; a row's answer is sent as soon as it is finished.
 A failing batch is retried row by row, so one bad row fails alone.
