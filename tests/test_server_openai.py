@@ -381,3 +381,40 @@ def test_lm_evals_loglikelihood_over_the_completions_api(bank, ref, live):
         want = sum(float(table[i - 1, whole[i]]) for i in steps)
         assert abs(logp - want) < 1e-3, (ctx, logp, want)
         assert greedy == all(int(table[i - 1].argmax()) == whole[i] for i in steps)
+
+
+def test_a_real_chat_adapter_answers_chat_completions(bank, ref, tmp_path):
+    """An adapter trained with ``--task chat`` (``softprompt.chat``; skipped until it is
+    merged): its Task renders the messages with its soft tokens; the served text equals
+    ``generate_rows`` on ``Task.prompt_ids`` with ``Task.stop_ids``, streamed or not."""
+    pytest.importorskip("softprompt.chat", reason="the chat task is not merged yet")
+    from conftest import perturb
+    from transformers import AutoModelForCausalLM
+
+    import softprompt as sp
+    from softprompt.tasks import CHAT_TEMPLATE, Task, TaskSpec
+
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]), tokenizer=ref.tok)
+    spec = TaskSpec(kind="chat", template=CHAT_TEMPLATE, soft_tokens=3, placement="user")
+    config = sp.PromptTuningConfig(num_virtual_tokens=3, placement="template")
+    model.add_adapter("chat", config, ref.tok).task = spec.to_dict()
+    perturb(model)
+    model.save_adapter(tmp_path / "chat", "chat")
+    task = Task(spec, model, ref.tok)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[1]}]
+    ids = task.prompt_ids({"messages": msgs})
+    assert any(t < 0 for t in ids)  # the soft tokens are in the prompt
+    row = srv.GenerationRow(ids, "chat", 6, stop_ids=tuple(task.stop_ids))
+    want = srv.generate_rows(model, ref.tok, [row])[0]
+    live = LiveServer(make_app(bank, adapters={"chat": str(tmp_path / "chat")}))
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
+        kw = dict(model="chat", messages=msgs, max_tokens=6, temperature=0)
+        got = client.chat.completions.create(**kw)
+        assert got.choices[0].message.content == want["text"]
+        assert got.choices[0].finish_reason == want["finish_reason"]
+        assert got.usage.prompt_tokens == sum(t >= 0 for t in ids)
+        chunks = client.chat.completions.create(stream=True, **kw)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == want["text"]
+    finally:
+        live.stop()
