@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 import softprompt as sp
+from softprompt import engine as engine_mod
 from softprompt import server as srv
 from softprompt.lm import pad_left
 from softprompt.server import GenerationRow, ServeSettings, create_app, generate_rows
@@ -472,7 +473,8 @@ def test_bad_requests_get_clear_errors(bank):
             ({**ok, "prompt": ["a", 3]}, "prompt"),
             ({"prompt": "hi"}, "model"),
             ({**ok, "frobnicate": 1}, "frobnicate"),
-            ({**ok, "stream": True}, "stream"),
+            ({**ok, "stream": True, "echo": True}, "echo"),
+            ({**ok, "max_tokens": 0}, "max_tokens"),
             ({**ok, "logit_bias": {"5": 1.0}}, "logit_bias"),
             ({**ok, "prompt": []}, "prompt"),
             ({**ok, "model": "base", "prompt": ""}, "prompt"),
@@ -496,7 +498,7 @@ def test_queue_full_is_429_and_a_failing_row_fails_alone(bank, ref, monkeypatch)
             raise ValueError("poisoned row")
         return real(model, tok, rows, *a, **kw)
 
-    monkeypatch.setattr(srv, "generate_rows", flaky)
+    monkeypatch.setattr(engine_mod, "generate_rows", flaky)
     with TestClient(app) as c, ThreadPoolExecutor(4) as pool:
         engine.model_lock.acquire()  # hold the worker: requests pile up
         try:

@@ -105,10 +105,27 @@ def answer_logprobs(
     Returns:
         (B, C) log-probabilities; differentiable with respect to the adapter.
     """
+    rows = row_answer_logprobs(model, prompts, [answers] * len(prompts), adapter_names, pad_id)
+    return torch.stack(rows)
+
+
+def row_answer_logprobs(
+    model: SoftPromptModel,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[Sequence[int]]],
+    adapter_names: Sequence[str | None] | None = None,
+    pad_id: int = 0,
+) -> list[torch.Tensor]:
+    """``answer_logprobs`` where each prompt has its own candidates (rows of different
+    classification adapters in one batch, as the server runs them): ``answers[b]`` are row b's
+    C_b token-id lists.
+
+    Returns:
+        One (C_b,) tensor of log-probabilities per row.
+    """
     head = _head(model)
     device = model.device
-    bsz = len(prompts)
-    if all(len(a) == 1 for a in answers):
+    if all(len(a) == 1 for row in answers for a in row):
         ids, mask = pad_left(prompts, pad_id, device)
         hidden = model(
             input_ids=ids,
@@ -118,23 +135,31 @@ def answer_logprobs(
             use_cache=False,
         ).last_hidden_state[:, -1]  # (B, d)
         logp = F.log_softmax(head(hidden).float(), dim=-1)  # (B, V)
-        return logp[:, torch.tensor([a[0] for a in answers], device=device)]
-    seqs, labels, rows = [], [], []
-    for b, p in enumerate(prompts):
-        for a in answers:
+        return [
+            logp[b, torch.tensor([a[0] for a in row], device=device)]
+            for b, row in enumerate(answers)
+        ]
+    seqs, labels, names = [], [], []  # one sequence per (row, candidate)
+    for b, (p, row) in enumerate(zip(prompts, answers, strict=True)):
+        for a in row:
             seqs.append(list(p) + list(a))
             labels.append([-100] * len(p) + list(a))
-            rows.append(adapter_names[b] if adapter_names is not None else model.active)
+            names.append(adapter_names[b] if adapter_names is not None else model.active)
     ids, mask = pad_left(seqs, pad_id, device)
     lab, _ = pad_left(labels, -100, device)
     hidden = model(
-        input_ids=ids, attention_mask=mask, adapter_names=rows, body_only=True, use_cache=False
-    ).last_hidden_state
+        input_ids=ids, attention_mask=mask, adapter_names=names, body_only=True, use_cache=False
+    ).last_hidden_state  # (S, T, d)
     target = lab[:, 1:]
-    sel = target != -100
-    logp = F.log_softmax(head(hidden[:, :-1][sel]).float(), dim=-1)
-    tok = logp.gather(1, target[sel][:, None])[:, 0]
-    return _sum_rows(tok, sel).view(bsz, len(answers))
+    sel = target != -100  # (S, T-1)
+    logp = F.log_softmax(head(hidden[:, :-1][sel]).float(), dim=-1)  # (N, V)
+    tok = logp.gather(1, target[sel][:, None])[:, 0]  # (N,)
+    per_seq = _sum_rows(tok, sel)  # (S,)
+    out, i = [], 0
+    for row in answers:
+        out.append(per_seq[i : i + len(row)])
+        i += len(row)
+    return out
 
 
 def pad_left(

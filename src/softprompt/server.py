@@ -5,15 +5,18 @@
     curl -s 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
         -d '{"model": "summary", "prompt": "...", "max_tokens": 32, "temperature": 0}'
 
-The API follows OpenAI's completions API (``POST /v1/completions``, ``GET /v1/models``), with
-``"model"`` naming the adapter (``"base"`` or the base model's name: no adapter). Classification
+The API follows OpenAI's (``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET
+/v1/models``; ``stream: true`` as server-sent events, ``logprobs``, ``echo``), with ``"model"``
+naming the adapter (``"base"`` or the base model's name: no adapter). Classification
 adapters also answer ``POST /v1/classify``; ``POST /v1/adapters`` and ``DELETE
 /v1/adapters/{name}`` load and unload adapters while the server runs. See docs/serving.md.
 
-Design. Requests are validated and tokenized on the event loop, then queued as rows (one per
-prompt). One worker thread takes up to ``max_batch`` queued rows, waiting at most
+Design. The engine (rows, adapters, batching: :mod:`softprompt.engine`) has no HTTP; this
+module is the FastAPI layer: request models, OpenAI bodies, server-sent events, errors as
+status codes. Requests are validated and tokenized on the event loop, then queued as rows (one
+per prompt). One worker thread takes up to ``max_batch`` queued rows, waiting at most
 ``max_wait_ms`` after the oldest arrived, and runs ONE model call per kind of row (generate,
-classify) with ``adapter_names=[...]``, one adapter per row. Generation settings never split a
+classify, score) with ``adapter_names=[...]``, one adapter per row. Generation settings never split a
 batch: sampling runs per row (own temperature, top-p and seeded generator), and each row stops
 on its own ``max_tokens``, EOS or stop strings; a row's answer is sent as soon as it is finished.
 A failing batch is retried row by row, so one bad row fails alone.
@@ -32,94 +35,55 @@ import json
 import logging
 import os
 import re
-import secrets
 import sys
 import threading
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Sequence
-from concurrent.futures import Future, InvalidStateError
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import torch
-import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from . import _hf
+from .engine import (  # noqa: F401  (re-exported: the engine's names as they were here)
+    BASE_ALIAS,
+    NAME_RE,
+    AdapterEntry,
+    Cancelled,
+    Engine,
+    EngineError,
+    GenerationRow,
+    ServeSettings,
+    _Row,
+    _RowSampler,
+    _RowStops,
+    classify_rows,
+    eos_ids,
+    generate_rows,
+    prompt_logprobs,
+    token_entry,
+)
 from .errors import SoftPromptError, require
-from .lm import pad_left
-from .tasks import pad_id
+from .tasks import pad_id  # noqa: F401
 
 log = logging.getLogger("softprompt.server")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-BASE_ALIAS = "base"
 API_KEY_ENV = "SOFTPROMPT_API_KEY"
 
-
-@dataclass
-class ServeSettings:
-    """Server limits and options (the ``softprompt serve`` flags).
-
-    Attributes:
-        model_name: the base model's name in the API (default: its ``name_or_path``); ``"base"``
-            always works too.
-        api_key: if set, every request except ``GET /health`` needs ``Authorization: Bearer KEY``.
-        adapter_roots: folders ``POST /v1/adapters`` may load from (symlinks resolved). None:
-            the parent folders of the adapters given at start.
-        max_batch: most rows (prompts) in one model call.
-        max_wait_ms: how long the oldest queued row waits for others before its batch runs.
-        max_queue: most rows waiting; more is answered 429.
-        max_body_bytes: largest request body; more is answered 413.
-        max_prompt_tokens: longest prompt in tokens (after the adapter's template).
-        max_tokens_limit: largest ``max_tokens`` a request may ask for.
-        max_prompts: most prompts (times ``n``) in one request.
-        default_max_tokens: ``max_tokens`` when a request gives none (OpenAI's default: 16).
-        graceful_timeout: seconds rows in flight get to finish at shutdown before they are
-            cancelled (503).
-    """
-
-    model_name: str | None = None
-    api_key: str | None = None
-    adapter_roots: list[str] | None = None
-    max_batch: int = 16
-    max_wait_ms: float = 10.0
-    max_queue: int = 256
-    max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int = 2048
-    max_tokens_limit: int = 512
-    max_prompts: int = 64
-    default_max_tokens: int = 16
-    graceful_timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_batch",
-            "max_queue",
-            "max_body_bytes",
-            "max_prompt_tokens",
-            "max_tokens_limit",
-            "max_prompts",
-            "default_max_tokens",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise SoftPromptError(
-                    f"ServeSettings.{name} must be a positive integer, got {value!r}"
-                )
-        for name in ("max_wait_ms", "graceful_timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0 <= value < float("inf"):
-                raise SoftPromptError(
-                    f"ServeSettings.{name} must be a finite number >= 0, got {value!r}"
-                )
+STATUS = {
+    "invalid": 400,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "busy": 429,
+    "closed": 499,
+    "internal": 500,
+    "unavailable": 503,
+}
 
 
-class ServeError(Exception):
+class ServeError(EngineError):
     """An error answered to one request: HTTP status, message, OpenAI error type and code."""
 
     TYPES = {
@@ -130,6 +94,7 @@ class ServeError(Exception):
         409: "conflict_error",
         413: "invalid_request_error",
         429: "rate_limit_error",
+        499: "client_closed",
         503: "service_unavailable",
     }
 
@@ -141,14 +106,18 @@ class ServeError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        # a lone surrogate from the request (echoed in a message) cannot be encoded as UTF-8
-        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-        super().__init__(message)
+        kind = next((k for k, s in STATUS.items() if s == status), "internal")
+        super().__init__(kind, message, code, param)
         self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
         self.headers = headers or {}
+
+    @classmethod
+    def of(cls, err: EngineError) -> ServeError:
+        """The HTTP answer to an engine error (its kind as a status code)."""
+        if isinstance(err, ServeError):
+            return err
+        headers = {} if err.retry_after is None else {"Retry-After": str(err.retry_after)}
+        return cls(STATUS[err.kind], err.message, err.code, err.param, headers)
 
     def body(self) -> dict:
         return {
@@ -159,837 +128,6 @@ class ServeError(Exception):
                 "code": self.code,
             }
         }
-
-
-# --------------------------------------------------------------------------------------------
-# Running rows: generation and classification, each ONE model call for rows of many adapters
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GenerationRow:
-    """One prompt to complete.
-
-    Attributes:
-        ids: prompt token ids (negative ids: template virtual tokens, see softprompt.templates).
-        adapter: adapter name, or None for the bare model.
-        max_tokens: most new tokens.
-        temperature: 0 = greedy; otherwise sample from softmax(logits / temperature).
-        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
-        stop: strings that end the completion (not included in the text).
-        seed: seed of this row's own sampling generator (None: a random one); any integer,
-            taken modulo 2**64.
-    """
-
-    ids: list[int]
-    adapter: str | None
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a completion: the generation config's and the tokenizer's EOS."""
-    ids = model.base_model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-class _RowSampler:
-    """Logits processor: rows with temperature > 0 draw their token with their own generator.
-
-    The drawn token gets logit 0 and every other -inf, so ``generate``'s greedy step picks it;
-    greedy rows pass through unchanged. A row's draws therefore do not depend on the other rows
-    of the batch: a seeded row gives the same text alone or batched.
-    """
-
-    def __init__(self, rows: Sequence[GenerationRow], device: torch.device) -> None:
-        self.sampled = []
-        for b, r in enumerate(rows):
-            if r.temperature > 0:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(r.seed % 2**64 if r.seed is not None else secrets.randbits(63))
-                self.sampled.append((b, r.temperature, r.top_p, gen))
-        self.adapters = [r.adapter for r in rows]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        bad = scores.isnan().any(-1)  # (B,)
-        if bad.any():
-            b = int(bad.nonzero()[0, 0])
-            raise SoftPromptError(
-                f"adapter {self.adapters[b]!r} gave NaN logits; its weights are not finite "
-                "(or overflow in this dtype): load a good adapter"
-            )
-        if not self.sampled:
-            return scores
-        scores = scores.clone()  # (B, V)
-        for b, temperature, top_p, gen in self.sampled:
-            logits = scores[b].float()  # (V,)
-            # <= 0, max 0, divided in float64: a tiny temperature gives -inf, never NaN
-            logits = ((logits - logits.max()).double() / temperature).float()
-            if top_p < 1.0:
-                ordered, order = logits.sort(descending=True)
-                probs = ordered.softmax(-1)
-                drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already enough
-                drop[0] = False
-                ordered = ordered.masked_fill(drop, float("-inf"))
-                logits = torch.full_like(logits, float("-inf")).scatter(0, order, ordered)
-            token = torch.multinomial(logits.softmax(-1), 1, generator=gen)
-            row = torch.full_like(scores[b], float("-inf"))
-            row[token] = 0.0
-            scores[b] = row
-        return scores
-
-
-class Cancelled(Exception):
-    """``generate_rows`` was cancelled (``cancel`` set) before every row finished."""
-
-
-class _RowStops:
-    """Stopping criterion: each row ends on EOS, its own ``max_tokens`` or a stop string; every
-    row ends at once when ``cancel`` is set (checked between decode steps).
-
-    Calls ``on_done(b, result)`` the moment row b finishes, so its answer can go out while the
-    rest of the batch is still generating.
-    """
-
-    def __init__(self, rows, eos: list[int], decode, on_done, cancel=None) -> None:
-        self.rows = rows
-        self.cancel = cancel
-        self.eos = set(eos)
-        self.decode = decode
-        self.on_done = on_done
-        self.start: int | None = None
-        self.results: list[dict | None] = [None] * len(rows)
-
-    def _finish(self, b: int, tokens: list[int], reason: str) -> None:
-        text = self.decode(tokens)
-        stops = [i for i in (text.find(s) for s in self.rows[b].stop) if i >= 0]
-        if stops:
-            text, reason = text[: min(stops)], "stop"
-        result = {"text": text, "finish_reason": reason, "completion_tokens": len(tokens)}
-        self.results[b] = result
-        if self.on_done is not None:
-            self.on_done(b, result)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self.start is None:  # first call: one new token so far
-            self.start = input_ids.shape[1] - 1
-        step = input_ids.shape[1] - self.start
-        if self.cancel is not None and self.cancel.is_set():
-            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for b, row in enumerate(self.rows):
-            if self.results[b] is None:
-                new = input_ids[b, self.start :].tolist()
-                if new[-1] in self.eos:
-                    self._finish(b, new[:-1], "stop")
-                elif row.stop and any(s in self.decode(new) for s in row.stop):
-                    self._finish(b, new, "stop")
-                elif step >= row.max_tokens:
-                    self._finish(b, new, "length")
-            done[b] = self.results[b] is not None
-        return done
-
-
-@torch.no_grad()
-def generate_rows(
-    model,
-    tokenizer,
-    rows: Sequence[GenerationRow],
-    on_done=None,
-    decode=None,
-    cancel: threading.Event | None = None,
-):
-    """Complete rows of different adapters and settings in ONE ``generate`` call.
-
-    Args:
-        model: a ``SoftPromptModel`` (decoder-only or encoder-decoder).
-        rows: the prompts and their settings.
-        on_done: ``on_done(b, result)`` is called as soon as row b is finished.
-        decode: token ids -> text (default: ``tokenizer.decode(..., skip_special_tokens=True)``).
-        cancel: when set, generation stops after the current decode step.
-
-    Returns:
-        One dict per row: ``text``, ``finish_reason`` ("stop" or "length") and
-        ``completion_tokens``. A row's result equals that row run alone (greedy rows: the same
-        tokens; sampled rows: the same draws from its seeded generator).
-
-    Raises:
-        Cancelled: ``cancel`` was set before every row finished (finished rows were passed to
-            ``on_done``).
-        SoftPromptError: a row's logits are NaN (a non-finite adapter).
-    """
-    from transformers import LogitsProcessorList, StoppingCriteriaList
-
-    if decode is None:
-
-        def decode(ids):
-            return tokenizer.decode(ids, skip_special_tokens=True)
-
-    pad = pad_id(tokenizer)
-    eos = eos_ids(model, tokenizer)
-    ids, mask = pad_left([r.ids for r in rows], pad, model.device)
-    stops = _RowStops(rows, eos, decode, on_done, cancel)
-    model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        adapter_names=[r.adapter for r in rows],
-        max_new_tokens=max(r.max_tokens for r in rows),
-        do_sample=False,
-        pad_token_id=pad,
-        eos_token_id=eos or None,
-        logits_processor=LogitsProcessorList([_RowSampler(rows, model.device)]),
-        stopping_criteria=StoppingCriteriaList([stops]),
-    )
-    if any(r is None for r in stops.results):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("cancelled before every row finished")
-        raise RuntimeError("generate returned before every row finished")
-    return stops.results
-
-
-@torch.no_grad()
-def classify_rows(model, prompts: Sequence[Sequence[int]], adapters: Sequence[str], tasks) -> list:
-    """Class scores for rows of different classification adapters in ONE forward.
-
-    Each row uses its own adapter's task: its label words (verbalizer, scored as
-    ``Task.class_scores`` does: full-sequence log-probability) or its linear head (encoders).
-
-    Returns:
-        One (C_b,) tensor of class logits per row (C_b: that row's number of labels).
-    """
-    device = model.device
-    pad = pad_id(tasks[0].tok)
-    if tasks[0].spec.head:  # encoder + linear head on the first real token
-        ids, mask = pad_left(prompts, pad, device)
-        hidden = model(input_ids=ids, attention_mask=mask, adapter_names=list(adapters))
-        first = mask.argmax(1)
-        cls = hidden.last_hidden_state[torch.arange(len(prompts)), first]  # (B, d)
-        return [model.adapters[a].task_head(cls[b]).float() for b, a in enumerate(adapters)]
-    head = _hf.lm_body_and_head(model.base_model)[1]
-    if all(len(a) == 1 for t in tasks for a in t.answers):  # one forward over the prompts
-        ids, mask = pad_left(prompts, pad, device)
-        hidden = model(
-            input_ids=ids,
-            attention_mask=mask,
-            adapter_names=list(adapters),
-            body_only=True,
-            use_cache=False,
-        ).last_hidden_state[:, -1]  # (B, d)
-        logp = F.log_softmax(head(hidden).float(), dim=-1)  # (B, V)
-        return [logp[b, [a[0] for a in t.answers]] for b, t in enumerate(tasks)]
-    seqs, labels, names = [], [], []  # one sequence per (row, label word)
-    for b, (p, t) in enumerate(zip(prompts, tasks, strict=True)):
-        for a in t.answers:
-            seqs.append(list(p) + list(a))
-            labels.append([-100] * len(p) + list(a))
-            names.append(adapters[b])
-    ids, mask = pad_left(seqs, pad, device)
-    lab, _ = pad_left(labels, -100, device)
-    hidden = model(
-        input_ids=ids, attention_mask=mask, adapter_names=names, body_only=True, use_cache=False
-    ).last_hidden_state  # (S, T, d)
-    target = lab[:, 1:]
-    sel = target != -100  # (S, T-1)
-    logp = F.log_softmax(head(hidden[:, :-1][sel]).float(), dim=-1)  # (N, V)
-    tok = logp.gather(1, target[sel][:, None])[:, 0]  # (N,)
-    per_seq = torch.zeros(len(seqs), device=device).index_add(0, sel.nonzero()[:, 0], tok)
-    out, i = [], 0
-    for t in tasks:
-        out.append(per_seq[i : i + len(t.answers)])
-        i += len(t.answers)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The engine: adapters, validation, queue and the batching worker
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class AdapterEntry:
-    """A loaded adapter as the server sees it."""
-
-    name: str
-    path: Path
-    meta: dict
-    task: Any  # softprompt.tasks.Task or None
-    input_tokens: int  # virtual tokens it adds to the input (input-level methods), else 0
-    template_placement: bool
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def describe(self, root: str) -> dict:
-        spec = None if self.task is None else self.task.spec
-        return {
-            "id": self.name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "softprompt",
-            "root": root,
-            "parent": root,
-            "method": self.meta["method"],
-            "num_virtual_tokens": self.meta["config"].get("num_virtual_tokens"),
-            "task": None if spec is None else spec.kind,
-            "labels": None if spec is None or spec.kind != "classify" else list(spec.labels),
-        }
-
-
-@dataclass(eq=False)
-class _Row:
-    kind: str  # "generate" | "classify"
-    entry: AdapterEntry | None
-    ids: list[int]
-    gen: GenerationRow | None = None
-    future: Future = field(default_factory=Future)
-    enqueued: float = 0.0
-
-    @property
-    def adapter(self) -> str | None:
-        return None if self.entry is None else self.entry.name
-
-    @property
-    def done(self) -> bool:
-        return self.future.done()
-
-    def resolve(self, value) -> None:
-        try:
-            self.future.set_result(value)
-        except InvalidStateError:  # already answered, or the client went away
-            pass
-
-    def fail(self, err: BaseException) -> None:
-        try:
-            self.future.set_exception(err)
-        except InvalidStateError:
-            pass
-
-
-class Engine:
-    """Owns the model, the adapter table and the batching worker thread.
-
-    Threads: HTTP handlers validate and enqueue on the event loop; the worker thread runs the
-    model. ``model_lock`` guards the model (worker calls, adapter load/unload); ``tok_lock``
-    guards the tokenizer (a fast tokenizer must not be used by two threads at once).
-    """
-
-    def __init__(self, model, tokenizer, settings: ServeSettings, roots: list[Path]) -> None:
-        self.model = model
-        self.tok = tokenizer
-        self.settings = settings
-        self.roots = [r.resolve() for r in roots]
-        self.base_name = settings.model_name or model.info.identity.get("name_or_path") or "base"
-        self.entries: dict[str, AdapterEntry] = {}
-        self.model_lock = threading.Lock()
-        self.tok_lock = threading.Lock()
-        self.created = int(time.time())
-        self._cond = threading.Condition()
-        self._queue: deque[_Row] = deque()
-        self._running = 0
-        self._stopping = False
-        self._cancel = threading.Event()  # set: unfinished rows are answered 503
-        self._draining = False
-        self._thread: threading.Thread | None = None
-        self.stats = {
-            "requests": 0,
-            "rows": 0,
-            "model_calls": 0,
-            "failed_calls": 0,
-            "rejected_queue_full": 0,
-            "batch_sizes": Counter(),
-            "mixed_adapter_calls": 0,
-            "max_adapters_in_call": 0,
-        }
-        cfg = model.base_model.config
-        self.max_positions = getattr(cfg, "max_position_embeddings", None)
-        self.can_generate = model.info.is_encoder_decoder or model.info.is_causal_lm
-
-    # ---------------------------------------------------------------- adapters
-    def load(self, name: str, path: str | Path, *, check_root: bool = True) -> AdapterEntry:
-        """Load adapter ``path`` as ``name`` (validated; see the HTTP errors it raises)."""
-        from .io import read_adapter_config, resolve_adapter_dir
-        from .tasks import Task, TaskSpec
-
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ServeError(
-                400,
-                f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'",
-                param="name",
-            )
-        if name in (BASE_ALIAS, self.base_name):
-            raise ServeError(
-                409, f"name: {name!r} is the base model's name; choose another", "conflict", "name"
-            )
-        if check_root:
-            try:
-                directory = self.allowed_path(path)
-                if resolve_adapter_dir(directory) != directory:  # a run folder: its adapter/
-                    directory = self.allowed_path(resolve_adapter_dir(directory))
-                self._check_files_inside(path, directory)
-            except (OSError, RuntimeError) as e:  # name too long, symlink loop, no permission
-                raise ServeError(
-                    400, f"path: cannot read {str(path)[:200]!r}: {e}", "invalid_adapter", "path"
-                ) from e
-        else:
-            directory = resolve_adapter_dir(Path(path).resolve()).resolve()
-        try:
-            meta = read_adapter_config(directory)
-        except SoftPromptError as e:
-            raise ServeError(400, str(e), "invalid_adapter", "path") from e
-        with self.model_lock:
-            if name in self.entries:
-                raise ServeError(
-                    409,
-                    f"name: an adapter named {name!r} is loaded; DELETE it first",
-                    "conflict",
-                    "name",
-                )
-            mismatch = _hf.identity_mismatches(meta["base_model"], self.model.info.identity)
-            try:
-                import softprompt as sp
-
-                sp.load_adapter(self.model, directory, name=name)
-            except SoftPromptError as e:
-                status = 409 if mismatch else 400
-                raise ServeError(
-                    status,
-                    str(e),
-                    "adapter_model_mismatch" if mismatch else "invalid_adapter",
-                    "path",
-                ) from e
-            try:
-                adapter = self.model.adapters[name]
-                task = None
-                if adapter.task:
-                    with self.tok_lock:
-                        task = Task(TaskSpec.from_dict(adapter.task), self.model, self.tok)
-                prompt = adapter.input_prompt()
-                placement = getattr(adapter.config, "placement", "prepend")
-                entry = AdapterEntry(
-                    name=name,
-                    path=directory,
-                    meta=meta,
-                    task=task,
-                    input_tokens=0 if prompt is None or placement == "template" else len(prompt),
-                    template_placement=placement == "template",
-                )
-            except (SoftPromptError, TypeError) as e:
-                self.model.delete_adapter(name)
-                raise ServeError(400, f"{directory}: bad task in adapter_config.json: {e}") from e
-            self.entries[name] = entry
-        log.info("loaded adapter %s from %s (%s)", name, directory, meta["method"])
-        return entry
-
-    def unload(self, name: str) -> None:
-        with self.model_lock:
-            if name not in self.entries:
-                raise ServeError(404, f"no adapter named {name!r} is loaded", "model_not_found")
-            del self.entries[name]
-            self.model.delete_adapter(name)
-        log.info("unloaded adapter %s", name)
-
-    def allowed_path(self, path: str | Path) -> Path:
-        """Resolve ``path`` (absolute, or relative to an adapter root) inside an allowed root."""
-        if not isinstance(path, str | Path) or not str(path) or "\x00" in str(path):
-            raise ServeError(400, "path must be a non-empty folder path", param="path")
-        if not self.roots:
-            raise ServeError(
-                403,
-                "loading adapters at run time is disabled: start the server with --adapter-root",
-                "forbidden_path",
-                "path",
-            )
-        given = Path(path)
-        candidates = [given] if given.is_absolute() else [root / given for root in self.roots]
-        for cand in candidates:
-            real = cand.resolve()
-            if not any(real == r or r in real.parents for r in self.roots):
-                raise ServeError(
-                    403,
-                    f"path {str(path)!r} is outside the allowed adapter folders (--adapter-root)",
-                    "forbidden_path",
-                    "path",
-                )
-            if real.is_dir():
-                return real
-        raise ServeError(
-            400,
-            f"no adapter folder {str(path)!r} under the adapter roots",
-            "invalid_adapter",
-            "path",
-        )
-
-    def _check_files_inside(self, path: str | Path, directory: Path) -> None:
-        """403 unless every adapter file of ``directory`` (and of a run folder's ``adapter/``)
-        resolves inside an allowed root: a file symlink must not lead out either."""
-        from .io import CONFIG_NAME, TRAINABLE_NAME, WEIGHTS_NAME
-
-        for folder in (directory, directory / "adapter"):
-            for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINABLE_NAME):
-                file = folder / name
-                if not (file.exists() or file.is_symlink()):
-                    continue
-                real = file.resolve()
-                if not any(real == r or r in real.parents for r in self.roots):
-                    raise ServeError(
-                        403,
-                        f"{file.relative_to(directory)} in {str(path)!r} leads outside the allowed "
-                        "adapter folders (--adapter-root)",
-                        "forbidden_path",
-                        "path",
-                    )
-
-    def resolve(self, name: str) -> AdapterEntry | None:
-        """The adapter a request's ``model`` names (None: the base model); 404 if unknown."""
-        if name in (BASE_ALIAS, self.base_name):
-            return None
-        entry = self.entries.get(name)
-        if entry is None:
-            known = sorted(self.entries) + [BASE_ALIAS]
-            raise ServeError(
-                404,
-                f"the model {name!r} does not exist; loaded: {known}",
-                "model_not_found",
-                "model",
-            )
-        return entry
-
-    def models(self) -> list[dict]:
-        base = {
-            "id": self.base_name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "softprompt",
-            "root": self.base_name,
-            "parent": None,
-            "aliases": [BASE_ALIAS],
-        }
-        return [base] + [e.describe(self.base_name) for e in list(self.entries.values())]
-
-    # ---------------------------------------------------------------- encoding
-    def _template_field(self, entry: AdapterEntry, preferred: str) -> str | None:
-        fields = entry.task.template.fields
-        if preferred in fields or not fields:
-            return preferred
-        return next(iter(fields)) if len(fields) == 1 else None
-
-    def encode_completion(self, entry: AdapterEntry | None, prompt: str, use_template: bool):
-        """Prompt ids: through the adapter's task template (its input field) or as raw text."""
-        if entry is not None and entry.task is not None and use_template:
-            main = "input" if entry.task.spec.kind == "generate" else "text"
-            name = self._template_field(entry, main)
-            if name is None:
-                raise ServeError(
-                    400,
-                    f"adapter {entry.name!r}'s template {entry.task.spec.template!r} needs fields "
-                    f"{sorted(entry.task.template.fields)}; a prompt fills one. Send "
-                    '"use_template": false with the full text',
-                    param="prompt",
-                )
-            ids = self._encode_row(entry, {name: prompt}, "prompt")
-        else:
-            if entry is not None and entry.template_placement:
-                raise ServeError(
-                    400,
-                    f"adapter {entry.name!r} places its virtual tokens with its template; "
-                    'send "use_template": true',
-                    param="use_template",
-                )
-            with self.tok_lock:
-                ids = list(self.tok(prompt)["input_ids"])
-        return self._check_prompt(ids)
-
-    def encode_classify(self, entry: AdapterEntry, item: str | dict[str, str]):
-        if isinstance(item, str):
-            name = self._template_field(entry, "text")
-            if name is None:
-                raise ServeError(
-                    400,
-                    f"adapter {entry.name!r}'s template needs fields "
-                    f"{sorted(entry.task.template.fields)}; give each input as an object of them",
-                    param="input",
-                )
-            item = {name: item}
-        return self._check_prompt(self._encode_row(entry, item, "input"), "input")
-
-    def _encode_row(self, entry: AdapterEntry, row: dict, param: str) -> list[int]:
-        try:
-            with self.tok_lock:
-                return entry.task.template.encode(row, self.tok)
-        except SoftPromptError as e:
-            fields = sorted(entry.task.template.fields)
-            raise ServeError(
-                400,
-                f"{param}: {e} (adapter {entry.name!r}'s template fields: {fields})",
-                param=param,
-            ) from e
-
-    def _check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
-        limit = self.settings.max_prompt_tokens
-        if not any(i >= 0 for i in ids):
-            raise ServeError(400, f"{param}: the prompt is empty (no tokens)", param=param)
-        if len(ids) > limit:
-            raise ServeError(
-                400,
-                f"{param}: the prompt is {len(ids)} tokens; this server's limit is {limit} "
-                "tokens (--max-prompt-tokens)",
-                "prompt_too_long",
-                param,
-            )
-        return ids
-
-    def check_context(self, entry: AdapterEntry | None, ids: list[int], max_tokens: int) -> None:
-        if self.max_positions is None:
-            return
-        extra = 0 if entry is None else entry.input_tokens
-        need = len(ids) + extra + (0 if self.model.info.is_encoder_decoder else max_tokens)
-        if need > self.max_positions:
-            raise ServeError(
-                400,
-                f"prompt ({len(ids)} tokens + {extra} virtual) plus max_tokens ({max_tokens}) "
-                f"exceeds the model's {self.max_positions} positions",
-                "context_length_exceeded",
-                "max_tokens",
-            )
-
-    # ---------------------------------------------------------------- queue and worker
-    def start(self) -> None:
-        with self._cond:
-            if self._thread is None or not self._thread.is_alive():
-                self._stopping = self._draining = False
-                self._cancel.clear()
-                self._thread = threading.Thread(
-                    target=self._loop, name="softprompt-batcher", daemon=True
-                )
-                self._thread.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish every queued and running row, then end the worker."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def drain(self, grace: float | None = None) -> None:
-        """Begin shutting down; returns at once (safe to call from a signal handler).
-
-        New requests get 503; rows queued or running get ``grace`` seconds (default:
-        ``settings.graceful_timeout``) to finish, then the rest are cancelled (``cancel``).
-        A second call cancels at once.
-        """
-        grace = self.settings.graceful_timeout if grace is None else grace
-        again = self._draining
-        self._draining = True
-        timer = threading.Timer(0 if again else grace, self._begin_stop_then_cancel)
-        timer.daemon = True
-        timer.start()
-        if not again:  # stop taking rows now, off the signal handler's thread
-            threading.Thread(target=self._begin_stop, daemon=True).start()
-
-    def _begin_stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-
-    def _begin_stop_then_cancel(self) -> None:
-        self._begin_stop()
-        self.cancel()
-
-    def cancel(self) -> None:
-        """Answer every queued row 503 now and stop the running batch at its next decode step."""
-        self._cancel.set()
-        with self._cond:
-            rows = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        for r in rows:
-            r.fail(self._cancelled())
-
-    def _cancelled(self) -> ServeError:
-        return ServeError(
-            503,
-            "the server shut down before this request finished (--graceful-timeout "
-            f"{self.settings.graceful_timeout:g} s); retry it",
-            "shutting_down",
-        )
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    def submit(self, rows: list[_Row], param: str | None = None) -> list[Future]:
-        """Queue a request's rows (all or none); 429 when the queue is full, 400 when it could
-        never hold them (``param``: the request field that holds the rows)."""
-        with self._cond:
-            if self._stopping:
-                raise ServeError(503, "the server is shutting down", "shutting_down")
-            limit = self.settings.max_queue
-            if len(rows) > limit:  # never fits: not a retry-later
-                raise ServeError(
-                    400,
-                    f"this request has {len(rows)} rows (prompts x n); the queue holds at most "
-                    f"{limit} rows (--max-queue): send at most {limit} per request",
-                    "too_many_rows",
-                    param,
-                )
-            if len(self._queue) + len(rows) > limit:
-                self.stats["rejected_queue_full"] += 1
-                raise ServeError(
-                    429,
-                    f"the queue is full ({len(self._queue)} rows waiting, limit {limit}, "
-                    "--max-queue); retry later",
-                    "queue_full",
-                    headers={"Retry-After": "1"},
-                )
-            now = time.monotonic()
-            for r in rows:
-                r.enqueued = now
-                self._queue.append(r)
-            self.stats["requests"] += 1
-            self._cond.notify_all()
-        if self._thread is None:
-            self.start()
-        return [r.future for r in rows]
-
-    def _take(self) -> list[_Row] | None:
-        s = self.settings
-        with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait()
-            if not self._queue:
-                return None  # stopping, and nothing left
-            deadline = self._queue[0].enqueued + s.max_wait_ms / 1000
-            while len(self._queue) < s.max_batch and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            batch = [self._queue.popleft() for _ in range(min(s.max_batch, len(self._queue)))]
-            self._running = len(batch)
-            return batch
-
-    def _loop(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            try:
-                self._run_batch(batch)
-            except BaseException as e:  # never leave a client waiting
-                log.exception("batch failed")
-                for r in batch:
-                    r.fail(ServeError(500, f"internal error: {type(e).__name__}: {e}"))
-            finally:
-                self._running = 0
-
-    def _run_batch(self, batch: list[_Row]) -> None:
-        for kind in ("classify", "generate"):
-            rows = [r for r in batch if r.kind == kind]
-            if not rows:
-                continue
-            with self.model_lock:
-                live = []
-                for r in rows:
-                    if r.entry is not None and self.entries.get(r.entry.name) is not r.entry:
-                        r.fail(
-                            ServeError(
-                                404,
-                                f"adapter {r.entry.name!r} was unloaded before this request ran",
-                                "model_not_found",
-                            )
-                        )
-                    else:
-                        live.append(r)
-                if live:
-                    self._call(kind, live)
-
-    def _call(self, kind: str, rows: list[_Row]) -> None:
-        """One model call; if it fails, each unanswered row is retried alone."""
-        if self._cancel.is_set():
-            for r in rows:
-                r.fail(self._cancelled())
-            return
-        self.stats["model_calls"] += 1
-        try:
-            if kind == "generate":
-                self._generate(rows)
-            else:
-                self._classify(rows)
-        except Exception as e:
-            if self._cancel.is_set():  # Cancelled, or a failure while shutting down
-                for r in rows:
-                    r.fail(self._cancelled())
-                return
-            self.stats["failed_calls"] += 1
-            if len(rows) == 1:
-                log.warning("row failed: %s: %s", type(e).__name__, e)
-                if isinstance(e, ServeError):
-                    rows[0].fail(e)
-                elif isinstance(e, SoftPromptError):
-                    rows[0].fail(ServeError(400, str(e), "invalid_adapter", "model"))
-                else:
-                    rows[0].fail(ServeError(500, f"internal error: {type(e).__name__}: {e}"))
-                return
-            log.warning("batch of %d failed (%s); running its rows one by one", len(rows), e)
-            for r in rows:
-                if not r.done:
-                    self._call(kind, [r])
-            return
-        self.stats["rows"] += len(rows)
-        self.stats["batch_sizes"][len(rows)] += 1
-        adapters = {r.adapter for r in rows}
-        if len(adapters) > 1:
-            self.stats["mixed_adapter_calls"] += 1
-        self.stats["max_adapters_in_call"] = max(self.stats["max_adapters_in_call"], len(adapters))
-
-    def _decode(self, ids: list[int]) -> str:
-        with self.tok_lock:
-            return self.tok.decode(ids, skip_special_tokens=True)
-
-    def _generate(self, rows: list[_Row]) -> None:
-        def done(b: int, result: dict) -> None:
-            rows[b].resolve(result)
-
-        generate_rows(self.model, self.tok, [r.gen for r in rows], done, self._decode, self._cancel)
-
-    def _classify(self, rows: list[_Row]) -> None:
-        scores = classify_rows(
-            self.model,
-            [r.ids for r in rows],
-            [r.adapter for r in rows],
-            [r.entry.task for r in rows],
-        )
-        for r, s in zip(rows, scores, strict=True):
-            probs = s.float().softmax(-1)  # (C,)
-            if not torch.isfinite(probs).all():  # this row alone: the others are answered
-                r.fail(
-                    ServeError(
-                        400,
-                        f"adapter {r.adapter!r} gave non-finite class scores; its weights are "
-                        "not finite (or overflow in this dtype): load a good adapter",
-                        "invalid_adapter",
-                        "model",
-                    )
-                )
-                continue
-            probs = probs.cpu().tolist()
-            labels = r.entry.task.spec.labels
-            best = max(range(len(probs)), key=probs.__getitem__)
-            r.resolve({"label": labels[best], "scores": dict(zip(labels, probs, strict=True))})
-
-    def snapshot(self) -> dict:
-        stats = dict(self.stats)
-        stats["batch_sizes"] = {str(k): v for k, v in sorted(self.stats["batch_sizes"].items())}
-        return {"queued": self.queued, "running": self.running, **stats}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1014,29 +152,111 @@ def _utf8_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8_text)]  # a str that is valid Unicode (no surrogates)
 
 
+MAX_TOP_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+
+
 class CompletionRequest(BaseModel):
     """``POST /v1/completions`` (OpenAI's completions API; extensions: ``use_template``)."""
 
     model_config = _STRICT
     model: Text
     prompt: Text | list[Text]
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(1, ge=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     use_template: bool = True
     user: Text | None = None
-    # OpenAI fields accepted only at their neutral values
     echo: bool = False
-    logprobs: None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # OpenAI fields accepted only at their neutral values
     best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[Text, float] | None = None
     suffix: None = None
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Text
+    text: Text | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: Text
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions`` (OpenAI's chat completions API)."""
+
+    model_config = _STRICT
+    model: Text
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    user: Text | None = None
+    # OpenAI fields accepted only at their neutral values
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[Text, float] | None = None
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """``[{"role", "content"}]`` from a request's messages; 400 naming the message at fault."""
+    if not messages:
+        raise ServeError(400, "messages: give at least one message", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        if m.role not in CHAT_ROLES:
+            raise ServeError(
+                400,
+                f"{where}.role: unknown role {m.role!r}; expected one of {list(CHAT_ROLES)}",
+                param=f"{where}.role",
+            )
+        content = m.content
+        if isinstance(content, list):
+            bad = [p.type for p in content if p.type != "text" or p.text is None]
+            if bad:
+                raise ServeError(
+                    400,
+                    f"{where}.content: only text parts are supported, got {bad[0]!r}",
+                    param=f"{where}.content",
+                )
+            content = "".join(p.text for p in content)
+        if content is None:
+            raise ServeError(
+                400,
+                f"{where}.content: a {m.role} message needs content (a string)",
+                param=f"{where}.content",
+            )
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
 
 
 class ClassifyRequest(BaseModel):
@@ -1191,7 +411,7 @@ def create_app(
     for name, path in adapters.items():
         try:
             engine.load(name, path, check_root=False)
-        except ServeError as e:
+        except EngineError as e:
             raise SoftPromptError(f"--adapter {name}={path}: {e.message}") from e
 
     @asynccontextmanager
@@ -1207,9 +427,9 @@ def create_app(
     def error_response(err: ServeError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
-    @app.exception_handler(ServeError)
-    async def _serve_error(request: Request, exc: ServeError):
-        return error_response(exc)
+    @app.exception_handler(EngineError)
+    async def _serve_error(request: Request, exc: EngineError):
+        return error_response(ServeError.of(exc))
 
     @app.exception_handler(SoftPromptError)
     async def _softprompt_error(request: Request, exc: SoftPromptError):
@@ -1228,14 +448,14 @@ def create_app(
         log.exception("unexpected error")
         return error_response(ServeError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
-    async def wait(futures: list[Future]) -> list:
+    async def wait(futures: list) -> list:
         results = await asyncio.gather(
             *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
         )
         for r in results:
             if isinstance(r, BaseException):
-                if isinstance(r, ServeError):
-                    raise r
+                if isinstance(r, EngineError):
+                    raise ServeError.of(r)
                 if isinstance(r, SoftPromptError):
                     raise ServeError(400, str(r), "invalid_request")
                 raise ServeError(500, f"internal error: {type(r).__name__}: {r}")
@@ -1253,13 +473,9 @@ def create_app(
     async def list_models():
         return {"object": "list", "data": engine.models()}
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        if req.stream:
-            raise ServeError(400, "streaming is not supported; send stream: false", param="stream")
+    def check_unsupported(req) -> None:
         for name, ok in (
-            ("echo", not req.echo),
-            ("best_of", req.best_of in (None, 1)),
+            ("best_of", getattr(req, "best_of", None) in (None, 1)),
             ("presence_penalty", req.presence_penalty == 0),
             ("frequency_penalty", req.frequency_penalty == 0),
             ("logit_bias", not req.logit_bias),
@@ -1268,18 +484,8 @@ def create_app(
                 raise ServeError(400, f"{name} is not supported by this server", param=name)
         if not engine.can_generate:
             raise ServeError(400, "the base model is an encoder; it cannot generate text")
-        entry = engine.resolve(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not prompts:
-            raise ServeError(400, "prompt: give at least one prompt", param="prompt")
-        if len(prompts) * req.n > settings.max_prompts:
-            raise ServeError(
-                400,
-                f"{len(prompts)} prompts x n={req.n} exceeds this server's limit of "
-                f"{settings.max_prompts} completions per request",
-                param="prompt",
-            )
-        max_tokens = req.max_tokens or settings.default_max_tokens
+
+    def check_max_tokens(max_tokens: int) -> None:
         if max_tokens > settings.max_tokens_limit:
             raise ServeError(
                 400,
@@ -1288,47 +494,321 @@ def create_app(
                 "max_tokens_too_large",
                 "max_tokens",
             )
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    def parse_stop(value) -> tuple[str, ...]:
+        stop = [value] if isinstance(value, str) else list(value or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ServeError(400, "stop: at most 4 non-empty strings", param="stop")
-        rows, usage_prompt = [], 0
+        return tuple(stop)
+
+    def check_count(rows: int, n: int, param: str) -> None:
+        if rows > settings.max_prompts:
+            raise ServeError(
+                400,
+                f"{rows} completions ({rows // n} prompts x n={n}) exceed this server's limit "
+                f"of {settings.max_prompts} per request",
+                param=param,
+            )
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def completion_logprobs(pairs: list[tuple[int, dict | None]], offset: int) -> dict:
+        """OpenAI completions ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset."""
+        texts = engine.token_texts([i for i, _ in pairs])
+        tops = engine.token_texts([t for _, e in pairs if e for t, _ in e["top"]])
+        top_iter = iter(tops)
+        out = {"tokens": texts, "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for text, (_, e) in zip(texts, pairs, strict=True):
+            out["token_logprobs"].append(None if e is None else e["logprob"])
+            out["top_logprobs"].append(
+                None if e is None else {next(top_iter): lp for _, lp in e["top"]}
+            )
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def chat_logprobs(entries: list[dict]) -> list[dict]:
+        """OpenAI chat ``logprobs.content``: token, logprob, bytes, top_logprobs."""
+        texts = engine.token_texts([e["id"] for e in entries])
+        tops = iter(engine.token_texts([t for e in entries for t, _ in e["top"]]))
+
+        def one(text: str, lp: float) -> dict:
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return [
+            {**one(text, e["logprob"]), "top_logprobs": [one(next(tops), lp) for _, lp in e["top"]]}
+            for text, e in zip(texts, entries, strict=True)
+        ]
+
+    def streamed(rows: list[_Row], chunk, finish_chunk, tail_chunks, with_stop_token=False):
+        """SSE of streamed rows: ``chunk(index, text, entries, finish_reason)`` per delta, then
+        ``tail_chunks(completion_tokens)`` (usage), then ``[DONE]`` (``with_stop_token``: the
+        last chunk's entries end with the stop token's, as completions give it). A client that goes away
+        aborts its unfinished rows (they end at the next decode step)."""
+        from fastapi.responses import StreamingResponse
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, r in enumerate(rows):
+
+            def sink(event, i=i):
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+                except RuntimeError:  # the event loop is closed
+                    pass
+
+            r.sink = sink
+            r.gen.abort = threading.Event()
+
+        def sse(obj) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def events():
+            sent = [""] * len(rows)
+            sent_entries = [0] * len(rows)
+            left, completion_tokens = len(rows), 0
+            try:
+                for i in range(len(rows)):
+                    first = finish_chunk(i)
+                    if first is not None:
+                        yield sse(first)
+                while left:
+                    i, (kind, payload) = await queue.get()
+                    if kind == "delta":
+                        text, entries = payload
+                        sent[i] += text
+                        sent_entries[i] += len(entries or ())
+                        yield sse(chunk(i, text, entries, None))
+                    elif kind == "done":
+                        left -= 1
+                        completion_tokens += payload["completion_tokens"]
+                        rest = payload["text"][len(sent[i]) :]
+                        entries = payload["logprobs"]
+                        entries = None if entries is None else entries[sent_entries[i] :]
+                        if entries is not None and with_stop_token and payload["stop_logprob"]:
+                            entries = [*entries, payload["stop_logprob"]]
+                        yield sse(chunk(i, rest, entries, payload["finish_reason"]))
+                    else:
+                        err = payload
+                        if isinstance(err, EngineError):
+                            err = ServeError.of(err)
+                        elif isinstance(err, SoftPromptError):
+                            err = ServeError(400, str(err), "invalid_request")
+                        else:
+                            err = ServeError(500, f"internal error: {type(err).__name__}: {err}")
+                        yield sse(err.body())
+                        break
+                else:
+                    for extra in tail_chunks(completion_tokens):
+                        yield sse(extra)
+                yield "data: [DONE]\n\n"
+            finally:
+                for r in rows:
+                    if not r.done:
+                        r.gen.abort.set()
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        check_unsupported(req)
+        entry = engine.resolve(req.model)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not prompts:
+            raise ServeError(400, "prompt: give at least one prompt", param="prompt")
+        check_count(len(prompts) * req.n, req.n, "prompt")
+        max_tokens = settings.default_max_tokens if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not req.echo:
+            raise ServeError(
+                400,
+                "max_tokens: 0 generates nothing; it needs echo: true (the prompt's token "
+                "log-probabilities)",
+                param="max_tokens",
+            )
+        check_max_tokens(max_tokens)
+        stop = parse_stop(req.stop)
+        if req.echo and engine.model.info.is_encoder_decoder:
+            raise ServeError(400, "echo: not supported on encoder-decoder models", param="echo")
+        if req.stream and req.echo:
+            raise ServeError(400, "echo is not supported with stream: true", param="echo")
+        top = req.logprobs
+        gens, scores, usage_prompt = [], [], 0
         for p in prompts:
             ids = engine.encode_completion(entry, p, req.use_template)
             engine.check_context(entry, ids, max_tokens)
             usage_prompt += sum(t >= 0 for t in ids)  # real tokens, once per prompt
-            for _ in range(req.n):
-                i = len(rows)
+            if req.echo:
+                scores.append(_Row("score", entry, ids, top=top or 0))
+            for _ in range(req.n if max_tokens else 0):
                 gen = GenerationRow(
                     ids=ids,
                     adapter=None if entry is None else entry.name,
                     max_tokens=max_tokens,
                     temperature=req.temperature,
                     top_p=req.top_p,
-                    stop=tuple(stop),
-                    seed=None if req.seed is None else req.seed + i,
+                    stop=stop,
+                    seed=None if req.seed is None else req.seed + len(gens),
+                    logprobs=top,
+                    stream=req.stream,
                 )
-                rows.append(_Row("generate", entry, ids, gen))
-        results = await wait(engine.submit(rows, "prompt"))
-        completion_tokens = sum(r["completion_tokens"] for r in results)
-        return {
+                gens.append(_Row("generate", entry, ids, gen))
+        head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": req.model,
-            "choices": [
-                {
+        }
+        if req.stream:
+
+            def chunk(i, text, entries, finish):
+                lp = None
+                if top is not None:
+                    lp = completion_logprobs([(e["id"], e) for e in entries or []], 0)
+                choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": lp}
+                return {**head, "choices": [choice]}
+
+            def tail(completion_tokens):
+                opts = req.stream_options
+                if opts is not None and opts.include_usage:
+                    yield {**head, "choices": [], "usage": usage(usage_prompt, completion_tokens)}
+
+            response = streamed(gens, chunk, lambda i: None, tail, with_stop_token=True)
+            engine.submit(gens, "prompt")
+            return response
+        results = await wait(engine.submit(scores + gens, "prompt"))
+        prompt_lps, results = results[: len(scores)], results[len(scores) :]
+        choices = []
+        for i in range(len(prompts) * req.n):
+            p = i // req.n
+            r = (
+                results[i]
+                if max_tokens
+                else {
+                    "text": "",
+                    "finish_reason": "length",
+                    "token_ids": [],
+                    "logprobs": [],
+                    "completion_tokens": 0,
+                }
+            )
+            text, lp = r["text"], None
+            pairs = []
+            if req.echo:
+                real = [t for t in scores[p].ids if t >= 0]
+                echo = prompts[p] if entry is None or not req.use_template else engine._decode(real)
+                text = echo + text
+                pairs = list(zip(real, prompt_lps[p], strict=True))
+            if top is not None:
+                pairs += [(e["id"], e) for e in r["logprobs"]]
+                if r.get("stop_logprob"):  # as OpenAI: the stop token ends the entries
+                    pairs.append((r["stop_logprob"]["id"], r["stop_logprob"]))
+                lp = completion_logprobs(pairs, 0)
+            choices.append(
+                {"index": i, "text": text, "finish_reason": r["finish_reason"], "logprobs": lp}
+            )
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        return {**head, "choices": choices, "usage": usage(usage_prompt, completion_tokens)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        check_unsupported(req)
+        if engine.model.info.is_encoder_decoder:
+            raise ServeError(
+                400, "model: chat completions need a decoder-only model", param="model"
+            )
+        entry = engine.resolve(req.model)
+        messages = chat_messages(req.messages)
+        check_count(req.n, req.n, "n")
+        max_tokens = req.max_completion_tokens or req.max_tokens or settings.default_max_tokens
+        check_max_tokens(max_tokens)
+        stop = parse_stop(req.stop)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ServeError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        ids, stop_ids = engine.encode_chat(entry, messages)
+        engine.check_context(entry, ids, max_tokens)
+        usage_prompt = sum(t >= 0 for t in ids)
+        rows = [
+            _Row(
+                "generate",
+                entry,
+                ids,
+                GenerationRow(
+                    ids=ids,
+                    adapter=None if entry is None else entry.name,
+                    max_tokens=max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    stop=stop,
+                    seed=None if req.seed is None else req.seed + i,
+                    stop_ids=stop_ids,
+                    logprobs=top,
+                    stream=req.stream,
+                ),
+            )
+            for i in range(req.n)
+        ]
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": req.model,
+            "system_fingerprint": None,
+        }
+        if req.stream:
+            head["object"] = "chat.completion.chunk"
+
+            def chunk(i, text, entries, finish):
+                delta = {"content": text} if text or finish is None else {}
+                lp = (
+                    None
+                    if top is None
+                    else {"content": chat_logprobs(entries or []), "refusal": None}
+                )
+                choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}
+                return {**head, "choices": [choice]}
+
+            def first(i):
+                choice = {
                     "index": i,
-                    "text": r["text"],
-                    "finish_reason": r["finish_reason"],
+                    "delta": {"role": "assistant", "content": ""},
+                    "finish_reason": None,
                     "logprobs": None,
                 }
-                for i, r in enumerate(results)
-            ],
-            "usage": {
-                "prompt_tokens": usage_prompt,
-                "completion_tokens": completion_tokens,
-                "total_tokens": usage_prompt + completion_tokens,
-            },
+                return {**head, "choices": [choice]}
+
+            def tail(completion_tokens):
+                opts = req.stream_options
+                if opts is not None and opts.include_usage:
+                    yield {**head, "choices": [], "usage": usage(usage_prompt, completion_tokens)}
+
+            response = streamed(rows, chunk, first, tail)
+            engine.submit(rows, "messages")
+            return response
+        results = await wait(engine.submit(rows, "messages"))
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r["text"], "refusal": None},
+                "finish_reason": r["finish_reason"],
+                "logprobs": None
+                if top is None
+                else {"content": chat_logprobs(r["logprobs"]), "refusal": None},
+            }
+            for i, r in enumerate(results)
+        ]
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": choices,
+            "usage": usage(usage_prompt, completion_tokens),
         }
 
     @app.post("/v1/classify")

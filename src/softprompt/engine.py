@@ -1,0 +1,1215 @@
+"""The serving engine: one frozen model, many adapters, rows batched across adapters.
+
+No HTTP here: :mod:`softprompt.server` is the FastAPI layer on top. The engine validates and
+encodes what a request asks for (``encode_completion``, ``encode_chat``, ``encode_classify``),
+queues rows (``submit``: one ``Future`` per row) and runs them on one worker thread: per kind
+of row (classify, score, generate) ONE model call with ``adapter_names=[...]``, one adapter per
+row. Generation settings never split a batch: sampling runs per row (own temperature, top-p and
+seeded generator), and each row stops on its own ``max_tokens``, stop ids or stop strings; a
+row's answer is sent as soon as it is finished, and a streamed row's text after every decode
+step. A failing batch is retried row by row, so one bad row fails alone.
+
+Errors are :class:`EngineError` with a ``kind`` ("invalid", "not_found", "conflict",
+"forbidden", "busy", "unavailable", "closed", "internal"); the HTTP layer maps kinds to status
+codes.
+
+Shutdown (``Engine.drain``): no new rows are taken, rows in flight get ``graceful_timeout``
+seconds to finish, then what remains is cancelled ("unavailable") and ``generate`` stops at its
+next decode step.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import _hf
+from .errors import SoftPromptError
+from .lm import pad_left, row_answer_logprobs
+from .tasks import pad_id
+
+log = logging.getLogger("softprompt.engine")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+BASE_ALIAS = "base"
+
+
+@dataclass
+class ServeSettings:
+    """Server limits and options (the ``softprompt serve`` flags).
+
+    Attributes:
+        model_name: the base model's name in the API (default: its ``name_or_path``); ``"base"``
+            always works too.
+        api_key: if set, every request except ``GET /health`` needs ``Authorization: Bearer KEY``.
+        adapter_roots: folders ``POST /v1/adapters`` may load from (symlinks resolved). None:
+            the parent folders of the adapters given at start.
+        max_batch: most rows (prompts) in one model call.
+        max_wait_ms: how long the oldest queued row waits for others before its batch runs.
+        max_queue: most rows waiting; more is answered 429.
+        max_body_bytes: largest request body; more is answered 413.
+        max_prompt_tokens: longest prompt in tokens (after the adapter's template).
+        max_tokens_limit: largest ``max_tokens`` a request may ask for.
+        max_prompts: most prompts (times ``n``) in one request.
+        default_max_tokens: ``max_tokens`` when a request gives none (OpenAI's default: 16).
+        graceful_timeout: seconds rows in flight get to finish at shutdown before they are
+            cancelled (503).
+    """
+
+    model_name: str | None = None
+    api_key: str | None = None
+    adapter_roots: list[str] | None = None
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    max_queue: int = 256
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int = 2048
+    max_tokens_limit: int = 512
+    max_prompts: int = 64
+    default_max_tokens: int = 16
+    graceful_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_batch",
+            "max_queue",
+            "max_body_bytes",
+            "max_prompt_tokens",
+            "max_tokens_limit",
+            "max_prompts",
+            "default_max_tokens",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SoftPromptError(
+                    f"ServeSettings.{name} must be a positive integer, got {value!r}"
+                )
+        for name in ("max_wait_ms", "graceful_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise SoftPromptError(
+                    f"ServeSettings.{name} must be a finite number >= 0, got {value!r}"
+                )
+
+
+class EngineError(Exception):
+    """An error answered to one request, without HTTP: ``kind`` (what went wrong, see the
+    module docstring), message, error ``code`` and the request field at fault (``param``)."""
+
+    KINDS = (
+        "invalid",
+        "forbidden",
+        "not_found",
+        "conflict",
+        "too_large",
+        "busy",
+        "closed",
+        "internal",
+        "unavailable",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown EngineError kind {kind!r}")
+        # a lone surrogate from the request (echoed in a message) cannot be encoded as UTF-8
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+
+# --------------------------------------------------------------------------------------------
+# Running rows: generation and classification, each ONE model call for rows of many adapters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationRow:
+    """One prompt to complete.
+
+    Attributes:
+        ids: prompt token ids (negative ids: template virtual tokens, see softprompt.templates).
+        adapter: adapter name, or None for the bare model.
+        max_tokens: most new tokens.
+        temperature: 0 = greedy; otherwise sample from softmax(logits / temperature).
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
+        stop: strings that end the completion (not included in the text).
+        seed: seed of this row's own sampling generator (None: a random one); any integer,
+            taken modulo 2**64.
+        stop_ids: token ids that end this row (None: the model's EOS ids); a chat row's
+            end-of-turn token.
+        logprobs: keep each new token's log-probability and this many top alternatives
+            (None: none).
+        stream: report text as it is generated (``on_delta``), held back only while it may be
+            the start of a stop string or an unfinished multi-byte character.
+        abort: when set (the client went away), the row ends at the next decode step.
+    """
+
+    ids: list[int]
+    adapter: str | None
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stop_ids: tuple[int, ...] | None = None
+    logprobs: int | None = None
+    stream: bool = False
+    abort: threading.Event | None = field(default=None, compare=False, repr=False)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a completion: the generation config's and the tokenizer's EOS."""
+    ids = model.base_model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+class _RowSampler:
+    """Logits processor: rows with temperature > 0 draw their token with their own generator.
+
+    The drawn token gets logit 0 and every other -inf, so ``generate``'s greedy step picks it;
+    greedy rows pass through unchanged. A row's draws therefore do not depend on the other rows
+    of the batch: a seeded row gives the same text alone or batched.
+    """
+
+    def __init__(self, rows: Sequence[GenerationRow], device: torch.device) -> None:
+        self.sampled = []
+        for b, r in enumerate(rows):
+            if r.temperature > 0:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(r.seed % 2**64 if r.seed is not None else secrets.randbits(63))
+                self.sampled.append((b, r.temperature, r.top_p, gen))
+        self.adapters = [r.adapter for r in rows]
+        self.want_logprobs = [(b, r.logprobs) for b, r in enumerate(rows) if r.logprobs is not None]
+        # per row, one entry per step: {"id", "logprob", "top": [(id, logprob), ...]}
+        self.entries: list[list[dict]] = [[] for _ in rows]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = scores.isnan().any(-1)  # (B,)
+        if bad.any():
+            b = int(bad.nonzero()[0, 0])
+            raise SoftPromptError(
+                f"adapter {self.adapters[b]!r} gave NaN logits; its weights are not finite "
+                "(or overflow in this dtype): load a good adapter"
+            )
+        raw = scores
+        if self.sampled:
+            scores = self._sample(scores)
+        for b, k in self.want_logprobs:  # the model's distribution (before temperature)
+            logp = F.log_softmax(raw[b].float(), dim=-1)  # (V,)
+            chosen = int(scores[b].argmax())
+            self.entries[b].append(token_entry(logp, chosen, k))
+        return scores
+
+    def _sample(self, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()  # (B, V)
+        for b, temperature, top_p, gen in self.sampled:
+            logits = scores[b].float()  # (V,)
+            # <= 0, max 0, divided in float64: a tiny temperature gives -inf, never NaN
+            logits = ((logits - logits.max()).double() / temperature).float()
+            if top_p < 1.0:
+                ordered, order = logits.sort(descending=True)
+                probs = ordered.softmax(-1)
+                drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already enough
+                drop[0] = False
+                ordered = ordered.masked_fill(drop, float("-inf"))
+                logits = torch.full_like(logits, float("-inf")).scatter(0, order, ordered)
+            token = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+            row = torch.full_like(scores[b], float("-inf"))
+            row[token] = 0.0
+            scores[b] = row
+        return scores
+
+
+def token_entry(logp: torch.Tensor, token: int, top: int) -> dict:
+    """A token's log-probability and the ``top`` most likely tokens at its position.
+
+    Args:
+        logp: (V,) log-probabilities at the position.
+    """
+    entry = {"id": token, "logprob": float(logp[token]), "top": []}
+    if top > 0:
+        values, ids = logp.topk(min(top, logp.shape[-1]))
+        entry["top"] = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return entry
+
+
+def _unfinished_tail(text: str) -> int:
+    """How many trailing characters of ``text`` are U+FFFD (a multi-byte character whose
+    remaining bytes are still to come)."""
+    return len(text) - len(text.rstrip("\ufffd"))
+
+
+class Cancelled(Exception):
+    """``generate_rows`` was cancelled (``cancel`` set) before every row finished."""
+
+
+class _RowStops:
+    """Stopping criterion: each row ends on its stop tokens (EOS), its own ``max_tokens`` or a
+    stop string; a row whose ``abort`` is set ends at the next step; every row ends at once when
+    ``cancel`` is set (checked between decode steps).
+
+    Calls ``on_done(b, result)`` the moment row b finishes, so its answer can go out while the
+    rest of the batch is still generating, and ``on_delta(b, text, entries)`` after each step
+    of a streamed row with the text (and log-probability entries) released since the last
+    call. The released text is always a prefix of the row's final text.
+    """
+
+    def __init__(
+        self, rows, eos: list[int], decode, on_done, cancel=None, on_delta=None, sampler=None
+    ) -> None:
+        self.rows = rows
+        self.cancel = cancel
+        self.eos = set(eos)  # every row's stop ids: generate pads a row after any of them
+        self.decode = decode
+        self.on_done = on_done
+        self.on_delta = on_delta
+        self.sampler = sampler
+        self.start: int | None = None
+        self.results: list[dict | None] = [None] * len(rows)
+        self.ends: list[list[int]] = [[] for _ in rows]  # per token: end of its text
+        self.sent: list[str] = [""] * len(rows)  # text released to on_delta
+        self.sent_entries = [0] * len(rows)
+        self.hold = [max((len(x) for x in r.stop), default=1) - 1 for r in rows]
+
+    def _entries(self, b: int, n: int) -> list[dict] | None:
+        if self.sampler is None or self.rows[b].logprobs is None:
+            return None
+        return self.sampler.entries[b][:n]
+
+    def _finish(self, b: int, tokens: list[int], reason: str, stop_token: bool = False) -> None:
+        """Row b's result; ``stop_token``: the token after ``tokens`` was its stop token (its
+        log-probability entry becomes ``stop_logprob``)."""
+        text = self.decode(tokens)
+        stop_entry = None
+        if stop_token and self._entries(b, len(tokens) + 1):
+            stop_entry = self._entries(b, len(tokens) + 1)[-1]
+        stops = [i for i in (text.find(s) for s in self.rows[b].stop) if i >= 0]
+        entries = self._entries(b, len(tokens))
+        if stops:
+            text, reason = text[: min(stops)], "stop"
+            ends = self.ends[b]
+            keep = sum(1 for i in range(len(tokens)) if (ends[i - 1] if i else 0) < len(text))
+            tokens = tokens[:keep]
+            entries = None if entries is None else entries[:keep]
+        result = {
+            "text": text,
+            "finish_reason": reason,
+            "completion_tokens": len(tokens),
+            "token_ids": tokens,
+            "logprobs": entries,
+            "stop_logprob": stop_entry,
+        }
+        self.results[b] = result
+        if self.on_done is not None:
+            self.on_done(b, result)
+
+    def _release(self, b: int, text: str) -> None:
+        """Send row b's new text, less what may still change (a stop string's start, an
+        unfinished character)."""
+        if not text.startswith(self.sent[b]):  # decoding changed earlier text: wait for the end
+            return
+        safe = len(text) - max(_unfinished_tail(text), self.hold[b])
+        if safe <= len(self.sent[b]):
+            return
+        delta = text[len(self.sent[b]) : safe]
+        self.sent[b] = text[:safe]
+        entries = None
+        if self.rows[b].logprobs is not None:
+            n = sum(1 for e in self.ends[b] if e <= safe)
+            entries = self._entries(b, n)[self.sent_entries[b] :]
+            self.sent_entries[b] = n
+        self.on_delta(b, delta, entries)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.start is None:  # first call: one new token so far
+            self.start = input_ids.shape[1] - 1
+        step = input_ids.shape[1] - self.start
+        if self.cancel is not None and self.cancel.is_set():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for b, row in enumerate(self.rows):
+            if self.results[b] is None:
+                new = input_ids[b, self.start :].tolist()
+                stop_ids = self.eos if row.stop_ids is None else set(row.stop_ids)
+                text = None
+                if row.stop or row.stream or row.logprobs is not None:
+                    text = self.decode(new)
+                    self.ends[b].append(len(text))
+                if row.abort is not None and row.abort.is_set():
+                    self._finish(b, new, "aborted")
+                elif new[-1] in stop_ids or new[-1] in self.eos:
+                    self._finish(b, new[:-1], "stop", stop_token=True)
+                elif row.stop and any(s in text for s in row.stop):
+                    self._finish(b, new, "stop")
+                elif step >= row.max_tokens:
+                    self._finish(b, new, "length")
+                elif row.stream and self.on_delta is not None:
+                    self._release(b, text)
+            done[b] = self.results[b] is not None
+        return done
+
+
+@torch.no_grad()
+def generate_rows(
+    model,
+    tokenizer,
+    rows: Sequence[GenerationRow],
+    on_done=None,
+    decode=None,
+    cancel: threading.Event | None = None,
+    on_delta=None,
+):
+    """Complete rows of different adapters and settings in ONE ``generate`` call.
+
+    Args:
+        model: a ``SoftPromptModel`` (decoder-only or encoder-decoder).
+        rows: the prompts and their settings.
+        on_done: ``on_done(b, result)`` is called as soon as row b is finished.
+        decode: token ids -> text (default: ``tokenizer.decode(..., skip_special_tokens=True)``).
+        cancel: when set, generation stops after the current decode step.
+        on_delta: ``on_delta(b, text, entries)``: new text of a streamed row (see ``_RowStops``).
+
+    Returns:
+        One dict per row: ``text``, ``finish_reason`` ("stop", "length", or "aborted" when the
+        row's ``abort`` was set), ``completion_tokens``, ``token_ids``, ``logprobs`` (None,
+        or one entry per token: ``id``, ``logprob``, ``top``: [(id, logprob), ...]) and
+        ``stop_logprob`` (the entry of the stop token that ended the row, if any). A row's result equals that row run alone (greedy rows: the same
+        tokens; sampled rows: the same draws from its seeded generator).
+
+    Raises:
+        Cancelled: ``cancel`` was set before every row finished (finished rows were passed to
+            ``on_done``).
+        SoftPromptError: a row's logits are NaN (a non-finite adapter).
+    """
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    if decode is None:
+
+        def decode(ids):
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+    pad = pad_id(tokenizer)
+    eos = eos_ids(model, tokenizer)
+    for r in rows:
+        eos += [t for t in r.stop_ids or () if t not in eos]
+    ids, mask = pad_left([r.ids for r in rows], pad, model.device)
+    sampler = _RowSampler(rows, model.device)
+    stops = _RowStops(rows, eos, decode, on_done, cancel, on_delta, sampler)
+    model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        adapter_names=[r.adapter for r in rows],
+        max_new_tokens=max(r.max_tokens for r in rows),
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+        logits_processor=LogitsProcessorList([sampler]),
+        stopping_criteria=StoppingCriteriaList([stops]),
+    )
+    if any(r is None for r in stops.results):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled before every row finished")
+        raise RuntimeError("generate returned before every row finished")
+    return stops.results
+
+
+@torch.no_grad()
+def classify_rows(model, prompts: Sequence[Sequence[int]], adapters: Sequence[str], tasks) -> list:
+    """Class scores for rows of different classification adapters, scored by the code training
+    and ``softprompt eval`` use.
+
+    Label words (verbalizers): ``lm.row_answer_logprobs`` (``Task.class_scores``'s
+    ``lm.answer_logprobs`` with each row's own labels), ONE forward for the batch. Linear heads
+    (encoders): ``Task.class_scores`` (each row through its own adapter's head), one forward
+    per number of labels in the batch.
+
+    Returns:
+        One (C_b,) tensor of class logits per row (C_b: that row's number of labels).
+    """
+    if tasks[0].spec.head:
+        out: list = [None] * len(prompts)
+        groups: dict[int, list[int]] = {}
+        for b, t in enumerate(tasks):
+            groups.setdefault(len(t.spec.labels), []).append(b)
+        for rows in groups.values():
+            scores = tasks[rows[0]].class_scores(
+                [prompts[b] for b in rows], [adapters[b] for b in rows]
+            )
+            for b, s in zip(rows, scores, strict=True):
+                out[b] = s.float()
+        return out
+    return row_answer_logprobs(
+        model, prompts, [t.answers for t in tasks], list(adapters), pad_id(tasks[0].tok)
+    )
+
+
+@torch.no_grad()
+def prompt_logprobs(model, tokenizer, rows) -> list[list[dict | None]]:
+    """Log-probability of each real prompt token given the tokens before it, in ONE forward.
+
+    Args:
+        rows: objects with ``ids`` (token ids; negative: template virtual tokens), ``adapter``
+            and ``top`` (how many most likely tokens to give per position).
+
+    Returns:
+        Per row, one entry per real (non-negative) token: None for the row's first token (it
+        has no context), else ``token_entry``'s dict.
+    """
+    head = _hf.lm_body_and_head(model.base_model)[1]
+    ids, mask = pad_left([r.ids for r in rows], pad_id(tokenizer), model.device)
+    hidden = model(
+        input_ids=ids,
+        attention_mask=mask,
+        adapter_names=[r.adapter for r in rows],
+        body_only=True,
+        use_cache=False,
+    ).last_hidden_state  # (B, T, d)
+    width = ids.shape[1]
+    out = []
+    for b, r in enumerate(rows):
+        off = width - len(r.ids)
+        real = [i for i, t in enumerate(r.ids) if t >= 0]
+        scored = [i for i in real if i > 0]
+        entries: dict[int, dict] = {}
+        if scored:
+            at = torch.tensor([off + i - 1 for i in scored], device=model.device)
+            logp = F.log_softmax(head(hidden[b, at]).float(), dim=-1)  # (N, V)
+            if not torch.isfinite(logp).all():
+                raise SoftPromptError(
+                    f"adapter {r.adapter!r} gave non-finite logits; its weights are not finite "
+                    "(or overflow in this dtype): load a good adapter"
+                )
+            for j, i in enumerate(scored):
+                entries[i] = token_entry(logp[j], r.ids[i], r.top)
+        out.append([entries.get(i) for i in real])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The engine: adapters, validation, queue and the batching worker
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class AdapterEntry:
+    """A loaded adapter as the server sees it."""
+
+    name: str
+    path: Path
+    meta: dict
+    task: Any  # softprompt.tasks.Task or None
+    input_tokens: int  # virtual tokens it adds to the input (input-level methods), else 0
+    template_placement: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def describe(self, root: str) -> dict:
+        spec = None if self.task is None else self.task.spec
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "softprompt",
+            "root": root,
+            "parent": root,
+            "method": self.meta["method"],
+            "num_virtual_tokens": self.meta["config"].get("num_virtual_tokens"),
+            "task": None if spec is None else spec.kind,
+            "labels": None if spec is None or spec.kind != "classify" else list(spec.labels),
+        }
+
+
+@dataclass(eq=False)
+class _Row:
+    """A queued row. ``sink`` (streamed rows): called from the worker thread with
+    ``("delta", (text, entries))``, then ``("done", result)`` or ``("error", exception)``."""
+
+    kind: str  # "generate" | "classify" | "score"
+    entry: AdapterEntry | None
+    ids: list[int]
+    gen: GenerationRow | None = None
+    future: Future = field(default_factory=Future)
+    enqueued: float = 0.0
+    sink: Any = None
+    top: int = 0  # "score" rows: top log-probabilities per prompt token
+
+    @property
+    def adapter(self) -> str | None:
+        return None if self.entry is None else self.entry.name
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def resolve(self, value) -> None:
+        try:
+            self.future.set_result(value)
+        except InvalidStateError:  # already answered, or the client went away
+            return
+        if self.sink is not None:
+            self.sink(("done", value))
+
+    def fail(self, err: BaseException) -> None:
+        try:
+            self.future.set_exception(err)
+        except InvalidStateError:
+            return
+        if self.sink is not None:
+            self.sink(("error", err))
+
+
+class Engine:
+    """Owns the model, the adapter table and the batching worker thread.
+
+    Threads: HTTP handlers validate and enqueue on the event loop; the worker thread runs the
+    model. ``model_lock`` guards the model (worker calls, adapter load/unload); ``tok_lock``
+    guards the tokenizer (a fast tokenizer must not be used by two threads at once).
+    """
+
+    def __init__(self, model, tokenizer, settings: ServeSettings, roots: list[Path]) -> None:
+        self.model = model
+        self.tok = tokenizer
+        self.settings = settings
+        self.roots = [r.resolve() for r in roots]
+        self.base_name = settings.model_name or model.info.identity.get("name_or_path") or "base"
+        self.entries: dict[str, AdapterEntry] = {}
+        self.model_lock = threading.Lock()
+        self.tok_lock = threading.Lock()
+        self.created = int(time.time())
+        self._cond = threading.Condition()
+        self._queue: deque[_Row] = deque()
+        self._running = 0
+        self._stopping = False
+        self._cancel = threading.Event()  # set: unfinished rows are answered 503
+        self._draining = False
+        self._thread: threading.Thread | None = None
+        self.stats = {
+            "requests": 0,
+            "rows": 0,
+            "model_calls": 0,
+            "failed_calls": 0,
+            "rejected_queue_full": 0,
+            "batch_sizes": Counter(),
+            "mixed_adapter_calls": 0,
+            "max_adapters_in_call": 0,
+            "aborted_rows": 0,
+        }
+        cfg = model.base_model.config
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        self.can_generate = model.info.is_encoder_decoder or model.info.is_causal_lm
+
+    # ---------------------------------------------------------------- adapters
+    def load(self, name: str, path: str | Path, *, check_root: bool = True) -> AdapterEntry:
+        """Load adapter ``path`` as ``name`` (validated; see the HTTP errors it raises)."""
+        from .io import read_adapter_config, resolve_adapter_dir
+        from .tasks import Task, TaskSpec
+
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise EngineError(
+                "invalid",
+                f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'",
+                param="name",
+            )
+        if name in (BASE_ALIAS, self.base_name):
+            raise EngineError(
+                "conflict",
+                f"name: {name!r} is the base model's name; choose another",
+                "conflict",
+                "name",
+            )
+        if check_root:
+            try:
+                directory = self.allowed_path(path)
+                if resolve_adapter_dir(directory) != directory:  # a run folder: its adapter/
+                    directory = self.allowed_path(resolve_adapter_dir(directory))
+                self._check_files_inside(path, directory)
+            except (OSError, RuntimeError) as e:  # name too long, symlink loop, no permission
+                raise EngineError(
+                    "invalid",
+                    f"path: cannot read {str(path)[:200]!r}: {e}",
+                    "invalid_adapter",
+                    "path",
+                ) from e
+        else:
+            directory = resolve_adapter_dir(Path(path).resolve()).resolve()
+        try:
+            meta = read_adapter_config(directory)
+        except SoftPromptError as e:
+            raise EngineError("invalid", str(e), "invalid_adapter", "path") from e
+        with self.model_lock:
+            if name in self.entries:
+                raise EngineError(
+                    "conflict",
+                    f"name: an adapter named {name!r} is loaded; DELETE it first",
+                    "conflict",
+                    "name",
+                )
+            mismatch = _hf.identity_mismatches(meta["base_model"], self.model.info.identity)
+            try:
+                import softprompt as sp
+
+                sp.load_adapter(self.model, directory, name=name)
+            except SoftPromptError as e:
+                kind = "conflict" if mismatch else "invalid"
+                raise EngineError(
+                    kind,
+                    str(e),
+                    "adapter_model_mismatch" if mismatch else "invalid_adapter",
+                    "path",
+                ) from e
+            try:
+                adapter = self.model.adapters[name]
+                task = None
+                if adapter.task:
+                    with self.tok_lock:
+                        task = Task(TaskSpec.from_dict(adapter.task), self.model, self.tok)
+                prompt = adapter.input_prompt()
+                placement = getattr(adapter.config, "placement", "prepend")
+                entry = AdapterEntry(
+                    name=name,
+                    path=directory,
+                    meta=meta,
+                    task=task,
+                    input_tokens=0 if prompt is None or placement == "template" else len(prompt),
+                    template_placement=placement == "template",
+                )
+            except (SoftPromptError, TypeError) as e:
+                self.model.delete_adapter(name)
+                raise EngineError(
+                    "invalid", f"{directory}: bad task in adapter_config.json: {e}"
+                ) from e
+            self.entries[name] = entry
+        log.info("loaded adapter %s from %s (%s)", name, directory, meta["method"])
+        return entry
+
+    def unload(self, name: str) -> None:
+        with self.model_lock:
+            if name not in self.entries:
+                raise EngineError(
+                    "not_found", f"no adapter named {name!r} is loaded", "model_not_found"
+                )
+            del self.entries[name]
+            self.model.delete_adapter(name)
+        log.info("unloaded adapter %s", name)
+
+    def allowed_path(self, path: str | Path) -> Path:
+        """Resolve ``path`` (absolute, or relative to an adapter root) inside an allowed root."""
+        if not isinstance(path, str | Path) or not str(path) or "\x00" in str(path):
+            raise EngineError("invalid", "path must be a non-empty folder path", param="path")
+        if not self.roots:
+            raise EngineError(
+                "forbidden",
+                "loading adapters at run time is disabled: start the server with --adapter-root",
+                "forbidden_path",
+                "path",
+            )
+        given = Path(path)
+        candidates = [given] if given.is_absolute() else [root / given for root in self.roots]
+        for cand in candidates:
+            real = cand.resolve()
+            if not any(real == r or r in real.parents for r in self.roots):
+                raise EngineError(
+                    "forbidden",
+                    f"path {str(path)!r} is outside the allowed adapter folders (--adapter-root)",
+                    "forbidden_path",
+                    "path",
+                )
+            if real.is_dir():
+                return real
+        raise EngineError(
+            "invalid",
+            f"no adapter folder {str(path)!r} under the adapter roots",
+            "invalid_adapter",
+            "path",
+        )
+
+    def _check_files_inside(self, path: str | Path, directory: Path) -> None:
+        """403 unless every adapter file of ``directory`` (and of a run folder's ``adapter/``)
+        resolves inside an allowed root: a file symlink must not lead out either."""
+        from .io import CONFIG_NAME, TRAINABLE_NAME, WEIGHTS_NAME
+
+        for folder in (directory, directory / "adapter"):
+            for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINABLE_NAME):
+                file = folder / name
+                if not (file.exists() or file.is_symlink()):
+                    continue
+                real = file.resolve()
+                if not any(real == r or r in real.parents for r in self.roots):
+                    raise EngineError(
+                        "forbidden",
+                        f"{file.relative_to(directory)} in {str(path)!r} leads outside the allowed "
+                        "adapter folders (--adapter-root)",
+                        "forbidden_path",
+                        "path",
+                    )
+
+    def resolve(self, name: str) -> AdapterEntry | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 if unknown."""
+        if name in (BASE_ALIAS, self.base_name):
+            return None
+        entry = self.entries.get(name)
+        if entry is None:
+            known = sorted(self.entries) + [BASE_ALIAS]
+            raise EngineError(
+                "not_found",
+                f"the model {name!r} does not exist; loaded: {known}",
+                "model_not_found",
+                "model",
+            )
+        return entry
+
+    def models(self) -> list[dict]:
+        base = {
+            "id": self.base_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "softprompt",
+            "root": self.base_name,
+            "parent": None,
+            "aliases": [BASE_ALIAS],
+        }
+        return [base] + [e.describe(self.base_name) for e in list(self.entries.values())]
+
+    # ---------------------------------------------------------------- encoding
+    def _template_field(self, entry: AdapterEntry, preferred: str) -> str | None:
+        fields = entry.task.template.fields
+        if preferred in fields or not fields:
+            return preferred
+        return next(iter(fields)) if len(fields) == 1 else None
+
+    def encode_completion(self, entry: AdapterEntry | None, prompt: str, use_template: bool):
+        """Prompt ids: through the adapter's task template (its input field) or as raw text."""
+        if entry is not None and entry.task is not None and use_template:
+            if entry.task.spec.kind == "chat":
+                raise EngineError(
+                    "invalid",
+                    f"model: adapter {entry.name!r} is a chat adapter (task 'chat'): send "
+                    'messages to /v1/chat/completions, or "use_template": false with the full '
+                    "text",
+                    "model_is_chat",
+                    "model",
+                )
+            main = "input" if entry.task.spec.kind == "generate" else "text"
+            name = self._template_field(entry, main)
+            if name is None:
+                raise EngineError(
+                    "invalid",
+                    f"adapter {entry.name!r}'s template {entry.task.spec.template!r} needs fields "
+                    f"{sorted(entry.task.template.fields)}; a prompt fills one. Send "
+                    '"use_template": false with the full text',
+                    param="prompt",
+                )
+            ids = self._encode_row(entry, {name: prompt}, "prompt")
+        else:
+            if entry is not None and entry.template_placement:
+                raise EngineError(
+                    "invalid",
+                    f"adapter {entry.name!r} places its virtual tokens with its template; "
+                    'send "use_template": true',
+                    param="use_template",
+                )
+            with self.tok_lock:
+                ids = list(self.tok(prompt)["input_ids"])
+        return self._check_prompt(ids)
+
+    def encode_chat(
+        self, entry: AdapterEntry | None, messages: list[dict]
+    ) -> tuple[list[int], tuple[int, ...]]:
+        """Prompt ids and end-of-turn ids of a conversation: the base model's chat template
+        (with the generation prompt), or an adapter's chat task (``Task.prompt_ids``)."""
+        if entry is None:
+            if not getattr(self.tok, "chat_template", None):
+                raise EngineError(
+                    "invalid",
+                    "model: the base model's tokenizer has no chat template; use "
+                    "/v1/completions, or an adapter trained with --task chat",
+                    param="model",
+                )
+            try:
+                with self.tok_lock:
+                    text = self.tok.apply_chat_template(
+                        messages, add_generation_prompt=True, tokenize=False
+                    )
+                    ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+            except Exception as e:  # a template that raises on these messages (jinja)
+                raise EngineError(
+                    "invalid", f"messages: the chat template refused them: {e}", param="messages"
+                ) from e
+            stop = self._base_chat_stop_ids()
+        else:
+            kind = None if entry.task is None else getattr(entry.task.spec, "kind", None)
+            if kind != "chat":
+                raise EngineError(
+                    "invalid",
+                    f"model: adapter {entry.name!r} has task {kind!r}; chat completions need "
+                    'an adapter trained with --task chat, or "model": "base" (use '
+                    "/v1/completions or /v1/classify for this adapter)",
+                    "model_not_chat",
+                    "model",
+                )
+            try:
+                with self.tok_lock:
+                    ids = list(entry.task.prompt_ids({"messages": messages}))
+                    stop = tuple(entry.task.stop_ids)
+            except SoftPromptError as e:
+                raise EngineError("invalid", f"messages: {e}", param="messages") from e
+        return self._check_prompt(ids, "messages"), tuple(stop)
+
+    def _base_chat_stop_ids(self) -> tuple[int, ...]:
+        stop = eos_ids(self.model, self.tok)
+        try:  # softprompt.chat (the chat-task module) knows templates' end-of-turn tokens
+            from .chat import ChatFormat
+
+            with self.tok_lock:
+                extra = list(ChatFormat.of(self.tok).stop_ids)
+        except Exception:  # not there, or a template it cannot probe: EOS only
+            extra = []
+        return tuple(dict.fromkeys(stop + extra))
+
+    def encode_classify(self, entry: AdapterEntry, item: str | dict[str, str]):
+        if isinstance(item, str):
+            name = self._template_field(entry, "text")
+            if name is None:
+                raise EngineError(
+                    "invalid",
+                    f"adapter {entry.name!r}'s template needs fields "
+                    f"{sorted(entry.task.template.fields)}; give each input as an object of them",
+                    param="input",
+                )
+            item = {name: item}
+        return self._check_prompt(self._encode_row(entry, item, "input"), "input")
+
+    def _encode_row(self, entry: AdapterEntry, row: dict, param: str) -> list[int]:
+        try:
+            with self.tok_lock:
+                if getattr(entry.task.spec, "is_chat", False):  # classify in chat form
+                    return list(entry.task.prompt_ids(row))
+                return entry.task.template.encode(row, self.tok)
+        except SoftPromptError as e:
+            fields = sorted(entry.task.template.fields)
+            raise EngineError(
+                "invalid",
+                f"{param}: {e} (adapter {entry.name!r}'s template fields: {fields})",
+                param=param,
+            ) from e
+
+    def _check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
+        limit = self.settings.max_prompt_tokens
+        if not any(i >= 0 for i in ids):
+            raise EngineError("invalid", f"{param}: the prompt is empty (no tokens)", param=param)
+        if len(ids) > limit:
+            raise EngineError(
+                "invalid",
+                f"{param}: the prompt is {len(ids)} tokens; this server's limit is {limit} "
+                "tokens (--max-prompt-tokens)",
+                "prompt_too_long",
+                param,
+            )
+        return ids
+
+    def check_context(self, entry: AdapterEntry | None, ids: list[int], max_tokens: int) -> None:
+        if self.max_positions is None:
+            return
+        extra = 0 if entry is None else entry.input_tokens
+        need = len(ids) + extra + (0 if self.model.info.is_encoder_decoder else max_tokens)
+        if need > self.max_positions:
+            raise EngineError(
+                "invalid",
+                f"prompt ({len(ids)} tokens + {extra} virtual) plus max_tokens ({max_tokens}) "
+                f"exceeds the model's {self.max_positions} positions",
+                "context_length_exceeded",
+                "max_tokens",
+            )
+
+    # ---------------------------------------------------------------- queue and worker
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = self._draining = False
+                self._cancel.clear()
+                self._thread = threading.Thread(
+                    target=self._loop, name="softprompt-batcher", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish every queued and running row, then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def drain(self, grace: float | None = None) -> None:
+        """Begin shutting down; returns at once (safe to call from a signal handler).
+
+        New requests get 503; rows queued or running get ``grace`` seconds (default:
+        ``settings.graceful_timeout``) to finish, then the rest are cancelled (``cancel``).
+        A second call cancels at once.
+        """
+        grace = self.settings.graceful_timeout if grace is None else grace
+        again = self._draining
+        self._draining = True
+        timer = threading.Timer(0 if again else grace, self._begin_stop_then_cancel)
+        timer.daemon = True
+        timer.start()
+        if not again:  # stop taking rows now, off the signal handler's thread
+            threading.Thread(target=self._begin_stop, daemon=True).start()
+
+    def _begin_stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def _begin_stop_then_cancel(self) -> None:
+        self._begin_stop()
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Answer every queued row 503 now and stop the running batch at its next decode step."""
+        self._cancel.set()
+        with self._cond:
+            rows = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for r in rows:
+            r.fail(self._cancelled())
+
+    def _cancelled(self) -> EngineError:
+        return EngineError(
+            "unavailable",
+            "the server shut down before this request finished (--graceful-timeout "
+            f"{self.settings.graceful_timeout:g} s); retry it",
+            "shutting_down",
+        )
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def submit(self, rows: list[_Row], param: str | None = None) -> list[Future]:
+        """Queue a request's rows (all or none); 429 when the queue is full, 400 when it could
+        never hold them (``param``: the request field that holds the rows)."""
+        with self._cond:
+            if self._stopping:
+                raise EngineError("unavailable", "the server is shutting down", "shutting_down")
+            limit = self.settings.max_queue
+            if len(rows) > limit:  # never fits: not a retry-later
+                raise EngineError(
+                    "invalid",
+                    f"this request has {len(rows)} rows (prompts x n); the queue holds at most "
+                    f"{limit} rows (--max-queue): send at most {limit} per request",
+                    "too_many_rows",
+                    param,
+                )
+            if len(self._queue) + len(rows) > limit:
+                self.stats["rejected_queue_full"] += 1
+                raise EngineError(
+                    "busy",
+                    f"the queue is full ({len(self._queue)} rows waiting, limit {limit}, "
+                    "--max-queue); retry later",
+                    "queue_full",
+                    retry_after=1,
+                )
+            now = time.monotonic()
+            for r in rows:
+                r.enqueued = now
+                self._queue.append(r)
+            self.stats["requests"] += 1
+            self._cond.notify_all()
+        if self._thread is None:
+            self.start()
+        return [r.future for r in rows]
+
+    def _take(self) -> list[_Row] | None:
+        s = self.settings
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return None  # stopping, and nothing left
+            deadline = self._queue[0].enqueued + s.max_wait_ms / 1000
+            while len(self._queue) < s.max_batch and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch = [self._queue.popleft() for _ in range(min(s.max_batch, len(self._queue)))]
+            self._running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._run_batch(batch)
+            except BaseException as e:  # never leave a client waiting
+                log.exception("batch failed")
+                for r in batch:
+                    r.fail(EngineError("internal", f"internal error: {type(e).__name__}: {e}"))
+            finally:
+                self._running = 0
+
+    def _run_batch(self, batch: list[_Row]) -> None:
+        for r in batch:  # the client went away while the row was queued
+            if r.gen is not None and r.gen.abort is not None and r.gen.abort.is_set():
+                self.stats["aborted_rows"] += 1
+                r.fail(EngineError("closed", "the client closed the connection", "client_closed"))
+        batch = [r for r in batch if not r.done]
+        for kind in ("classify", "score", "generate"):
+            rows = [r for r in batch if r.kind == kind]
+            if not rows:
+                continue
+            with self.model_lock:
+                live = []
+                for r in rows:
+                    if r.entry is not None and self.entries.get(r.entry.name) is not r.entry:
+                        r.fail(
+                            EngineError(
+                                "not_found",
+                                f"adapter {r.entry.name!r} was unloaded before this request ran",
+                                "model_not_found",
+                            )
+                        )
+                    else:
+                        live.append(r)
+                if live:
+                    self._call(kind, live)
+
+    def _call(self, kind: str, rows: list[_Row]) -> None:
+        """One model call; if it fails, each unanswered row is retried alone."""
+        if self._cancel.is_set():
+            for r in rows:
+                r.fail(self._cancelled())
+            return
+        self.stats["model_calls"] += 1
+        try:
+            if kind == "generate":
+                self._generate(rows)
+            elif kind == "score":
+                self._score(rows)
+            else:
+                self._classify(rows)
+        except Exception as e:
+            if self._cancel.is_set():  # Cancelled, or a failure while shutting down
+                for r in rows:
+                    r.fail(self._cancelled())
+                return
+            self.stats["failed_calls"] += 1
+            if len(rows) == 1:
+                log.warning("row failed: %s: %s", type(e).__name__, e)
+                if isinstance(e, EngineError):
+                    rows[0].fail(e)
+                elif isinstance(e, SoftPromptError):
+                    rows[0].fail(EngineError("invalid", str(e), "invalid_adapter", "model"))
+                else:
+                    rows[0].fail(
+                        EngineError("internal", f"internal error: {type(e).__name__}: {e}")
+                    )
+                return
+            log.warning("batch of %d failed (%s); running its rows one by one", len(rows), e)
+            for r in rows:
+                if not r.done:
+                    self._call(kind, [r])
+            return
+        self.stats["rows"] += len(rows)
+        self.stats["batch_sizes"][len(rows)] += 1
+        adapters = {r.adapter for r in rows}
+        if len(adapters) > 1:
+            self.stats["mixed_adapter_calls"] += 1
+        self.stats["max_adapters_in_call"] = max(self.stats["max_adapters_in_call"], len(adapters))
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.tok_lock:
+            return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text (special tokens included), for log-probability answers."""
+        with self.tok_lock:
+            return [self.tok.decode([i]) for i in ids]
+
+    def _generate(self, rows: list[_Row]) -> None:
+        def done(b: int, result: dict) -> None:
+            if result["finish_reason"] == "aborted":
+                self.stats["aborted_rows"] += 1
+            rows[b].resolve(result)
+
+        def delta(b: int, text: str, entries) -> None:
+            if rows[b].sink is not None:
+                rows[b].sink(("delta", (text, entries)))
+
+        generate_rows(
+            self.model,
+            self.tok,
+            [r.gen for r in rows],
+            done,
+            self._decode,
+            self._cancel,
+            on_delta=delta,
+        )
+
+    def _score(self, rows: list[_Row]) -> None:
+        """Prompt tokens' log-probabilities (``echo``): one forward over the rows."""
+        for r, entries in zip(rows, prompt_logprobs(self.model, self.tok, rows), strict=True):
+            r.resolve(entries)
+
+    def _classify(self, rows: list[_Row]) -> None:
+        scores = classify_rows(
+            self.model,
+            [r.ids for r in rows],
+            [r.adapter for r in rows],
+            [r.entry.task for r in rows],
+        )
+        for r, s in zip(rows, scores, strict=True):
+            probs = s.float().softmax(-1)  # (C,)
+            if not torch.isfinite(probs).all():  # this row alone: the others are answered
+                r.fail(
+                    EngineError(
+                        "invalid",
+                        f"adapter {r.adapter!r} gave non-finite class scores; its weights are "
+                        "not finite (or overflow in this dtype): load a good adapter",
+                        "invalid_adapter",
+                        "model",
+                    )
+                )
+                continue
+            probs = probs.cpu().tolist()
+            labels = r.entry.task.spec.labels
+            best = max(range(len(probs)), key=probs.__getitem__)
+            r.resolve({"label": labels[best], "scores": dict(zip(labels, probs, strict=True))})
+
+    def snapshot(self) -> dict:
+        stats = dict(self.stats)
+        stats["batch_sizes"] = {str(k): v for k, v in sorted(self.stats["batch_sizes"].items())}
+        return {"queued": self.queued, "running": self.running, **stats}
