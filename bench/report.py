@@ -198,6 +198,9 @@ def render(results_dir: Path, out: Path) -> str:
     discussion = BENCH / "discussion.md"
     if discussion.exists():
         parts += [discussion.read_text().rstrip(), ""]
+    sections = BENCH / "sections.md"  # the later benchmarks' own sections (chat, scale, ...)
+    if sections.exists():
+        parts += [sections.read_text().rstrip(), ""]
     return "\n".join(parts) + "\n"
 
 
