@@ -316,7 +316,9 @@ def test_smollm2_sentence_loglikelihood_with_a_prefix(tmp_path):
     for (ctx, cont), (logp, _) in zip(pairs, got, strict=True):
         whole, n = tok.encode(ctx + cont), len(tok.encode(ctx))
         want = float(plain_logprobs(model, whole)[n - 1 :].sum())
-        torch.testing.assert_close(logp, want, atol=1e-4, rtol=1e-6)
+        # a padded batch of 2 vs one unpadded row through 30 fp32 layers: 2.7e-4 seen on a
+        # fresh venv (2026-12-02) on a sum near -61, about 4e-6 relative
+        torch.testing.assert_close(logp, want, atol=5e-4, rtol=1e-6)
     model.set_active(None)
     whole, n = (
         tok.encode("The capital of France is Paris."),

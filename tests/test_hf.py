@@ -151,8 +151,11 @@ def test_the_extended_mask_is_built_once_per_kind_of_attention_per_forward(
 ):
     """Every layer of a forward shares its mask: the prefix columns are added once per kind of
     attention (self; or encoder, decoder and cross), not once per layer. BART's decoder
-    self-attention gets no mask from transformers and needs none (``_sdpa_mask_free``)."""
+    self-attention gets no mask from transformers and needs none (``_sdpa_mask_free``, as on a
+    GPU)."""
     from conftest import inputs_for
+
+    monkeypatch.setattr(_hf, "MASK_FREE_DEVICES", ("cpu", "cuda"))
 
     model = sp.attach(tiny_model(family))
     model.add_adapter("a", method_config("deep"))
@@ -320,6 +323,7 @@ def test_sdpa_without_a_mask_equals_eager(family, method, monkeypatch):
     """An unpadded batch whose rows all read the whole prefix runs SDPA with no explicit mask
     (causal: ``causal_lower_right``, so a GPU can pick the flash / efficient kernels): logits and
     adapter gradients equal eager attention's with its explicit mask."""
+    monkeypatch.setattr(_hf, "MASK_FREE_DEVICES", ("cpu", "cuda"))
     calls = []
     free = _hf._sdpa_mask_free
 
@@ -351,6 +355,7 @@ def test_sdpa_without_a_mask_equals_eager(family, method, monkeypatch):
 def test_mask_free_sdpa_only_where_every_row_reads_its_whole_prefix(monkeypatch):
     """A row without an adapter, or padding, needs the explicit mask; a cached continuation of
     several tokens (q < k) keeps the bottom-right alignment and equals eager."""
+    monkeypatch.setattr(_hf, "MASK_FREE_DEVICES", ("cpu", "cuda"))
     calls = []
     free = _hf._sdpa_mask_free
     monkeypatch.setattr(_hf, "_sdpa_mask_free", lambda *a, **kw: calls.append(1) or free(*a, **kw))

@@ -172,9 +172,10 @@ def test_adapter_bank_one_adapter_per_row(family):
             assert_close(got, alone, **TOL, msg=f"row {b} ({name})")
         ref = bare[1] if family in ENC_DEC else bare[1, : LENS[1]]
         assert_close(mixed[1] if family in ENC_DEC else mixed[1, : LENS[1]], ref, **TOL)
-        # all four methods in one batch
+        # every method in one batch
+        k = len(METHODS)
         four = model(
-            **inputs_for(family, IDS[:1].repeat(4, 1), MASK[:1].repeat(4, 1)),
+            **inputs_for(family, IDS[:1].repeat(k, 1), MASK[:1].repeat(k, 1)),
             adapter_names=list(METHODS),
         )
         for b, name in enumerate(METHODS):
