@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _json, assets
+from .chat import ROLES as _ROLES
 from .errors import SoftPromptError
 from .templates import is_text
 
@@ -68,7 +69,6 @@ TASKS: dict[str, tuple[str, ...]] = {
 }
 """The fields every row of a task needs."""
 
-_ROLES = ("system", "user", "assistant")
 
 _SKIP_HINT = "or pass --skip-bad to skip bad rows"
 _EMBEDDED = ("rotten-tomatoes", "aclsum")
