@@ -206,29 +206,6 @@ def test_bank_rows_equal_rows_alone_and_prefix_mlp_never_runs(ref):
     assert calls == []
 
 
-def test_row_sampler_follows_each_rows_temperature_and_top_p():
-    """Greedy rows untouched; sampled rows draw from softmax(logits / T) cut to top-p."""
-    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
-    rows = [
-        GenerationRow([1], None, 1),  # greedy
-        GenerationRow([1], None, 1, temperature=1.0, top_p=0.5, seed=0),  # only the top token
-        GenerationRow([1], None, 1, temperature=1.0, top_p=0.9, seed=1),  # top three
-        GenerationRow([1], None, 1, temperature=2.0, seed=2),  # flatter: softmax(log p / 2)
-    ]
-    sampler = srv._RowSampler(rows, torch.device("cpu"))
-    counts = torch.zeros(4, 4)
-    for _ in range(3000):
-        scores = probs.log().repeat(4, 1)
-        out = sampler(None, scores)
-        assert torch.equal(out[0], scores[0])
-        counts[1:] += (out[1:] == 0).float()
-    freq = counts[1:] / 3000
-    assert freq[0].tolist() == [1.0, 0.0, 0.0, 0.0]
-    assert freq[1, 3] == 0 and abs(freq[1, 0] - 0.6 / 0.95) < 0.04
-    flat = probs.sqrt() / probs.sqrt().sum()
-    assert (freq[2] - flat).abs().max() < 0.04
-
-
 def test_classify_rows_with_heads_uses_each_rows_own_head():
     """Encoders (P-tuning v2 heads): one forward, each row read by its own adapter's head."""
     model = sp.attach(tiny_model("bert"))
@@ -487,18 +464,29 @@ def test_bad_requests_get_clear_errors(bank):
         assert post(ok).status_code == 200  # and the server still answers
 
 
-def test_queue_full_is_429_and_a_failing_row_fails_alone(bank, ref, monkeypatch):
-    app = make_app(bank, max_queue=2, max_wait_ms=0)
+@pytest.mark.parametrize("scheduling", ["step", "batch"])
+def test_queue_full_is_429_and_a_failing_row_fails_alone(bank, ref, monkeypatch, scheduling):
+    app = make_app(bank, max_queue=2, max_wait_ms=0, scheduling=scheduling)
     engine = app.state.engine
-    real = srv.generate_rows
     poison = ref.ids("gen-deep", "POISON")
+    if scheduling == "batch":
+        real = srv.generate_rows
 
-    def flaky(model, tok, rows, *a, **kw):
-        if any(r.ids == poison for r in rows):
-            raise ValueError("poisoned row")
-        return real(model, tok, rows, *a, **kw)
+        def flaky(model, tok, rows, *a, **kw):
+            if any(r.ids == poison for r in rows):
+                raise ValueError("poisoned row")
+            return real(model, tok, rows, *a, **kw)
 
-    monkeypatch.setattr(engine_mod, "generate_rows", flaky)
+        monkeypatch.setattr(engine_mod, "generate_rows", flaky)
+    else:  # the prefill of the rows that join
+        real_add = engine_mod.StepBatch.add
+
+        def flaky_add(self, decoders):
+            if any(d.row.ids == poison for d in decoders):
+                raise ValueError("poisoned row")
+            return real_add(self, decoders)
+
+        monkeypatch.setattr(engine_mod.StepBatch, "add", flaky_add)
     with TestClient(app) as c, ThreadPoolExecutor(4) as pool:
         engine.model_lock.acquire()  # hold the worker: requests pile up
         try:
@@ -594,7 +582,7 @@ def expected(ref, spec):
     return {"greedy": ref.greedy, "sample": ref.sampled, "classify": ref.classify}[kind](*rest)
 
 
-def test_load_on_a_real_server_then_graceful_shutdown(bank, ref):
+def test_load_on_a_real_server_then_graceful_shutdown(bank, ref, monkeypatch):
     clients, per_client = 32, 20
     specs = [plan(c, j)[2] for c in range(clients) for j in range(per_client)]
     for spec in specs:  # offline, one prompt at a time
@@ -611,6 +599,13 @@ def test_load_on_a_real_server_then_graceful_shutdown(bank, ref):
             return _real(*a, **kw)
 
         setattr(engine.model, entry, spy)
+    real_add = engine_mod.StepBatch.add  # scheduling "step": generation rows join by prefill
+
+    def add_spy(self, decoders):
+        invocations.append(("generate", len({d.row.adapter for d in decoders})))
+        return real_add(self, decoders)
+
+    monkeypatch.setattr(engine_mod.StepBatch, "add", add_spy)
     live = LiveServer(app)
     try:
 
@@ -657,6 +652,7 @@ def test_load_on_a_real_server_then_graceful_shutdown(bank, ref):
         # each engine call was ONE model invocation, rows of several adapters in it
         assert len(invocations) == stats["model_calls"], (len(invocations), stats)
         assert max(n for kind, n in invocations if kind == "generate") >= 3
+        assert stats["decode_steps"] > 0 and stats["mixed_adapter_steps"] > 0
 
         # graceful shutdown: requests in flight when the server is told to stop still complete
         engine.model_lock.acquire()
@@ -1026,3 +1022,43 @@ def test_a_run_folder_loads_its_adapter_inside_the_roots_only(bank, tmp_path):
         r = c.post("/v1/adapters", json={"name": "esc", "path": "run-escape"})
         assert r.status_code == 403, r.text
         assert "outside the allowed adapter folders" in r.json()["error"]["message"]
+
+
+def test_a_short_request_finishes_while_a_long_one_decodes(bank, ref):
+    """Scheduling "step": a 2-token request that arrives while a 300-token one runs joins at
+    the next decode step and is answered long before the long one ends; both answers equal
+    the same request run alone (scheduling "batch" gives the same answers)."""
+    for scheduling in ("step", "batch"):
+        app = make_app(bank, scheduling=scheduling, max_tokens_limit=400, max_wait_ms=0)
+        engine = app.state.engine
+        assert engine.scheduling == scheduling
+        never = ["\u00a7\u00a7never"]
+        with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
+            long = pool.submit(
+                complete, c, "gen-deep", PROMPTS[0], max_tokens=300, temperature=0, stop=never
+            )
+            wait_for(lambda e=engine: e.running == 1)
+            steps_before = engine.stats["decode_steps"]
+            short = complete(c, "gen-ptuning", PROMPTS[1], max_tokens=2, temperature=0)
+            long_done_first = long.done()
+            assert short.status_code == 200
+            assert (
+                short.json()["choices"][0]["text"]
+                == ref.greedy("gen-ptuning", PROMPTS[1], 2)["text"]
+            )
+            got = long.result().json()["choices"][0]
+            want = generate_rows(
+                ref.model,
+                ref.tok,
+                [
+                    GenerationRow(
+                        ref.ids("gen-deep", PROMPTS[0]), "gen-deep", 300, stop=tuple(never)
+                    )
+                ],
+            )[0]
+            assert (got["text"], got["finish_reason"]) == (want["text"], want["finish_reason"])
+        if scheduling == "step":
+            assert not long_done_first and engine.stats["decode_steps"] > steps_before
+            assert want["completion_tokens"] == 300
+        else:  # one generate call ran the long row to its end; no per-step decoding
+            assert engine.stats["decode_steps"] == 0

@@ -214,14 +214,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(bank, monkeypatch):
     app = make_app(bank, max_tokens_limit=400)
     engine = app.state.engine
     results = []
-    real = srv.generate_rows
+    real = engine_mod.RowDecoder.finish
 
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        results.extend(out)
-        return out
+    def spy(self, *a, **kw):
+        real(self, *a, **kw)
+        results.append(self.result)
 
-    monkeypatch.setattr(engine_mod, "generate_rows", spy)
+    monkeypatch.setattr(engine_mod.RowDecoder, "finish", spy)
     live = LiveServer(app)
     try:
         body = {

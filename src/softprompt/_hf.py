@@ -983,3 +983,62 @@ def loss_type(model: PreTrainedModel) -> str | None:
     if fn is None or LOSS_MAPPING.get(given) is fn:
         return given
     return next((name for name, f in LOSS_MAPPING.items() if f is fn), given)
+
+
+# ------------------------------------------------------------------ KV cache rows (per-step batching)
+def new_cache(model: PreTrainedModel):
+    """An empty KV cache of the kind ``generate`` makes for ``model``."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def steppable_cache(model: PreTrainedModel) -> str | None:
+    """Why ``model``'s cache cannot be regrouped row by row (None: it can): every layer must be
+    a plain ``DynamicLayer`` ((B, kvh, T, hd) keys and values, nothing else)."""
+    from transformers.cache_utils import DynamicLayer
+
+    kinds = {type(layer).__name__ for layer in new_cache(model).layers}
+    if kinds != {DynamicLayer.__name__}:
+        return (
+            f"{type(model).__name__}'s cache has {sorted(kinds)} layers; per-step batching "
+            "regroups only plain DynamicLayer caches"
+        )
+    return None
+
+
+def cache_select(cache, idx: torch.Tensor) -> None:
+    """Keep only the rows ``idx`` (B',) of ``cache``, in place."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+
+
+def cache_drop_left(cache, n: int) -> None:
+    """Drop the first ``n`` columns (positions no row attends to) of ``cache``, in place."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
+
+
+def cache_concat(a, mask_a: torch.Tensor, b, mask_b: torch.Tensor):
+    """Rows of cache ``b`` appended to cache ``a``, the shorter left-padded (zeros, masked).
+
+    Args:
+        mask_a, mask_b: (B_a, T_a) and (B_b, T_b) which cache columns each row attends to.
+
+    Returns:
+        (cache, mask): ``a`` extended in place and the (B_a + B_b, max(T_a, T_b)) mask.
+    """
+    width = max(mask_a.shape[1], mask_b.shape[1])
+
+    def left(t: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - t.shape[dim]
+        if not missing:
+            return t
+        shape = list(t.shape)
+        shape[dim] = missing
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        la.keys = torch.cat([left(la.keys, 2), left(lb.keys, 2)])
+        la.values = torch.cat([left(la.values, 2), left(lb.values, 2)])
+    return a, torch.cat([left(mask_a, 1), left(mask_b, 1)])

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 import threading
 import time
 from collections import Counter, deque
@@ -36,12 +35,22 @@ import torch
 import torch.nn.functional as F
 
 from . import _hf
+from .decoding import (  # noqa: F401  (GenerationRow, eos_ids, token_entry: re-exported)
+    GenerationRow,
+    RowDecoder,
+    StepBatch,
+    can_step,
+    eos_ids,
+    nan_error,
+    token_entry,
+)
 from .errors import SoftPromptError
 from .lm import pad_left, row_answer_logprobs
 from .tasks import pad_id
 
 log = logging.getLogger("softprompt.engine")
 
+SCHEDULING = ("step", "batch")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 BASE_ALIAS = "base"
 
@@ -66,6 +75,12 @@ class ServeSettings:
         default_max_tokens: ``max_tokens`` when a request gives none (OpenAI's default: 16).
         graceful_timeout: seconds rows in flight get to finish at shutdown before they are
             cancelled (503).
+        scheduling: "step" (default): generation rows join and leave the running batch at
+            decode-step boundaries (``softprompt.decoding.StepBatch``), so a new request's
+            prefill runs at the next step and a short request never waits for a long one;
+            "batch": each batch's ``generate`` runs to its end before the queue is looked at
+            again. Models whose cache cannot be regrouped (encoder-decoders, sliding-window
+            caches) always run "batch".
     """
 
     model_name: str | None = None
@@ -80,8 +95,13 @@ class ServeSettings:
     max_prompts: int = 64
     default_max_tokens: int = 16
     graceful_timeout: float = 60.0
+    scheduling: str = "step"
 
     def __post_init__(self) -> None:
+        if self.scheduling not in SCHEDULING:
+            raise SoftPromptError(
+                f"ServeSettings.scheduling must be one of {SCHEDULING}, got {self.scheduling!r}"
+            )
         for name in (
             "max_batch",
             "max_queue",
@@ -145,124 +165,38 @@ class EngineError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class GenerationRow:
-    """One prompt to complete.
-
-    Attributes:
-        ids: prompt token ids (negative ids: template virtual tokens, see softprompt.templates).
-        adapter: adapter name, or None for the bare model.
-        max_tokens: most new tokens.
-        temperature: 0 = greedy; otherwise sample from softmax(logits / temperature).
-        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
-        stop: strings that end the completion (not included in the text).
-        seed: seed of this row's own sampling generator (None: a random one); any integer,
-            taken modulo 2**64.
-        stop_ids: token ids that end this row (None: the model's EOS ids); a chat row's
-            end-of-turn token.
-        logprobs: keep each new token's log-probability and this many top alternatives
-            (None: none).
-        stream: report text as it is generated (``on_delta``), held back only while it may be
-            the start of a stop string or an unfinished multi-byte character.
-        abort: when set (the client went away), the row ends at the next decode step.
-    """
-
-    ids: list[int]
-    adapter: str | None
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    stop_ids: tuple[int, ...] | None = None
-    logprobs: int | None = None
-    stream: bool = False
-    abort: threading.Event | None = field(default=None, compare=False, repr=False)
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a completion: the generation config's and the tokenizer's EOS."""
-    ids = model.base_model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 class _RowSampler:
-    """Logits processor: rows with temperature > 0 draw their token with their own generator.
+    """Logits processor for ``generate``: rows with temperature > 0 (and rows that keep
+    log-probabilities) choose their token through their ``RowDecoder``; the chosen token gets
+    logit 0 and every other -inf, so ``generate``'s greedy step picks it. Greedy rows without
+    log-probabilities pass through unchanged (no host sync)."""
 
-    The drawn token gets logit 0 and every other -inf, so ``generate``'s greedy step picks it;
-    greedy rows pass through unchanged. A row's draws therefore do not depend on the other rows
-    of the batch: a seeded row gives the same text alone or batched.
-    """
-
-    def __init__(self, rows: Sequence[GenerationRow], device: torch.device) -> None:
-        self.sampled = []
-        for b, r in enumerate(rows):
-            if r.temperature > 0:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(r.seed % 2**64 if r.seed is not None else secrets.randbits(63))
-                self.sampled.append((b, r.temperature, r.top_p, gen))
-        self.adapters = [r.adapter for r in rows]
-        self.want_logprobs = [(b, r.logprobs) for b, r in enumerate(rows) if r.logprobs is not None]
-        # per row, one entry per step: {"id", "logprob", "top": [(id, logprob), ...]}
-        self.entries: list[list[dict]] = [[] for _ in rows]
+    def __init__(self, decoders: Sequence[RowDecoder]) -> None:
+        self.decoders = decoders
+        self.picking = [
+            (b, d)
+            for b, d in enumerate(decoders)
+            if d.gen is not None or d.row.logprobs is not None
+        ]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         bad = scores.isnan().any(-1)  # (B,)
         if bad.any():
-            b = int(bad.nonzero()[0, 0])
-            raise SoftPromptError(
-                f"adapter {self.adapters[b]!r} gave NaN logits; its weights are not finite "
-                "(or overflow in this dtype): load a good adapter"
-            )
-        raw = scores
-        if self.sampled:
-            scores = self._sample(scores)
-        for b, k in self.want_logprobs:  # the model's distribution (before temperature)
-            logp = F.log_softmax(raw[b].float(), dim=-1)  # (V,)
-            chosen = int(scores[b].argmax())
-            self.entries[b].append(token_entry(logp, chosen, k))
-        return scores
-
-    def _sample(self, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()  # (B, V)
-        for b, temperature, top_p, gen in self.sampled:
-            logits = scores[b].float()  # (V,)
-            # <= 0, max 0, divided in float64: a tiny temperature gives -inf, never NaN
-            logits = ((logits - logits.max()).double() / temperature).float()
-            if top_p < 1.0:
-                ordered, order = logits.sort(descending=True)
-                probs = ordered.softmax(-1)
-                drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already enough
-                drop[0] = False
-                ordered = ordered.masked_fill(drop, float("-inf"))
-                logits = torch.full_like(logits, float("-inf")).scatter(0, order, ordered)
-            token = torch.multinomial(logits.softmax(-1), 1, generator=gen)
-            row = torch.full_like(scores[b], float("-inf"))
-            row[token] = 0.0
-            scores[b] = row
-        return scores
-
-
-def token_entry(logp: torch.Tensor, token: int, top: int) -> dict:
-    """A token's log-probability and the ``top`` most likely tokens at its position.
-
-    Args:
-        logp: (V,) log-probabilities at the position.
-    """
-    entry = {"id": token, "logprob": float(logp[token]), "top": []}
-    if top > 0:
-        values, ids = logp.topk(min(top, logp.shape[-1]))
-        entry["top"] = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return entry
-
-
-def _unfinished_tail(text: str) -> int:
-    """How many trailing characters of ``text`` are U+FFFD (a multi-byte character whose
-    remaining bytes are still to come)."""
-    return len(text) - len(text.rstrip("\ufffd"))
+            raise nan_error(self.decoders[int(bad.nonzero()[0, 0])].row.adapter)
+        if not self.picking:
+            return scores
+        out = scores
+        for b, d in self.picking:
+            if d.done:
+                continue
+            token = d.pick(scores[b])
+            if d.gen is not None:
+                if out is scores:
+                    out = scores.clone()  # (B, V)
+                row = torch.full_like(scores[b], float("-inf"))
+                row[token] = 0.0
+                out[b] = row
+        return out
 
 
 class Cancelled(Exception):
@@ -270,109 +204,39 @@ class Cancelled(Exception):
 
 
 class _RowStops:
-    """Stopping criterion: each row ends on its stop tokens (EOS), its own ``max_tokens`` or a
-    stop string; a row whose ``abort`` is set ends at the next step; every row ends at once when
-    ``cancel`` is set (checked between decode steps).
+    """Stopping criterion for ``generate``: pushes each step's tokens to the rows'
+    ``RowDecoder`` (stop ids, ``max_tokens``, stop strings, abort, streamed text); every row
+    ends at once when ``cancel`` is set (checked between decode steps)."""
 
-    Calls ``on_done(b, result)`` the moment row b finishes, so its answer can go out while the
-    rest of the batch is still generating, and ``on_delta(b, text, entries)`` after each step
-    of a streamed row with the text (and log-probability entries) released since the last
-    call. The released text is always a prefix of the row's final text.
-    """
-
-    def __init__(
-        self, rows, eos: list[int], decode, on_done, cancel=None, on_delta=None, sampler=None
-    ) -> None:
-        self.rows = rows
+    def __init__(self, decoders: Sequence[RowDecoder], cancel=None) -> None:
+        self.decoders = decoders
         self.cancel = cancel
-        self.eos = set(eos)  # every row's stop ids: generate pads a row after any of them
-        self.decode = decode
-        self.on_done = on_done
-        self.on_delta = on_delta
-        self.sampler = sampler
-        self.start: int | None = None
-        self.results: list[dict | None] = [None] * len(rows)
-        self.ends: list[list[int]] = [[] for _ in rows]  # per token: end of its text
-        self.sent: list[str] = [""] * len(rows)  # text released to on_delta
-        self.sent_entries = [0] * len(rows)
-        self.hold = [max((len(x) for x in r.stop), default=1) - 1 for r in rows]
-
-    def _entries(self, b: int, n: int) -> list[dict] | None:
-        if self.sampler is None or self.rows[b].logprobs is None:
-            return None
-        return self.sampler.entries[b][:n]
-
-    def _finish(self, b: int, tokens: list[int], reason: str, stop_token: bool = False) -> None:
-        """Row b's result; ``stop_token``: the token after ``tokens`` was its stop token (its
-        log-probability entry becomes ``stop_logprob``)."""
-        text = self.decode(tokens)
-        stop_entry = None
-        if stop_token and self._entries(b, len(tokens) + 1):
-            stop_entry = self._entries(b, len(tokens) + 1)[-1]
-        stops = [i for i in (text.find(s) for s in self.rows[b].stop) if i >= 0]
-        entries = self._entries(b, len(tokens))
-        if stops:
-            text, reason = text[: min(stops)], "stop"
-            ends = self.ends[b]
-            keep = sum(1 for i in range(len(tokens)) if (ends[i - 1] if i else 0) < len(text))
-            tokens = tokens[:keep]
-            entries = None if entries is None else entries[:keep]
-        result = {
-            "text": text,
-            "finish_reason": reason,
-            "completion_tokens": len(tokens),
-            "token_ids": tokens,
-            "logprobs": entries,
-            "stop_logprob": stop_entry,
-        }
-        self.results[b] = result
-        if self.on_done is not None:
-            self.on_done(b, result)
-
-    def _release(self, b: int, text: str) -> None:
-        """Send row b's new text, less what may still change (a stop string's start, an
-        unfinished character)."""
-        if not text.startswith(self.sent[b]):  # decoding changed earlier text: wait for the end
-            return
-        safe = len(text) - max(_unfinished_tail(text), self.hold[b])
-        if safe <= len(self.sent[b]):
-            return
-        delta = text[len(self.sent[b]) : safe]
-        self.sent[b] = text[:safe]
-        entries = None
-        if self.rows[b].logprobs is not None:
-            n = sum(1 for e in self.ends[b] if e <= safe)
-            entries = self._entries(b, n)[self.sent_entries[b] :]
-            self.sent_entries[b] = n
-        self.on_delta(b, delta, entries)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self.start is None:  # first call: one new token so far
-            self.start = input_ids.shape[1] - 1
-        step = input_ids.shape[1] - self.start
         if self.cancel is not None and self.cancel.is_set():
             return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for b, row in enumerate(self.rows):
-            if self.results[b] is None:
-                new = input_ids[b, self.start :].tolist()
-                stop_ids = self.eos if row.stop_ids is None else set(row.stop_ids)
-                text = None
-                if row.stop or row.stream or row.logprobs is not None:
-                    text = self.decode(new)
-                    self.ends[b].append(len(text))
-                if row.abort is not None and row.abort.is_set():
-                    self._finish(b, new, "aborted")
-                elif new[-1] in stop_ids or new[-1] in self.eos:
-                    self._finish(b, new[:-1], "stop", stop_token=True)
-                elif row.stop and any(s in text for s in row.stop):
-                    self._finish(b, new, "stop")
-                elif step >= row.max_tokens:
-                    self._finish(b, new, "length")
-                elif row.stream and self.on_delta is not None:
-                    self._release(b, text)
-            done[b] = self.results[b] is not None
-        return done
+        last = input_ids[:, -1].tolist()
+        done = [d.push(last[b]) for b, d in enumerate(self.decoders)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def row_decoders(model, tokenizer, rows, on_done=None, decode=None, on_delta=None):
+    """One ``RowDecoder`` per row, calling ``on_done(b, result)`` / ``on_delta(b, text,
+    entries)`` with the row's index."""
+    if decode is None:
+
+        def decode(ids):
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+    eos = set(eos_ids(model, tokenizer))
+
+    def bind(fn, b):
+        return None if fn is None else (lambda *a: fn(b, *a))
+
+    return [
+        RowDecoder(r, eos, decode, model.device, bind(on_done, b), bind(on_delta, b))
+        for b, r in enumerate(rows)
+    ]
 
 
 @torch.no_grad()
@@ -409,18 +273,14 @@ def generate_rows(
     """
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    if decode is None:
-
-        def decode(ids):
-            return tokenizer.decode(ids, skip_special_tokens=True)
-
     pad = pad_id(tokenizer)
     eos = eos_ids(model, tokenizer)
     for r in rows:
         eos += [t for t in r.stop_ids or () if t not in eos]
+    decoders = row_decoders(model, tokenizer, rows, on_done, decode, on_delta)
+    for d in decoders:  # generate pads a row after ANY of the batch's stop ids
+        d.eos = set(eos)
     ids, mask = pad_left([r.ids for r in rows], pad, model.device)
-    sampler = _RowSampler(rows, model.device)
-    stops = _RowStops(rows, eos, decode, on_done, cancel, on_delta, sampler)
     model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -429,14 +289,14 @@ def generate_rows(
         do_sample=False,
         pad_token_id=pad,
         eos_token_id=eos or None,
-        logits_processor=LogitsProcessorList([sampler]),
-        stopping_criteria=StoppingCriteriaList([stops]),
+        logits_processor=LogitsProcessorList([_RowSampler(decoders)]),
+        stopping_criteria=StoppingCriteriaList([_RowStops(decoders, cancel)]),
     )
-    if any(r is None for r in stops.results):
+    if not all(d.done for d in decoders):
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled before every row finished")
         raise RuntimeError("generate returned before every row finished")
-    return stops.results
+    return [d.result for d in decoders]
 
 
 @torch.no_grad()
@@ -622,6 +482,14 @@ class Engine:
         cfg = model.base_model.config
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.can_generate = model.info.is_encoder_decoder or model.info.is_causal_lm
+        self.stats["decode_steps"] = self.stats["mixed_adapter_steps"] = 0
+        self.scheduling = settings.scheduling
+        if self.scheduling == "step" and self.can_generate:
+            why = can_step(model)
+            if why is not None:
+                log.info("generation runs batch at a time: %s", why)
+                self.scheduling = "batch"
+        self._steps: StepBatch | None = None  # the rows in flight (scheduling "step")
 
     # ---------------------------------------------------------------- adapters
     def load(self, name: str, path: str | Path, *, check_root: bool = True) -> AdapterEntry:
@@ -1051,8 +919,17 @@ class Engine:
         return [r.future for r in rows]
 
     def _take(self) -> list[_Row] | None:
+        """The next rows to run: waits for the first (and ``max_wait_ms`` for more) when
+        nothing is in flight; while rows are decoding, takes at once what fits beside them."""
         s = self.settings
+        steps = self._steps
+        in_flight = 0 if steps is None else len(steps)
         with self._cond:
+            if in_flight:
+                room = max(0, s.max_batch - in_flight)
+                batch = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+                self._running = in_flight + len(batch)
+                return batch
             while not self._queue and not self._stopping:
                 self._cond.wait()
             if not self._queue:
@@ -1068,18 +945,26 @@ class Engine:
             return batch
 
     def _loop(self) -> None:
+        if self.scheduling == "step":
+            self._steps = StepBatch(self.model, self.tok)
         while True:
             batch = self._take()
             if batch is None:
                 return
             try:
                 self._run_batch(batch)
+                if self._steps is not None and len(self._steps):
+                    self._step()
             except BaseException as e:  # never leave a client waiting
                 log.exception("batch failed")
+                err = EngineError("internal", f"internal error: {type(e).__name__}: {e}")
                 for r in batch:
-                    r.fail(EngineError("internal", f"internal error: {type(e).__name__}: {e}"))
+                    r.fail(err)
+                if self._steps is not None:
+                    for d in self._steps.drop(lambda d: True):
+                        d.owner.fail(err)
             finally:
-                self._running = 0
+                self._running = 0 if self._steps is None else len(self._steps)
 
     def _run_batch(self, batch: list[_Row]) -> None:
         for r in batch:  # the client went away while the row was queued
@@ -1106,6 +991,37 @@ class Engine:
                         live.append(r)
                 if live:
                     self._call(kind, live)
+
+    def _step(self) -> None:
+        """One decode step of the rows in flight (scheduling "step")."""
+        steps = self._steps
+        with self.model_lock:
+            if self._cancel.is_set():
+                for d in steps.drop(lambda d: True):
+                    d.owner.fail(self._cancelled())
+                return
+            for d in steps.drop(lambda d: d.row.abort is not None and d.row.abort.is_set()):
+                d.finish("aborted")  # counted by on_done
+            for d in steps.drop(lambda d: not self._still_loaded(d.owner)):
+                d.owner.fail(
+                    EngineError(
+                        "not_found",
+                        f"adapter {d.owner.entry.name!r} was unloaded while this request ran",
+                        "model_not_found",
+                    )
+                )
+            if not len(steps):
+                return
+            adapters = {d.row.adapter for d in steps.rows}
+            for d, err in steps.step():
+                self.stats["failed_calls"] += 1
+                d.owner.fail(EngineError("invalid", str(err), "invalid_adapter", "model"))
+            self.stats["decode_steps"] += 1
+            if len(adapters) > 1:
+                self.stats["mixed_adapter_steps"] += 1
+
+    def _still_loaded(self, row: _Row) -> bool:
+        return row.entry is None or self.entries.get(row.entry.name) is row.entry
 
     def _call(self, kind: str, rows: list[_Row]) -> None:
         """One model call; if it fails, each unanswered row is retried alone."""
@@ -1169,15 +1085,22 @@ class Engine:
             if rows[b].sink is not None:
                 rows[b].sink(("delta", (text, entries)))
 
-        generate_rows(
-            self.model,
-            self.tok,
-            [r.gen for r in rows],
-            done,
-            self._decode,
-            self._cancel,
-            on_delta=delta,
-        )
+        if self._steps is None:
+            generate_rows(
+                self.model,
+                self.tok,
+                [r.gen for r in rows],
+                done,
+                self._decode,
+                self._cancel,
+                on_delta=delta,
+            )
+            return
+        decoders = row_decoders(self.model, self.tok, [r.gen for r in rows], done, self._decode)
+        for d, r in zip(decoders, rows, strict=True):
+            d.owner = r
+            d.on_delta = None if r.sink is None else (lambda t, e, r=r: r.sink(("delta", (t, e))))
+        self._steps.add(decoders)  # prefill; the rows decode from the next step on
 
     def _score(self, rows: list[_Row]) -> None:
         """Prompt tokens' log-probabilities (``echo``): one forward over the rows."""
