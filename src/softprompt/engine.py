@@ -2,12 +2,17 @@
 
 No HTTP here: :mod:`softprompt.server` is the FastAPI layer on top. The engine validates and
 encodes what a request asks for (``encode_completion``, ``encode_chat``, ``encode_classify``),
-queues rows (``submit``: one ``Future`` per row) and runs them on one worker thread: per kind
-of row (classify, score, generate) ONE model call with ``adapter_names=[...]``, one adapter per
-row. Generation settings never split a batch: sampling runs per row (own temperature, top-p and
-seeded generator), and each row stops on its own ``max_tokens``, stop ids or stop strings; a
-row's answer is sent as soon as it is finished, and a streamed row's text after every decode
-step. A failing batch is retried row by row, so one bad row fails alone.
+queues rows (``submit``: one ``Future`` per row) and runs them on one worker thread.
+Classification and scoring rows: ONE model call per kind with ``adapter_names=[...]``, one
+adapter per row. Generation rows (``ServeSettings.scheduling``): "step" (default) keeps a
+running batch over one KV cache (``softprompt.decoding.StepBatch``): between two decode steps
+the worker prefills whatever arrived (one forward) and adds it, and a finished row leaves at
+once, so a 2-token request never waits for a 200-token one; "batch" runs each batch's
+``generate`` to its end. Either way generation settings never split a batch: sampling runs
+per row (own temperature, top-p and seeded generator), and each row stops on its own
+``max_tokens``, stop ids or stop strings (``softprompt.decoding.RowDecoder``); a row's answer
+is sent as soon as it is finished, and a streamed row's text after every decode step. A
+failing call is retried row by row, so one bad row fails alone.
 
 Errors are :class:`EngineError` with a ``kind`` ("invalid", "not_found", "conflict",
 "forbidden", "busy", "unavailable", "closed", "internal"); the HTTP layer maps kinds to status

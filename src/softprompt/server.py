@@ -11,15 +11,15 @@ naming the adapter (``"base"`` or the base model's name: no adapter). Classifica
 adapters also answer ``POST /v1/classify``; ``POST /v1/adapters`` and ``DELETE
 /v1/adapters/{name}`` load and unload adapters while the server runs. See docs/serving.md.
 
-Design. The engine (rows, adapters, batching: :mod:`softprompt.engine`) has no HTTP; this
+Design. The engine (rows, adapters, scheduling: :mod:`softprompt.engine`) has no HTTP; this
 module is the FastAPI layer: request models, OpenAI bodies, server-sent events, errors as
 status codes. Requests are validated and tokenized on the event loop, then queued as rows (one
-per prompt). One worker thread takes up to ``max_batch`` queued rows, waiting at most
-``max_wait_ms`` after the oldest arrived, and runs ONE model call per kind of row (generate,
-classify, score) with ``adapter_names=[...]``, one adapter per row. Generation settings never split a
-batch: sampling runs per row (own temperature, top-p and seeded generator), and each row stops
-on its own ``max_tokens``, EOS or stop strings; a row's answer is sent as soon as it is finished.
-A failing batch is retried row by row, so one bad row fails alone.
+per prompt). One worker thread runs the model: classification and scoring rows as ONE model
+call per kind with ``adapter_names=[...]``; generation rows join the running batch at the next
+decode step (``--scheduling step``, continuous batching: their prefill is one forward, then
+they decode beside the rows already running, each with its own adapter, sampling settings and
+stop rule, and leave as soon as they finish). A failing call is retried row by row, so one bad
+row fails alone.
 
 Shutdown (``Engine.drain``, on SIGTERM/SIGINT in ``softprompt serve``): no new rows are taken,
 rows in flight get ``graceful_timeout`` seconds to finish, then what remains is cancelled
@@ -48,6 +48,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from .engine import (  # noqa: F401  (re-exported: the engine's names as they were here)
     BASE_ALIAS,
     NAME_RE,
+    SCHEDULING,
     AdapterEntry,
     Cancelled,
     Engine,
@@ -895,6 +896,7 @@ def settings_from_args(args) -> tuple[str, dict[str, str], ServeSettings]:
         max_tokens_limit=args.max_tokens_limit,
         max_prompts=args.max_prompts,
         graceful_timeout=args.graceful_timeout,
+        scheduling=args.scheduling,
     )
     return model_name, adapters, settings
 
@@ -983,6 +985,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         default=60.0,
         help="seconds in-flight requests get to finish at shutdown (SIGTERM, Ctrl-C); then "
         "they are answered 503",
+    )
+    p.add_argument(
+        "--scheduling",
+        default=d.scheduling,
+        choices=list(SCHEDULING),
+        help="step: requests join and leave the running batch at decode-step boundaries "
+        "(continuous batching; default); batch: each batch's generation runs to its end first",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
