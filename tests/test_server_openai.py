@@ -417,3 +417,31 @@ def test_a_real_chat_adapter_answers_chat_completions(bank, ref, tmp_path):
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == want["text"]
     finally:
         live.stop()
+
+
+def test_token_id_prompts_are_used_as_they_are(client, ref):
+    """OpenAI's token-id prompts (one list of ids, or a list of them): no template, the ids as
+    given; text and echo as for the same text sent with use_template false; ids outside the
+    vocabulary are a 400 naming the position."""
+    texts = PROMPTS[:2]
+    ids = [ref.tok(t)["input_ids"] for t in texts]
+    for model in ("gen-deep", "base"):
+        as_text = client.completions.create(
+            model=model,
+            prompt=texts,
+            max_tokens=5,
+            temperature=0,
+            extra_body={"use_template": False},
+        )
+        as_ids = client.completions.create(model=model, prompt=ids, max_tokens=5, temperature=0)
+        assert [c.text for c in as_ids.choices] == [c.text for c in as_text.choices]
+        assert as_ids.usage.prompt_tokens == sum(map(len, ids))
+        one = client.completions.create(model=model, prompt=ids[0], max_tokens=5, temperature=0)
+        assert len(one.choices) == 1 and one.choices[0].text == as_text.choices[0].text
+    echo = client.completions.create(
+        model="base", prompt=ids[0], max_tokens=0, echo=True, logprobs=0
+    )
+    assert echo.choices[0].text == ref.tok.decode(ids[0], skip_special_tokens=True)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="base", prompt=[5, 10**7], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "position 1" in e.value.body["message"]

@@ -675,8 +675,13 @@ class Engine:
             return preferred
         return next(iter(fields)) if len(fields) == 1 else None
 
-    def encode_completion(self, entry: AdapterEntry | None, prompt: str, use_template: bool):
-        """Prompt ids: through the adapter's task template (its input field) or as raw text."""
+    def encode_completion(
+        self, entry: AdapterEntry | None, prompt: str | list[int], use_template: bool
+    ):
+        """Prompt ids: through the adapter's task template (its input field), as raw text, or
+        (a list of token ids) the ids as they are, no template (OpenAI's token-id prompts)."""
+        if isinstance(prompt, list):
+            return self._check_prompt(self._token_ids(entry, prompt))
         if entry is not None and entry.task is not None and use_template:
             if entry.task.spec.kind == "chat":
                 raise EngineError(
@@ -790,6 +795,25 @@ class Engine:
                 f"{param}: {e} (adapter {entry.name!r}'s template fields: {fields})",
                 param=param,
             ) from e
+
+    def _token_ids(self, entry: AdapterEntry | None, ids: list[int]) -> list[int]:
+        if entry is not None and entry.template_placement:
+            raise EngineError(
+                "invalid",
+                f"prompt: adapter {entry.name!r} places its virtual tokens with its template; "
+                "send the prompt as text",
+                param="prompt",
+            )
+        vocab = self.model.base_model.get_input_embeddings().weight.shape[0]
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise EngineError(
+                "invalid",
+                f"prompt: token id {ids[bad]} at position {bad} is outside the vocabulary "
+                f"(0..{vocab - 1})",
+                param="prompt",
+            )
+        return list(ids)
 
     def _check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
         limit = self.settings.max_prompt_tokens

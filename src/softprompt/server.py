@@ -166,7 +166,7 @@ class CompletionRequest(BaseModel):
 
     model_config = _STRICT
     model: Text
-    prompt: Text | list[Text]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -621,7 +621,10 @@ def create_app(
     async def completions(req: CompletionRequest):
         check_unsupported(req)
         entry = engine.resolve(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)):
+            prompts = [req.prompt]  # one text, or one prompt of token ids
+        else:
+            prompts = list(req.prompt)
         if not prompts:
             raise ServeError(400, "prompt: give at least one prompt", param="prompt")
         check_count(len(prompts) * req.n, req.n, "prompt")
@@ -703,7 +706,8 @@ def create_app(
             pairs = []
             if req.echo:
                 real = [t for t in scores[p].ids if t >= 0]
-                echo = prompts[p] if entry is None or not req.use_template else engine._decode(real)
+                plain = isinstance(prompts[p], str) and (entry is None or not req.use_template)
+                echo = prompts[p] if plain else engine._decode(real)
                 text = echo + text
                 pairs = list(zip(real, prompt_lps[p], strict=True))
             if top is not None:
