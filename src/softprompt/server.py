@@ -45,6 +45,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from .chat import ROLES
 from .engine import (  # noqa: F401  (re-exported: the engine's names as they were here)
     BASE_ALIAS,
     NAME_RE,
@@ -161,13 +162,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """``POST /v1/completions`` (OpenAI's completions API; extensions: ``use_template``)."""
+class _GenerationRequest(BaseModel):
+    """What both generation endpoints take: the adapter, sampling, stopping, streaming."""
 
     model_config = _STRICT
     model: Text
-    prompt: Text | list[Text] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
@@ -175,15 +174,23 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    use_template: bool = True
     user: Text | None = None
+    # OpenAI fields accepted only at their neutral values
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[Text, float] | None = None
+
+
+class CompletionRequest(_GenerationRequest):
+    """``POST /v1/completions`` (OpenAI's completions API; extensions: ``use_template``)."""
+
+    prompt: Text | list[Text] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
+    use_template: bool = True
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # OpenAI fields accepted only at their neutral values
     best_of: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[Text, float] | None = None
     suffix: None = None
 
 
@@ -200,31 +207,17 @@ class ChatMessage(BaseModel):
     name: Text | None = None
 
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("developer", *ROLES)  # developer: OpenAI's newer name for system
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions`` (OpenAI's chat completions API)."""
 
-    model_config = _STRICT
-    model: Text
     messages: list[ChatMessage]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    user: Text | None = None
-    # OpenAI fields accepted only at their neutral values
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[Text, float] | None = None
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
