@@ -1006,3 +1006,28 @@ def test_a_training_forward_reads_the_device_at_most_once_or_twice(family, metho
 
     calls = _softprompt_syncs(step)
     assert 1 <= len(calls) <= most, calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rows_of_prepended_prompts_keep_them_beside_a_template_row(family):
+    """A batch with template markers in one row (virtual tokens inside its prompt) still
+    prepends the other rows' prompts: every row's logits equal that row alone. (Before the
+    fix, any marker in the batch dropped every other row's virtual tokens.)"""
+    from softprompt.lm import pad_left
+
+    model = sp.attach(tiny_model(family))
+    model.add_adapter("pre", sp.PromptTuningConfig(num_virtual_tokens=3))
+    model.add_adapter("tmpl", sp.PromptTuningConfig(num_virtual_tokens=2, placement="template"))
+    model.add_adapter("pt", sp.PTuningConfig(num_virtual_tokens=2, encoder_hidden_size=16))
+    perturb(model)
+    rows = [[5, 6, 7, 8, 9, 10], [11, -1, -2, 12, 13], [14, 15, 16]]
+    names = ["pre", "tmpl", "pt"]
+    for sharing in ("auto", "never"):
+        model.prompt_sharing = sharing
+        ids, mask = pad_left(rows, 0)
+        with torch.no_grad():
+            mixed = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+            for b, (r, name) in enumerate(zip(rows, names, strict=True)):
+                alone = model(input_ids=torch.tensor([r]), adapter_names=[name]).logits[0]
+                torch.testing.assert_close(mixed[b, -len(r) :], alone, atol=1e-5, rtol=0)
+    model.prompt_sharing = "auto"

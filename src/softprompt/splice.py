@@ -177,8 +177,14 @@ def splice_inputs(
         n = prompts[r].shape[0] if r in prompts and place != "template" else 0
         counts.append(n)
         placements.append(place)
-    if markers:
-        counts = [0] * batch  # template markers already say where virtual tokens go
+    if markers and input_ids is not None:
+        # rows whose ids hold template markers already say where their virtual tokens go;
+        # the other rows of the batch still get theirs placed (one host sync, marker batches
+        # only)
+        marked = (input_ids < 0).any(1).tolist()
+        counts = [0 if m else n for m, n in zip(marked, counts, strict=True)]
+    elif markers:
+        counts = [0] * batch
     mask = (
         attention_mask
         if attention_mask is not None
@@ -194,7 +200,8 @@ def splice_inputs(
     vidx = torch.where(virt, -1 - src, torch.zeros_like(src))
     if input_ids is not None:
         ids = torch.where(real, input_ids.gather(1, ridx), torch.where(virt, -1 - vidx, 0))
-        emb = model._embed(ids, rows, prompts, counts)
+        # marked rows hold their own virtual indices, which counts do not know: read them
+        emb = model._embed(ids, rows, prompts, None if markers else counts)
     else:
         emb = _gather_seq(inputs_embeds, ridx)
         marker = torch.where(virt, -1 - vidx, torch.zeros_like(vidx))
