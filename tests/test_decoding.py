@@ -10,7 +10,7 @@ from conftest import perturb, tiny_model
 
 import softprompt as sp
 from softprompt import _hf
-from softprompt.decoding import GenerationRow, RowDecoder, StepBatch, can_step
+from softprompt.decoding import GenerationRow, RowDecoder, StepBatch, can_step, eos_ids
 from softprompt.engine import generate_rows
 
 
@@ -69,13 +69,16 @@ def test_row_decoder_stop_rules_and_streamed_text():
     assert sent == ["a", "#", "b"]  # the "#" that began the stop string "##" never went out
 
 
-@pytest.fixture(scope="module")
-def mixed():
-    """A tiny Llama with adapters of every input/prefix kind, perturbed (non-trivial)."""
+@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen3"])
+def mixed(request):
+    """A tiny LM with adapters of every input/prefix kind, perturbed (non-trivial); on GPT-2
+    (absolute positions) prepended prompts are spliced into the cache, on the rotary models
+    they are a shared prefix."""
     torch.manual_seed(0)
-    model = sp.attach(tiny_model("llama"))
+    model = sp.attach(tiny_model(request.param))
     configs = {
         "prompt": sp.PromptTuningConfig(num_virtual_tokens=3),
+        "tmpl": sp.PromptTuningConfig(num_virtual_tokens=2, placement="template"),
         "prefix": sp.PrefixTuningConfig(num_virtual_tokens=4),
         "deep": sp.DeepPromptConfig(num_virtual_tokens=2),
         "ptuning": sp.PTuningConfig(num_virtual_tokens=3),
@@ -100,7 +103,8 @@ class _Tok:
 def _run_stepwise(model, schedule, rows):
     """Run ``rows`` through one StepBatch: row i joins before decode step ``schedule[i]``."""
     batch = StepBatch(model, _Tok())
-    decoders = [RowDecoder(r, set(), _Tok().decode, model.device) for r in rows]
+    eos = set(eos_ids(model, _Tok()))  # as generate_rows: the generation config's EOS
+    decoders = [RowDecoder(r, eos, _Tok().decode, model.device) for r in rows]
     step, pending = 0, list(range(len(rows)))
     while pending or len(batch):
         join = [i for i in pending if schedule[i] <= step]
@@ -117,20 +121,18 @@ def test_rows_joining_and_leaving_at_step_boundaries_equal_each_row_alone(mixed)
     joining a running batch at different steps: each gives the tokens it gives alone."""
     assert can_step(mixed) is None
     g = torch.Generator().manual_seed(1)
-    names = ["prompt", "prefix", None, "deep", "ptuning", "prefix", "prompt", None]
-    rows = [
-        GenerationRow(
-            torch.randint(1, 90, (3 + 2 * i,), generator=g).tolist(),
-            name,
-            max_tokens=[2, 9, 5, 12, 3, 7, 1, 6][i],
-        )
-        for i, name in enumerate(names)
-    ]
-    got = _run_stepwise(mixed, [0, 0, 1, 3, 3, 4, 8, 10], rows)
+    names = ["prompt", "prefix", None, "deep", "ptuning", "tmpl", "prefix", "prompt", None]
+    rows = []
+    for i, name in enumerate(names):
+        ids = torch.randint(1, 90, (3 + 2 * i,), generator=g).tolist()
+        if name == "tmpl":  # virtual tokens inside the prompt: template markers -1, -2
+            ids = ids[:2] + [-1, -2] + ids[2:]
+        rows.append(GenerationRow(ids, name, max_tokens=[2, 9, 5, 12, 3, 4, 7, 1, 6][i]))
+    got = _run_stepwise(mixed, [0, 0, 1, 3, 3, 3, 4, 8, 10], rows)
     for r, res in zip(rows, got, strict=True):
         alone = generate_rows(mixed, _Tok(), [r])[0]
         assert res["token_ids"] == alone["token_ids"], r
-        assert res["finish_reason"] == alone["finish_reason"] == "length"
+        assert res["finish_reason"] == alone["finish_reason"]
 
 
 def test_step_logits_equal_a_full_forward(mixed):
