@@ -1062,3 +1062,55 @@ def test_a_short_request_finishes_while_a_long_one_decodes(bank, ref):
             assert want["completion_tokens"] == 300
         else:  # one generate call ran the long row to its end; no per-step decoding
             assert engine.stats["decode_steps"] == 0
+
+
+def test_a_classify_ensemble_combines_its_adapters_in_one_call(bank, tmp_path):
+    """``"model": [a, b, c]``: each input through every adapter (three prompt-tuning seeds of
+    one task), rows of one model call, combined by mean probability (or majority vote, ties
+    to the higher mean) as softprompt.ensemble; equal to combining the single answers."""
+    tok = bank["tok"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]), tokenizer=tok)
+    names = ["seed0", "seed1", "seed2"]
+    for k, name in enumerate(names):
+        model.add_adapter(
+            name, sp.PromptTuningConfig(num_virtual_tokens=3)
+        ).task = CLASSIFY_WORDS.to_dict()
+        perturb(model, seed=10 + k)
+        model.save_adapter(tmp_path / name, name)
+    app = make_app(bank, {n: tmp_path / n for n in names}, max_wait_ms=50, max_batch=64)
+    engine = app.state.engine
+    with TestClient(app) as client:
+        singles = {
+            n: client.post("/v1/classify", json={"model": n, "input": PROMPTS}).json()["data"]
+            for n in names
+        }
+        assert len({singles[n][0]["scores"]["positive"] for n in names}) == 3  # they differ
+        for combine in ("mean", "vote"):
+            before = engine.stats["model_calls"]
+            r = client.post(
+                "/v1/classify", json={"model": names, "input": PROMPTS, "combine": combine}
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["combine"] == combine and engine.stats["model_calls"] == before + 1
+            for i, item in enumerate(body["data"]):
+                one = [singles[n][i] for n in names]
+                labels = list(one[0]["scores"])
+                mean = {lb: sum(s["scores"][lb] for s in one) / len(names) for lb in labels}
+                for lb in labels:
+                    assert abs(item["scores"][lb] - mean[lb]) <= 1e-5
+                votes = {lb: sum(s["label"] == lb for s in one) for lb in labels}
+                if combine == "mean":
+                    best = max(labels, key=mean.__getitem__)
+                else:
+                    best = max(labels, key=lambda lb, v=votes, m=mean: (v[lb], m[lb]))
+                assert item["label"] == best
+                assert item["members"] == {n: s["label"] for n, s in zip(names, one, strict=True)}
+        for body, param in (
+            ({"model": [names[0], "nope"], "input": "x"}, "model.1"),
+            ({"model": [names[0], names[0]], "input": "x"}, "model"),
+            ({"model": names, "input": "x", "combine": "max"}, "combine"),
+            ({"model": [], "input": "x"}, "model"),
+        ):
+            r = client.post("/v1/classify", json=body)
+            assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text

@@ -65,6 +65,7 @@ from .engine import (  # noqa: F401  (re-exported: the engine's names as they we
     prompt_logprobs,
     token_entry,
 )
+from .ensemble import COMBINE, combine_probs
 from .errors import SoftPromptError, require
 from .tasks import pad_id  # noqa: F401
 
@@ -254,11 +255,14 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 class ClassifyRequest(BaseModel):
-    """``POST /v1/classify``: one input (text, or an object of template fields) or a list."""
+    """``POST /v1/classify``: one input (text, or an object of template fields) or a list;
+    ``model`` one classification adapter, or a list of adapters of one task (a prompt
+    ensemble, combined by ``combine``: "mean" probability or majority "vote")."""
 
     model_config = _STRICT
-    model: Text
+    model: Text | list[Text]
     input: Text | dict[Text, Text] | list[Text | dict[Text, Text]]
+    combine: Text = "mean"
     user: Text | None = None
 
 
@@ -809,33 +813,89 @@ def create_app(
             "usage": usage(usage_prompt, completion_tokens),
         }
 
-    @app.post("/v1/classify")
-    async def classify(req: ClassifyRequest):
-        entry = engine.resolve(req.model)
+    def classifier(name: str, param: str):
+        try:
+            entry = engine.resolve(name)
+        except EngineError as e:  # name the list item at fault
+            e.param = param
+            raise
         if entry is None or entry.task is None or entry.task.spec.kind != "classify":
             raise ServeError(
                 400,
-                f"{req.model!r} is not a classification adapter; see GET /v1/models (task)",
-                param="model",
+                f"{param}: {name!r} is not a classification adapter; see GET /v1/models (task)",
+                param=param,
+            )
+        return entry
+
+    @app.post("/v1/classify")
+    async def classify(req: ClassifyRequest):
+        names = [req.model] if isinstance(req.model, str) else list(req.model)
+        if not names:
+            raise ServeError(400, "model: give at least one adapter", param="model")
+        if len(set(names)) < len(names):
+            raise ServeError(400, "model: an adapter is listed twice", param="model")
+        entries = [
+            classifier(n, "model" if isinstance(req.model, str) else f"model.{k}")
+            for k, n in enumerate(names)
+        ]
+        labels = list(entries[0].task.spec.labels)
+        for k, e in enumerate(entries[1:], 1):
+            if list(e.task.spec.labels) != labels:
+                raise ServeError(
+                    400,
+                    f"model.{k}: {e.name!r} has labels {list(e.task.spec.labels)}, "
+                    f"{entries[0].name!r} has {labels}: an ensemble's adapters share one task",
+                    param=f"model.{k}",
+                )
+        if req.combine not in COMBINE:
+            raise ServeError(
+                400,
+                f"combine: {req.combine!r} is not one of {list(COMBINE)}",
+                param="combine",
             )
         items = [req.input] if isinstance(req.input, str | dict) else list(req.input)
         if not items:
             raise ServeError(400, "input: give at least one input", param="input")
-        if len(items) > settings.max_prompts:
+        if len(items) * len(entries) > settings.max_prompts:
             raise ServeError(
                 400,
-                f"{len(items)} inputs exceed this server's limit of {settings.max_prompts}",
+                f"{len(items)} inputs x {len(entries)} adapters exceed this server's limit of "
+                f"{settings.max_prompts} rows (--max-prompts)",
                 param="input",
             )
-        rows = [_Row("classify", entry, engine.encode_classify(entry, it)) for it in items]
+        # adapter-major: row k*n + i is input i through adapter k, all in one batch
+        rows = [_Row("classify", e, engine.encode_classify(e, it)) for e in entries for it in items]
         results = await wait(engine.submit(rows, "input"))
         tokens = sum(sum(t >= 0 for t in r.ids) for r in rows)
+        if len(entries) == 1:
+            data = [{"index": i, **r} for i, r in enumerate(results)]
+        else:
+            import torch
+
+            n = len(items)
+            probs = torch.tensor(
+                [
+                    [[r["scores"][lb] for lb in labels] for r in results[k * n : (k + 1) * n]]
+                    for k in range(len(entries))
+                ]
+            )  # (K, n, C)
+            pred, mean = combine_probs(probs, req.combine)
+            data = [
+                {
+                    "index": i,
+                    "label": labels[int(pred[i])],
+                    "scores": dict(zip(labels, mean[i].tolist(), strict=True)),
+                    "members": {e.name: results[k * n + i]["label"] for k, e in enumerate(entries)},
+                }
+                for i in range(n)
+            ]
         return {
             "id": f"clf-{uuid.uuid4().hex}",
             "object": "classification",
             "created": int(time.time()),
             "model": req.model,
-            "data": [{"index": i, **r} for i, r in enumerate(results)],
+            "combine": req.combine if len(entries) > 1 else None,
+            "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
