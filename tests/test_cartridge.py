@@ -310,3 +310,70 @@ def test_server_serves_a_composed_cartridge_beside_a_task_adapter(tiny_folders, 
         want = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
         got = r.json()["choices"][0]["text"]
         assert want.startswith(got), (nm, got, want)
+
+
+def test_server_composes_cartridges_per_request(tiny_folders, tmp_path):
+    """``"model": "a+b"``: the loaded cartridges a and b in one row's prefix, made on first use
+    (listed in /v1/models), equal to ``compose`` offline; unloading a part removes it; parts
+    that are not loaded or not cartridges are 404 / 400 naming ``model``."""
+    from fastapi.testclient import TestClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt import server as srv
+    from softprompt.cartridge import compose
+
+    folder = tiny_folders["llama"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(folder), tokenizer=tok)
+    plain = {"kind": "generate", "template": "{input}"}
+    for nm, text in (("a", "The lighthouse stands on a cliff."), ("b", "Ada Morrow built it.")):
+        model.add_adapter(nm, CartridgeConfig(num_virtual_tokens=5, init_text=text)).task = plain
+    model.add_adapter("task", sp.PrefixTuningConfig(num_virtual_tokens=3)).task = plain
+    from conftest import perturb
+
+    perturb(model)
+    dirs = {}
+    for nm in ("a", "b", "task"):
+        model.save_adapter(tmp_path / nm, nm)
+        dirs[nm] = str(tmp_path / nm)
+    compose(model, ["b", "a"], "ba")
+    model.eval()
+    app = srv.create_app(
+        AutoModelForCausalLM.from_pretrained(folder),
+        tok,
+        dirs,
+        srv.ServeSettings(max_wait_ms=0, adapter_roots=[str(tmp_path)]),
+    )
+    prompt = "who built it"
+    ids = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            adapter_names=["ba"],
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=srv.pad_id(tok),
+        )
+    eos = srv.eos_ids(model, tok)
+    new = out[0, len(ids) :].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+    want = tok.decode(new, skip_special_tokens=True)
+    with TestClient(app) as client:
+
+        def ask(nm):
+            body = {"model": nm, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+            return client.post("/v1/completions", json=body)
+
+        r = ask("b+a")
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+        listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert listed["b+a"]["num_virtual_tokens"] == 10
+        assert ask("b+a").json()["choices"][0]["text"] == want  # kept, not made again
+        r = ask("a+nope")
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+        r = ask("a+task")
+        assert r.status_code == 400 and "not cartridges" in r.json()["error"]["message"]
+        assert client.delete("/v1/adapters/a").status_code == 200
+        assert "b+a" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+        assert ask("b+a").status_code == 404

@@ -56,6 +56,8 @@ from .tasks import pad_id
 log = logging.getLogger("softprompt.engine")
 
 SCHEDULING = ("step", "batch")
+COMPOSE = "+"  # "model": "a+b": cartridges a and b in one row
+MAX_COMPOSED = 32
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 BASE_ALIAS = "base"
 
@@ -392,6 +394,7 @@ class AdapterEntry:
     input_tokens: int  # virtual tokens it adds to the input (input-level methods), else 0
     template_placement: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    parts: tuple[str, ...] = ()  # a composition of cartridges ("a+b"): the loaded parts
 
     def describe(self, root: str) -> dict:
         spec = None if self.task is None else self.task.spec
@@ -588,6 +591,9 @@ class Engine:
                 )
             del self.entries[name]
             self.model.delete_adapter(name)
+            for other in [e for e in self.entries.values() if name in e.parts]:
+                del self.entries[other.name]  # compositions that read it
+                self.model.delete_adapter(other.name)
         log.info("unloaded adapter %s", name)
 
     def allowed_path(self, path: str | Path) -> Path:
@@ -646,6 +652,8 @@ class Engine:
         if name in (BASE_ALIAS, self.base_name):
             return None
         entry = self.entries.get(name)
+        if entry is None and COMPOSE in name:
+            return self._compose(name)
         if entry is None:
             known = sorted(self.entries) + [BASE_ALIAS]
             raise EngineError(
@@ -654,6 +662,62 @@ class Engine:
                 "model_not_found",
                 "model",
             )
+        return entry
+
+    def _compose(self, name: str) -> AdapterEntry:
+        """``"a+b"``: cartridges a and b in one prefix (``cartridge.compose``), made on first
+        use and kept (listed in /v1/models) until a part is unloaded."""
+        from .cartridge import compose
+
+        parts = name.split(COMPOSE)
+        missing = [p for p in parts if p not in self.entries]
+        if missing:
+            raise EngineError(
+                "not_found",
+                f"model: {name!r} composes {missing}, which are not loaded; loaded: "
+                f"{sorted(self.entries)}",
+                "model_not_found",
+                "model",
+            )
+        bad = [p for p in parts if self.entries[p].meta["method"] != "cartridge"]
+        if bad or len(set(parts)) < len(parts):
+            raise EngineError(
+                "invalid",
+                f"model: {name!r}: '{COMPOSE}' joins distinct cartridges"
+                + (f"; {bad} are not cartridges" if bad else ""),
+                "invalid_composition",
+                "model",
+            )
+        with self.model_lock:
+            if name in self.entries:
+                return self.entries[name]
+            if sum(1 for e in self.entries.values() if e.parts) >= MAX_COMPOSED:
+                raise EngineError(
+                    "invalid",
+                    f"model: this server keeps at most {MAX_COMPOSED} compositions; unload "
+                    "one of their cartridges to free them",
+                    "too_many_compositions",
+                    "model",
+                )
+            try:
+                ad = compose(self.model, parts, name)
+            except SoftPromptError as e:
+                raise EngineError("invalid", f"model: {e}", "invalid_composition", "model") from e
+            first = self.entries[parts[0]]
+            entry = AdapterEntry(
+                name=name,
+                path=first.path,
+                meta={
+                    "method": "cartridge",
+                    "config": {"num_virtual_tokens": ad.config.num_virtual_tokens},
+                },
+                task=first.task,
+                input_tokens=0,
+                template_placement=False,
+                parts=tuple(parts),
+            )
+            self.entries[name] = entry
+        log.info("composed %s (%d prefix tokens)", name, ad.config.num_virtual_tokens)
         return entry
 
     def models(self) -> list[dict]:
