@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from . import _hf
 from .errors import SoftPromptError
 from .lm import pad_left
-from .prefix_state import PrefixState
+from .prefix_state import PrefixState  # noqa: F401  (the state's type)
 from .splice import mask_positions, offset_positions
 from .tasks import pad_id
 
@@ -266,8 +266,8 @@ class StepBatch:
         self.tok = tokenizer
         self.pad = pad_id(tokenizer)
         self.rows: list[RowDecoder] = []
-        self.keys: list[str | None] = []  # per row: its prefix key in self.kvs
-        self.kvs: dict[str, dict] = {}
+        self.keys: list[str | None] = []  # per row: its adapter, or its shared prompt's key
+        self.shared: dict[str, dict] = {}  # shared prompts' prefixes by key
         self.cache = None
         self.mask: torch.Tensor | None = None  # (B, T) long
         self.pos: torch.Tensor | None = None  # (B,) next position
@@ -324,18 +324,13 @@ class StepBatch:
             out = model.base_model(**call)
         logits = out.logits[:, -1]  # (B, V)
         firsts = self._pick(decoders, logits, names)
-        keys = []
+        keys = []  # the row's name in the state: its adapter, or its shared prompt's prefix
         for name in names:
-            if name is None:
-                keys.append(None)
-            elif shared and name in shared:
+            if shared and name in shared:
                 keys.append("\x00shared:" + name)
-                self.kvs[keys[-1]] = shared[name]
+                self.shared[keys[-1]] = shared[name]
             else:
-                kv = model.adapters[name].kv()
-                keys.append(name if kv else None)
-                if kv:
-                    self.kvs[name] = kv
+                keys.append(name)
         keep = [b for b, d in enumerate(decoders) if not d.push(firsts[b])]
         if not keep:
             return
@@ -417,7 +412,7 @@ class StepBatch:
         self.keys = [self.keys[b] for b in keep]
         if not keep:
             self.cache = self.mask = self.pos = self.last = None
-            self.kvs.clear()
+            self.shared.clear()
             return
         idx = torch.tensor(keep, device=self.model.device)
         _hf.cache_select(self.cache, idx)
@@ -428,13 +423,15 @@ class StepBatch:
             _hf.cache_drop_left(self.cache, lead)
             self.mask = self.mask[:, lead:]
         live = set(self.keys)
-        for k in [k for k in self.kvs if k not in live]:
-            del self.kvs[k]
+        for k in [k for k in self.shared if k not in live]:
+            del self.shared[k]
 
     def _state(self) -> PrefixState | None:
+        """The rows' injection state, made again only when the rows change (``_prefix_state``:
+        prefix adapters by name, shared prompts by their key)."""
         rows = tuple(self.keys)
         if rows != self._state_rows:
-            used = {k: self.kvs[k] for k in set(rows) - {None}}
-            self.state = PrefixState(self.model.info, list(rows), used) if used else None
+            used = {k: v for k, v in self.shared.items() if k in rows}
+            self.state = self.model._prefix_state(list(rows), used)
             self._state_rows = rows
         return self.state

@@ -156,7 +156,7 @@ class SoftPromptModel(ModelCompat, AdapterBank, PromptSharing, nn.Module):
         """Each row's key/value prefix; ``shared``: prompt adapters' virtual tokens as prefixes
         (from ``KeptTables.prompt_kvs``)."""
         kvs = dict(shared or {})
-        for name in set(rows) - {None}:
+        for name in set(rows) - {None} - set(kvs):  # rows may name a shared prefix directly
             kv = self.adapters[name].kv()
             if kv:
                 kvs[name] = kv
