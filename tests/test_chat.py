@@ -133,3 +133,22 @@ def _train_smollm2(load_base) -> list[float]:
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def test_a_template_whose_pieces_tokenize_differently_is_named(tok):
+    """A template that writes "role content" (a space before the content): byte-level BPE
+    encodes " Is" whole but "Is" alone, so piecewise ids differ from the rendered text's; the
+    probe says so once (a warning naming the first differing token); ChatML does not warn."""
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ChatFormat.of(tok)  # ChatML: pieces equal the whole
+    spaced = copy.deepcopy(tok)
+    spaced.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
+    with pytest.warns(UserWarning, match=r"differently from the whole rendered text \(first"):
+        ChatFormat.of(spaced)

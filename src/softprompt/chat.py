@@ -31,6 +31,7 @@ Placement of ``soft_tokens`` virtual tokens (markers ``-1 .. -P``, see
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -102,7 +103,37 @@ class ChatFormat:
         second = texts[2][len(texts[1]) :]
         if bos and texts[1].startswith(bos) and not second.startswith(bos):
             fmt.bos_text = bos
+        fmt._check_pieces()
         return fmt
+
+    def _check_pieces(self) -> None:
+        """Warn once per tokenizer when encoding a conversation in pieces (cut at message
+        contents, as ``encode`` does to place labels and virtual tokens) gives other ids than
+        encoding its rendered text whole (e.g. SentencePiece tokenizers that add a leading
+        space to every piece): softprompt stays consistent with itself (training, eval,
+        generate and serve encode alike), but engines that tokenize the whole text see other
+        ids than the adapter was trained on."""
+        probe = [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Is water wet? Say yes or no."},
+            {"role": "assistant", "content": "Yes, it is."},
+            {"role": "user", "content": "And ice?"},
+        ]
+        ids, _ = self.encode(probe, loss_turns="all")
+        rendered = self._prefix_texts(probe)[-1]
+        whole = list(
+            self.tok.encode(rendered + self._gen_prompt(probe, rendered), add_special_tokens=False)
+        )
+        if ids != whole:
+            at = next((i for i, (a, b) in enumerate(zip(ids, whole, strict=False)) if a != b), None)
+            at = min(len(ids), len(whole)) if at is None else at
+            warnings.warn(
+                f"the tokenizer of {_name(self.tok)} encodes a conversation cut at its message "
+                f"contents differently from the whole rendered text (first difference at token "
+                f"{at}); softprompt's chat rows use the piecewise ids everywhere (train, eval, "
+                "serve), but an engine that tokenizes the whole text will see other ids",
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ rendering
     def _render(self, messages, add_generation_prompt: bool = False) -> str:
