@@ -690,6 +690,18 @@ def check_adaption(model: PreTrainedModel, info: ModelInfo, slots: list[int]) ->
             )
 
 
+def biased_output_layers(model: PreTrainedModel, info: ModelInfo, slots: list[int]) -> list[int]:
+    """Layers among ``slots`` whose attention output projection (``o_proj``) has a bias: there
+    PEFT's adaption prompt (``o_proj(attn) + o_proj(adapter)``) adds the bias twice, so it is
+    not the seam's ``o_proj(attn + adapter)``."""
+    modules = slot_modules(model, info)
+    return [
+        info.slots[s].layer
+        for s in slots
+        if getattr(getattr(modules[s], "o_proj", None), "bias", None) is not None
+    ]
+
+
 def adaption_kv(
     model: PreTrainedModel, info: ModelInfo, prompts: dict[int, tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

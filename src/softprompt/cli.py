@@ -227,6 +227,12 @@ def train_run(args):
             f"--layers applies to per-layer methods (deep, prefix); --method {args.method} "
             "puts its prompt at the input only: drop --layers"
         )
+    fields = {f.name for f in dataclasses.fields(METHODS[args.method][0])}
+    if getattr(args, "adapter_layers", None) is not None and "adapter_layers" not in fields:
+        raise SoftPromptError(
+            f"--adapter-layers applies to --method adaption_prompt; --method {args.method} has "
+            "no adapter layers: drop it (per-layer prefixes choose their layers with --layers)"
+        )
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")}
     train_args = _train_args(args)  # checks the loop's flags before anything loads
     out = _output_dir(args.output)
@@ -857,8 +863,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--verbalizer", help='JSON label -> word, e.g. \'{"positive": "great"}\'')
     t.add_argument(
         "--num-virtual-tokens",
+        "--adapter-len",
         type=_POSITIVE,
         default=_field_defaults(AdapterConfig)["num_virtual_tokens"],
+        help="virtual tokens (adaption_prompt: adapter tokens per layer, PEFT's adapter_len)",
     )
     t.add_argument("--init", choices=inits, default=_field_defaults(AdapterConfig)["init"])
     t.add_argument("--init-text", help="text for --init text")
@@ -874,6 +882,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["mlp", "lstm"],
         default=_field_defaults(METHODS["ptuning"][0])["encoder"],
         help="P-tuning prompt encoder",
+    )
+    t.add_argument(
+        "--adapter-layers",
+        type=_POSITIVE,
+        default=_field_defaults(METHODS["adaption_prompt"][0])["adapter_layers"],
+        help="adaption_prompt: how many of the top layers get adapter tokens (default: all)",
     )
     mpt = _field_defaults(METHODS["mpt"][0])
     t.add_argument(

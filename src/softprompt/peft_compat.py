@@ -35,6 +35,7 @@ take.
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from safetensors.torch import load_file
 
 from . import _hf
 from .errors import SoftPromptError
+from .methods.adaption_prompt import AdaptionPromptConfig, top_slots
 from .methods.base import AdapterConfig
 from .methods.cartridge import CartridgeConfig
 from .methods.deep_prompt import DeepPromptConfig
@@ -56,6 +58,7 @@ KEY = "prompt_embeddings"
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
 PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
 MPT_TYPE = "MULTITASK_PROMPT_TUNING"
+ADAPTION_TYPE = "ADAPTION_PROMPT"  # LLaMA-Adapter: per-layer gated prompts (its own tensors)
 MPT_KEYS = ("prefix_task_cols", "prefix_task_rows")  # besides KEY, the shared prompt
 TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION")
 # A PEFT folder has no softprompt task: generate from the raw input.
@@ -85,10 +88,11 @@ def peft_meta(directory: Path, data: dict) -> dict:
     """
     where = directory / CONFIG_NAME
     ptype = data.get("peft_type")
-    if ptype not in PROMPT_TYPES + PREFIX_TYPES + (MPT_TYPE,):
+    known = PROMPT_TYPES + PREFIX_TYPES + (MPT_TYPE, ADAPTION_TYPE)
+    if ptype not in known:
         raise SoftPromptError(
             f"{where}: peft_type {ptype!r} is not supported; softprompt loads the PEFT "
-            f"prompt-learning types {list(PROMPT_TYPES + PREFIX_TYPES + (MPT_TYPE,))} "
+            f"prompt-learning types {list(known)} "
             "(LoRA and other weight adapters change the model's weights, not its prompt)"
         )
     task_type = data.get("task_type")
@@ -97,6 +101,8 @@ def peft_meta(directory: Path, data: dict) -> dict:
             f"{where}: task_type {task_type!r} is not supported; softprompt loads PEFT "
             "prompt-learning adapters of causal language models (CAUSAL_LM, FEATURE_EXTRACTION)"
         )
+    if ptype == ADAPTION_TYPE:
+        return _adaption_meta(where, data)
     if data.get("modules_to_save"):
         raise SoftPromptError(
             f"{where}: modules_to_save {data['modules_to_save']!r} (e.g. a classifier head) are "
@@ -149,6 +155,31 @@ def peft_meta(directory: Path, data: dict) -> dict:
         "config": config.to_dict(),
         "name": None,
         "base_model": {"name_or_path": data.get("base_model_name_or_path") or "", **geometry},
+        "task": dict(PLAIN_TASK),
+        "peft": data,
+    }
+
+
+def _adaption_meta(where: Path, data: dict) -> dict:
+    """``peft_meta`` of an ``ADAPTION_PROMPT`` config (``adapter_len``, ``adapter_layers``)."""
+    n, layers = data.get("adapter_len"), data.get("adapter_layers")
+    for field, v in (("adapter_len", n), ("adapter_layers", layers)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SoftPromptError(f"{where}: {field} must be a positive integer, got {v!r}")
+    target = data.get("target_modules")
+    if target not in (None, "self_attn"):
+        raise SoftPromptError(
+            f"{where}: target_modules {target!r}; softprompt loads PEFT adaption prompts of "
+            "Llama-style models (target_modules 'self_attn'; GPT-2's 'attn' form adds the "
+            "adapter after c_proj, which softprompt does not serve)"
+        )
+    config = AdaptionPromptConfig(num_virtual_tokens=n, adapter_layers=layers)
+    return {
+        "format": "peft",
+        "method": config.method,
+        "config": config.to_dict(),
+        "name": None,
+        "base_model": {"name_or_path": data.get("base_model_name_or_path") or ""},
         "task": dict(PLAIN_TASK),
         "peft": data,
     }
@@ -290,6 +321,8 @@ def load_peft(
     data = meta["peft"]
     if data["peft_type"] == MPT_TYPE:
         return _load_peft_mpt(model, directory, meta, name)
+    if data["peft_type"] == ADAPTION_TYPE:
+        return _load_peft_adaption(model, directory, meta, name)
     table = read_peft_weights(directory).float()  # (P, hidden) or (P, layers * 2 * token_dim)
     _check_base(model, directory, data, *table.shape)
     prefix = data["peft_type"] in PREFIX_TYPES
@@ -347,6 +380,85 @@ def _load_peft_mpt(
     try:
         with torch.no_grad():
             adapter.load_factors(shared, cols, rows)
+        adapter.task = dict(meta["task"])
+        adapter.source = {"peft": data}
+    except Exception:
+        model.delete_adapter(name)
+        raise
+    model.set_active(name)
+    return model
+
+
+_ADAPTION_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.self_attn\.(adaption_prompt|adaption_gate)$")
+
+
+def _load_peft_adaption(
+    model: SoftPromptModel, directory: Path, meta: dict, name: str | None
+) -> SoftPromptModel:
+    """A PEFT ``ADAPTION_PROMPT`` folder as softprompt's ``adaption_prompt`` method: per layer
+    ``...layers.{i}.self_attn.adaption_prompt`` (1, P, d) and ``adaption_gate`` (1,), the top
+    ``adapter_layers`` layers.
+
+    Raises:
+        SoftPromptError: another key, shape or set of layers, a model the method cannot serve
+            (``_hf.check_adaption``), or one whose ``o_proj`` has a bias (PEFT then adds it
+            twice: its outputs are not the paper's, and softprompt does not reproduce them).
+    """
+    data = meta["peft"]
+    tensors, where = read_peft_tensors(directory)
+    config = AdapterConfig.from_dict(meta["config"])
+    info = model.info
+    try:
+        slots = top_slots(info, config.adapter_layers)
+    except SoftPromptError as e:
+        raise SoftPromptError(f"{directory / CONFIG_NAME}: {e}") from e
+    _hf.check_adaption(model.base_model, info, slots)
+    biased = _hf.biased_output_layers(model.base_model, info, slots)
+    if biased:
+        raise SoftPromptError(
+            f"{directory}: {type(model.base_model).__name__}'s o_proj has a bias (layers "
+            f"{biased}); PEFT's adaption prompt adds o_proj(adapter) after o_proj, which adds "
+            "that bias a second time (even with a zero gate), while softprompt adds the "
+            "adapter before o_proj (the paper's form). The outputs would differ: retrain the "
+            "adapter with softprompt (--method adaption_prompt)"
+        )
+    layers = [info.slots[s].layer for s in slots]
+    n, d = config.num_virtual_tokens, info.hidden_size
+    found: dict[tuple[int, str], torch.Tensor] = {}
+    for key, t in tensors.items():
+        m = _ADAPTION_KEY.match(key)
+        if m is None:
+            raise SoftPromptError(
+                f"{where} holds {key!r}: not an adaption prompt or gate; softprompt cannot load it"
+            )
+        found[(int(m.group(1)), m.group(2))] = t
+    if sorted({i for i, _ in found}) != layers or len(found) != 2 * len(layers):
+        raise SoftPromptError(
+            f"{where} has adaption prompts and gates for layers {sorted({i for i, _ in found})}; "
+            f"adapter_layers={config.adapter_layers} on this {len(info.slots)}-layer model means "
+            f"both for layers {layers}"
+        )
+    want = {"adaption_prompt": (1, n, d), "adaption_gate": (1,)}
+    prompts, gates = [], []
+    for i in layers:
+        for kind, out in (("adaption_prompt", prompts), ("adaption_gate", gates)):
+            t = found[(i, kind)]
+            if tuple(t.shape) != want[kind]:
+                raise SoftPromptError(
+                    f"{where}: layer {i} {kind} has shape {tuple(t.shape)}, the model takes "
+                    f"{want[kind]} (adapter_len x hidden size {d})"
+                )
+            out.append(_checked({kind: t}, kind, where, len(want[kind])).float())
+    name = name or "default"
+    adapter = model.add_adapter(name, config, _init=False)
+    try:
+        with torch.no_grad():
+            adapter.load_baked(
+                {
+                    "adaption_prompt": torch.cat(prompts).to(model.device),  # (L, P, d)
+                    "adaption_gate": torch.stack(gates).to(model.device),  # (L, 1)
+                }
+            )
         adapter.task = dict(meta["task"])
         adapter.source = {"peft": data}
     except Exception:
