@@ -97,6 +97,8 @@ def _adapter_config(args, template, chat: bool = False):
         extra["placement"] = "template"
         n = template.num_soft
     init = args.init
+    if init is None:  # vocab where the method takes it (the CLI's default), else its own
+        init = "vocab" if "vocab" in cls.inits else _field_defaults(cls)["init"]
     init_text = args.init_text
     if init == "text" and not init_text:
         raise SoftPromptError("--init text needs --init-text")
@@ -868,7 +870,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_field_defaults(AdapterConfig)["num_virtual_tokens"],
         help="virtual tokens (adaption_prompt: adapter tokens per layer, PEFT's adapter_len)",
     )
-    t.add_argument("--init", choices=inits, default=_field_defaults(AdapterConfig)["init"])
+    t.add_argument(
+        "--init",
+        choices=inits,
+        default=None,
+        help="initialisation (default: vocab; adaption_prompt: random, its only one)",
+    )
     t.add_argument("--init-text", help="text for --init text")
     t.add_argument("--layers", help="deep/prefix: 'all', 'top_half' or indices like '6,7,8'")
     t.add_argument(

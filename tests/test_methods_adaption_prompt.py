@@ -1,0 +1,281 @@
+"""Adaption prompts (softprompt.methods.adaption_prompt): PEFT's logits, zero-init exactness,
+training and files, mixed batches and generation, refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import method_config, perturb, tiny_model
+from peft import AdaptionPromptConfig as PeftAdaptionPromptConfig
+from peft import get_peft_model
+from safetensors.torch import load_file
+from torch.testing import assert_close
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import softprompt as sp
+from softprompt.errors import SoftPromptError
+
+IDS = torch.tensor([[5, 17, 33, 8, 61, 9, 40], [70, 12, 3, 99, 45, 21, 6]])
+
+
+def peft_adaption(base, adapter_len: int, adapter_layers: int, seed: int = 0):
+    """PEFT's adaption-prompt model on ``base`` with random non-zero gates (PEFT inits them at
+    zero) and its N(0, 1) prompts."""
+    with warnings.catch_warnings():  # peft reads a deprecated transformers property
+        warnings.simplefilter("ignore", FutureWarning)
+        pm = get_peft_model(
+            base,
+            PeftAdaptionPromptConfig(
+                adapter_len=adapter_len, adapter_layers=adapter_layers, task_type="CAUSAL_LM"
+            ),
+        )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if name.endswith("adaption_gate"):
+                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.25)
+            elif name.endswith("adaption_prompt"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return pm.eval()
+
+
+def save_peft_folder(pm, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pm.save_pretrained(path)
+    return path
+
+
+def logits(model, ids=IDS, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+# ------------------------------------------------------------------------------ PEFT's logits
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_peft_folder_gives_peft_logits(tmp_path, attn):
+    """A PEFT ADAPTION_PROMPT folder (GQA: 4 query / 2 key-value heads, top 2 of 3 layers)
+    loads with PEFT's logits; the adapter changes them."""
+    base = tiny_model("llama", attn)
+    pm = peft_adaption(copy.deepcopy(base), adapter_len=4, adapter_layers=2)
+    path = save_peft_folder(pm, tmp_path / "peft")
+    model = sp.load_adapter(base, path)
+    ad = model.adapters["default"]
+    assert ad.config.method == "adaption_prompt" and ad.adaption_gate.shape == (2, 1)
+    want = logits(pm)
+    assert_close(logits(model), want, atol=1e-4, rtol=0)
+    assert (logits(model, adapter_names=[None, None]) - want).abs().max() > 1e-2
+
+
+def test_zero_gates_give_the_bare_model_exactly():
+    """Zero-init gates: logits equal the bare model's bit for bit, whatever the prompts; the
+    first gradient reaches only the gates (the paper's zero-init attention)."""
+    for attn in ("eager", "sdpa"):
+        base = tiny_model("llama", attn)
+        bare = logits(base)
+        model = sp.attach(base, sp.AdaptionPromptConfig(num_virtual_tokens=5))
+        ad = model.adapters["default"]
+        assert ad.adaption_prompt.abs().min() > 0 and not ad.adaption_gate.any()
+        assert torch.equal(logits(model), bare)
+        assert torch.equal(logits(model, adapter_names=[None, None]), bare)
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        assert ad.adaption_gate.grad.abs().min() > 0
+        assert not ad.adaption_prompt.grad.any()
+
+
+# ------------------------------------------------------------------------------ training, files
+
+
+def test_training_moves_only_prompts_and_gates_and_files_reload(tmp_path):
+    """Loss falls on a memorisation task; only the prompt and gate train; the saved file has
+    exactly their two tensors and reloads with equal logits."""
+    base = tiny_model("llama")
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    model = sp.attach(base, sp.AdaptionPromptConfig(num_virtual_tokens=4, adapter_layers=2))
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"adapters.default.adaption_prompt", "adapters.default.adaption_gate"}
+    assert model.parameters_to_train() == [
+        model.adapters["default"].adaption_prompt,
+        model.adapters["default"].adaption_gate,
+    ]
+    # a random tiny model is near uniform (ln 120 = 4.79) and its 0.02-scale weights damp the
+    # adapter: a higher rate than the default shows the fall within 60 steps
+    opt = torch.optim.AdamW(model.parameters_to_train(), lr=5e-2)
+    model.train()
+    losses = []
+    for _ in range(60):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.15 and losses[-1] < min(losses[:30]), losses
+    model.eval()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in frozen.items())
+    out = model.save_adapter(tmp_path / "ad", trainable=True)
+    assert set(load_file(out / "adapter.safetensors")) == {"adaption_prompt", "adaption_gate"}
+    assert set(load_file(out / "trainable.safetensors")) == {"adaption_prompt", "adaption_gate"}
+    meta = json.loads((out / "adapter_config.json").read_text())
+    assert meta["method"] == "adaption_prompt" and meta["config"]["adapter_layers"] == 2
+    for trainable_form in (False, True):
+        again = sp.load_adapter(tiny_model("llama"), out, trainable=trainable_form)
+        assert_close(logits(again), logits(model), atol=0, rtol=0)
+
+
+def test_cli_trains_adaption_prompt(tmp_path, capsys, tiny_folders):
+    from softprompt.cli import main
+
+    rows = [{"text": f"word {i}", "label": ["negative", "positive"][i % 2]} for i in range(8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    argv = ["train", "--model", tiny_folders["llama"], "--method", "adaption_prompt"]
+    argv += ["--train", data, "--output", out, "--max-steps", 2, "--batch-size", 4]
+    argv += ["--adapter-len", 3, "--adapter-layers", 2, "--no-progress"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["config"]["num_virtual_tokens"] == 3 and meta["config"]["adapter_layers"] == 2
+    tensors = load_file(out / "adapter" / "adapter.safetensors")
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {
+        "adaption_prompt": (2, 3, 32),
+        "adaption_gate": (2, 1),
+    }
+    bad = ["train", "--model", tiny_folders["llama"], "--method", "prefix", "--adapter-layers", 2]
+    bad += ["--train", data, "--output", tmp_path / "bad"]
+    assert main([str(a) for a in bad]) != 0
+    assert "--adapter-layers applies to --method adaption_prompt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ batches, generate
+
+
+def mixed_model(attn: str):
+    model = sp.attach(tiny_model("llama", attn))
+    model.add_adapter("prefix", method_config("prefix"))
+    model.add_adapter("ap", sp.AdaptionPromptConfig(num_virtual_tokens=4, adapter_layers=2))
+    model.add_adapter("ap_all", sp.AdaptionPromptConfig(num_virtual_tokens=6, seed=3))
+    perturb(model)
+    with torch.no_grad():  # perturb moves zero gates by 0.05 only
+        for name in ("ap", "ap_all"):
+            gate = model.adapters[name].adaption_gate
+            gate.copy_(torch.linspace(1.0, 2.0, gate.numel()).view_as(gate))
+    return model
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_mixed_batch_rows_equal_rows_alone(attn):
+    """Rows of no adapter, a prefix and two adaption prompts (other lengths, other layers) in
+    one forward each give what they give alone."""
+    model = mixed_model(attn)
+    names = [None, "prefix", "ap", "ap_all"]
+    ids = torch.randint(3, 100, (4, 6), generator=torch.Generator().manual_seed(0))
+    got = logits(model, ids, adapter_names=names)
+    for b, name in enumerate(names):
+        alone = logits(model, ids[b : b + 1], adapter_names=[name])
+        assert_close(got[b : b + 1], alone, atol=1e-5, rtol=0)
+    assert (got[2] - logits(model, ids[2:3], adapter_names=[None])[0]).abs().max() > 1e-2
+
+
+def test_generate_mixed_equals_alone_and_step_by_step():
+    """Greedy generate with the KV cache (adapter term recomputed from each step's query): a
+    mixed batch equals each row alone, and equals argmax decoding by full forwards."""
+    model = mixed_model("sdpa")
+    names = [None, "prefix", "ap", "ap_all"]
+    ids = torch.randint(3, 100, (4, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = model.generate(input_ids=ids, adapter_names=names, **kw)
+    for b, name in enumerate(names):
+        alone = model.generate(input_ids=ids[b : b + 1], adapter_names=[name], **kw)
+        assert torch.equal(out[b : b + 1], alone)
+        seq = ids[b : b + 1]
+        for _ in range(6):
+            nxt = logits(model, seq, adapter_names=[name])[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        assert torch.equal(out[b : b + 1], seq)
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def test_refuses_what_it_cannot_serve(tmp_path):
+    for family, message in (
+        ("gpt2", "need separate k_proj and v_proj"),
+        ("qwen3", "normalises queries/keys per head (q_norm, k_norm)"),
+        ("t5", "are for decoder-only causal LMs"),
+        ("bert", "are for decoder-only causal LMs"),
+    ):
+        with pytest.raises(SoftPromptError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            sp.attach(tiny_model(family), sp.AdaptionPromptConfig())
+    with pytest.raises(SoftPromptError, match="adapter_layers=4 but the model has 3 layers"):
+        sp.attach(tiny_model("llama"), sp.AdaptionPromptConfig(adapter_layers=4))
+    with pytest.raises(SoftPromptError, match="adapter_layers must be None .* got 0"):
+        sp.AdaptionPromptConfig(adapter_layers=0)
+
+
+def test_o_proj_bias_native_works_peft_folder_refused(tmp_path):
+    """With a bias on o_proj the seam's form (before o_proj) still starts exact; PEFT's form
+    (o_proj(adapter) after o_proj) adds the bias twice, so its folders are refused."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=120,
+        attention_bias=True,
+    )
+    base = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers initialises biases at zero
+        for layer in base.model.layers:
+            layer.self_attn.o_proj.bias.normal_(0, 0.5)
+    bare = logits(base)
+    model = sp.attach(copy.deepcopy(base), sp.AdaptionPromptConfig(num_virtual_tokens=3))
+    assert torch.equal(logits(model), bare)
+    pm = peft_adaption(copy.deepcopy(base), adapter_len=3, adapter_layers=1)
+    with torch.no_grad():
+        pm.base_model.model.model.layers[1].self_attn.adaption_gate.zero_()
+        assert (logits(pm) - bare).abs().max() > 1e-3  # PEFT: not the bare model at gate 0
+    path = save_peft_folder(pm, tmp_path / "peft")
+    with pytest.raises(SoftPromptError, match="o_proj has a bias .* a second time"):
+        sp.load_adapter(base, path)
+
+
+# ------------------------------------------------------------------------------ real weights
+
+
+@pytest.mark.slow
+def test_smollm2_peft_folder_gives_peft_logits(tmp_path):
+    """SmolLM2-135M (9 query / 3 key-value heads, head dim 64): a PEFT adaption-prompt folder
+    on its top 4 layers loads with PEFT's logits, in eager and sdpa."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt.assets import resolve_model
+
+    path = resolve_model("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(["Review: a joy to watch.\nSentiment:"], return_tensors="pt").input_ids
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for attn in ("eager", "sdpa"):
+            base = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation=attn
+            ).eval()
+            pm = peft_adaption(copy.deepcopy(base), adapter_len=10, adapter_layers=4)
+            want = logits(pm, ids)
+            folder = save_peft_folder(pm, tmp_path / attn)
+            del pm
+            model = sp.load_adapter(base, folder)
+            got = logits(model, ids)
+            assert_close(got, want, atol=1e-4, rtol=0)
+            assert (logits(model, ids, adapter_names=[None]) - want).abs().max() > 1e-2
+    finally:
+        torch.set_num_threads(before)
