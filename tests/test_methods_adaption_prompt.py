@@ -138,7 +138,7 @@ def test_cli_trains_adaption_prompt(tmp_path, capsys, tiny_folders):
     out = tmp_path / "run"
     argv = ["train", "--model", tiny_folders["llama"], "--method", "adaption_prompt"]
     argv += ["--train", data, "--output", out, "--max-steps", 2, "--batch-size", 4]
-    argv += ["--adapter-len", 3, "--adapter-layers", 2, "--no-progress"]
+    argv += ["--num-virtual-tokens", 3, "--adapter-layers", 2, "--no-progress"]
     assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert meta["config"]["num_virtual_tokens"] == 3 and meta["config"]["adapter_layers"] == 2

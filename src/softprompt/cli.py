@@ -865,10 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--verbalizer", help='JSON label -> word, e.g. \'{"positive": "great"}\'')
     t.add_argument(
         "--num-virtual-tokens",
-        "--adapter-len",
         type=_POSITIVE,
         default=_field_defaults(AdapterConfig)["num_virtual_tokens"],
-        help="virtual tokens (adaption_prompt: adapter tokens per layer, PEFT's adapter_len)",
     )
     t.add_argument(
         "--init",
