@@ -75,7 +75,7 @@ def train_args(model, data, out, method, *extra):
     ]
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix", "deep", "ptuning"])
+@pytest.mark.parametrize("method", ["prompt", "prefix", "deep", "ptuning", "adaption_prompt"])
 def test_train_eval_generate_inspect_classify_on_an_lm(
     tmp_path, capsys, tiny_folders, cls_data, method
 ):

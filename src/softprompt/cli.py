@@ -713,9 +713,16 @@ def cmd_inspect(args) -> dict:
             )
             space = "input embeddings (cosine)"
         else:
-            slot = ad.layout.slots[0]
+            kvs = ad.kv()
+            if kvs:
+                slot = ad.layout.slots[0]
+                pk = kvs[slot][0]  # (P, kvh, hd)
+            else:  # gated adapter tokens: their keys at the lowest adapted slot
+                gated = ad.gated_prompts()
+                slot = min(gated)
+                pk = _hf.adaption_kv(base, model.info, {slot: gated[slot]})[slot][0]
             keys = _hf.token_keys(base, model.info, torch.arange(table_rows(base)), slot=slot)
-            pk = ad.kv()[slot][0].reshape(ad.num_virtual_tokens, -1).float()
+            pk = pk.reshape(ad.num_virtual_tokens, -1).float()
             sims = (
                 torch.nn.functional.normalize(pk, dim=-1)
                 @ torch.nn.functional.normalize(keys, dim=-1).T
