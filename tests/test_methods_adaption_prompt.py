@@ -73,6 +73,25 @@ def test_peft_folder_gives_peft_logits(tmp_path, attn):
     assert (logits(model, adapter_names=[None, None]) - want).abs().max() > 1e-2
 
 
+def test_export_to_peft_gives_peft_the_same_logits(tmp_path):
+    """softprompt's adaption prompt written as a PEFT folder: PEFT loads it with softprompt's
+    logits, and softprompt reads it back exactly."""
+    from peft import PeftModel
+
+    from softprompt.peft_compat import save_peft
+
+    model = sp.attach(tiny_model("llama"), sp.AdaptionPromptConfig(num_virtual_tokens=4))
+    with torch.no_grad():
+        model.adapters["default"].adaption_gate.copy_(torch.tensor([[0.5], [1.2], [-0.9]]))
+    out = save_peft(model, tmp_path / "peft")
+    assert json.loads((out / "adapter_config.json").read_text())["adapter_layers"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pm = PeftModel.from_pretrained(tiny_model("llama"), out).eval()
+    assert_close(logits(pm), logits(model), atol=1e-4, rtol=0)
+    assert torch.equal(logits(sp.load_adapter(tiny_model("llama"), out)), logits(model))
+
+
 def test_zero_gates_give_the_bare_model_exactly():
     """Zero-init gates: logits equal the bare model's bit for bit, whatever the prompts; the
     first gradient reaches only the gates (the paper's zero-init attention)."""
@@ -127,6 +146,35 @@ def test_training_moves_only_prompts_and_gates_and_files_reload(tmp_path):
     for trainable_form in (False, True):
         again = sp.load_adapter(tiny_model("llama"), out, trainable=trainable_form)
         assert_close(logits(again), logits(model), atol=0, rtol=0)
+
+
+def test_checkpointing_and_lower_layer_cache_give_the_same_gradients():
+    """Gradient checkpointing (the prompt is projected outside the checkpointed layers) and the
+    trainer's cache of the frozen layers below the lowest adapted one change nothing."""
+
+    def grads(checkpoint: bool, cache: bool):
+        model = sp.attach(
+            tiny_model("llama"), sp.AdaptionPromptConfig(num_virtual_tokens=4, adapter_layers=2)
+        )
+        with torch.no_grad():
+            model.adapters["default"].adaption_gate.fill_(1.3)
+        if checkpoint:
+            model.gradient_checkpointing_enable()
+        model.train()
+        if cache:
+            assert model.cache_lower_layers() is not None
+        out = []
+        for _ in range(2):  # the second call reads the cache
+            model(input_ids=IDS, labels=IDS, use_cache=False).loss.backward()
+            out += [p.grad.clone() for p in model.parameters_to_train()]
+            model.zero_grad()
+        return out
+
+    ref = grads(False, False)
+    assert ref[0].abs().max() > 0
+    for flags in ((True, False), (False, True)):
+        for a, b in zip(grads(*flags), ref, strict=True):
+            assert_close(a, b, atol=1e-6, rtol=0)
 
 
 def test_cli_trains_adaption_prompt(tmp_path, capsys, tiny_folders):

@@ -16,6 +16,11 @@ In (``softprompt.load_adapter`` dispatches here on ``peft_type``):
   (``methods.base.FlatPrefix``) exactly, with token_dim = kv_heads * head_dim under
   grouped-query attention (method ``deep``, a trainable table).
 
+* ``ADAPTION_PROMPT`` (LLaMA-Adapter): per adapted layer ``...layers.{i}.self_attn.
+  adaption_prompt`` (1, P, hidden) and ``adaption_gate`` (1,), the top ``adapter_layers``
+  layers (method ``adaption_prompt``); refused where ``o_proj`` has a bias (PEFT adds
+  ``o_proj(adapter)``, so the bias twice; softprompt adds the adapter before ``o_proj``).
+
 Positions: PEFT hands a prefix to the model as ``past_key_values``, so the real tokens take
 positions P..P+T-1, while softprompt's prefixes take none (real tokens 0..T-1). The imported
 adapter keeps PEFT's numbering (``Adapter.position_offset = P``): exact on every model that takes
@@ -24,7 +29,8 @@ same tensor. Prompt tuning puts the virtual tokens at 0..P-1 in both libraries.
 
 Out (``save_peft`` / ``export_peft``, ``softprompt export DIR --format peft``): prompt tuning
 and P-tuning (baked, written as ``PROMPT_TUNING``: see ``save_peft``), prefix tuning and deep
-prompts on every layer of a decoder-only model. A softprompt prefix (real tokens at 0..T-1)
+prompts on every layer of a decoder-only model, adaption prompts (as ``ADAPTION_PROMPT``,
+``peft_adaption_tensors_and_config``). A softprompt prefix (real tokens at 0..T-1)
 becomes PEFT's (real tokens at P..P+T-1) by rotating its keys by P positions on rotary models;
 on absolute-position models that is not expressible and is refused.
 
@@ -515,6 +521,11 @@ def peft_tensor_and_config(
         raise SoftPromptError(f"no adapter {name!r} to export; loaded: {sorted(model.adapters)}")
     ad, info = model.adapters[name], model.info
     what = f"adapter {name!r} ({ad.config.method})"
+    if ad.gated_prompts():
+        raise SoftPromptError(
+            f"{what} is an adaption prompt: PEFT keeps one prompt and gate per layer, not one "
+            "prompt_embeddings tensor; use save_peft (peft_adaption_tensors_and_config)"
+        )
     if info.is_encoder_decoder:
         raise SoftPromptError(
             f"{what} is on an encoder-decoder model: PEFT's seq2seq prompt learning prefixes "
@@ -586,6 +597,57 @@ def peft_tensor_and_config(
     return tensor, dict(sorted(config.items()))
 
 
+def peft_adaption_tensors_and_config(
+    model: SoftPromptModel, name: str, base_name: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """An adaption-prompt adapter as PEFT's ``ADAPTION_PROMPT`` tensors (per adapted layer,
+    ``base_model.model.<attention module path>.adaption_prompt`` (1, P, d) and ``.adaption_gate``
+    (1,)) and ``adapter_config.json``.
+
+    Raises:
+        SoftPromptError: a model whose ``o_proj`` has a bias (PEFT would add it twice), or
+            adapted layers that are not the top ones (PEFT adapts the top ``adapter_layers``).
+    """
+    ad, info, base = model.adapters[name], model.info, model.base_model
+    what = f"adapter {name!r} ({ad.config.method})"
+    if ad.task_head is not None:
+        raise SoftPromptError(f"{what} has a task head; PEFT prompt learning has no place for it")
+    slots = sorted(ad.gated_prompts(), key=lambda s: info.slots[s].layer)
+    biased = _hf.biased_output_layers(base, info, slots)
+    if biased:
+        raise SoftPromptError(
+            f"{what}: {type(base).__name__}'s o_proj has a bias (layers {biased}); PEFT's "
+            "adaption prompt adds o_proj(adapter) after o_proj, which adds the bias a second "
+            "time, so PEFT would not give softprompt's outputs: not exported"
+        )
+    if slots != top_slots(info, len(slots)):
+        raise SoftPromptError(f"{what}: PEFT adapts the top layers only")
+    paths = {id(m): p for p, m in base.named_modules()}
+    modules = _hf.slot_modules(base, info)
+    tensors = {}
+    with torch.no_grad():
+        for s, (prompt, gate) in ad.gated_prompts().items():
+            key = f"base_model.model.{paths[id(modules[s])]}"
+            tensors[f"{key}.adaption_prompt"] = prompt.detach().float().cpu()[None]  # (1, P, d)
+            tensors[f"{key}.adaption_gate"] = gate.detach().float().cpu().reshape(1)  # (1,)
+    source = (ad.source or {}).get("peft") or {}
+    config = {
+        "adapter_layers": len(slots),
+        "adapter_len": ad.num_virtual_tokens,
+        "auto_mapping": None,
+        "base_model_name_or_path": source.get("base_model_name_or_path")
+        or base_name
+        or info.identity.get("name_or_path")
+        or None,
+        "inference_mode": True,
+        "peft_type": ADAPTION_TYPE,
+        "revision": None,
+        "target_modules": "self_attn",
+        "task_type": "CAUSAL_LM",
+    }
+    return tensors, config
+
+
 def _to_peft_positions(model: SoftPromptModel, ad, flat: torch.Tensor, what: str) -> torch.Tensor:
     """A softprompt prefix (real tokens at ``position_offset``..) as PEFT's (real tokens at
     P..P+T-1): keys rotated by the difference on rotary models; refused elsewhere.
@@ -632,6 +694,16 @@ def save_peft(
     """
     from .io import _write_json, _write_tensors
 
+    which = name or model.active
+    if which in model.adapters and model.adapters[which].gated_prompts():
+        tensors, config = peft_adaption_tensors_and_config(model, which, base_name)
+        output = Path(output)
+        _write_tensors(
+            output / WEIGHTS_NAME,
+            {k: t if dtype is None else t.to(dtype) for k, t in tensors.items()},
+        )
+        _write_json(output / CONFIG_NAME, config)
+        return output
     tensor, config = peft_tensor_and_config(model, name, base_name)
     output = Path(output)
     _write_tensors(output / WEIGHTS_NAME, {KEY: tensor if dtype is None else tensor.to(dtype)})
