@@ -267,6 +267,16 @@ def test_refuses_what_it_cannot_serve(tmp_path):
         sp.AdaptionPromptConfig(adapter_layers=0)
 
 
+def test_export_formats_other_engines_refused(tmp_path):
+    from softprompt.export import export_prefix_kv, export_prompt_embeds
+
+    model = sp.attach(tiny_model("llama"), sp.AdaptionPromptConfig(num_virtual_tokens=2))
+    folder = model.save_adapter(tmp_path / "ad")
+    for export in (export_prompt_embeds, export_prefix_kv):
+        with pytest.raises(SoftPromptError, match="is an adaption prompt: .* --format peft"):
+            export(folder)
+
+
 def test_o_proj_bias_native_works_peft_folder_refused(tmp_path):
     """With a bias on o_proj the seam's form (before o_proj) still starts exact; PEFT's form
     (o_proj(adapter) after o_proj) adds the bias twice, so its folders are refused."""
