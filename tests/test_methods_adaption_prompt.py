@@ -138,6 +138,10 @@ def test_training_moves_only_prompts_and_gates_and_files_reload(tmp_path):
     assert losses[-1] < losses[0] - 0.15 and losses[-1] < min(losses[:30]), losses
     model.eval()
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in frozen.items())
+    from softprompt.transfer import prompt_rows  # SPoT similarity: the layers' prompts side by side
+
+    ad = model.adapters["default"]
+    assert torch.equal(prompt_rows(ad), torch.cat(list(ad.adaption_prompt.detach()), dim=1))
     out = model.save_adapter(tmp_path / "ad", trainable=True)
     assert set(load_file(out / "adapter.safetensors")) == {"adaption_prompt", "adaption_gate"}
     assert set(load_file(out / "trainable.safetensors")) == {"adaption_prompt", "adaption_gate"}

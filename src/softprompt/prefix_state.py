@@ -1,4 +1,5 @@
-"""The per-forward injection state: each row's adapter and its per-slot key/value prefixes.
+"""The per-forward injection state: each row's adapter, its per-slot key/value prefixes and
+its gated adapter tokens (adaption prompts).
 
 The attention seam (``softprompt._hf``) takes any object with the ``PrefixProvider`` shape as
 the ``softprompt_state`` keyword; ``PrefixState`` is the one a ``SoftPromptModel`` forward
@@ -47,6 +48,10 @@ class PrefixState:
 
     The attention seam calls ``prefix_for`` once per attention call; results are memoised per
     slot and batch size, so a ``generate`` call builds each slot's prefix once.
+
+    Gated adapter tokens (``gated``: adapter -> slot -> keys, values, gate, projected by the
+    wrapper before the forward) are gathered per row the same way (``gated_for``); rows without
+    them get gate 0, which adds exactly zero.
 
     Rows of several adapters read each slot's prefixes from one table (adapters stacked, padded
     to the longest); ``bank``, when given, keeps those tables across calls (no-grad serving:
