@@ -247,6 +247,21 @@ def test_mixed_batch_rows_equal_rows_alone(attn):
     assert (got[2] - logits(model, ids[2:3], adapter_names=[None])[0]).abs().max() > 1e-2
 
 
+def test_left_padded_mixed_batch_rows_equal_rows_alone():
+    """Rows of different lengths, left padded: each row's real tokens get what the row gets
+    alone (the adapter term reads only the row's own query)."""
+    from softprompt.lm import pad_left
+
+    model = mixed_model("sdpa")
+    names = ["ap", None, "ap_all", "prefix"]
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17], [18, 19]]
+    ids, mask = pad_left(rows, 0)
+    got = logits(model, ids, attention_mask=mask, adapter_names=names)
+    for b, (row, name) in enumerate(zip(rows, names, strict=True)):
+        alone = logits(model, torch.tensor([row]), adapter_names=[name])
+        assert_close(got[b : b + 1, -len(row) :], alone, atol=1e-5, rtol=0)
+
+
 def test_generate_mixed_equals_alone_and_step_by_step():
     """Greedy generate with the KV cache (adapter term recomputed from each step's query): a
     mixed batch equals each row alone, and equals argmax decoding by full forwards."""
