@@ -280,6 +280,30 @@ def test_generate_mixed_equals_alone_and_step_by_step():
         assert torch.equal(out[b : b + 1], seq)
 
 
+def test_serving_engine_batches_adaption_prompts_with_other_rows(tiny_folders):
+    """``engine.generate_rows`` (what ``softprompt serve`` runs): greedy rows of an adaption
+    prompt, a prefix and the bare model in one call give their tokens alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt.engine import GenerationRow, generate_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_folders["llama"])
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(tiny_folders["llama"]), tokenizer=tok)
+    model.add_adapter("prefix", method_config("prefix"))
+    model.add_adapter("ap", sp.AdaptionPromptConfig(num_virtual_tokens=3))
+    perturb(model)
+    with torch.no_grad():
+        model.adapters["ap"].adaption_gate.fill_(1.5)
+    prompts = [tok(t).input_ids for t in ("say hello", "a moving film", "what a waste")]
+    names = ["ap", "prefix", None]
+    rows = [GenerationRow(ids, name, 5) for ids, name in zip(prompts, names, strict=True)]
+    together = generate_rows(model, tok, rows)
+    alone = [generate_rows(model, tok, [r])[0] for r in rows]
+    assert [r["token_ids"] for r in together] == [r["token_ids"] for r in alone]
+    bare = generate_rows(model, tok, [GenerationRow(prompts[0], None, 5)])[0]
+    assert bare["token_ids"] != together[0]["token_ids"]
+
+
 # ------------------------------------------------------------------------------ refusals
 
 
