@@ -316,6 +316,11 @@ def test_refuses_what_it_cannot_serve(tmp_path):
     ):
         with pytest.raises(SoftPromptError, match=message.replace("(", r"\(").replace(")", r"\)")):
             sp.attach(tiny_model(family), sp.AdaptionPromptConfig())
+    # built without init (as from a file): refused at the first forward
+    model = sp.attach(tiny_model("gpt2"))
+    model.add_adapter("ap", sp.AdaptionPromptConfig(), _init=False)
+    with pytest.raises(SoftPromptError, match="need separate k_proj and v_proj"):
+        logits(model)
     with pytest.raises(SoftPromptError, match="adapter_layers=4 but the model has 3 layers"):
         sp.attach(tiny_model("llama"), sp.AdaptionPromptConfig(adapter_layers=4))
     with pytest.raises(SoftPromptError, match="adapter_layers must be None .* got 0"):

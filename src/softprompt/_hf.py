@@ -2,7 +2,8 @@
 
 Everything softprompt needs from transformers' private structure lives here:
 
-* per-layer prefixes enter *inside* attention through a wrapped attention function registered with
+* per-layer prefixes (and adaption prompts' gated adapter tokens, ``gated_attention``) enter
+  *inside* attention through a wrapped attention function registered with
   ``AttentionInterface`` (plus the matching mask function with ``AttentionMaskInterface``; without
   it transformers silently passes ``attention_mask=None``). The KV cache is never touched, so
   ``generate``, static caches, cache continuation and gradient checkpointing keep working;
@@ -642,6 +643,7 @@ def inspect_model(model: PreTrainedModel) -> ModelInfo:
 # --------------------------------------------------------------------------------------------
 
 _SLOT_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ADAPTION_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> slots
 
 
 def slot_modules(model: PreTrainedModel, info: ModelInfo) -> dict[int, nn.Module]:
@@ -714,6 +716,10 @@ def adaption_kv(
     Returns:
         slot -> ((P, kvh, hd) keys, (P, kvh, hd) values, (1,) gate).
     """
+    checked = _ADAPTION_CHECKED.setdefault(model, set())
+    if not checked >= prompts.keys():  # an adapter loaded from a file was not checked at init
+        check_adaption(model, info, sorted(prompts))
+        checked.update(prompts)
     modules = slot_modules(model, info)
     out = {}
     for s, (prompt, gate) in prompts.items():
