@@ -202,12 +202,9 @@ class PrefixState:
         uids = set(self.gated_uid)
         if len(uids) == 1 and 0 not in uids:  # every row has the one adaption prompt
             k, v, gate = entries[self.gated_uid[0] - 1]
-            return (
-                k.permute(1, 0, 2)[None].to(device),
-                v.permute(1, 0, 2)[None].to(device),
-                (gate.to(device)),
-                None,
-            )  # (1, kvh, P, hd), (1, kvh, P, hd), (1,), no mask
+            k = k.permute(1, 0, 2)[None].to(device)  # (1, kvh, P, hd)
+            v = v.permute(1, 0, 2)[None].to(device)
+            return k, v, gate.to(device), None  # (1,) gate, no mask
         plen = max(e[0].shape[0] for e in entries if e is not None)
         g = self.info.slots[slot]
         ks, vs, gates, lengths = [], [], [], []
