@@ -397,3 +397,43 @@ def test_smollm2_peft_folder_gives_peft_logits(tmp_path):
             assert (logits(model, ids, adapter_names=[None]) - want).abs().max() > 1e-2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_smollm2_learns_label_words_at_the_default_rate():
+    """Real weights, the default rate (9e-3): the label-word loss of four reviews falls within
+    five steps (3.85 -> 3.22 seen, falling faster; 0.09 after 15 steps on the top 8 layers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt.assets import resolve_model
+    from softprompt.lm import lm_loss, pad_left
+
+    path = resolve_model("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = sp.attach(base, sp.AdaptionPromptConfig(num_virtual_tokens=10, adapter_layers=4))
+    rows = [
+        ("A joy to watch.", " positive"),
+        ("Dull and overlong.", " negative"),
+        ("Great fun.", " positive"),
+        ("A waste of time.", " negative"),
+    ]
+    texts = [tok(f"Review: {t}\nSentiment:{a}").input_ids for t, a in rows]
+    ids, mask = pad_left(texts, tok.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    opt = torch.optim.AdamW(model.parameters_to_train(), lr=sp.AdaptionPromptConfig.lr_for(base))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.train()
+        losses = []
+        for _ in range(5):
+            loss = lm_loss(model, ids, mask, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(before)
+    assert losses[-1] < 0.9 * losses[0] and losses == sorted(losses, reverse=True), losses
