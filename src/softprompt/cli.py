@@ -96,9 +96,7 @@ def _adapter_config(args, template, chat: bool = False):
             )
         extra["placement"] = "template"
         n = template.num_soft
-    init = args.init
-    if init is None:  # vocab where the method takes it (the CLI's default), else its own
-        init = "vocab" if "vocab" in cls.inits else _field_defaults(cls)["init"]
+    init = _resolved_init(cls, args.init)
     init_text = args.init_text
     if init == "text" and not init_text:
         raise SoftPromptError("--init text needs --init-text")
@@ -106,6 +104,14 @@ def _adapter_config(args, template, chat: bool = False):
         value = getattr(args, dest)
         extra[field] = _layers(value) if dest == "layers" else value
     return cls(num_virtual_tokens=n, init=init, init_text=init_text, seed=args.seed, **extra)
+
+
+def _resolved_init(cls, init: str | None) -> str:
+    """``--init`` for method config ``cls``: as given, or (None) vocab where the method takes
+    it (the CLI's default), else the method's own default (adaption prompts: random)."""
+    if init is not None:
+        return init
+    return "vocab" if "vocab" in cls.inits else _field_defaults(cls)["init"]
 
 
 def _unescape(template: str) -> str:
@@ -215,6 +221,9 @@ def train_run(args):
     from .templates import Template, default_template
     from .trainer import Trainer, make_accelerator
 
+    # resolved before the flags are saved: config.yaml records the init used (and --resume
+    # compares it with runs saved when --init defaulted to vocab)
+    args.init = _resolved_init(METHODS[args.method][0], args.init)
     if getattr(args, "tasks", None):  # several tasks, one adapter each (softprompt.multitask)
         from .multitask import train_tasks
 
