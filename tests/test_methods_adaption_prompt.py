@@ -159,6 +159,7 @@ def test_training_moves_only_prompts_and_gates_and_files_reload(tmp_path):
     assert set(load_file(out / "trainable.safetensors")) == {"adaption_prompt", "adaption_gate"}
     meta = json.loads((out / "adapter_config.json").read_text())
     assert meta["method"] == "adaption_prompt" and meta["config"]["adapter_layers"] == 2
+    assert meta["slots"] == ["self.1", "self.2"]  # the top two of three layers
     for trainable_form in (False, True):
         again = sp.load_adapter(tiny_model("llama"), out, trainable=trainable_form)
         assert_close(logits(again), logits(model), atol=0, rtol=0)
