@@ -75,7 +75,7 @@ def train_args(model, data, out, method, *extra):
     ]
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix", "deep", "ptuning"])
+@pytest.mark.parametrize("method", ["prompt", "prefix", "deep", "ptuning", "adaption_prompt"])
 def test_train_eval_generate_inspect_classify_on_an_lm(
     tmp_path, capsys, tiny_folders, cls_data, method
 ):
@@ -501,7 +501,8 @@ def test_bad_numbers_are_refused_by_the_flags(capsys, argv, message):
     [
         (
             "method: bogus\n",
-            "method must be one of cartridge, deep, mpt, prefix, prompt, ptuning, got 'bogus'",
+            "method must be one of adaption_prompt, cartridge, deep, mpt, prefix, prompt, ptuning, "
+            "got 'bogus'",
         ),
         ("lr: [0.1, 0.2]\n", "lr must be a single value, got [0.1, 0.2]"),
         ("lr: .nan\n", "lr must be a finite number > 0"),
@@ -829,7 +830,9 @@ def test_train_flag_defaults_are_the_dataclasses_defaults():
                 assert getattr(args, f.name) == f.default, f.name
     assert args.prefix_hidden == METHODS["prefix"][0]().encoder_hidden_size
     assert args.encoder == METHODS["ptuning"][0]().encoder
-    assert args.init == METHODS["prompt"][0]().init
+    # --init: None resolves per method (vocab where it takes it, else the method's own: the
+    # adaption prompt's random)
+    assert args.init is None and METHODS["prompt"][0]().init == "vocab"
     for cls, _ in METHODS.values():
         assert args.num_virtual_tokens == cls().num_virtual_tokens == 10
     # and the help text is the field's docstring entry, not a second copy

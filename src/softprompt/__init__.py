@@ -12,6 +12,7 @@ from .errors import SoftPromptError  # noqa: E402
 from .io import save_adapter  # noqa: E402
 from .methods import (  # noqa: E402
     AdapterConfig,
+    AdaptionPromptConfig,
     DeepPromptConfig,
     MultitaskPromptConfig,
     PrefixTuningConfig,
@@ -22,6 +23,7 @@ from .model import SoftPromptModel, attach, load_adapter  # noqa: E402
 
 __all__ = [
     "AdapterConfig",
+    "AdaptionPromptConfig",
     "DeepPromptConfig",
     "MultitaskPromptConfig",
     "PTuningConfig",

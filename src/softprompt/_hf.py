@@ -2,7 +2,8 @@
 
 Everything softprompt needs from transformers' private structure lives here:
 
-* per-layer prefixes enter *inside* attention through a wrapped attention function registered with
+* per-layer prefixes (and adaption prompts' gated adapter tokens, ``gated_attention``) enter
+  *inside* attention through a wrapped attention function registered with
   ``AttentionInterface`` (plus the matching mask function with ``AttentionMaskInterface``; without
   it transformers silently passes ``attention_mask=None``). The KV cache is never touched, so
   ``generate``, static caches, cache continuation and gradient checkpointing keep working;
@@ -24,6 +25,7 @@ import inspect
 import re
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -342,8 +344,8 @@ def _sdpa_mask_free(module, query, key, value, k_p, v_p, kwargs):
 
 
 def _softprompt_attention(base: str) -> Callable:
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        state = kwargs.pop(STATE_KWARG, None) or _GENERATE_STATE.get()
+    def prefixed(state, module, query, key, value, attention_mask, **kwargs):
+        """The attention over [key/value prefix; keys] (or plain when the state gives none)."""
         if base == "flex_attention":
             from transformers.integrations.flex_attention import flex_attention_forward as fn
         else:
@@ -418,7 +420,52 @@ def _softprompt_attention(base: str) -> Callable:
         value = torch.cat([v_p.to(value.dtype), value], dim=2)
         return fn(module, query, key, value, attention_mask, **kwargs)
 
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        state = kwargs.pop(STATE_KWARG, None) or _GENERATE_STATE.get()
+        out = prefixed(state, module, query, key, value, attention_mask, **kwargs)
+        # gated adapter tokens (adaption prompts): their own softmax, added to the output
+        gated_for = getattr(state, "gated_for", None)
+        gated = gated_for(module, query) if gated_for is not None else None
+        if gated is None:
+            return out
+        return (out[0] + gated_attention(query, *gated).to(out[0].dtype), *out[1:])
+
     return attention
+
+
+def gated_attention(
+    query: torch.Tensor,
+    k_a: torch.Tensor,
+    v_a: torch.Tensor,
+    gate: torch.Tensor,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """LLaMA-Adapter's zero-init attention over adapter tokens, apart from the real keys:
+    ``gate * softmax(q k_a^T / sqrt(hd)) v_a`` (Zhang et al. 2023, eq. 8-9), in the numerics of
+    PEFT's ``AdaptedAttention`` (scores in the query's dtype, softmax in float32, the gate
+    applied to the probabilities). Added to the attention output before ``o_proj``.
+
+    Args:
+        query: (B, H, q, hd) as it enters attention (rotary applied).
+        k_a, v_a: (B|1, kvh, P, hd) adapter keys/values (the layer's k_proj/v_proj of the
+            prompt, no rotary); kv head j serves query heads j*g..j*g+g-1, as ``repeat_kv``.
+        gate: (B|1,) per-row gate (0 for rows without an adaption prompt at this layer).
+        valid: None, or (B, P) bool: which adapter tokens each row reads (adapters of
+            different lengths in one batch).
+
+    Returns:
+        (B, q, H, hd), as the attention functions return their output.
+    """
+    heads, hd = query.shape[1], query.shape[3]
+    groups = heads // k_a.shape[1]
+    k = k_a.repeat_interleave(groups, dim=1).to(query.dtype)  # (B|1, H, P, hd)
+    v = v_a.repeat_interleave(groups, dim=1).to(query.dtype)
+    scores = torch.matmul(query, k.transpose(2, 3)) / hd**0.5  # (B, H, q, P)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = gate.to(query.dtype).view(-1, 1, 1, 1) * probs
+    return torch.matmul(probs, v).transpose(1, 2)  # (B, q, H, hd)
 
 
 _registered = False
@@ -589,6 +636,100 @@ def inspect_model(model: PreTrainedModel) -> ModelInfo:
         identity=model_identity(model, order),
         shares_prompt=shares_prepended_prompt(model),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Adaption prompts: gated adapter tokens projected by a layer's own k_proj / v_proj.
+# --------------------------------------------------------------------------------------------
+
+_SLOT_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ADAPTION_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> slots
+
+
+def slot_modules(model: PreTrainedModel, info: ModelInfo) -> dict[int, nn.Module]:
+    """slot index -> its attention module (found once per model, checked against ``info``)."""
+    found = _SLOT_MODULES.get(model)
+    if found is None or {id(m) for m in found.values()} != set(info.module_slot):
+        found = {info.module_slot[id(m)]: m for m in model.modules() if id(m) in info.module_slot}
+        _SLOT_MODULES[model] = found
+    return found
+
+
+def check_adaption(model: PreTrainedModel, info: ModelInfo, slots: list[int]) -> None:
+    """Refuse a model whose attention at ``slots`` an adaption prompt cannot serve.
+
+    Served: decoder-only self-attention with separate ``k_proj`` / ``v_proj`` linear layers and
+    nothing between them and attention but rotary (Llama, Mistral, Qwen2, SmolLM, ...): the
+    adapter keys are then exactly what the layer's keys would be for the prompt, less rotary.
+
+    Raises:
+        SoftPromptError: encoder or encoder-decoder models, fused projections (GPT-2's
+            ``c_attn``), per-head query/key norms (Qwen3, OLMo2, Gemma3).
+    """
+    name = type(model).__name__
+    if info.is_encoder_decoder or not info.is_causal_lm:
+        raise SoftPromptError(
+            f"adaption prompts (LLaMA-Adapter) are for decoder-only causal LMs; {name} is not "
+            "one: use prefix or deep prompts (--method prefix / deep)"
+        )
+    modules = slot_modules(model, info)
+    for s in slots:
+        m = modules[s]
+        where = f"{name} layer {info.slots[s].layer} ({type(m).__name__})"
+        if not all(isinstance(getattr(m, p, None), nn.Linear) for p in ("k_proj", "v_proj")):
+            raise SoftPromptError(
+                f"adaption prompts need separate k_proj and v_proj linear layers on the attention "
+                f"module; {where} has none (fused projections such as GPT-2's c_attn are not "
+                "supported): use --method prefix or deep"
+            )
+        norms = [p for p in ("q_norm", "k_norm", "q_layernorm", "k_layernorm") if hasattr(m, p)]
+        if norms:
+            raise SoftPromptError(
+                f"{where} normalises queries/keys per head ({', '.join(norms)}); adaption prompts "
+                "project the prompt with k_proj alone (as PEFT, which supports llama and "
+                "mistral), so their keys would not match the queries' scale: use --method "
+                "prefix or deep"
+            )
+
+
+def biased_output_layers(model: PreTrainedModel, info: ModelInfo, slots: list[int]) -> list[int]:
+    """Layers among ``slots`` whose attention output projection (``o_proj``) has a bias: there
+    PEFT's adaption prompt (``o_proj(attn) + o_proj(adapter)``) adds the bias twice, so it is
+    not the seam's ``o_proj(attn + adapter)``."""
+    modules = slot_modules(model, info)
+    return [
+        info.slots[s].layer
+        for s in slots
+        if getattr(getattr(modules[s], "o_proj", None), "bias", None) is not None
+    ]
+
+
+def adaption_kv(
+    model: PreTrainedModel, info: ModelInfo, prompts: dict[int, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Adapter keys and values: each slot's frozen ``k_proj`` / ``v_proj`` of its prompt (no
+    rotary: adapter tokens have no position), differentiable with respect to the prompt.
+
+    Args:
+        prompts: slot -> ((P, d) prompt, (1,) gate).
+
+    Returns:
+        slot -> ((P, kvh, hd) keys, (P, kvh, hd) values, (1,) gate).
+    """
+    checked = _ADAPTION_CHECKED.setdefault(model, set())
+    if not checked >= prompts.keys():  # an adapter loaded from a file was not checked at init
+        check_adaption(model, info, sorted(prompts))
+        checked.update(prompts)
+    modules = slot_modules(model, info)
+    out = {}
+    for s, (prompt, gate) in prompts.items():
+        m, g = modules[s], info.slots[s]
+        x = prompt.to(m.k_proj.weight.dtype)  # (P, d)
+        n = x.shape[0]
+        k = m.k_proj(x).view(n, g.kv_heads, g.head_dim)  # (P, kvh, hd)
+        v = m.v_proj(x).view(n, g.kv_heads, g.head_dim)
+        out[s] = (k, v, gate)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def _adapter_config(args, template, chat: bool = False):
             )
         extra["placement"] = "template"
         n = template.num_soft
-    init = args.init
+    init = _resolved_init(cls, args.init)
     init_text = args.init_text
     if init == "text" and not init_text:
         raise SoftPromptError("--init text needs --init-text")
@@ -104,6 +104,14 @@ def _adapter_config(args, template, chat: bool = False):
         value = getattr(args, dest)
         extra[field] = _layers(value) if dest == "layers" else value
     return cls(num_virtual_tokens=n, init=init, init_text=init_text, seed=args.seed, **extra)
+
+
+def _resolved_init(cls, init: str | None) -> str:
+    """``--init`` for method config ``cls``: as given, or (None) vocab where the method takes
+    it (the CLI's default), else the method's own default (adaption prompts: random)."""
+    if init is not None:
+        return init
+    return "vocab" if "vocab" in cls.inits else _field_defaults(cls)["init"]
 
 
 def _unescape(template: str) -> str:
@@ -213,6 +221,9 @@ def train_run(args):
     from .templates import Template, default_template
     from .trainer import Trainer, make_accelerator
 
+    # resolved before the flags are saved: config.yaml records the init used (and --resume
+    # compares it with runs saved when --init defaulted to vocab)
+    args.init = _resolved_init(METHODS[args.method][0], args.init)
     if getattr(args, "tasks", None):  # several tasks, one adapter each (softprompt.multitask)
         from .multitask import train_tasks
 
@@ -226,6 +237,12 @@ def train_run(args):
         raise SoftPromptError(
             f"--layers applies to per-layer methods (deep, prefix); --method {args.method} "
             "puts its prompt at the input only: drop --layers"
+        )
+    fields = {f.name for f in dataclasses.fields(METHODS[args.method][0])}
+    if getattr(args, "adapter_layers", None) is not None and "adapter_layers" not in fields:
+        raise SoftPromptError(
+            f"--adapter-layers applies to --method adaption_prompt; --method {args.method} has "
+            "no adapter layers: drop it (per-layer prefixes choose their layers with --layers)"
         )
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")}
     train_args = _train_args(args)  # checks the loop's flags before anything loads
@@ -705,9 +722,16 @@ def cmd_inspect(args) -> dict:
             )
             space = "input embeddings (cosine)"
         else:
-            slot = ad.layout.slots[0]
+            kvs = ad.kv()
+            if kvs:
+                slot = ad.layout.slots[0]
+                pk = kvs[slot][0]  # (P, kvh, hd)
+            else:  # gated adapter tokens: their keys at the lowest adapted slot
+                gated = ad.gated_prompts()
+                slot = min(gated)
+                pk = _hf.adaption_kv(base, model.info, {slot: gated[slot]})[slot][0]
             keys = _hf.token_keys(base, model.info, torch.arange(table_rows(base)), slot=slot)
-            pk = ad.kv()[slot][0].reshape(ad.num_virtual_tokens, -1).float()
+            pk = pk.reshape(ad.num_virtual_tokens, -1).float()
             sims = (
                 torch.nn.functional.normalize(pk, dim=-1)
                 @ torch.nn.functional.normalize(keys, dim=-1).T
@@ -860,7 +884,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_POSITIVE,
         default=_field_defaults(AdapterConfig)["num_virtual_tokens"],
     )
-    t.add_argument("--init", choices=inits, default=_field_defaults(AdapterConfig)["init"])
+    t.add_argument(
+        "--init",
+        choices=inits,
+        default=None,
+        help="initialisation (default: vocab; adaption_prompt: random, its only one)",
+    )
     t.add_argument("--init-text", help="text for --init text")
     t.add_argument("--layers", help="deep/prefix: 'all', 'top_half' or indices like '6,7,8'")
     t.add_argument(
@@ -874,6 +903,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["mlp", "lstm"],
         default=_field_defaults(METHODS["ptuning"][0])["encoder"],
         help="P-tuning prompt encoder",
+    )
+    t.add_argument(
+        "--adapter-layers",
+        type=_POSITIVE,
+        default=_field_defaults(METHODS["adaption_prompt"][0])["adapter_layers"],
+        help="adaption_prompt: how many of the top layers get adapter tokens (default: all)",
     )
     mpt = _field_defaults(METHODS["mpt"][0])
     t.add_argument(

@@ -51,17 +51,29 @@ def slot_tensor_name(slot_key: str) -> str:
     return f"layers.{layer}" if kind == "self" else f"{kind}.layers.{layer}"
 
 
+_GATED = (
+    "{d} is an adaption prompt: gated adapter tokens with their own softmax in each adapted "
+    "layer, neither input embeddings nor a key/value prefix another engine can take; "
+    "--format peft writes it as PEFT's ADAPTION_PROMPT"
+)
+
+
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
     meta = read_adapter_config(directory)
     if "peft" in meta:  # a PEFT folder: its one tensor, by what it is
-        from .peft_compat import PROMPT_TYPES, read_peft_weights
+        from .peft_compat import ADAPTION_TYPE, PROMPT_TYPES, read_peft_weights
 
+        if meta["peft"]["peft_type"] == ADAPTION_TYPE:
+            raise SoftPromptError(_GATED.format(d=directory))
         kind = "prompt" if meta["peft"]["peft_type"] in PROMPT_TYPES else "prefix"
         return {kind: read_peft_weights(directory)}
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise SoftPromptError(f"{path} is missing: {directory} is not a saved adapter")
-    return _read_tensors(path)  # refuses a corrupt file and NaN / infinite values
+    tensors = _read_tensors(path)  # refuses a corrupt file and NaN / infinite values
+    if "adaption_prompt" in tensors:
+        raise SoftPromptError(_GATED.format(d=directory))
+    return tensors
 
 
 def _common_metadata(meta: dict, fmt: str) -> dict[str, str]:

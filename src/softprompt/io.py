@@ -70,7 +70,9 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def adapter_metadata(model: SoftPromptModel, name: str) -> dict:
     ad = model.adapters[name]
-    slots = [model.info.slots[s].key for s in ad.layout.slots] if hasattr(ad, "layout") else []
+    # the slots an adapter changes: a prefix's layout, or an adaption prompt's adapted layers
+    own = ad.layout.slots if hasattr(ad, "layout") else sorted(ad.gated_prompts() or {})
+    slots = [model.info.slots[s].key for s in own]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

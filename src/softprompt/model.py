@@ -156,13 +156,18 @@ class SoftPromptModel(ModelCompat, AdapterBank, PromptSharing, nn.Module):
         """Each row's key/value prefix; ``shared``: prompt adapters' virtual tokens as prefixes
         (from ``KeptTables.prompt_kvs``)."""
         kvs = dict(shared or {})
+        gated = {}
         for name in set(rows) - {None} - set(kvs):  # rows may name a shared prefix directly
             kv = self.adapters[name].kv()
             if kv:
                 kvs[name] = kv
-        if not kvs:
+            prompts = self.adapters[name].gated_prompts()
+            if prompts:  # adaption prompts: projected here, outside any checkpointed layer
+                gated[name] = _hf.adaption_kv(self.base_model, self.info, prompts)
+        if not kvs and not gated:
             return None
-        return PrefixState(self.info, rows, kvs, self._kept.bank_for(rows, kvs, self.device))
+        bank = self._kept.bank_for(rows, kvs, self.device) if kvs else None
+        return PrefixState(self.info, rows, kvs, bank, gated)
 
     def _prompts(self, rows: list[str | None]) -> dict[str, torch.Tensor]:
         out = {}

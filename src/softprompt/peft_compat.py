@@ -16,6 +16,11 @@ In (``softprompt.load_adapter`` dispatches here on ``peft_type``):
   (``methods.base.FlatPrefix``) exactly, with token_dim = kv_heads * head_dim under
   grouped-query attention (method ``deep``, a trainable table).
 
+* ``ADAPTION_PROMPT`` (LLaMA-Adapter): per adapted layer ``...layers.{i}.self_attn.
+  adaption_prompt`` (1, P, hidden) and ``adaption_gate`` (1,), the top ``adapter_layers``
+  layers (method ``adaption_prompt``); refused where ``o_proj`` has a bias (PEFT adds
+  ``o_proj(adapter)``, so the bias twice; softprompt adds the adapter before ``o_proj``).
+
 Positions: PEFT hands a prefix to the model as ``past_key_values``, so the real tokens take
 positions P..P+T-1, while softprompt's prefixes take none (real tokens 0..T-1). The imported
 adapter keeps PEFT's numbering (``Adapter.position_offset = P``): exact on every model that takes
@@ -24,7 +29,8 @@ same tensor. Prompt tuning puts the virtual tokens at 0..P-1 in both libraries.
 
 Out (``save_peft`` / ``export_peft``, ``softprompt export DIR --format peft``): prompt tuning
 and P-tuning (baked, written as ``PROMPT_TUNING``: see ``save_peft``), prefix tuning and deep
-prompts on every layer of a decoder-only model. A softprompt prefix (real tokens at 0..T-1)
+prompts on every layer of a decoder-only model, adaption prompts (as ``ADAPTION_PROMPT``,
+``peft_adaption_tensors_and_config``). A softprompt prefix (real tokens at 0..T-1)
 becomes PEFT's (real tokens at P..P+T-1) by rotating its keys by P positions on rotary models;
 on absolute-position models that is not expressible and is refused.
 
@@ -35,6 +41,7 @@ take.
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -43,6 +50,7 @@ from safetensors.torch import load_file
 
 from . import _hf
 from .errors import SoftPromptError
+from .methods.adaption_prompt import AdaptionPromptConfig, top_slots
 from .methods.base import AdapterConfig
 from .methods.cartridge import CartridgeConfig
 from .methods.deep_prompt import DeepPromptConfig
@@ -56,6 +64,7 @@ KEY = "prompt_embeddings"
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
 PREFIX_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
 MPT_TYPE = "MULTITASK_PROMPT_TUNING"
+ADAPTION_TYPE = "ADAPTION_PROMPT"  # LLaMA-Adapter: per-layer gated prompts (its own tensors)
 MPT_KEYS = ("prefix_task_cols", "prefix_task_rows")  # besides KEY, the shared prompt
 TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION")
 # A PEFT folder has no softprompt task: generate from the raw input.
@@ -85,10 +94,11 @@ def peft_meta(directory: Path, data: dict) -> dict:
     """
     where = directory / CONFIG_NAME
     ptype = data.get("peft_type")
-    if ptype not in PROMPT_TYPES + PREFIX_TYPES + (MPT_TYPE,):
+    known = PROMPT_TYPES + PREFIX_TYPES + (MPT_TYPE, ADAPTION_TYPE)
+    if ptype not in known:
         raise SoftPromptError(
             f"{where}: peft_type {ptype!r} is not supported; softprompt loads the PEFT "
-            f"prompt-learning types {list(PROMPT_TYPES + PREFIX_TYPES + (MPT_TYPE,))} "
+            f"prompt-learning types {list(known)} "
             "(LoRA and other weight adapters change the model's weights, not its prompt)"
         )
     task_type = data.get("task_type")
@@ -97,6 +107,8 @@ def peft_meta(directory: Path, data: dict) -> dict:
             f"{where}: task_type {task_type!r} is not supported; softprompt loads PEFT "
             "prompt-learning adapters of causal language models (CAUSAL_LM, FEATURE_EXTRACTION)"
         )
+    if ptype == ADAPTION_TYPE:
+        return _adaption_meta(where, data)
     if data.get("modules_to_save"):
         raise SoftPromptError(
             f"{where}: modules_to_save {data['modules_to_save']!r} (e.g. a classifier head) are "
@@ -149,6 +161,31 @@ def peft_meta(directory: Path, data: dict) -> dict:
         "config": config.to_dict(),
         "name": None,
         "base_model": {"name_or_path": data.get("base_model_name_or_path") or "", **geometry},
+        "task": dict(PLAIN_TASK),
+        "peft": data,
+    }
+
+
+def _adaption_meta(where: Path, data: dict) -> dict:
+    """``peft_meta`` of an ``ADAPTION_PROMPT`` config (``adapter_len``, ``adapter_layers``)."""
+    n, layers = data.get("adapter_len"), data.get("adapter_layers")
+    for field, v in (("adapter_len", n), ("adapter_layers", layers)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SoftPromptError(f"{where}: {field} must be a positive integer, got {v!r}")
+    target = data.get("target_modules")
+    if target not in (None, "self_attn"):
+        raise SoftPromptError(
+            f"{where}: target_modules {target!r}; softprompt loads PEFT adaption prompts of "
+            "Llama-style models (target_modules 'self_attn'; GPT-2's 'attn' form adds the "
+            "adapter after c_proj, which softprompt does not serve)"
+        )
+    config = AdaptionPromptConfig(num_virtual_tokens=n, adapter_layers=layers)
+    return {
+        "format": "peft",
+        "method": config.method,
+        "config": config.to_dict(),
+        "name": None,
+        "base_model": {"name_or_path": data.get("base_model_name_or_path") or ""},
         "task": dict(PLAIN_TASK),
         "peft": data,
     }
@@ -290,6 +327,8 @@ def load_peft(
     data = meta["peft"]
     if data["peft_type"] == MPT_TYPE:
         return _load_peft_mpt(model, directory, meta, name)
+    if data["peft_type"] == ADAPTION_TYPE:
+        return _load_peft_adaption(model, directory, meta, name)
     table = read_peft_weights(directory).float()  # (P, hidden) or (P, layers * 2 * token_dim)
     _check_base(model, directory, data, *table.shape)
     prefix = data["peft_type"] in PREFIX_TYPES
@@ -356,6 +395,85 @@ def _load_peft_mpt(
     return model
 
 
+_ADAPTION_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.self_attn\.(adaption_prompt|adaption_gate)$")
+
+
+def _load_peft_adaption(
+    model: SoftPromptModel, directory: Path, meta: dict, name: str | None
+) -> SoftPromptModel:
+    """A PEFT ``ADAPTION_PROMPT`` folder as softprompt's ``adaption_prompt`` method: per layer
+    ``...layers.{i}.self_attn.adaption_prompt`` (1, P, d) and ``adaption_gate`` (1,), the top
+    ``adapter_layers`` layers.
+
+    Raises:
+        SoftPromptError: another key, shape or set of layers, a model the method cannot serve
+            (``_hf.check_adaption``), or one whose ``o_proj`` has a bias (PEFT then adds it
+            twice: its outputs are not the paper's, and softprompt does not reproduce them).
+    """
+    data = meta["peft"]
+    tensors, where = read_peft_tensors(directory)
+    config = AdapterConfig.from_dict(meta["config"])
+    info = model.info
+    try:
+        slots = top_slots(info, config.adapter_layers)
+    except SoftPromptError as e:
+        raise SoftPromptError(f"{directory / CONFIG_NAME}: {e}") from e
+    _hf.check_adaption(model.base_model, info, slots)
+    biased = _hf.biased_output_layers(model.base_model, info, slots)
+    if biased:
+        raise SoftPromptError(
+            f"{directory}: {type(model.base_model).__name__}'s o_proj has a bias (layers "
+            f"{biased}); PEFT's adaption prompt adds o_proj(adapter) after o_proj, which adds "
+            "that bias a second time (even with a zero gate), while softprompt adds the "
+            "adapter before o_proj (the paper's form). The outputs would differ: retrain the "
+            "adapter with softprompt (--method adaption_prompt)"
+        )
+    layers = [info.slots[s].layer for s in slots]
+    n, d = config.num_virtual_tokens, info.hidden_size
+    found: dict[tuple[int, str], torch.Tensor] = {}
+    for key, t in tensors.items():
+        m = _ADAPTION_KEY.match(key)
+        if m is None:
+            raise SoftPromptError(
+                f"{where} holds {key!r}: not an adaption prompt or gate; softprompt cannot load it"
+            )
+        found[(int(m.group(1)), m.group(2))] = t
+    if sorted({i for i, _ in found}) != layers or len(found) != 2 * len(layers):
+        raise SoftPromptError(
+            f"{where} has adaption prompts and gates for layers {sorted({i for i, _ in found})}; "
+            f"adapter_layers={config.adapter_layers} on this {len(info.slots)}-layer model means "
+            f"both for layers {layers}"
+        )
+    want = {"adaption_prompt": (1, n, d), "adaption_gate": (1,)}
+    prompts, gates = [], []
+    for i in layers:
+        for kind, out in (("adaption_prompt", prompts), ("adaption_gate", gates)):
+            t = found[(i, kind)]
+            if tuple(t.shape) != want[kind]:
+                raise SoftPromptError(
+                    f"{where}: layer {i} {kind} has shape {tuple(t.shape)}, the model takes "
+                    f"{want[kind]} (adapter_len x hidden size {d})"
+                )
+            out.append(_checked({kind: t}, kind, where, len(want[kind])).float())
+    name = name or "default"
+    adapter = model.add_adapter(name, config, _init=False)
+    try:
+        with torch.no_grad():
+            adapter.load_baked(
+                {
+                    "adaption_prompt": torch.cat(prompts).to(model.device),  # (L, P, d)
+                    "adaption_gate": torch.stack(gates).to(model.device),  # (L, 1)
+                }
+            )
+        adapter.task = dict(meta["task"])
+        adapter.source = {"peft": data}
+    except Exception:
+        model.delete_adapter(name)
+        raise
+    model.set_active(name)
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # Out
 # --------------------------------------------------------------------------------------------
@@ -403,6 +521,11 @@ def peft_tensor_and_config(
         raise SoftPromptError(f"no adapter {name!r} to export; loaded: {sorted(model.adapters)}")
     ad, info = model.adapters[name], model.info
     what = f"adapter {name!r} ({ad.config.method})"
+    if ad.gated_prompts():
+        raise SoftPromptError(
+            f"{what} is an adaption prompt: PEFT keeps one prompt and gate per layer, not one "
+            "prompt_embeddings tensor; use save_peft (peft_adaption_tensors_and_config)"
+        )
     if info.is_encoder_decoder:
         raise SoftPromptError(
             f"{what} is on an encoder-decoder model: PEFT's seq2seq prompt learning prefixes "
@@ -474,6 +597,57 @@ def peft_tensor_and_config(
     return tensor, dict(sorted(config.items()))
 
 
+def peft_adaption_tensors_and_config(
+    model: SoftPromptModel, name: str, base_name: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """An adaption-prompt adapter as PEFT's ``ADAPTION_PROMPT`` tensors (per adapted layer,
+    ``base_model.model.<attention module path>.adaption_prompt`` (1, P, d) and ``.adaption_gate``
+    (1,)) and ``adapter_config.json``.
+
+    Raises:
+        SoftPromptError: a model whose ``o_proj`` has a bias (PEFT would add it twice), or
+            adapted layers that are not the top ones (PEFT adapts the top ``adapter_layers``).
+    """
+    ad, info, base = model.adapters[name], model.info, model.base_model
+    what = f"adapter {name!r} ({ad.config.method})"
+    if ad.task_head is not None:
+        raise SoftPromptError(f"{what} has a task head; PEFT prompt learning has no place for it")
+    slots = sorted(ad.gated_prompts(), key=lambda s: info.slots[s].layer)
+    biased = _hf.biased_output_layers(base, info, slots)
+    if biased:
+        raise SoftPromptError(
+            f"{what}: {type(base).__name__}'s o_proj has a bias (layers {biased}); PEFT's "
+            "adaption prompt adds o_proj(adapter) after o_proj, which adds the bias a second "
+            "time, so PEFT would not give softprompt's outputs: not exported"
+        )
+    if slots != top_slots(info, len(slots)):
+        raise SoftPromptError(f"{what}: PEFT adapts the top layers only")
+    paths = {id(m): p for p, m in base.named_modules()}
+    modules = _hf.slot_modules(base, info)
+    tensors = {}
+    with torch.no_grad():
+        for s, (prompt, gate) in ad.gated_prompts().items():
+            key = f"base_model.model.{paths[id(modules[s])]}"
+            tensors[f"{key}.adaption_prompt"] = prompt.detach().float().cpu()[None]  # (1, P, d)
+            tensors[f"{key}.adaption_gate"] = gate.detach().float().cpu().reshape(1)  # (1,)
+    source = (ad.source or {}).get("peft") or {}
+    config = {
+        "adapter_layers": len(slots),
+        "adapter_len": ad.num_virtual_tokens,
+        "auto_mapping": None,
+        "base_model_name_or_path": source.get("base_model_name_or_path")
+        or base_name
+        or info.identity.get("name_or_path")
+        or None,
+        "inference_mode": True,
+        "peft_type": ADAPTION_TYPE,
+        "revision": None,
+        "target_modules": "self_attn",
+        "task_type": "CAUSAL_LM",
+    }
+    return tensors, config
+
+
 def _to_peft_positions(model: SoftPromptModel, ad, flat: torch.Tensor, what: str) -> torch.Tensor:
     """A softprompt prefix (real tokens at ``position_offset``..) as PEFT's (real tokens at
     P..P+T-1): keys rotated by the difference on rotary models; refused elsewhere.
@@ -520,6 +694,16 @@ def save_peft(
     """
     from .io import _write_json, _write_tensors
 
+    which = name or model.active
+    if which in model.adapters and model.adapters[which].gated_prompts():
+        tensors, config = peft_adaption_tensors_and_config(model, which, base_name)
+        output = Path(output)
+        _write_tensors(
+            output / WEIGHTS_NAME,
+            {k: t if dtype is None else t.to(dtype) for k, t in tensors.items()},
+        )
+        _write_json(output / CONFIG_NAME, config)
+        return output
     tensor, config = peft_tensor_and_config(model, name, base_name)
     output = Path(output)
     _write_tensors(output / WEIGHTS_NAME, {KEY: tensor if dtype is None else tensor.to(dtype)})

@@ -1,4 +1,5 @@
-"""The per-forward injection state: each row's adapter and its per-slot key/value prefixes.
+"""The per-forward injection state: each row's adapter, its per-slot key/value prefixes and
+its gated adapter tokens (adaption prompts).
 
 The attention seam (``softprompt._hf``) takes any object with the ``PrefixProvider`` shape as
 the ``softprompt_state`` keyword; ``PrefixState`` is the one a ``SoftPromptModel`` forward
@@ -31,11 +32,26 @@ class PrefixProvider(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None: ...
 
 
+class GatedProvider(Protocol):
+    """Optionally, a ``softprompt_state`` also has ``gated_for``: per attention call, gated
+    adapter tokens whose own softmax attention the seam adds to the output (adaption prompts,
+    ``_hf.gated_attention``): ((B|1, kvh, P, hd) keys, the same for values, (B|1,) gates,
+    None or (B, P) bool validity), or None."""
+
+    def gated_for(
+        self, module: nn.Module, query: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None: ...
+
+
 class PrefixState:
     """Per-forward injection state: each row's adapter and their per-slot key/value prefixes.
 
     The attention seam calls ``prefix_for`` once per attention call; results are memoised per
     slot and batch size, so a ``generate`` call builds each slot's prefix once.
+
+    Gated adapter tokens (``gated``: adapter -> slot -> keys, values, gate, projected by the
+    wrapper before the forward) are gathered per row the same way (``gated_for``); rows without
+    them get gate 0, which adds exactly zero.
 
     Rows of several adapters read each slot's prefixes from one table (adapters stacked, padded
     to the longest); ``bank``, when given, keeps those tables across calls (no-grad serving:
@@ -48,8 +64,16 @@ class PrefixState:
         rows: Sequence[str | None],
         kvs: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]],
         bank: dict | None = None,
+        gated: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None,
     ) -> None:
         self.info = info
+        # adaption prompts: adapter -> slot -> ((P, kvh, hd) keys, values, (1,) gate)
+        self.gated = gated or {}
+        gnames = sorted(self.gated)
+        guid = {n: i + 1 for i, n in enumerate(gnames)}  # 0: no gated tokens
+        self.gated_names = gnames
+        self.gated_uid = [guid.get(r, 0) if r is not None else 0 for r in rows]
+        self._gated_memo: dict[tuple[int, int], tuple | None] = {}
         self.kvs = kvs
         self.names = sorted(kvs)
         uid = {n: i + 1 for i, n in enumerate(self.names)}  # 0: no prefix
@@ -66,13 +90,19 @@ class PrefixState:
         # the attention seam's extended masks of this forward: [(memo key, mask)], a few kinds
         self.mask_memo: list[tuple[tuple, object]] = []
 
-    def prefix_for(self, module, query, key, value):
+    def _slot(self, module) -> int:
         slot = self.info.module_slot.get(id(module))
         if slot is None:
             raise SoftPromptError(
                 f"attention module {type(module).__name__} was not seen when the adapter was "
                 "attached; attach again after changing the model"
             )
+        return slot
+
+    def prefix_for(self, module, query, key, value):
+        if not self.kvs:
+            return None
+        slot = self._slot(module)
         batch = query.shape[0]
         memo_key = (slot, batch)
         if memo_key not in self._memo:
@@ -153,3 +183,48 @@ class PrefixState:
             ):
                 self._full.add(id(self._valids[key]))
         return self._valids[key]
+
+    def gated_for(self, module, query):
+        """Gated adapter tokens for ``module``'s slot (see ``GatedProvider``), memoised per
+        slot and batch size."""
+        if not self.gated:
+            return None
+        slot, batch = self._slot(module), query.shape[0]
+        memo_key = (slot, batch)
+        if memo_key not in self._gated_memo:
+            self._gated_memo[memo_key] = self._build_gated(slot, batch, query.device)
+        return self._gated_memo[memo_key]
+
+    def _build_gated(self, slot: int, batch: int, device: torch.device):
+        entries = [self.gated[n].get(slot) for n in self.gated_names]
+        if all(e is None for e in entries):
+            return None
+        uids = set(self.gated_uid)
+        if len(uids) == 1 and 0 not in uids:  # every row has the one adaption prompt
+            k, v, gate = entries[self.gated_uid[0] - 1]
+            k = k.permute(1, 0, 2)[None].to(device)  # (1, kvh, P, hd)
+            v = v.permute(1, 0, 2)[None].to(device)
+            return k, v, gate.to(device), None  # (1,) gate, no mask
+        plen = max(e[0].shape[0] for e in entries if e is not None)
+        g = self.info.slots[slot]
+        ks, vs, gates, lengths = [], [], [], []
+        ref = next(e[0] for e in entries if e is not None)
+        for e in [None, *entries]:  # uid 0 (and adapters without this slot): gate 0, all pad
+            n = 0 if e is None else e[0].shape[0]
+            pad = torch.zeros(plen - n, g.kv_heads, g.head_dim, device=device, dtype=ref.dtype)
+            ks.append(pad if e is None else torch.cat([e[0].to(device), pad.to(e[0].dtype)]))
+            vs.append(pad if e is None else torch.cat([e[1].to(device), pad.to(e[1].dtype)]))
+            gates.append(torch.zeros(1, device=device) if e is None else e[2].to(device).float())
+            lengths.append(n)
+        k = torch.stack(ks).permute(0, 2, 1, 3)  # (n+1, kvh, P, hd)
+        v = torch.stack(vs).permute(0, 2, 1, 3)
+        idx = torch.tensor(self.gated_uid, device=device)
+        rows = len(self.gated_uid)
+        if batch != rows:  # beam search / num_return_sequences expand rows in place
+            if batch % rows:
+                raise SoftPromptError(f"batch of {batch} rows does not match {rows} adapter rows")
+            idx = idx.repeat_interleave(batch // rows)
+        valid = (
+            torch.arange(plen, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+        )
+        return k[idx], v[idx], torch.cat(gates)[idx], valid[idx]

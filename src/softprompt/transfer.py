@@ -83,13 +83,16 @@ def init_from(model: SoftPromptModel, name: str, directory: str | Path) -> None:
 
 
 def prompt_rows(adapter) -> torch.Tensor:
-    """(P, D) one row per virtual token: the input embeddings, or a prefix's keys and values
-    of every layer concatenated."""
+    """(P, D) one row per virtual token: the input embeddings, a prefix's keys and values of
+    every layer concatenated, or an adaption prompt's per-layer prompts concatenated."""
     with torch.no_grad():
         prompt = adapter.input_prompt()
         if prompt is not None:
             return prompt.detach().float()
         kv = adapter.kv()
+        gated = adapter.gated_prompts()
+        if not kv and gated:  # adaption prompts: each adapted layer's prompt, concatenated
+            return torch.cat([gated[s][0] for s in sorted(gated)], dim=1).detach().float()
         if not kv:
             raise SoftPromptError(f"a {adapter.config.method} adapter has no prompt to compare")
         p = adapter.num_virtual_tokens

@@ -1,5 +1,6 @@
 """Soft-prompt methods, one module each, registered by name in ``base.METHODS``."""
 
+from .adaption_prompt import AdaptionPromptConfig
 from .base import METHODS, Adapter, AdapterConfig
 from .cartridge import CartridgeConfig
 from .deep_prompt import DeepPromptConfig
@@ -12,6 +13,7 @@ __all__ = [
     "METHODS",
     "Adapter",
     "AdapterConfig",
+    "AdaptionPromptConfig",
     "CartridgeConfig",
     "DeepPromptConfig",
     "MultitaskPromptConfig",

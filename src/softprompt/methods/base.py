@@ -6,6 +6,8 @@ produces one or both of:
 * ``input_prompt()``: (P, d) virtual-token embeddings that enter through ``inputs_embeds``;
 * ``kv()``: per attention slot, a key and a value prefix of shape (P, kv_heads, head_dim) that
   enter inside attention (see ``softprompt._hf``).
+* ``gated_prompts()``: per attention slot, (P, d) adapter tokens and a gate; the slot's own
+  projections make their keys and values, attended apart and added gated (adaption prompts).
 
 The wrapper, trainer and server only call these; they never branch on a method's name.
 """
@@ -212,6 +214,12 @@ class Adapter(nn.Module):
 
     def kv(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
         """slot index -> (key, value), each (P, kv_heads, head_dim); None if not a prefix method."""
+        return None
+
+    def gated_prompts(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+        """slot index -> ((P, d) prompt, (1,) gate): gated adapter tokens that the slot's own
+        k_proj / v_proj project and whose separate softmax attention, times the gate, is added
+        to the attention output (adaption prompts); None for other methods."""
         return None
 
     @property
