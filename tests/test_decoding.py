@@ -83,6 +83,8 @@ def mixed(request):
         "deep": sp.DeepPromptConfig(num_virtual_tokens=2),
         "ptuning": sp.PTuningConfig(num_virtual_tokens=3),
     }
+    if request.param == "llama":  # adaption prompts: Llama-style attention only
+        configs["adapt"] = sp.AdaptionPromptConfig(num_virtual_tokens=3, adapter_layers=1)
     for name, config in configs.items():
         model.add_adapter(name, copy.deepcopy(config))
     perturb(model)
@@ -122,6 +124,8 @@ def test_rows_joining_and_leaving_at_step_boundaries_equal_each_row_alone(mixed)
     assert can_step(mixed) is None
     g = torch.Generator().manual_seed(1)
     names = ["prompt", "prefix", None, "deep", "ptuning", "tmpl", "prefix", "prompt", None]
+    if "adapt" in mixed.adapters:
+        names[6] = "adapt"  # joins at step 4, decodes 7 tokens
     rows = []
     for i, name in enumerate(names):
         ids = torch.randint(1, 90, (3 + 2 * i,), generator=g).tolist()
