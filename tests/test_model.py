@@ -1006,3 +1006,93 @@ def test_a_training_forward_reads_the_device_at_most_once_or_twice(family, metho
 
     calls = _softprompt_syncs(step)
     assert 1 <= len(calls) <= most, calls
+
+
+def _varied_batches(n: int, seed: int = 0) -> list[list[list[int]]]:
+    """n batches of 8, 8, 8 or 3 rows (a short last batch) of 3 to 120 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        lens = torch.randint(3, 120 if i % 2 else 40, ([8, 8, 8, 3][i % 4],), generator=g)
+        out.append([torch.randint(3, 100, (int(k),), generator=g).tolist() for k in lens])
+    return out
+
+
+def _step(model, rows) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """(training loss, its gradients on the adapter, a no-grad loss on the first 5 rows); the
+    first real token of a row is not a target (a padding position predicts it)."""
+    from softprompt.lm import lm_loss, pad_left
+
+    ids, mask = pad_left(rows, 0)
+    prev = torch.nn.functional.pad(mask, (1, 0))[:, :-1]
+    labels = torch.where((mask * prev).bool(), ids, -100)
+    loss = lm_loss(model, ids, mask, labels)
+    grads = torch.autograd.grad(loss, model.parameters_to_train())
+    with torch.no_grad():
+        scored = lm_loss(model, ids[:5], mask[:5], labels[:5])
+    return loss.detach(), list(grads), scored
+
+
+def _counting(backend: str, graphs: list):
+    def compile_fn(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    return compile_fn
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()  # the blocks' code objects hold other tests' compiled entries
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("method", "bucket"), [("prompt", None), ("prefix", "pow2"), ("deep", 32)])
+def test_compiled_body_equals_eager_and_compiles_a_bounded_number_of_graphs(
+    method, bucket, fresh_dynamo
+):
+    """compile_body on Llama (shared prompt prefix, per-layer prefixes): the same losses and
+    adapter gradients as eager over 16 batches of 3 batch sizes and lengths 3-120, trained
+    and scored without grad; no graph break; the graphs stop growing after the first batches
+    (torch's automatic dynamic shapes): as many after 16 batches as after 8."""
+    batches = _varied_batches(16)
+    eager = attached("llama", method)
+    perturb(eager)
+    eager.train()
+    compiled = attached("llama", method)
+    perturb(compiled)
+    compiled.train()
+    graphs: list = []
+    compiled.compile_body(bucket=bucket, backend=_counting("aot_eager", graphs))
+    after_half = None
+    for i, rows in enumerate(batches):
+        want, got = _step(eager, rows), _step(compiled, rows)
+        assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        for g, w in zip(got[1], want[1], strict=True):
+            assert_close(g, w, rtol=1e-5, atol=1e-5)
+        assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+        if i == 7:
+            after_half = len(graphs)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert 2 <= after_half == len(graphs) <= 8, (after_half, len(graphs))
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels (about 30 s on 2 loaded CPU cores)
+def test_compiled_body_with_inductor_equals_eager(fresh_dynamo):
+    """The default backend (inductor, C++ on the CPU): losses and adapter gradients within
+    1e-5 of eager for two batches of one bucket (training and no-grad scoring)."""
+    eager = attached("llama", "prefix")
+    perturb(eager)
+    compiled = attached("llama", "prefix")
+    perturb(compiled)
+    compiled.compile_body(bucket="pow2")
+    for rows in (_varied_batches(3, seed=2)[1][:4], _varied_batches(3, seed=3)[1][:4]):
+        rows = [r[:30] for r in rows]  # one bucket (32): one graph per kind of call
+        want, got = _step(eager, rows), _step(compiled, rows)
+        assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        for g, w in zip(got[1], want[1], strict=True):
+            assert_close(g, w, rtol=1e-5, atol=1e-5)
+        assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+    assert not torch._dynamo.utils.counters["graph_break"]

@@ -67,16 +67,20 @@ class PrefixState:
         self.mask_memo: list[tuple[tuple, object]] = []
 
     def prefix_for(self, module, query, key, value):
+        return self.prefix_for_batch(module, query.shape[0], key.device)
+
+    def prefix_for_batch(self, module, batch: int, device: torch.device):
+        """``prefix_for`` from the batch size and device alone (what it reads of the call):
+        the compiled decoder blocks look their prefix up before they run."""
         slot = self.info.module_slot.get(id(module))
         if slot is None:
             raise SoftPromptError(
                 f"attention module {type(module).__name__} was not seen when the adapter was "
                 "attached; attach again after changing the model"
             )
-        batch = query.shape[0]
         memo_key = (slot, batch)
         if memo_key not in self._memo:
-            self._memo[memo_key] = self._build(slot, batch, key.device)
+            self._memo[memo_key] = self._build(slot, batch, device)
         return self._memo[memo_key]
 
     def _build(self, slot: int, batch: int, device: torch.device):
