@@ -1009,11 +1009,11 @@ def test_a_training_forward_reads_the_device_at_most_once_or_twice(family, metho
 
 
 def _varied_batches(n: int, seed: int = 0) -> list[list[list[int]]]:
-    """n batches of 8, 8, 8 or 3 rows (a short last batch) of 3 to 120 tokens."""
+    """n batches of 8, 8, 8 or 3 rows (a short last batch) of 3 to 80 tokens."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        lens = torch.randint(3, 120 if i % 2 else 40, ([8, 8, 8, 3][i % 4],), generator=g)
+        lens = torch.randint(3, 80 if i % 2 else 30, ([8, 8, 8, 3][i % 4],), generator=g)
         out.append([torch.randint(3, 100, (int(k),), generator=g).tolist() for k in lens])
     return out
 
@@ -1049,19 +1049,22 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize(("method", "bucket"), [("prompt", None), ("prefix", "pow2"), ("deep", 32)])
+@pytest.mark.parametrize(
+    ("family", "method", "bucket"),
+    [("llama", "prompt", None), ("llama", "prefix", "pow2"), ("qwen3", "deep", 32)],
+)
 def test_compiled_body_equals_eager_and_compiles_a_bounded_number_of_graphs(
-    method, bucket, fresh_dynamo
+    family, method, bucket, fresh_dynamo
 ):
-    """compile_body on Llama (shared prompt prefix, per-layer prefixes): the same losses and
-    adapter gradients as eager over 16 batches of 3 batch sizes and lengths 3-120, trained
-    and scored without grad; no graph break; the graphs stop growing after the first batches
-    (torch's automatic dynamic shapes): as many after 16 batches as after 8."""
-    batches = _varied_batches(16)
-    eager = attached("llama", method)
+    """compile_body on Llama and Qwen3 (shared prompt prefix, per-layer prefixes): the same
+    losses and adapter gradients as eager over 12 batches of 3 batch sizes and lengths 3-80,
+    trained and scored without grad; no graph break; the graphs stop growing after the first
+    batches (torch's automatic dynamic shapes): as many after 12 batches as after 6."""
+    batches = _varied_batches(12)
+    eager = attached(family, method)
     perturb(eager)
     eager.train()
-    compiled = attached("llama", method)
+    compiled = attached(family, method)
     perturb(compiled)
     compiled.train()
     graphs: list = []
@@ -1073,10 +1076,10 @@ def test_compiled_body_equals_eager_and_compiles_a_bounded_number_of_graphs(
         for g, w in zip(got[1], want[1], strict=True):
             assert_close(g, w, rtol=1e-5, atol=1e-5)
         assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
-        if i == 7:
+        if i == 5:
             after_half = len(graphs)
     assert not torch._dynamo.utils.counters["graph_break"]
-    assert 2 <= after_half == len(graphs) <= 8, (after_half, len(graphs))
+    assert 2 <= after_half == len(graphs) <= 12, (after_half, len(graphs))
 
 
 @pytest.mark.slow  # inductor compiles C++ kernels (about 30 s on 2 loaded CPU cores)

@@ -1006,6 +1006,10 @@ def compiled_calls() -> Iterator[None]:
         _COMPILED_CALLS.reset(token)
 
 
+RECOMPILE_LIMIT = 32
+"""The least ``torch._dynamo.config.recompile_limit`` while decoder blocks are compiled."""
+
+
 class _LayerPrefix:
     """One block's key/value prefix, looked up before its compiled forward: inside the compiled
     region the attention seam then reads tensors only (``PrefixState.prefix_for`` keys its
@@ -1032,6 +1036,11 @@ def compile_decoder_layers(model: PreTrainedModel, info: ModelInfo, **options) -
     the forward's state (``prefix_for_batch``), or runs eagerly for a state that has none and
     under gradient checkpointing. ``options`` go to ``torch.compile``. Returns the number of
     blocks. ``uncompile_decoder_layers`` undoes it.
+
+    A block's graphs differ by grad mode, whether its input needs a gradient (not the first
+    block's), whether the model gave a mask (no padding: none) and static / dynamic shapes: up to
+    12 kinds, more than torch's default of 8 per function (beyond which it runs eagerly), so
+    ``torch._dynamo.config.recompile_limit`` is raised to at least ``RECOMPILE_LIMIT``.
     """
     layers = decoder_layers(model)
     if layers is None or info.is_encoder_decoder:
@@ -1039,6 +1048,10 @@ def compile_decoder_layers(model: PreTrainedModel, info: ModelInfo, **options) -
             f"compile: {type(model).__name__} is not a decoder-only language model with a "
             "list of decoder blocks (body.layers); run it without --compile"
         )
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     fns: dict[type, Callable] = {}
     for i, layer in enumerate(layers):
         attn = [m for m in layer.modules() if id(m) in info.module_slot]
