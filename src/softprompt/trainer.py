@@ -133,6 +133,11 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         check_report_to(self.report_to)
+        if self.compile and self.fsdp:
+            raise SoftPromptError(
+                "--compile does not go with --fsdp yet (FSDP wraps the blocks that --compile "
+                "compiles); drop one of them"
+            )
 
         def flag(name: str) -> str:
             return "--" + name.replace("_", "-")
@@ -313,14 +318,8 @@ class Trainer:
             self.base_local_parameters = shard_frozen_base(model)
         if not self.params:
             raise SoftPromptError(f"adapter {model.active!r} has nothing to train (is it baked?)")
-        if args.compile:
-            if args.fsdp:
-                raise SoftPromptError(
-                    "--compile does not go with --fsdp yet (the sharded blocks are wrapped by "
-                    "FSDP); drop one of them"
-                )
-            if not model._compiled:
-                model.compile_body()
+        if args.compile and not model._compiled:
+            model.compile_body()
         n_batches = math.ceil(len(self.items) / args.batch_size)
         self.steps_per_epoch = max(
             1, n_batches // args.grad_accum
