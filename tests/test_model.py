@@ -1099,3 +1099,25 @@ def test_compiled_body_with_inductor_equals_eager(fresh_dynamo):
             assert_close(g, w, rtol=1e-5, atol=1e-5)
         assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_compiled_body_leaves_generate_and_checkpointing_eager(fresh_dynamo):
+    """generate (a growing cache) and gradient-checkpointed training run the blocks eagerly:
+    no graph is compiled, and the tokens and gradients are the eager ones."""
+    eager = attached("llama", "prefix")
+    perturb(eager)
+    compiled = attached("llama", "prefix")
+    perturb(compiled)
+    graphs: list = []
+    compiled.compile_body(backend=_counting("aot_eager", graphs))
+    ids, mask = left_pad(IDS, MASK)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(compiled.generate(**kw), eager.generate(**kw))
+    for model in (eager, compiled):
+        model.gradient_checkpointing_enable()
+        model.train()
+    rows = _varied_batches(1)[0]
+    want, got = _step(eager, rows), _step(compiled, rows)
+    for g, w in zip(got[1], want[1], strict=True):
+        assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert not graphs
