@@ -11,7 +11,10 @@ for everyone):
 * floor: the bare frozen model's forward plus the backward through its activations only (input
   embeddings require grad, no weight gradients): what any adapter's training step must cost;
 * softprompt: ``sp.attach`` + adapter, forward + backward + AdamW step;
-* peft: PEFT's ``get_peft_model`` with the matching config, the same step.
+* peft: PEFT's ``get_peft_model`` with the matching config, the same step;
+* softprompt_compiled (``--compile``): a second ``sp.attach`` of the same base with the same
+  adapter and ``compile_body()`` (the frozen blocks through torch.compile; the warm-up rounds
+  compile, so give ``--warmup 2`` or more).
 
 All three compute the full causal-LM loss over every position (``model(..., labels=ids).loss``)
 on unpadded batches of random token ids, so the attention runs without a padding mask (on a GPU:
@@ -135,23 +138,27 @@ def _peak_end(before: float) -> float:
 class Pair:
     """softprompt and PEFT on one base model; one adapter per method, added on first use."""
 
-    def __init__(self, base) -> None:
+    def __init__(self, base, compile_body: bool = False) -> None:
         import softprompt as sp
 
         self.base = base
         self.sp = sp.attach(base)
+        # the compiled blocks run compiled only inside the compiled wrapper's own forwards
+        self.spc = sp.attach(base).compile_body() if compile_body else None
         self.peft: dict = {}  # method -> PEFT model (PEFT keeps one prompt type per model)
 
     def use(self, method: str):
         import peft
 
-        if method not in self.sp.adapters:
-            self.sp.add_adapter(method, C.sp_config(method))
-        self.sp.set_active(method)
+        for model in (self.sp, self.spc) if self.spc is not None else (self.sp,):
+            if method not in model.adapters:
+                torch.manual_seed(0)
+                model.add_adapter(method, C.sp_config(method))
+            model.set_active(method)
+            model.train()
         torch.manual_seed(0)
         if method not in self.peft:
             self.peft[method] = peft.get_peft_model(self.base, C.peft_config(method))
-        self.sp.train()
         self.peft[method].train()
         self.base.eval()
         return self.sp, self.peft[method]
@@ -183,6 +190,9 @@ def run_cell(pair: Pair, method: str, batch: int, seq: int, steps: int, warmup: 
         return f
 
     fns = {"floor": floor, "softprompt": step(sp_model, sp_opt), "peft": step(pm, peft_opt)}
+    if pair.spc is not None:
+        spc_params = [p for p in pair.spc.parameters() if p.requires_grad]
+        fns["softprompt_compiled"] = step(pair.spc, torch.optim.AdamW(spc_params, lr=1e-3))
     times: dict[str, list[float]] = {k: [] for k in fns}
     mem: dict[str, float] = {}
     for name, fn in fns.items():  # warm up; first measured run gives the peak memory
@@ -193,7 +203,7 @@ def run_cell(pair: Pair, method: str, batch: int, seq: int, steps: int, warmup: 
         mem[name] = _peak_end(before)
     order = list(fns)
     for r in range(steps):
-        for name in order[r % 3 :] + order[: r % 3]:
+        for name in order[r % len(order) :] + order[: r % len(order)]:
             C.sync()
             t0 = time.perf_counter()
             fns[name]()
@@ -212,6 +222,9 @@ def run_cell(pair: Pair, method: str, batch: int, seq: int, steps: int, warmup: 
         "sp_over_floor": med["softprompt"] / med["floor"],
         "peft_over_floor": med["peft"] / med["floor"],
         "sp_tokens_over_peft": med["peft"] / med["softprompt"],
+        "compiled_over_sp": (
+            med["softprompt_compiled"] / med["softprompt"] if "softprompt_compiled" in med else None
+        ),
         "times": times,
     }
     del peft_opt, sp_opt
@@ -262,6 +275,11 @@ def main(argv=None) -> int:
         help="skip (and mark) cells with more than this many tokens x billions of parameters "
         "(CPU default 300: batch 1 x 128 on every shape; GPU: no limit)",
     )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time softprompt with compile_body() (torch.compile of the frozen blocks)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     gpu = args.device == "cuda"
@@ -282,7 +300,7 @@ def main(argv=None) -> int:
                     cell = {"shape": shape, "dtype": dname, "batch": batch, "seq": seq}
                     if base is None:
                         base = build(shape, DTYPES[dname], C.DEVICE)
-                        pair = Pair(base)
+                        pair = Pair(base, compile_body=args.compile)
                     billions = sum(p.numel() for p in base.parameters()) / 1e9
                     if budget is not None and batch * seq * billions > budget:
                         rows.append({**cell, "method": method, "skipped": "not run (CPU time)"})
@@ -294,7 +312,13 @@ def main(argv=None) -> int:
                     print(
                         f"{shape} {dname} {method} {batch}x{seq}: floor "
                         f"{row['step_s']['floor']:.3f}s sp {row['step_s']['softprompt']:.3f}s "
-                        f"peft {row['step_s']['peft']:.3f}s (cell {time.perf_counter() - t0:.0f}s)",
+                        f"peft {row['step_s']['peft']:.3f}s"
+                        + (
+                            f" compiled {row['step_s']['softprompt_compiled']:.3f}s"
+                            if args.compile
+                            else ""
+                        )
+                        + f" (cell {time.perf_counter() - t0:.0f}s)",
                         flush=True,
                     )
             del base, pair

@@ -996,3 +996,44 @@ def test_mpt_stage_two_from_the_cli(tmp_path, capsys, tiny_folders, cls_data):
     state = load_file(str(state))
     assert torch.equal(state["shared"], s1)  # frozen: the shared prompt never moved
     assert state["cols"].shape == (1, 3, 2) and state["rows"].shape[:2] == (1, 2)
+
+
+def test_compile_trains_the_same_adapter(tmp_path, capsys, tiny_folders, cls_data, monkeypatch):
+    """train --compile: the frozen blocks compiled (here with dynamo's aot_eager backend, the
+    inductor run is tests/test_model.py's), the same logged losses, dev accuracy and adapter as
+    without."""
+    import torch._dynamo
+
+    from softprompt.model import SoftPromptModel
+
+    compiled = []
+    compile_body = SoftPromptModel.compile_body
+
+    def aot_eager(self, **kw):
+        compiled.append(self)
+        return compile_body(self, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(SoftPromptModel, "compile_body", aot_eager)
+    torch._dynamo.reset()
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        argv = train_args(tiny_folders["llama"], cls_data, tmp_path / name, "prefix", *extra)
+        code, _, _ = run_cli(capsys, *argv)
+        assert code == 0
+        log = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = (
+            [json.loads(x) for x in log],
+            load_file(tmp_path / name / "adapter" / "adapter.safetensors"),
+        )
+    torch._dynamo.reset()
+    assert len(compiled) == 1 and compiled[0]._compiled
+    (want, want_ad), (got, got_ad) = runs["eager"], runs["compiled"]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        if "loss" in w:
+            assert abs(g["loss"] - w["loss"]) <= 1e-5 * max(1.0, abs(w["loss"]))
+        else:
+            assert g["eval"] == w["eval"]
+    assert want_ad.keys() == got_ad.keys()
+    for k in want_ad:
+        torch.testing.assert_close(got_ad[k], want_ad[k], rtol=1e-4, atol=1e-5)

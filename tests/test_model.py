@@ -1031,3 +1031,149 @@ def test_rows_of_prepended_prompts_keep_them_beside_a_template_row(family):
                 alone = model(input_ids=torch.tensor([r]), adapter_names=[name]).logits[0]
                 torch.testing.assert_close(mixed[b, -len(r) :], alone, atol=1e-5, rtol=0)
     model.prompt_sharing = "auto"
+
+
+def _varied_batches(n: int, seed: int = 0) -> list[list[list[int]]]:
+    """n batches of 8, 8, 8 or 3 rows (a short last batch) of 3 to 80 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        lens = torch.randint(3, 80 if i % 2 else 30, ([8, 8, 8, 3][i % 4],), generator=g)
+        out.append([torch.randint(3, 100, (int(k),), generator=g).tolist() for k in lens])
+    return out
+
+
+def _step(model, rows) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """(training loss, its gradients on the adapter, a no-grad loss on the first 5 rows); the
+    first real token of a row is not a target (a padding position predicts it)."""
+    from softprompt.lm import lm_loss, pad_left
+
+    ids, mask = pad_left(rows, 0)
+    prev = torch.nn.functional.pad(mask, (1, 0))[:, :-1]
+    labels = torch.where((mask * prev).bool(), ids, -100)
+    loss = lm_loss(model, ids, mask, labels)
+    grads = torch.autograd.grad(loss, model.parameters_to_train())
+    with torch.no_grad():
+        scored = lm_loss(model, ids[:5], mask[:5], labels[:5])
+    return loss.detach(), list(grads), scored
+
+
+def _counting(backend: str, graphs: list):
+    def compile_fn(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    return compile_fn
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()  # the blocks' code objects hold other tests' compiled entries
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "bucket"),
+    [("llama", "prompt", None), ("llama", "prefix", "pow2"), ("qwen3", "deep", 32)],
+)
+def test_compiled_body_equals_eager_and_compiles_a_bounded_number_of_graphs(
+    family, method, bucket, fresh_dynamo
+):
+    """compile_body on Llama and Qwen3 (shared prompt prefix, per-layer prefixes): the same
+    losses and adapter gradients as eager over 12 batches of 3 batch sizes and lengths 3-80,
+    trained and scored without grad; no graph break; the graphs stop growing after the first
+    batches (torch's automatic dynamic shapes): as many after 12 batches as after 6."""
+    batches = _varied_batches(12)
+    eager = attached(family, method)
+    perturb(eager)
+    eager.train()
+    compiled = attached(family, method)
+    perturb(compiled)
+    compiled.train()
+    graphs: list = []
+    compiled.compile_body(bucket=bucket, backend=_counting("aot_eager", graphs))
+    after_half = None
+    for i, rows in enumerate(batches):
+        want, got = _step(eager, rows), _step(compiled, rows)
+        assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        for g, w in zip(got[1], want[1], strict=True):
+            assert_close(g, w, rtol=1e-5, atol=1e-5)
+        assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+        if i == 5:
+            after_half = len(graphs)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert 2 <= after_half == len(graphs) <= 12, (after_half, len(graphs))
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels (about 30 s on 2 loaded CPU cores)
+def test_compiled_body_with_inductor_equals_eager(fresh_dynamo):
+    """The default backend (inductor, C++ on the CPU): losses and adapter gradients within
+    1e-5 of eager for two batches of one bucket (training and no-grad scoring)."""
+    eager = attached("llama", "prefix")
+    perturb(eager)
+    compiled = attached("llama", "prefix")
+    perturb(compiled)
+    compiled.compile_body(bucket="pow2")
+    for rows in (_varied_batches(3, seed=2)[1][:4], _varied_batches(3, seed=3)[1][:4]):
+        rows = [r[:30] for r in rows]  # one bucket (32): one graph per kind of call
+        want, got = _step(eager, rows), _step(compiled, rows)
+        assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        for g, w in zip(got[1], want[1], strict=True):
+            assert_close(g, w, rtol=1e-5, atol=1e-5)
+        assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_compiled_body_leaves_generate_and_checkpointing_eager(fresh_dynamo):
+    """generate (a growing cache) and gradient-checkpointed training run the blocks eagerly:
+    no graph is compiled, and the tokens and gradients are the eager ones."""
+    eager = attached("llama", "prefix")
+    perturb(eager)
+    compiled = attached("llama", "prefix")
+    perturb(compiled)
+    graphs: list = []
+    compiled.compile_body(backend=_counting("aot_eager", graphs))
+    ids, mask = left_pad(IDS, MASK)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(compiled.generate(**kw), eager.generate(**kw))
+    for model in (eager, compiled):
+        model.gradient_checkpointing_enable()
+        model.train()
+    rows = _varied_batches(1)[0]
+    want, got = _step(eager, rows), _step(compiled, rows)
+    for g, w in zip(got[1], want[1], strict=True):
+        assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert not graphs
+
+
+def test_a_compiled_body_keeps_adaption_prompts(fresh_dynamo):
+    """Adaption prompts add their gated tokens per attention call: a compiled body runs the
+    blocks of such a forward eagerly, so the logits and gradients equal the uncompiled model's
+    (and differ from the bare model's)."""
+    from softprompt.lm import lm_loss, pad_left
+
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    ids, mask = pad_left(rows, 0)
+    out = []
+    for compiled in (False, True):
+        model = sp.attach(tiny_model("llama"))
+        model.add_adapter("a", sp.AdaptionPromptConfig(num_virtual_tokens=3, adapter_layers=1))
+        perturb(model)
+        if compiled:
+            model.compile_body(backend="aot_eager")
+        loss = lm_loss(model, ids, mask, torch.where(mask.bool(), ids, -100))
+        out.append((loss.detach(), torch.autograd.grad(loss, model.parameters_to_train())))
+    assert_close(out[1][0], out[0][0], atol=1e-6, rtol=0)
+    for a, b in zip(out[0][1], out[1][1], strict=True):
+        assert_close(b, a, atol=1e-6, rtol=0)
+    bare = sp.attach(tiny_model("llama"))
+    with torch.no_grad():
+        assert (
+            abs(
+                float(lm_loss(bare, ids, mask, torch.where(mask.bool(), ids, -100)))
+                - float(out[0][0])
+            )
+            > 1e-4
+        )

@@ -252,6 +252,7 @@ def test_train_tasks_bad_input_is_refused_before_anything_is_written(
         (["--tasks", f"a={sent},A={sent}"], "clashes with 'a'"),
         (["--tasks", f"a={sent}", "--tasks-eval", f"b={sent}"], "not in --tasks"),
         (["--tasks", f"a={sent}", "--train", sent], "--train cannot go with --tasks"),
+        (["--tasks", f"a={sent}", "--compile"], "--compile cannot go with --tasks"),
         (["--tasks", f"a={sent},b={tmp_path / 'missing.jsonl'}"], "task 'b'"),
         (["--tasks", f"a={sent}", "--grad-accum", "2"], "--grad-accum 1"),
     ]

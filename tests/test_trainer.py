@@ -405,3 +405,8 @@ def test_resumed_run_hides_what_the_interrupted_one_logged_after_its_checkpoint(
     got = tracked_scalars(tmp_path / "tracking" / "softprompt")["train/loss"]
     assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 9))
     torch.testing.assert_close([v for _, v in got], [v for _, v in want], rtol=1e-6, atol=1e-7)
+
+
+def test_compile_and_fsdp_are_refused_together(tmp_path):
+    with pytest.raises(sp.SoftPromptError, match="--compile does not go with --fsdp"):
+        TrainArgs(output_dir=str(tmp_path), compile=True, fsdp=True)

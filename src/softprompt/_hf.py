@@ -1183,3 +1183,112 @@ def cache_concat(a, mask_a: torch.Tensor, b, mask_b: torch.Tensor):
         la.keys = torch.cat([left(la.keys, 2), left(lb.keys, 2)])
         la.values = torch.cat([left(la.values, 2), left(lb.values, 2)])
     return a, torch.cat([left(mask_a, 1), left(mask_b, 1)])
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile of the frozen decoder blocks (``SoftPromptModel.compile_body``).
+# --------------------------------------------------------------------------------------------
+
+_COMPILED_CALLS: contextvars.ContextVar = contextvars.ContextVar(
+    "softprompt_compiled_calls", default=False
+)
+
+
+@contextlib.contextmanager
+def compiled_calls() -> Iterator[None]:
+    """Let the compiled decoder blocks run inside the block (elsewhere they run eagerly: the
+    model only enters it for forwards whose lengths it has bucketed, so that a decoding loop,
+    whose cache grows by one at every step, never recompiles)."""
+    token = _COMPILED_CALLS.set(True)
+    try:
+        yield
+    finally:
+        _COMPILED_CALLS.reset(token)
+
+
+RECOMPILE_LIMIT = 32
+"""The least ``torch._dynamo.config.recompile_limit`` while decoder blocks are compiled."""
+
+
+class _LayerPrefix:
+    """One block's key/value prefix, looked up before its compiled forward: inside the compiled
+    region the attention seam then reads tensors only (``PrefixState.prefix_for`` keys its
+    lookups by module ids and batch sizes, which the compiler would guard on, once per block)."""
+
+    mask_memo = None  # each call extends its own mask (inside the compiled graph)
+
+    def __init__(self, prefix, full: bool) -> None:
+        self.prefix, self.full = prefix, full
+
+    def prefix_for(self, module, query, key, value):
+        return self.prefix
+
+    def is_full(self, valid: torch.Tensor) -> bool:
+        return self.full
+
+
+def compile_decoder_layers(model: PreTrainedModel, info: ModelInfo, **options) -> int:
+    """``torch.compile`` each decoder block's forward (one compiled function per block class,
+    shared by the blocks: their weights are graph inputs, not constants). The adapter is not
+    compiled: its prefix reaches the blocks as tensors, its prompt through ``inputs_embeds``.
+
+    A compiled block runs only inside ``compiled_calls``; there it takes the block's prefix from
+    the forward's state (``prefix_for_batch``), or runs eagerly for a state that has none and
+    under gradient checkpointing. ``options`` go to ``torch.compile``. Returns the number of
+    blocks. ``uncompile_decoder_layers`` undoes it.
+
+    A block's graphs differ by grad mode, whether its input needs a gradient (not the first
+    block's), whether the model gave a mask (no padding: none) and static / dynamic shapes: up to
+    12 kinds, more than torch's default of 8 per function (beyond which it runs eagerly), so
+    ``torch._dynamo.config.recompile_limit`` is raised to at least ``RECOMPILE_LIMIT``.
+    """
+    layers = decoder_layers(model)
+    if layers is None or info.is_encoder_decoder:
+        raise SoftPromptError(
+            f"compile: {type(model).__name__} is not a decoder-only language model with a "
+            "list of decoder blocks (body.layers); run it without --compile"
+        )
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    fns: dict[type, Callable] = {}
+    for i, layer in enumerate(layers):
+        attn = [m for m in layer.modules() if id(m) in info.module_slot]
+        if len(attn) != 1:
+            raise SoftPromptError(
+                f"compile: decoder block {i} has {len(attn)} attention modules, not one; run "
+                "it without --compile"
+            )
+        cls = type(layer)
+        if cls not in fns:  # the block's own forward, not transformers' checkpointing wrapper
+            fns[cls] = torch.compile(getattr(cls.forward, "__wrapped__", cls.forward), **options)
+        layer.__dict__.pop("forward", None)
+        layer.forward = _compiled_forward(layer, attn[0], fns[cls], layer.forward)
+    return len(layers)
+
+
+def uncompile_decoder_layers(model: PreTrainedModel) -> None:
+    for layer in decoder_layers(model) or ():
+        layer.__dict__.pop("forward", None)
+
+
+def _compiled_forward(layer: nn.Module, attn: nn.Module, fn: Callable, eager: Callable):
+    def forward(hidden_states, *args, **kwargs):
+        if not _COMPILED_CALLS.get() or (layer.gradient_checkpointing and layer.training):
+            return eager(hidden_states, *args, **kwargs)
+        state = kwargs.get(STATE_KWARG) or _GENERATE_STATE.get()
+        prefix, full = None, False
+        if state is not None:
+            lookup = getattr(state, "prefix_for_batch", None)
+            if lookup is None:  # another provider (a probe): the eager block asks it per call
+                return eager(hidden_states, *args, **kwargs)
+            if getattr(state, "gated", None):  # adaption prompts: added per call (gated_for)
+                return eager(hidden_states, *args, **kwargs)
+            prefix = lookup(attn, hidden_states.shape[0], hidden_states.device)
+            full = prefix is not None and bool(state.is_full(prefix[2]))
+        kwargs[STATE_KWARG] = _LayerPrefix(prefix, full)
+        return fn(layer, hidden_states, *args, **kwargs)
+
+    forward.softprompt_compiled = True
+    return forward

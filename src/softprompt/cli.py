@@ -414,6 +414,7 @@ RESUME_MAY_CHANGE = {
     "resume",
     "output",
     "report_to",
+    "compile",
 }
 
 
@@ -490,6 +491,7 @@ def _train_args(args):
         log_rows=args.log_rows,
         fsdp=fsdp_requested(args.fsdp),
         report_to=args.report_to,
+        compile=args.compile,
     )
 
 
@@ -978,6 +980,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--fsdp",
+        action="store_true",
+    )
+    t.add_argument(
+        "--compile",
         action="store_true",
     )
     t.add_argument(

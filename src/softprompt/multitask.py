@@ -449,6 +449,7 @@ _REFUSED = {  # flag -> why it cannot go with --tasks
     "resume": "a --tasks run cannot be resumed yet",
     "fsdp": "--tasks runs in one process",
     "log_rows": "--tasks runs do not log rows",
+    "compile": "--tasks runs do not compile the model yet",
     "init_from": "--init-from starts one task; train it without --tasks",
 }
 

@@ -100,13 +100,17 @@ class PrefixState:
         return slot
 
     def prefix_for(self, module, query, key, value):
+        return self.prefix_for_batch(module, query.shape[0], key.device)
+
+    def prefix_for_batch(self, module, batch: int, device: torch.device):
+        """``prefix_for`` from the batch size and device alone (what it reads of the call):
+        the compiled decoder blocks look their prefix up before they run."""
         if not self.kvs:
             return None
         slot = self._slot(module)
-        batch = query.shape[0]
         memo_key = (slot, batch)
         if memo_key not in self._memo:
-            self._memo[memo_key] = self._build(slot, batch, key.device)
+            self._memo[memo_key] = self._build(slot, batch, device)
         return self._memo[memo_key]
 
     def _build(self, slot: int, batch: int, device: torch.device):

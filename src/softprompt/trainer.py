@@ -102,6 +102,8 @@ class TrainArgs:
             by `accelerate launch --use_fsdp`.
         report_to: experiment tracker for loss, lr and dev metrics (files under
             OUTPUT/tracking).
+        compile: torch.compile the frozen decoder blocks (decoder-only LMs; the first
+            steps of each new shape compile; generation stays eager).
     """
 
     output_dir: str
@@ -127,9 +129,15 @@ class TrainArgs:
     log_rows: bool = False  # each process writes the rows it trained on to rows.rank<R>.jsonl
     fsdp: bool = False  # shard the frozen base's blocks across the processes (distributed.py)
     report_to: str = "none"  # or "tensorboard", "wandb", "mlflow" (module docstring: Logs)
+    compile: bool = False  # SoftPromptModel.compile_body: the frozen blocks, not the adapter
 
     def __post_init__(self) -> None:
         check_report_to(self.report_to)
+        if self.compile and self.fsdp:
+            raise SoftPromptError(
+                "--compile does not go with --fsdp yet (FSDP wraps the blocks that --compile "
+                "compiles); drop one of them"
+            )
 
         def flag(name: str) -> str:
             return "--" + name.replace("_", "-")
@@ -310,6 +318,8 @@ class Trainer:
             self.base_local_parameters = shard_frozen_base(model)
         if not self.params:
             raise SoftPromptError(f"adapter {model.active!r} has nothing to train (is it baked?)")
+        if args.compile and not model._compiled:
+            model.compile_body()
         n_batches = math.ceil(len(self.items) / args.batch_size)
         self.steps_per_epoch = max(
             1, n_batches // args.grad_accum
