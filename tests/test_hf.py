@@ -236,15 +236,20 @@ def test_a_bfloat16_adapter_file_loads_into_a_float32_base_and_back(tmp_path):
 @pytest.mark.slow  # flex attention compiles its kernel (about 20 s on 2 CPU cores)
 # transformers 5.23's flex mask passes create_block_mask's deprecated _compile flag (torch 2.13)
 @pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")
-def test_flex_attention_keeps_flex_with_the_prefix_inside(monkeypatch):
+def test_flex_attention_keeps_flex_with_the_prefix_inside():
     """A model loaded with flex attention stays on flex: the prefix columns enter its block
     mask (per-row validity, the model's causal and padding mask shifted past them). Mixed rows
     (a shared prompt, a prefix, deep prompts, none) with left padding give the sdpa logits."""
     import torch._dynamo
 
     # transformers compiles flex_attention with dynamic shapes after a recompile, which
-    # inductor's CPU flex template cannot build (torch 2.13): keep every compile static
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
+    # inductor's CPU flex template cannot build (torch 2.13): keep every compile static.
+    # (torch's own config.patch: a monkeypatch undo deleted the option for later tests)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        _flex_equals_sdpa()
+
+
+def _flex_equals_sdpa() -> None:
     ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13], [0, 14, 15, 16, 17], [0, 0, 0, 4, 5]])
     mask = (ids != 0).long()
     out = {}
