@@ -154,12 +154,7 @@ class PrefixState:
         key = (batch, device)
         if key in self._indices:
             return self._indices[key]
-        idx = torch.tensor(self.row_uid, device=device)
-        rows = len(self.row_uid)
-        if batch != rows:  # beam search / num_return_sequences expand rows in place
-            if batch % rows:
-                raise SoftPromptError(f"batch of {batch} rows does not match {rows} adapter rows")
-            idx = idx.repeat_interleave(batch // rows)
+        idx = _expand_rows(self.row_uid, batch, device)
         self._indices[key] = idx
         return idx
 
@@ -222,13 +217,19 @@ class PrefixState:
             lengths.append(n)
         k = torch.stack(ks).permute(0, 2, 1, 3)  # (n+1, kvh, P, hd)
         v = torch.stack(vs).permute(0, 2, 1, 3)
-        idx = torch.tensor(self.gated_uid, device=device)
-        rows = len(self.gated_uid)
-        if batch != rows:  # beam search / num_return_sequences expand rows in place
-            if batch % rows:
-                raise SoftPromptError(f"batch of {batch} rows does not match {rows} adapter rows")
-            idx = idx.repeat_interleave(batch // rows)
+        idx = _expand_rows(self.gated_uid, batch, device)
         valid = (
             torch.arange(plen, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
         )
         return k[idx], v[idx], torch.cat(gates)[idx], valid[idx]
+
+
+def _expand_rows(uids: list[int], batch: int, device: torch.device) -> torch.Tensor:
+    """(batch,) per-row uids; beam search / num_return_sequences expand rows in place."""
+    idx = torch.tensor(uids, device=device)
+    rows = len(uids)
+    if batch != rows:
+        if batch % rows:
+            raise SoftPromptError(f"batch of {batch} rows does not match {rows} adapter rows")
+        idx = idx.repeat_interleave(batch // rows)
+    return idx
