@@ -1114,3 +1114,92 @@ def test_a_classify_ensemble_combines_its_adapters_in_one_call(bank, tmp_path):
         ):
             r = client.post("/v1/classify", json=body)
             assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("scheduling", ["step", "batch"])
+def test_a_generation_ensemble_votes_over_its_members_outputs(bank, tmp_path, scheduling):
+    """``/v1/completions`` with ``"model": [a, b, c]``: each member's greedy completion is a row
+    of the same batch (one model call), the answer is the majority text (a tie: the earliest
+    listed member), every member's text is reported and equals that adapter alone."""
+    tok = bank["tok"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]), tokenizer=tok)
+    for name, seed in (("g0", 11), ("g1", 12), ("g2", 11)):  # g2 is a copy of g0
+        model.add_adapter(
+            name, sp.PromptTuningConfig(num_virtual_tokens=3)
+        ).task = GENERATE.to_dict()
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            for p in model.adapters[name].parameters():
+                p.normal_(0, 1.0, generator=g)
+        model.save_adapter(tmp_path / name, name)
+    names = ["g0", "g1", "g2"]
+    app = make_app(
+        bank,
+        {**{n: tmp_path / n for n in names}, "sent-prompt": bank["dirs"]["sent-prompt"]},
+        max_wait_ms=50,
+        max_batch=64,
+        scheduling=scheduling,
+    )
+    engine = app.state.engine
+    with TestClient(app) as client:
+        singles, used = {}, {}
+        for n in names:
+            r = client.post(
+                "/v1/completions",
+                json={"model": n, "prompt": PROMPTS[:3], "max_tokens": 6, "temperature": 0},
+            )
+            assert r.status_code == 200, r.text
+            singles[n] = [c["text"] for c in r.json()["choices"]]
+            used[n] = r.json()["usage"]["completion_tokens"]
+        assert singles["g0"] == singles["g2"] and singles["g0"] != singles["g1"]
+        for order in (["g1", "g0", "g2"], ["g1", "g0"]):
+            before = engine.stats["model_calls"]
+            r = client.post(
+                "/v1/completions",
+                json={
+                    "model": order,
+                    "prompt": PROMPTS[:3],
+                    "max_tokens": 6,
+                    "temperature": 0,
+                    "combine": "vote",
+                },
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert engine.stats["model_calls"] == before + 1  # all members' rows in one call
+            for i, choice in enumerate(body["choices"]):
+                texts = [singles[n][i] for n in order]
+                record = choice["ensemble"]
+                assert [m["text"] for m in record["members"]] == texts
+                assert [m["model"] for m in record["members"]] == order
+                if len(order) == 3 and texts[0] != texts[1]:  # g0 and g2 outvote g1
+                    assert (choice["text"], record["winner"], record["votes"]) == (
+                        texts[1],
+                        "g0",
+                        2,
+                    )
+                elif len(order) == 2 and texts[0] != texts[1]:  # a tie: the first listed
+                    assert (choice["text"], record["winner"], record["votes"]) == (
+                        texts[0],
+                        "g1",
+                        1,
+                    )
+                assert (
+                    choice["text"]
+                    == texts[[m["model"] for m in record["members"]].index(record["winner"])]
+                )
+            assert body["usage"]["completion_tokens"] == sum(used[n] for n in order)
+        for extra, param in (
+            ({"model": ["g0", "nope"]}, "model.1"),
+            ({"model": ["g0", "g0"]}, "model"),
+            ({"model": ["g0"]}, "model"),
+            ({"model": ["g0", "base"]}, "model.1"),
+            ({"model": ["g0", "g1"], "combine": "mean"}, "combine"),
+            ({"model": "g0", "combine": "vote"}, "combine"),
+            ({"model": ["g0", "g1"], "stream": True}, "stream"),
+            ({"model": ["g0", "g1"], "n": 2}, "n"),
+            ({"model": ["g0", "g1"], "logprobs": 1}, "logprobs"),
+            ({"model": ["g0", "sent-prompt"]}, "model.1"),
+        ):
+            r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra})
+            assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text

@@ -445,3 +445,44 @@ def test_token_id_prompts_are_used_as_they_are(client, ref):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="base", prompt=[5, 10**7], max_tokens=2)
     assert e.value.body["param"] == "prompt" and "position 1" in e.value.body["message"]
+
+
+def test_a_chat_ensemble_through_the_openai_client_votes(bank, ref, tmp_path):
+    """``chat.completions.create(model=[a, b, c])``: three chat adapters (c a copy of a), each
+    member's answer equals that adapter alone, the message is the majority's; 400s name the
+    field (``stream`` with an ensemble)."""
+    from transformers import AutoModelForCausalLM
+
+    import softprompt as sp
+    from softprompt.tasks import CHAT_TEMPLATE, TaskSpec
+
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]), tokenizer=ref.tok)
+    spec = TaskSpec(kind="chat", template=CHAT_TEMPLATE, soft_tokens=3, placement="user")
+    for name, seed in (("c0", 3), ("c1", 4), ("c2", 3)):
+        config = sp.PromptTuningConfig(num_virtual_tokens=3, placement="template")
+        model.add_adapter(name, config, ref.tok).task = spec.to_dict()
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.adapters[name].parameters():
+                p.normal_(0, 1.0, generator=g)
+        model.save_adapter(tmp_path / name, name)
+    names = ["c1", "c0", "c2"]
+    live = LiveServer(make_app(bank, adapters={n: str(tmp_path / n) for n in names}))
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
+        msgs = [{"role": "user", "content": PROMPTS[1]}]
+        kw = dict(messages=msgs, max_tokens=6, temperature=0)
+        alone = {n: client.chat.completions.create(model=n, **kw) for n in names}
+        texts = [alone[n].choices[0].message.content for n in names]
+        assert texts[1] == texts[2] and texts[0] != texts[1]
+        got = client.chat.completions.create(model=names, extra_body={"combine": "vote"}, **kw)
+        record = got.choices[0].model_extra["ensemble"]
+        assert [m["text"] for m in record["members"]] == texts
+        assert got.choices[0].message.content == texts[1]
+        assert (record["winner"], record["votes"]) == ("c0", 2)
+        assert got.usage.completion_tokens == sum(alone[n].usage.completion_tokens for n in names)
+        with pytest.raises(openai.BadRequestError) as e:
+            list(client.chat.completions.create(model=names, stream=True, **kw))
+        assert e.value.body["param"] == "stream"
+    finally:
+        live.stop()

@@ -320,6 +320,8 @@ class StepBatch:
         call.update(attention_mask=mask, past_key_values=cache, use_cache=True)
         if model._takes_position_ids:
             call["position_ids"] = positions
+        if model._takes_logits_to_keep:  # the head on the last position only, as generate does
+            call["logits_to_keep"] = 1
         with _hf.generation_state(state):
             out = model.base_model(**call)
         logits = out.logits[:, -1]  # (B, V)

@@ -86,6 +86,14 @@ def combine_probs(probs: torch.Tensor, combine: str) -> tuple[torch.Tensor, torc
     return (votes + mean).argmax(-1), mean
 
 
+def majority(outputs: Sequence[str]) -> tuple[int, int]:
+    """The winning member of a generation vote: (its index, its votes). The most common output
+    (exact string match) wins; among tied outputs, the earliest listed member's."""
+    counts = Counter(outputs)
+    top = max(counts.values())
+    return next(k for k, o in enumerate(outputs) if counts[o] == top), top
+
+
 @torch.no_grad()
 def ensemble_predict(
     model,
@@ -138,9 +146,7 @@ def ensemble_predict(
             texts = first.generate_ids(prompts, adapter_names=rows)  # (K*n)
             for i, ex in enumerate(chunk):
                 members = [texts[j * n + i] for j in range(k)]
-                counts = Counter(members)
-                top = max(counts.values())
-                winner = next(m for m in members if counts[m] == top)
+                winner = members[majority(members)[0]]
                 out.append({**ex.fields, "prediction": winner, "members": members})
     return out
 

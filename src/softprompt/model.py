@@ -72,6 +72,7 @@ class SoftPromptModel(ModelCompat, AdapterBank, PromptSharing, nn.Module):
         self._cache_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         params = inspect.signature(base_model.forward).parameters
         self._takes_position_ids = "position_ids" in params and not info.is_encoder_decoder
+        self._takes_logits_to_keep = "logits_to_keep" in params
         self._bucket: int | str | None = None  # compile_body's bucket (see _bucket_length)
         self._compiled = False
 

@@ -65,7 +65,7 @@ from .engine import (  # noqa: F401  (re-exported: the engine's names as they we
     prompt_logprobs,
     token_entry,
 )
-from .ensemble import COMBINE, combine_probs
+from .ensemble import COMBINE, combine_probs, majority
 from .errors import SoftPromptError, require
 from .tasks import pad_id  # noqa: F401
 
@@ -167,7 +167,8 @@ class _GenerationRequest(BaseModel):
     """What both generation endpoints take: the adapter, sampling, stopping, streaming."""
 
     model_config = _STRICT
-    model: Text
+    model: Text | list[Text]  # a list: a prompt ensemble (adapters of one task), voted
+    combine: Text | None = None  # an ensemble's combination: "vote" (the only one for text)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
@@ -614,17 +615,100 @@ def create_app(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    def generation_members(req) -> list[AdapterEntry | None]:
+        """The entries a generation request runs: its one ``model``, or for a list of adapters
+        of one task, every one of them (a prompt ensemble: each member's output is a row of
+        the same batch, the answer is their majority vote)."""
+        if isinstance(req.model, str):
+            if req.combine is not None:
+                raise ServeError(
+                    400,
+                    "combine: needs a list of models (a prompt ensemble); got one model",
+                    param="combine",
+                )
+            return [engine.resolve(req.model)]
+        names = list(req.model)
+        if len(names) < 2:
+            raise ServeError(400, "model: an ensemble lists at least 2 adapters", param="model")
+        if len(set(names)) < len(names):
+            raise ServeError(400, "model: an adapter is listed twice", param="model")
+        if req.combine not in (None, "vote"):
+            raise ServeError(
+                400,
+                f"combine: {req.combine!r}: a generation ensemble combines its members' outputs "
+                'by majority "vote"; "mean" averages label probabilities (/v1/classify)',
+                param="combine",
+            )
+        for field, bad in (
+            ("stream", req.stream),
+            ("n", req.n != 1),
+            ("echo", getattr(req, "echo", False)),
+            ("logprobs", req.logprobs not in (None, False)),
+        ):
+            if bad:
+                raise ServeError(
+                    400, f"{field}: not supported with an ensemble (a list of models)", param=field
+                )
+        entries = []
+        for k, name in enumerate(names):
+            try:
+                entry = engine.resolve(name)
+            except EngineError as e:  # name the list item at fault
+                e.param = f"model.{k}"
+                raise
+            if entry is None:
+                raise ServeError(
+                    400,
+                    f"model.{k}: {name!r} is the base model; an ensemble lists adapters of one task",
+                    param=f"model.{k}",
+                )
+            entries.append(entry)
+
+        def task_of(e):
+            return None if e.task is None else (e.task.spec.kind, e.task.spec.template)
+
+        for k, e in enumerate(entries[1:], 1):
+            if task_of(e) != task_of(entries[0]):
+                raise ServeError(
+                    400,
+                    f"model.{k}: {e.name!r} is for another task than {entries[0].name!r} "
+                    f"({task_of(e)} vs {task_of(entries[0])}); an ensemble's adapters share one "
+                    "task",
+                    param=f"model.{k}",
+                )
+        return entries
+
+    def voted(entries, results: list[dict], count: int) -> list[tuple[dict, dict]]:
+        """Per input i of ``count`` (results member-major: member k's answer to input i is
+        ``results[k * count + i]``): the winning member's result and the vote's record."""
+        out = []
+        for i in range(count):
+            mine = [results[k * count + i] for k in range(len(entries))]
+            w, votes = majority([r["text"] for r in mine])
+            record = {
+                "combine": "vote",
+                "winner": entries[w].name,
+                "votes": votes,
+                "members": [
+                    {"model": e.name, "text": r["text"], "finish_reason": r["finish_reason"]}
+                    for e, r in zip(entries, mine, strict=True)
+                ],
+            }
+            out.append((mine[w], record))
+        return out
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         check_unsupported(req)
-        entry = engine.resolve(req.model)
+        entries = generation_members(req)
+        entry = entries[0]
         if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)):
             prompts = [req.prompt]  # one text, or one prompt of token ids
         else:
             prompts = list(req.prompt)
         if not prompts:
             raise ServeError(400, "prompt: give at least one prompt", param="prompt")
-        check_count(len(prompts) * req.n, req.n, "prompt")
+        check_count(len(prompts) * req.n * len(entries), req.n, "prompt")
         max_tokens = settings.default_max_tokens if req.max_tokens is None else req.max_tokens
         if max_tokens == 0 and not req.echo:
             raise ServeError(
@@ -641,25 +725,26 @@ def create_app(
             raise ServeError(400, "echo is not supported with stream: true", param="echo")
         top = req.logprobs
         gens, scores, usage_prompt = [], [], 0
-        for p in prompts:
-            ids = engine.encode_completion(entry, p, req.use_template)
-            engine.check_context(entry, ids, max_tokens)
-            usage_prompt += sum(t >= 0 for t in ids)  # real tokens, once per prompt
-            if req.echo:
-                scores.append(_Row("score", entry, ids, top=top or 0))
-            for _ in range(req.n if max_tokens else 0):
-                gen = GenerationRow(
-                    ids=ids,
-                    adapter=None if entry is None else entry.name,
-                    max_tokens=max_tokens,
-                    temperature=req.temperature,
-                    top_p=req.top_p,
-                    stop=stop,
-                    seed=None if req.seed is None else req.seed + len(gens),
-                    logprobs=top,
-                    stream=req.stream,
-                )
-                gens.append(_Row("generate", entry, ids, gen))
+        for member in entries:  # member-major rows: member k's prompt p is row k * P + p
+            for p in prompts:
+                ids = engine.encode_completion(member, p, req.use_template)
+                engine.check_context(member, ids, max_tokens)
+                usage_prompt += sum(t >= 0 for t in ids)  # real tokens, once per prompt
+                if req.echo:
+                    scores.append(_Row("score", member, ids, top=top or 0))
+                for _ in range(req.n if max_tokens else 0):
+                    gen = GenerationRow(
+                        ids=ids,
+                        adapter=None if member is None else member.name,
+                        max_tokens=max_tokens,
+                        temperature=req.temperature,
+                        top_p=req.top_p,
+                        stop=stop,
+                        seed=None if req.seed is None else req.seed + len(gens),
+                        logprobs=top,
+                        stream=req.stream,
+                    )
+                    gens.append(_Row("generate", member, ids, gen))
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -685,6 +770,19 @@ def create_app(
             return response
         results = await wait(engine.submit(scores + gens, "prompt"))
         prompt_lps, results = results[: len(scores)], results[len(scores) :]
+        if len(entries) > 1:
+            choices = [
+                {
+                    "index": i,
+                    "text": r["text"],
+                    "finish_reason": r["finish_reason"],
+                    "logprobs": None,
+                    "ensemble": record,
+                }
+                for i, (r, record) in enumerate(voted(entries, results, len(prompts)))
+            ]
+            completion_tokens = sum(r["completion_tokens"] for r in results)
+            return {**head, "choices": choices, "usage": usage(usage_prompt, completion_tokens)}
         choices = []
         for i in range(len(prompts) * req.n):
             p = i // req.n
@@ -725,38 +823,40 @@ def create_app(
             raise ServeError(
                 400, "model: chat completions need a decoder-only model", param="model"
             )
-        entry = engine.resolve(req.model)
+        entries = generation_members(req)
         messages = chat_messages(req.messages)
-        check_count(req.n, req.n, "n")
+        check_count(req.n * len(entries), req.n, "n")
         max_tokens = req.max_completion_tokens or req.max_tokens or settings.default_max_tokens
         check_max_tokens(max_tokens)
         stop = parse_stop(req.stop)
         if req.top_logprobs is not None and not req.logprobs:
             raise ServeError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        ids, stop_ids = engine.encode_chat(entry, messages)
-        engine.check_context(entry, ids, max_tokens)
-        usage_prompt = sum(t >= 0 for t in ids)
-        rows = [
-            _Row(
-                "generate",
-                entry,
-                ids,
-                GenerationRow(
-                    ids=ids,
-                    adapter=None if entry is None else entry.name,
-                    max_tokens=max_tokens,
-                    temperature=req.temperature,
-                    top_p=req.top_p,
-                    stop=stop,
-                    seed=None if req.seed is None else req.seed + i,
-                    stop_ids=stop_ids,
-                    logprobs=top,
-                    stream=req.stream,
-                ),
-            )
-            for i in range(req.n)
-        ]
+        rows, usage_prompt = [], 0
+        for member in entries:  # an ensemble: one row per member
+            ids, stop_ids = engine.encode_chat(member, messages)
+            engine.check_context(member, ids, max_tokens)
+            usage_prompt += sum(t >= 0 for t in ids)
+            rows += [
+                _Row(
+                    "generate",
+                    member,
+                    ids,
+                    GenerationRow(
+                        ids=ids,
+                        adapter=None if member is None else member.name,
+                        max_tokens=max_tokens,
+                        temperature=req.temperature,
+                        top_p=req.top_p,
+                        stop=stop,
+                        seed=None if req.seed is None else req.seed + len(rows) + i,
+                        stop_ids=stop_ids,
+                        logprobs=top,
+                        stream=req.stream,
+                    ),
+                )
+                for i in range(req.n)
+            ]
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -805,6 +905,19 @@ def create_app(
             }
             for i, r in enumerate(results)
         ]
+        if len(entries) > 1:
+            choices = []
+            for r, record in voted(entries, results, 1):
+                message = {"role": "assistant", "content": r["text"], "refusal": None}
+                choices.append(
+                    {
+                        "index": 0,
+                        "message": message,
+                        "finish_reason": r["finish_reason"],
+                        "logprobs": None,
+                        "ensemble": record,
+                    }
+                )
         completion_tokens = sum(r["completion_tokens"] for r in results)
         return {
             **head,
