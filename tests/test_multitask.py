@@ -261,3 +261,149 @@ def test_train_tasks_bad_input_is_refused_before_anything_is_written(
         assert main([str(a) for a in (*base, *extra, "--output", out)]) == 2
         assert msg in capsys.readouterr().err
         assert not out.exists()
+
+
+def build_mpt(path: str, **cfg) -> tuple[sp.SoftPromptModel, dict[str, Task]]:
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(path))
+    tok = AutoTokenizer.from_pretrained(path)
+    for k, name in enumerate(SPECS):
+        model.add_adapter(
+            name, sp.MultitaskPromptConfig(num_virtual_tokens=3, num_ranks=2, seed=k, **cfg)
+        )
+        model.adapters[name].task = SPECS[name].to_dict()
+    return model, {n: Task(s, model, tok) for n, s in SPECS.items()}
+
+
+def test_mpt_stage_one_trains_one_shared_prompt_on_every_task(tiny_folders, tmp_path):
+    """``--method mpt --tasks``: the tasks' adapters hold ONE shared prompt (updated once a step
+    by the summed losses' gradient: AdamW's first step is -lr * g / (|g| + eps) with g the sum
+    of each task's own gradient), each task its own factors; the shared prompt after the run is
+    saved as a prompt-tuning folder that stage 2's ``shared_init_from`` reads exactly."""
+    model, tasks = build_mpt(tiny_folders["llama"])
+    names = list(tasks)
+    enc = {n: [tasks[n].encode(ex) for ex in ROWS[n]()] for n in names}
+    lr = 0.05
+    multi = MultiTaskTrainer(
+        model,
+        {n: (tasks[n], ROWS[n](), []) for n in names},
+        TrainArgs(
+            output_dir=str(tmp_path / "multi"),
+            batch_size=sum(len(v) for v in enc.values()),
+            max_steps=1,
+            warmup_ratio=0.0,
+            lr=lr,
+            progress=False,
+            eval_every=1,
+        ),
+        log=lambda _: None,
+    )
+    assert multi.shared is not None
+    assert all(model.adapters[n].shared is multi.shared for n in names)  # tied
+    start = model.adapters[names[0]].shared.detach().clone()
+    # the reference gradient: each task's own loss on its rows, summed over the tasks
+    grad = torch.zeros_like(start)
+    for n in names:
+        model.zero_grad(set_to_none=True)
+        with model.using(n):
+            tasks[n].loss(enc[n]).backward()
+        grad += model.adapters[n].shared.grad
+    factors = {n: model.adapters[n].cols.detach().clone() for n in names}
+    # train_only keeps the tied prompt trainable while any task trains
+    train_only(model, [names[-1]])
+    assert multi.shared.requires_grad and not model.adapters[names[0]].cols.requires_grad
+    result = multi.train()
+    # linear decay over 1 step: the step used lr * 1; Adam's first step: g / (|g| + eps)
+    want = start - lr * grad / (grad.abs() + 1e-8)
+    after = torch.as_tensor(model.adapters[names[0]].shared.detach())
+    torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-4)
+    for n in names:  # every task's factors moved; afterwards each adapter has its own copy
+        assert float((model.adapters[n].cols - factors[n]).abs().max()) > 1e-3
+        assert model.adapters[n].shared is not model.adapters[names[0]].shared or n == names[0]
+    folder = Path(result["shared_prompt"])
+    assert folder == tmp_path / "multi" / "shared" / "adapter"
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    assert meta["method"] == "prompt"
+    saved = load_file(folder / "adapter.safetensors")["prompt"]
+    torch.testing.assert_close(saved, after, atol=0, rtol=0)
+    # stage 2 starts from it
+    target = model.add_adapter(
+        "target", sp.MultitaskPromptConfig(num_virtual_tokens=3, shared_init_from=str(folder))
+    )
+    torch.testing.assert_close(target.shared.detach(), after, atol=0, rtol=0)
+
+
+def test_a_frozen_shared_prompt_stays_frozen_in_a_tasks_run(tiny_folders, tmp_path):
+    """MPT stage 2 for several targets at once (``--freeze-shared``): not tied, and the shared
+    prompt does not move (the trainer honours ``Adapter.trains``); the factors do."""
+    model, tasks = build_mpt(tiny_folders["llama"], train_shared=False)
+    names = list(tasks)
+    before = {n: model.adapters[n].shared.detach().clone() for n in names}
+    cols = {n: model.adapters[n].cols.detach().clone() for n in names}
+    multi = MultiTaskTrainer(
+        model,
+        {n: (tasks[n], ROWS[n](), []) for n in names},
+        TrainArgs(
+            output_dir=str(tmp_path / "m"),
+            batch_size=8,
+            max_steps=2,
+            lr=0.05,
+            progress=False,
+            eval_every=2,
+        ),
+        log=lambda _: None,
+    )
+    assert multi.shared is None
+    assert multi.train()["shared_prompt"] is None
+    for n in names:
+        torch.testing.assert_close(model.adapters[n].shared.detach(), before[n], atol=0, rtol=0)
+        assert float((model.adapters[n].cols - cols[n]).abs().max()) > 1e-4
+    with pytest.raises(SoftPromptError, match="--freeze-shared"):
+        MultiTaskTrainer(
+            model,
+            {n: (tasks[n], ROWS[n](), []) for n in names},
+            TrainArgs(output_dir=str(tmp_path / "m2"), max_steps=1, progress=False),
+            tie_shared=True,
+        )
+
+
+def test_mpt_stages_from_the_cli(tiny_folders, tmp_path, capsys):
+    """Stage 1: ``train --method mpt --tasks a=..,b=..`` ties the shared prompt and writes
+    OUTPUT/shared/adapter; stage 2: ``train --method mpt --shared-from`` it on a target task.
+    ``--tie-shared`` with another method, or without ``--tasks``, is refused."""
+    sent = write_jsonl(tmp_path / "sent.jsonl", [e.fields for e in sentiment_rows()])
+    size = write_jsonl(
+        tmp_path / "size.jsonl",
+        [{"text": e.fields["text"], "label": e.fields["label"] + "x"} for e in sentiment_rows()],
+    )
+    common = ["--model", tiny_folders["llama"], "--max-steps", "3", "--batch-size", "4"]
+    common += ["--num-virtual-tokens", "3", "--no-progress"]
+    out = tmp_path / "stage1"
+    argv = ["train", "--method", "mpt", "--tasks", f"sent={sent},size={size}"]
+    assert main([*argv, "--output", str(out), *common]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    shared = out / "shared" / "adapter"
+    assert summary["shared_prompt"] == str(shared)
+    prompt = load_file(shared / "adapter.safetensors")["prompt"]
+    assert tuple(prompt.shape)[0] == 3
+    for name in ("sent", "size"):  # each task's file: its own product of the shared prompt
+        meta = json.loads((out / name / "adapter" / "adapter_config.json").read_text())
+        assert meta["method"] == "mpt"
+    a = load_file(out / "sent" / "adapter" / "adapter.safetensors")["prompt"]
+    b = load_file(out / "size" / "adapter" / "adapter.safetensors")["prompt"]
+    assert not torch.equal(a, b)
+    out2 = tmp_path / "stage2"
+    argv2 = ["train", "--method", "mpt", "--shared-from", str(shared), "--train", str(size)]
+    assert main([*argv2, "--output", str(out2), "--freeze-shared", *common]) == 0
+    assert (out2 / "adapter" / "adapter.safetensors").is_file()
+    capsys.readouterr()
+    for bad, msg in (
+        (
+            ["train", "--method", "prompt", "--tasks", f"sent={sent},size={size}", "--tie-shared"],
+            "needs --method mpt",
+        ),
+        (["train", "--method", "mpt", "--train", str(sent), "--tie-shared"], "goes with --tasks"),
+    ):
+        target = tmp_path / f"bad{len(bad)}"
+        assert main([*bad, "--output", str(target), *common]) == 2
+        assert msg in capsys.readouterr().err
+        assert not (target / "adapter").exists()

@@ -91,13 +91,19 @@ class AdapterBank:
         if name is not None:
             self._check_names([name])
         self.active = name
-        for key, p in self.named_parameters():
-            if is_adapter_key(key):
-                _, owner, param = key.split(".", 2)
-                trains = self.adapters[owner].trains(param)
-                p.requires_grad_(name is not None and is_adapter_key(key, name) and trains)
-            else:
-                p.requires_grad_(False)
+        self.set_trainable([] if name is None else [name])
+
+    def set_trainable(self, names) -> None:
+        """Make the adapters ``names`` (and nothing else) trainable. A parameter an adapter
+        keeps frozen (``Adapter.trains``) stays frozen; one that several adapters hold (MPT's
+        tied shared prompt) trains if any of them does."""
+        want = set(names)
+        on: dict[int, bool] = {}
+        for owner, ad in self.adapters.items():
+            for param, p in ad.named_parameters():
+                on[id(p)] = on.get(id(p), False) or (owner in want and ad.trains(param))
+        for p in self.parameters():
+            p.requires_grad_(on.get(id(p), False))
 
     @contextlib.contextmanager
     def using(self, name: str | None) -> Iterator[AdapterBank]:

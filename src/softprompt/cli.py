@@ -228,6 +228,9 @@ def train_run(args):
         from .multitask import train_tasks
 
         return train_tasks(args)
+    for flag in ("tasks_eval", "task_template", "tie_shared"):
+        if getattr(args, flag, None) is not None:
+            raise SoftPromptError(f"--{flag.replace('_', '-')} goes with --tasks")
     for flag in ("train", "output"):
         if not getattr(args, flag):
             raise SoftPromptError(f"train needs --{flag} (on the command line or in --config)")
@@ -1059,6 +1062,14 @@ def _add_multi_flags(t) -> None:
         "batches, into OUTPUT/<name>/ (instead of --train; see softprompt.multitask)",
     )
     t.add_argument("--tasks-eval", help="name=data[,...]: each task's dev data (with --tasks)")
+    t.add_argument(
+        "--tie-shared",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mpt with --tasks: the tasks' adapters share ONE trained shared prompt (MPT stage "
+        "1; saved as OUTPUT/shared/adapter for --shared-from), each with its own rank-r "
+        "factors. Default: on for --method mpt without --shared-from",
+    )
     t.add_argument(
         "--task-template",
         nargs="+",

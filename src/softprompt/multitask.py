@@ -19,6 +19,10 @@ a stopped task's rows leave the pool (its adapter gets no more rows or updates) 
 go on. Logs: ``OUTPUT/<name>/metrics.jsonl`` (the task's loss and dev metrics), a training
 curve per task, ``OUTPUT/metrics.jsonl`` (the summed loss) and ``OUTPUT/summary.json``.
 
+MPT stage 1 (``--method mpt``, ``tie_shared``): the tasks' MPT adapters hold ONE shared prompt
+(``tie_shared_prompts``), trained by its own AdamW with the gradient of the summed losses, each
+task's rank-r factors by the task's optimiser; saved after the run as ``OUTPUT/shared/adapter``.
+
 Limits (each refused with a clear error): decoder-only LMs only (the mixed forward scores the
 answers with the LM head), one process, no ``--resume`` / ``--grad-accum`` / ``--fsdp`` /
 ``--report-to`` / ``--test`` with ``--tasks``.
@@ -116,12 +120,40 @@ class TaskRun:
 
 def train_only(model: SoftPromptModel, names: Sequence[str]) -> None:
     """Make the adapters ``names`` (and nothing else) trainable at once (``set_active`` makes
-    one adapter trainable; a multi-task step needs several)."""
-    want = set(names)
-    for key, p in model.named_parameters():
-        parts = key.split(".")
-        on = parts[0] == "adapters" and parts[1] in want and not model.adapters[parts[1]].is_baked
-        p.requires_grad_(on)
+    one adapter trainable; a multi-task step needs several): ``AdapterBank.set_trainable``."""
+    model.set_trainable(names)
+
+
+def tie_shared_prompts(model: SoftPromptModel, names: Sequence[str]) -> torch.nn.Parameter:
+    """MPT stage 1 (Wang et al. 2023): the adapters ``names`` (MPT, one per source task) hold
+    ONE shared prompt from now on, the first one's; each keeps its own rank-r factors.
+
+    Raises:
+        SoftPromptError: an adapter that is not MPT, keeps its shared prompt frozen, or has
+            another prompt shape than the first.
+    """
+    first = None
+    for name in names:
+        ad = model.adapters[name]
+        if ad.config.method != "mpt" or ad.is_baked:
+            raise SoftPromptError(
+                f"tying the shared prompt needs trainable MPT adapters (--method mpt); task "
+                f"{name!r} has {ad.config.method!r}"
+            )
+        if not ad.config.train_shared:
+            raise SoftPromptError(
+                f"task {name!r}: a tied shared prompt trains (stage 1); drop --freeze-shared "
+                "or use --no-tie-shared"
+            )
+        if first is None:
+            first = ad.shared
+        elif ad.shared.shape != first.shape:
+            raise SoftPromptError(
+                f"task {name!r}: shared prompt {tuple(ad.shared.shape)} vs {tuple(first.shape)}"
+            )
+        else:
+            ad.shared = first
+    return first
 
 
 def mixed_losses(
@@ -216,6 +248,7 @@ class MultiTaskTrainer:
         tasks: dict[str, tuple[Task, Sequence[Example], Sequence[Example]]],
         args: TrainArgs,
         log: Callable[[str], None] = print,
+        tie_shared: bool | None = None,
     ) -> None:
         if args.grad_accum != 1:
             raise SoftPromptError("--tasks trains with --grad-accum 1")
@@ -239,14 +272,37 @@ class MultiTaskTrainer:
                 else max(0.0, (self.total - s) / max(1, self.total - warm))
             )
 
-        self.runs: dict[str, TaskRun] = {}
-        for name, (task, train_rows, eval_rows) in tasks.items():
+        for name in tasks:
             if name not in model.adapters:
                 raise SoftPromptError(f"the model has no adapter {name!r} for task {name!r}")
+        if tie_shared is None:  # MPT stage 1: every task an MPT adapter training a new prompt
+            tie_shared = len(tasks) > 1 and all(
+                model.adapters[n].config.method == "mpt"
+                and model.adapters[n].config.train_shared
+                and not model.adapters[n].config.shared_init_from
+                for n in tasks
+            )
+        self.shared: torch.nn.Parameter | None = None
+        self.shared_opt = self.shared_sched = None
+        if tie_shared:
+            self.shared = tie_shared_prompts(model, list(tasks))
+            first = model.adapters[next(iter(tasks))]
+            lr = args.lr if args.lr is not None else default_lr(model.base_model, "mpt")
+            self.shared_opt = torch.optim.AdamW(
+                [self.shared], lr=lr, weight_decay=args.weight_decay
+            )
+            self.shared_sched = torch.optim.lr_scheduler.LambdaLR(self.shared_opt, schedule)
+            self.shared_tokens = first.config.num_virtual_tokens
+        self.runs: dict[str, TaskRun] = {}
+        for name, (task, train_rows, eval_rows) in tasks.items():
             if not train_rows:
                 raise SoftPromptError(f"task {name!r} has no training rows")
             ad = model.adapters[name]
-            params = [p for p in ad.parameters() if not ad.is_baked]
+            params = [
+                p
+                for key, p in ad.named_parameters()
+                if ad.trains(key) and p is not self.shared  # a tied prompt: its own optimiser
+            ]
             if not params:
                 raise SoftPromptError(f"adapter {name!r} has nothing to train (is it baked?)")
             lr = args.lr if args.lr is not None else default_lr(model.base_model, ad.config.method)
@@ -295,6 +351,8 @@ class MultiTaskTrainer:
         train_only(self.model, self.active())
         for run in self.runs.values():
             run.opt.zero_grad(set_to_none=True)
+        if self.shared_opt is not None:
+            self.shared_opt.zero_grad(set_to_none=True)
         rows = [(n, self.runs[n].items[i]) for n, i in batch]
         tasks = {n: self.runs[n].task for n in {n for n, _ in batch}}
         losses = mixed_losses(self.model, tasks, rows)
@@ -318,6 +376,16 @@ class MultiTaskTrainer:
                     f"training stopped at step {self.step + 1}: task {name!r}'s adapter is not "
                     "finite after the update; lower --lr"
                 )
+        if self.shared_opt is not None:  # the tied prompt: the summed losses' gradient
+            if self.args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([self.shared], self.args.max_grad_norm)
+            self.shared_opt.step()
+            self.shared_sched.step()
+            if not bool(torch.isfinite(self.shared).all()):
+                raise SoftPromptError(
+                    f"training stopped at step {self.step + 1}: the shared prompt is not "
+                    "finite after the update; lower --lr"
+                )
         for name in self.active():
             self.runs[name].sched.step()
         self.step += 1
@@ -337,6 +405,34 @@ class MultiTaskTrainer:
 
         _atomic_dir(run.out / "adapter", lambda tmp: save_adapter(self.model, tmp, run.name))
         run.adapter_step = self.step
+
+    def _save_shared(self) -> str:
+        """The tied shared prompt after the run, as a prompt-tuning folder
+        ``OUTPUT/shared/adapter`` (what stage 2's ``--shared-from`` reads), and each task's
+        adapter untied (its own copy: its file already holds the product at its best step)."""
+        import softprompt as sp
+
+        from .io import save_adapter
+
+        tmp = "__shared_prompt__"
+        while tmp in self.model.adapters:
+            tmp += "_"
+        ad = self.model.add_adapter(
+            tmp, sp.PromptTuningConfig(num_virtual_tokens=self.shared_tokens, init="random")
+        )
+        (param,) = list(ad.parameters())
+        with torch.no_grad():
+            param.copy_(self.shared)
+        target = self.out / "shared" / "adapter"
+        try:
+            _atomic_dir(target, lambda d: save_adapter(self.model, d, tmp))
+        finally:
+            self.model.delete_adapter(tmp)
+        for name in self.runs:
+            ad = self.model.adapters[name]
+            ad.shared = torch.nn.Parameter(self.shared.detach().clone(), requires_grad=False)
+        self.log(f"shared prompt: {target}")
+        return str(target)
 
     def _write(self, path: Path, record: dict) -> None:
         with open(path, "a") as f:
@@ -417,11 +513,15 @@ class MultiTaskTrainer:
         finally:
             self.model.eval()
             train_only(self.model, [])
+        shared_dir = None
+        if self.shared is not None:
+            shared_dir = self._save_shared()
         for run in self.runs.values():
             plot_curves(run.out / "metrics.jsonl", run.out / "training_curve.png", self.log)
         return {
             "steps": self.step,
             "wall_s": round(time.time() - t0, 2),
+            "shared_prompt": shared_dir,
             "tasks": {
                 n: {
                     "train_rows": len(r.items),
@@ -538,7 +638,9 @@ def train_tasks(args: argparse.Namespace):
             raise SoftPromptError(f"task {name!r}: {e}") from e
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")}
     (out / "config.yaml").write_text(yaml.safe_dump(flags, sort_keys=False))
-    trainer = MultiTaskTrainer(model, tasks, train_args)
+    if args.tie_shared and args.method != "mpt":
+        raise SoftPromptError("--tie-shared ties MPT's shared prompt: it needs --method mpt")
+    trainer = MultiTaskTrainer(model, tasks, train_args, tie_shared=args.tie_shared)
     result = trainer.train()
     summary = {
         "method": args.method,
@@ -549,6 +651,8 @@ def train_tasks(args: argparse.Namespace):
     }
     for name, info in result["tasks"].items():
         summary["tasks"][name].update(info)
+    if result["shared_prompt"]:
+        summary["shared_prompt"] = result["shared_prompt"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
         "adapters: "

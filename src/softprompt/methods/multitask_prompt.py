@@ -12,9 +12,11 @@ tuning's do (input level); the adapter's prompt is task ``task_id``'s.
 
 Two stages, as in the paper:
 
-1. source tasks: train ``shared`` together with each source task's factors (one adapter per
-   task id with ``num_tasks`` > 1 sharing one ``shared`` tensor, or simply prompt tuning on the
-   mixed source data: its prompt is then the shared prompt);
+1. source tasks: train ``shared`` together with each source task's factors:
+   ``softprompt.multitask.MultiTaskTrainer`` (``train --method mpt --tasks``) ties one ``shared``
+   parameter across one MPT adapter per source task (``tie_shared_prompts``) and saves it as
+   ``OUTPUT/shared/adapter``; or simply prompt tuning on the mixed source data (its prompt is
+   then the shared prompt);
 2. target task: a new adapter whose shared prompt starts from stage 1 (``shared_init_from``: a
    softprompt adapter folder of prompt tuning or MPT, or a PEFT PROMPT_TUNING /
    MULTITASK_PROMPT_TUNING folder), training the rank-r factors, with the shared prompt frozen
