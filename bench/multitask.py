@@ -1,16 +1,21 @@
-"""Several tasks in one run, prompt transfer and prompt ensembles on SmolLM2-135M (CPU).
+"""Several tasks in one run, prompt transfer, multitask prompt tuning, adaption prompts and
+prompt ensembles on SmolLM2-135M-Instruct (CPU, 2 threads).
 
-    nice -n 10 python bench/multitask.py      # ~10 minutes on 2 busy CPU threads; writes
-                                              # bench/results/multitask.json
+    nice -n 10 python bench/multitask.py [--sections multitask,transfer,mpt,adaption,ensemble]
+        [--seeds 0,1,2] [--out bench/results/multitask.json]   # sections add to the file
 
-1. Wall time: three prompt-tuning tasks built from the embedded data (Rotten Tomatoes
+1. multitask: three prompt-tuning tasks built from the embedded data (Rotten Tomatoes
    sentiment; review length long/short; text source movie review vs paper abstract, aclsum)
    trained one after another (three Trainer runs, batch 8) vs in one --tasks run (batch 24 of
    mixed rows: about 8 rows of each task per step, so each adapter sees the same number of rows
    and updates). The model is loaded once for both; dev accuracy of each adapter after.
-2. Transfer (SPoT): target tasks at 50 and 200 training rows, prompt initialised from a source
-   adapter vs from random vocabulary embeddings (the default); same steps, dev accuracy.
-3. Ensembles: 3 seeds of prompt tuning on sentiment; each alone, mean probability and majority
+2. transfer (SPoT): the target 'opinion' (sentiment, another template, label words good/bad) at
+   50 and 200 training rows, prompt from the trained sentiment adapter vs the vocabulary init;
+   dev accuracy at step 0 and after --transfer-steps, per seed.
+3. mpt: stage 1 on the three source tasks in one run (one tied shared prompt), stage 2 on
+   'opinion' from the shared prompt vs prompt tuning from the vocabulary.
+4. adaption: adaption prompt (top 8 layers) vs prompt tuning on sentiment, per seed.
+5. ensemble: 3 seeds of prompt tuning on sentiment; each alone, mean probability and majority
    vote on test rows.
 """
 
@@ -38,6 +43,7 @@ from softprompt.transfer import init_from, prompt_rows, similarity  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "multitask.json"
 TOKENS, LR, STEPS, MAXLEN, DEV, BATCH = 10, 1e-2, 15, 48, 100, 8
+TRANSFER_STEPS = 12
 
 
 def rows(fields: list[dict], tag: str) -> list[Example]:
@@ -98,8 +104,9 @@ def spec_of(d: dict) -> TaskSpec:
     return TaskSpec(kind="classify", template=d["template"], labels=labels, max_length=MAXLEN)
 
 
-def add(model, name, d, seed=0):
-    ad = model.add_adapter(name, sp.PromptTuningConfig(num_virtual_tokens=TOKENS, seed=seed))
+def add(model, name, d, seed=0, config=None):
+    config = config or sp.PromptTuningConfig(num_virtual_tokens=TOKENS, seed=seed)
+    ad = model.add_adapter(name, config, model.tokenizer)
     ad.task = spec_of(d).to_dict()
     return Task(spec_of(d), model, model.tokenizer)
 
@@ -110,13 +117,13 @@ def dev_acc(model, name, task, dev) -> float:
     return headline(task.metrics(rows(dev, "dev"), preds))[1]
 
 
-def train_one(model, name, task, train, steps, seed, out, batch=None) -> float:
+def train_one(model, name, task, train, steps, seed, out, batch=None, lr=None) -> float:
     batch = batch or BATCH
     model.set_active(name)
     args = TrainArgs(
         output_dir=str(out / name),
         max_steps=steps,
-        lr=LR,
+        lr=lr or LR,
         batch_size=batch,
         eval_every=10**6,
         seed=seed,
@@ -128,41 +135,8 @@ def train_one(model, name, task, train, steps, seed, out, batch=None) -> float:
     return time.time() - t
 
 
-def main() -> None:
-    global STEPS, MAXLEN, DEV, BATCH
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="multitask,transfer,ensemble")
-    ap.add_argument("--steps", type=int, default=STEPS)
-    ap.add_argument("--batch", type=int, default=BATCH, help="rows per task per step")
-    ap.add_argument("--max-length", type=int, default=MAXLEN)
-    ap.add_argument("--dev", type=int, default=DEV)
-    opt = ap.parse_args()
-    STEPS, BATCH, MAXLEN, DEV = opt.steps, opt.batch, opt.max_length, opt.dev
-    sections = opt.sections.split(",")
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    base, tok = load_base("smollm2-135m-instruct")
-    model = sp.attach(base, tokenizer=tok)
-    data = build_tasks()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-multi-"))
-    result: dict = {
-        "config": dict(
-            batch=BATCH,
-            sections=sections,
-            tokens=TOKENS,
-            lr=LR,
-            steps=STEPS,
-            max_length=MAXLEN,
-            dev_rows=DEV,
-            method="prompt",
-            threads=2,
-        )
-    }
-
-    # 1. sequential vs one --tasks run
-    names = ["sent", "length", "domain"]
+def multitask_section(model, data, names, tmp, result) -> None:
+    """1. the three tasks one after another vs one MultiTaskTrainer run, same steps."""
     seq_time, seq_acc = {}, {}
     for n in names:
         task = add(model, f"seq_{n}", data[n])
@@ -179,8 +153,7 @@ def main() -> None:
         progress=False,
     )
     t = time.time()
-    mt = MultiTaskTrainer(model, tasks, args, log=lambda _: None)
-    info = mt.train()
+    info = MultiTaskTrainer(model, tasks, args, log=lambda _: None).train()
     multi_time = time.time() - t  # includes one save per task, as the sequential runs do
     multi_acc = {n: dev_acc(model, n, tasks[n][0], data[n]["dev"]) for n in names}
     print(f"multi: {multi_time:.1f}s dev {multi_acc}", flush=True)
@@ -194,50 +167,235 @@ def main() -> None:
         multi_rows_seen={n: v["rows_seen"] for n, v in info["tasks"].items()},
         multi_updates={n: v["updates"] for n, v in info["tasks"].items()},
     )
-    OUT.write_text(json.dumps(result, indent=2))
 
+
+def mean(xs) -> float:
+    return round(sum(xs) / len(xs), 4)
+
+
+def transfer_section(model, data, names, tmp, result, seeds) -> None:
+    """2. SPoT: the target 'opinion' at 50 / 200 rows from the trained 'sent' prompt vs the
+    vocabulary init; dev accuracy at step 0 (the init alone) and after TRANSFER_STEPS."""
+    src_dir = tmp / "seq_sent" / "adapter"
+    runs = []
+    for n_rows in (50, 200):
+        for init in ("vocab", "transfer"):
+            for seed in seeds:
+                name = f"t_opinion_{n_rows}_{init}_{seed}"
+                task = add(model, name, data["opinion"], seed=seed)
+                if init == "transfer":
+                    init_from(model, name, src_dir)
+                at0 = dev_acc(model, name, task, data["opinion"]["dev"])
+                train = data["opinion"]["train"][:n_rows]
+                train_one(model, name, task, train, TRANSFER_STEPS, seed, tmp)
+                acc = dev_acc(model, name, task, data["opinion"]["dev"])
+                runs.append(dict(rows=n_rows, init=init, seed=seed, dev_step0=at0, dev=acc))
+                print(f"transfer {name}: dev {at0:.3f} -> {acc:.3f}", flush=True)
+    summary = {
+        f"{n}_{init}": dict(
+            dev_mean=mean([r["dev"] for r in runs if (r["rows"], r["init"]) == (n, init)]),
+            dev_step0_mean=mean(
+                [r["dev_step0"] for r in runs if (r["rows"], r["init"]) == (n, init)]
+            ),
+        )
+        for n in (50, 200)
+        for init in ("vocab", "transfer")
+    }
+    result["transfer"] = dict(steps=TRANSFER_STEPS, seeds=seeds, runs=runs, summary=summary)
+    mine = prompt_rows(model.adapters[f"t_opinion_50_vocab_{seeds[0]}"])
+    sources = [n for n in (f"seq_{m}" for m in names) if n in model.adapters]
+    result["similar"] = {n: similarity(mine, prompt_rows(model.adapters[n])) for n in sources}
+
+
+def mpt_section(model, data, names, tmp, result, seeds) -> None:
+    """3. MPT: stage 1 on the three source tasks in one run (one tied shared prompt, rank-1
+    factors per task), stage 2 on 'opinion' at 50 / 200 rows from the shared prompt (factors
+    and shared prompt train) vs prompt tuning from the vocabulary (the same steps and lr)."""
+    cfg = dict(num_virtual_tokens=TOKENS, num_ranks=1)
+    tasks = {
+        n: (
+            add(model, f"mpt_{n}", data[n], config=sp.MultitaskPromptConfig(**cfg)),
+            rows(data[n]["train"], n),
+            [],
+        )
+        for n in names
+    }
+    tasks = {f"mpt_{n}": v for n, v in tasks.items()}
+    args = TrainArgs(
+        output_dir=str(tmp / "mpt1"),
+        max_steps=STEPS,
+        lr=LR,
+        batch_size=3 * BATCH,
+        eval_every=STEPS,
+        progress=False,
+    )
+    t = time.time()
+    info = MultiTaskTrainer(model, tasks, args, log=lambda _: None).train()
+    stage1_s = time.time() - t
+    stage1_dev = {
+        n: dev_acc(model, f"mpt_{n}", tasks[f"mpt_{n}"][0], data[n]["dev"]) for n in names
+    }
+    print(f"mpt stage 1: {stage1_s:.1f}s dev {stage1_dev}", flush=True)
+    shared = info["shared_prompt"]
+    runs = []
+    for n_rows in (50, 200):
+        for kind in ("prompt_vocab", "mpt_shared"):
+            for seed in seeds:
+                name = f"m_opinion_{n_rows}_{kind}_{seed}"
+                config = (
+                    sp.MultitaskPromptConfig(**cfg, shared_init_from=shared, seed=seed)
+                    if kind == "mpt_shared"
+                    else sp.PromptTuningConfig(num_virtual_tokens=TOKENS, seed=seed)
+                )
+                task = add(model, name, data["opinion"], config=config)
+                at0 = dev_acc(model, name, task, data["opinion"]["dev"])
+                train = data["opinion"]["train"][:n_rows]
+                train_one(model, name, task, train, TRANSFER_STEPS, seed, tmp)
+                acc = dev_acc(model, name, task, data["opinion"]["dev"])
+                runs.append(dict(rows=n_rows, init=kind, seed=seed, dev_step0=at0, dev=acc))
+                print(f"mpt {name}: dev {at0:.3f} -> {acc:.3f}", flush=True)
+    summary = {
+        f"{n}_{k}": dict(
+            dev_mean=mean([r["dev"] for r in runs if (r["rows"], r["init"]) == (n, k)]),
+            dev_step0_mean=mean([r["dev_step0"] for r in runs if (r["rows"], r["init"]) == (n, k)]),
+        )
+        for n in (50, 200)
+        for k in ("prompt_vocab", "mpt_shared")
+    }
+    result["mpt"] = dict(
+        stage1_s=stage1_s,
+        stage1_dev=stage1_dev,
+        stage1_steps=STEPS,
+        steps=TRANSFER_STEPS,
+        seeds=seeds,
+        runs=runs,
+        summary=summary,
+    )
+
+
+def adaption_section(model, data, tmp, result, seeds) -> None:
+    """4. adaption prompt (LLaMA-Adapter: 10 tokens in the top 8 layers, zero-init gates, its
+    paper's lr 9e-3) vs prompt tuning (10 tokens, lr LR) on 'sent': dev accuracy after STEPS
+    steps of BATCH rows, per seed, and the step time of each."""
+    out = {"prompt": [], "adaption_prompt": []}
+    times = {"prompt": [], "adaption_prompt": []}
+    for seed in seeds:
+        for kind in ("prompt", "adaption_prompt"):
+            name = f"a_{kind}_{seed}"
+            if kind == "prompt":
+                config, lr = sp.PromptTuningConfig(num_virtual_tokens=TOKENS, seed=seed), LR
+            else:
+                config = sp.AdaptionPromptConfig(
+                    num_virtual_tokens=TOKENS, adapter_layers=8, seed=seed
+                )
+                lr = 9e-3
+            task = add(model, name, data["sent"], config=config)
+            secs = train_one(model, name, task, data["sent"]["train"], STEPS, seed, tmp, lr=lr)
+            out[kind].append(dev_acc(model, name, task, data["sent"]["dev"]))
+            times[kind].append(secs / STEPS)
+            print(f"{name}: dev {out[kind][-1]:.3f} ({secs / STEPS:.2f} s/step)", flush=True)
+    zero = add(
+        model,
+        "a_zero",
+        data["sent"],
+        config=sp.AdaptionPromptConfig(num_virtual_tokens=TOKENS, adapter_layers=8),
+    )
+    result["adaption"] = dict(
+        seeds=seeds,
+        steps=STEPS,
+        dev=out,
+        dev_mean={k: mean(v) for k, v in out.items()},
+        s_per_step_mean={k: mean(v) for k, v in times.items()},
+        zero_gate_dev=dev_acc(model, "a_zero", zero, data["sent"]["dev"]),
+    )
+
+
+def ensemble_section(model, data, tmp, result) -> None:
+    """5. ensembles: 3 seeds on sentiment, test rows; each alone, mean and vote."""
+    test = [e.fields for e in load_examples("rotten-tomatoes:test", "classify")][:200]
+    members = ["seq_sent"]
+    for seed in (1, 2):
+        task = add(model, f"ens{seed}", data["sent"], seed=seed)
+        train_one(model, f"ens{seed}", task, data["sent"]["train"], STEPS, seed, tmp)
+        members.append(f"ens{seed}")
+    task = Task(spec_of(data["sent"]), model, model.tokenizer)
+    single = {m: dev_acc(model, m, task, test) for m in members}
+    ens = {}
+    for combine in ("mean", "vote"):
+        t = time.time()
+        preds = ensemble_predict(model, [task] * 3, members, rows(test, "test"), 32, combine)
+        ens[combine] = dict(
+            acc=headline(task.metrics(rows(test, "test"), preds))[1], seconds=time.time() - t
+        )
+    result["ensemble"] = dict(single=single, best_single=max(single.values()), **ens)
+    print(json.dumps(result["ensemble"]), flush=True)
+
+
+def main() -> None:
+    global STEPS, MAXLEN, DEV, BATCH, TRANSFER_STEPS
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="multitask,transfer,mpt,adaption,ensemble")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--transfer-steps", type=int, default=TRANSFER_STEPS)
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of the transfer/mpt/adaption runs")
+    ap.add_argument("--batch", type=int, default=BATCH, help="rows per task per step")
+    ap.add_argument("--max-length", type=int, default=MAXLEN)
+    ap.add_argument("--dev", type=int, default=DEV)
+    ap.add_argument("--out", type=Path, default=OUT)
+    opt = ap.parse_args()
+    out = opt.out
+    STEPS, BATCH, MAXLEN, DEV = opt.steps, opt.batch, opt.max_length, opt.dev
+    TRANSFER_STEPS = opt.transfer_steps
+    seeds = [int(x) for x in opt.seeds.split(",")]
+    sections = opt.sections.split(",")
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    base, tok = load_base("smollm2-135m-instruct")
+    model = sp.attach(base, tokenizer=tok)
+    data = build_tasks()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-multi-"))
+    config = dict(
+        batch=BATCH,
+        tokens=TOKENS,
+        lr=LR,
+        steps=STEPS,
+        transfer_steps=TRANSFER_STEPS,
+        max_length=MAXLEN,
+        dev_rows=DEV,
+        threads=2,
+    )
+    result: dict = {}
+    if out.is_file():  # sections run separately add to the same file
+        result = json.loads(out.read_text())
+    result.setdefault("config", {})
+    result["config"].update(config)
+    result["config"]["sections"] = sorted(set(sections) | set(result["config"].get("sections", [])))
+
+    def save():
+        out.write_text(json.dumps(result, indent=2))
+
+    names = ["sent", "length", "domain"]
+    if "multitask" in sections:
+        multitask_section(model, data, names, tmp, result)
+        save()
+    else:  # the transfer source / first ensemble member
+        task = add(model, "seq_sent", data["sent"])
+        train_one(model, "seq_sent", task, data["sent"]["train"], STEPS, 0, tmp)
     if "transfer" in sections:
-        # 2. transfer: source = sequential sentiment adapter; targets at 50 / 200 rows
-        src_dir = tmp / "seq_sent" / "adapter"
-        transfer = []
-        for target in ("opinion",):
-            for n_rows in (50, 200):
-                for init in ("vocab", "transfer"):
-                    name = f"t_{target}_{n_rows}_{init}"
-                    task = add(model, name, data[target], seed=1)
-                    if init == "transfer":
-                        init_from(model, name, src_dir)
-                    train_one(model, name, task, data[target]["train"][:n_rows], 12, 1, tmp)
-                    acc = dev_acc(model, name, task, data[target]["dev"])
-                    transfer.append(dict(target=target, rows=n_rows, init=init, dev=acc))
-                    print(f"transfer {name}: dev {acc:.3f}", flush=True)
-        result["transfer"] = transfer
-        OUT.write_text(json.dumps(result, indent=2))
-        # retrieval: the 50-row vocab-init opinion prompt against the three source prompts
-        mine = prompt_rows(model.adapters["t_opinion_50_vocab"])
-        result["similar"] = {n: similarity(mine, prompt_rows(model.adapters[n])) for n in names}
-
+        transfer_section(model, data, names, tmp, result, seeds)
+        save()
+    if "mpt" in sections:
+        mpt_section(model, data, names, tmp, result, seeds)
+        save()
+    if "adaption" in sections:
+        adaption_section(model, data, tmp, result, seeds)
+        save()
     if "ensemble" in sections:
-        # 3. ensembles: 3 seeds on sentiment, test rows
-        test = [e.fields for e in load_examples("rotten-tomatoes:test", "classify")][:200]
-        members = ["seq_sent"]
-        for seed in (1, 2):
-            task = add(model, f"ens{seed}", data["sent"], seed=seed)
-            train_one(model, f"ens{seed}", task, data["sent"]["train"], STEPS, seed, tmp)
-            members.append(f"ens{seed}")
-        task = Task(spec_of(data["sent"]), model, tok)
-        single = {m: dev_acc(model, m, task, test) for m in members}
-        ens = {}
-        for combine in ("mean", "vote"):
-            t = time.time()
-            preds = ensemble_predict(model, [task] * 3, members, rows(test, "test"), 32, combine)
-            ens[combine] = dict(
-                acc=headline(task.metrics(rows(test, "test"), preds))[1], seconds=time.time() - t
-            )
-        result["ensemble"] = dict(single=single, best_single=max(single.values()), **ens)
-        print(json.dumps(result["ensemble"]), flush=True)
-    OUT.write_text(json.dumps(result, indent=2))
-    print(f"wrote {OUT}")
+        ensemble_section(model, data, tmp, result)
+        save()
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,13 @@ def render(results_dir: Path, out: Path) -> str:
     if any(r.get("config", {}).get("quick") for r in results):
         parts += ["> **Quick run** (`--quick`): too few repeats for the numbers to be trusted.", ""]
 
-    all_targets = [(r["title"], t) for r in results for t in r.get("targets", [])]
+    all_targets = [  # the speed sections' target rows (other scripts' "targets" are their own)
+        (r["title"], t)
+        for r in results
+        if isinstance(r.get("targets"), list)
+        for t in r["targets"]
+        if isinstance(t, dict) and "name" in t
+    ]
     if all_targets:
         gpu = [t for _, t in all_targets if t["name"].endswith("(GPU)")]
         cpu = [t for _, t in all_targets if not t["name"].endswith("(GPU)")]
@@ -164,6 +170,8 @@ def render(results_dir: Path, out: Path) -> str:
         parts.append("")
 
     for r in results:
+        if not any(k in r for k in ("intro", "tables", "plots", "notes")):
+            continue  # a later script's raw results: its section is in sections.md
         parts += [f"## {r['title']}", ""]
         for para in r.get("intro", []):
             parts += [para, ""]
