@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ from safetensors.torch import load_file
 from . import _hf
 from .errors import SoftPromptError
 from .methods.adaption_prompt import AdaptionPromptConfig, top_slots
-from .methods.base import AdapterConfig
+from .methods.base import Adapter, AdapterConfig
 from .methods.cartridge import CartridgeConfig
 from .methods.deep_prompt import DeepPromptConfig
 from .methods.prompt_tuning import PromptTuningConfig
@@ -338,14 +339,31 @@ def load_peft(
             f"{type(model.base_model).__name__} takes no position ids softprompt could shift "
             "to match, so the adapter would not give PEFT's outputs"
         )
+
+    def fill(adapter) -> None:
+        adapter.load_baked({"prefix" if prefix else "prompt": table.to(model.device)})
+        adapter.position_offset = table.shape[0] if prefix else 0
+
+    return _install(model, name, AdapterConfig.from_dict(meta["config"]), meta, fill)
+
+
+def _install(
+    model: SoftPromptModel,
+    name: str | None,
+    config: AdapterConfig,
+    meta: dict,
+    fill: Callable[[Adapter], None],
+) -> SoftPromptModel:
+    """Add adapter ``name`` (default "default") made from a PEFT folder: ``fill`` loads its
+    tensors, then its task and source are recorded and it becomes active. A failure leaves the
+    model as it was (the half-made adapter is deleted)."""
     name = name or "default"
-    adapter = model.add_adapter(name, AdapterConfig.from_dict(meta["config"]), _init=False)
+    adapter = model.add_adapter(name, config, _init=False)
     try:
         with torch.no_grad():
-            adapter.load_baked({"prefix" if prefix else "prompt": table.to(model.device)})
+            fill(adapter)
         adapter.task = dict(meta["task"])
-        adapter.position_offset = table.shape[0] if prefix else 0
-        adapter.source = {"peft": data}
+        adapter.source = {"peft": meta["peft"]}
     except Exception:
         model.delete_adapter(name)
         raise
@@ -381,18 +399,7 @@ def _load_peft_mpt(
                 f"{where}: tensor {key!r} has shape {tuple(t.shape)}; adapter_config.json "
                 f"(num_tasks, num_virtual_tokens, num_ranks) implies {want[key]}"
             )
-    name = name or "default"
-    adapter = model.add_adapter(name, config, _init=False)
-    try:
-        with torch.no_grad():
-            adapter.load_factors(shared, cols, rows)
-        adapter.task = dict(meta["task"])
-        adapter.source = {"peft": data}
-    except Exception:
-        model.delete_adapter(name)
-        raise
-    model.set_active(name)
-    return model
+    return _install(model, name, config, meta, lambda ad: ad.load_factors(shared, cols, rows))
 
 
 _ADAPTION_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.self_attn\.(adaption_prompt|adaption_gate)$")
@@ -410,7 +417,6 @@ def _load_peft_adaption(
             (``_hf.check_adaption``), or one whose ``o_proj`` has a bias (PEFT then adds it
             twice: its outputs are not the paper's, and softprompt does not reproduce them).
     """
-    data = meta["peft"]
     tensors, where = read_peft_tensors(directory)
     config = AdapterConfig.from_dict(meta["config"])
     info = model.info
@@ -455,23 +461,11 @@ def _load_peft_adaption(
                     f"{want[kind]} (adapter_len x hidden size {d})"
                 )
             out.append(_checked({kind: t}, kind, where, len(want[kind])).float())
-    name = name or "default"
-    adapter = model.add_adapter(name, config, _init=False)
-    try:
-        with torch.no_grad():
-            adapter.load_baked(
-                {
-                    "adaption_prompt": torch.cat(prompts).to(model.device),  # (L, P, d)
-                    "adaption_gate": torch.stack(gates).to(model.device),  # (L, 1)
-                }
-            )
-        adapter.task = dict(meta["task"])
-        adapter.source = {"peft": data}
-    except Exception:
-        model.delete_adapter(name)
-        raise
-    model.set_active(name)
-    return model
+    baked = {
+        "adaption_prompt": torch.cat(prompts).to(model.device),  # (L, P, d)
+        "adaption_gate": torch.stack(gates).to(model.device),  # (L, 1)
+    }
+    return _install(model, name, config, meta, lambda ad: ad.load_baked(baked))
 
 
 # --------------------------------------------------------------------------------------------
