@@ -286,13 +286,11 @@ class MultiTaskTrainer:
         self.shared_opt = self.shared_sched = None
         if tie_shared:
             self.shared = tie_shared_prompts(model, list(tasks))
-            first = model.adapters[next(iter(tasks))]
             lr = args.lr if args.lr is not None else default_lr(model.base_model, "mpt")
             self.shared_opt = torch.optim.AdamW(
                 [self.shared], lr=lr, weight_decay=args.weight_decay
             )
             self.shared_sched = torch.optim.lr_scheduler.LambdaLR(self.shared_opt, schedule)
-            self.shared_tokens = first.config.num_virtual_tokens
         self.runs: dict[str, TaskRun] = {}
         for name, (task, train_rows, eval_rows) in tasks.items():
             if not train_rows:
@@ -418,7 +416,7 @@ class MultiTaskTrainer:
         while tmp in self.model.adapters:
             tmp += "_"
         ad = self.model.add_adapter(
-            tmp, sp.PromptTuningConfig(num_virtual_tokens=self.shared_tokens, init="random")
+            tmp, sp.PromptTuningConfig(num_virtual_tokens=self.shared.shape[0], init="random")
         )
         (param,) = list(ad.parameters())
         with torch.no_grad():

@@ -615,6 +615,22 @@ def create_app(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    def generation_row(req, member, ids, max_tokens, stop, top, seed_offset, stop_ids=None):
+        """One generation row of ``req`` through ``member`` (None: the base model)."""
+        gen = GenerationRow(
+            ids=ids,
+            adapter=None if member is None else member.name,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=stop,
+            seed=None if req.seed is None else req.seed + seed_offset,
+            stop_ids=stop_ids,
+            logprobs=top,
+            stream=req.stream,
+        )
+        return _Row("generate", member, ids, gen)
+
     def generation_members(req) -> list[AdapterEntry | None]:
         """The entries a generation request runs: its one ``model``, or for a list of adapters
         of one task, every one of them (a prompt ensemble: each member's output is a row of
@@ -733,18 +749,7 @@ def create_app(
                 if req.echo:
                     scores.append(_Row("score", member, ids, top=top or 0))
                 for _ in range(req.n if max_tokens else 0):
-                    gen = GenerationRow(
-                        ids=ids,
-                        adapter=None if member is None else member.name,
-                        max_tokens=max_tokens,
-                        temperature=req.temperature,
-                        top_p=req.top_p,
-                        stop=stop,
-                        seed=None if req.seed is None else req.seed + len(gens),
-                        logprobs=top,
-                        stream=req.stream,
-                    )
-                    gens.append(_Row("generate", member, ids, gen))
+                    gens.append(generation_row(req, member, ids, max_tokens, stop, top, len(gens)))
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -838,23 +843,7 @@ def create_app(
             engine.check_context(member, ids, max_tokens)
             usage_prompt += sum(t >= 0 for t in ids)
             rows += [
-                _Row(
-                    "generate",
-                    member,
-                    ids,
-                    GenerationRow(
-                        ids=ids,
-                        adapter=None if member is None else member.name,
-                        max_tokens=max_tokens,
-                        temperature=req.temperature,
-                        top_p=req.top_p,
-                        stop=stop,
-                        seed=None if req.seed is None else req.seed + len(rows) + i,
-                        stop_ids=stop_ids,
-                        logprobs=top,
-                        stream=req.stream,
-                    ),
-                )
+                generation_row(req, member, ids, max_tokens, stop, top, len(rows) + i, stop_ids)
                 for i in range(req.n)
             ]
         head = {
@@ -894,8 +883,10 @@ def create_app(
             engine.submit(rows, "messages")
             return response
         results = await wait(engine.submit(rows, "messages"))
-        choices = [
-            {
+        picked = voted(entries, results, 1) if len(entries) > 1 else [(r, None) for r in results]
+        choices = []
+        for i, (r, record) in enumerate(picked):
+            choice = {
                 "index": i,
                 "message": {"role": "assistant", "content": r["text"], "refusal": None},
                 "finish_reason": r["finish_reason"],
@@ -903,21 +894,9 @@ def create_app(
                 if top is None
                 else {"content": chat_logprobs(r["logprobs"]), "refusal": None},
             }
-            for i, r in enumerate(results)
-        ]
-        if len(entries) > 1:
-            choices = []
-            for r, record in voted(entries, results, 1):
-                message = {"role": "assistant", "content": r["text"], "refusal": None}
-                choices.append(
-                    {
-                        "index": 0,
-                        "message": message,
-                        "finish_reason": r["finish_reason"],
-                        "logprobs": None,
-                        "ensemble": record,
-                    }
-                )
+            if record is not None:
+                choice["ensemble"] = record
+            choices.append(choice)
         completion_tokens = sum(r["completion_tokens"] for r in results)
         return {
             **head,
