@@ -182,6 +182,35 @@ def perturb(model: sp.SoftPromptModel, scale: float = 0.5, seed: int = 1) -> Non
                 )
 
 
+def mean_reference(model, ids, names, steps, eos, temperature=0.0, seed=None) -> list[int]:
+    """Mean-probability ensemble decoding by full forwards, no cache (what a
+    ``GenerationRow.group`` must give): each step, the members' softmax over the next token,
+    averaged; its argmax, or at ``temperature`` a draw from the mean tempered by
+    ``temperature`` (``torch.Generator`` seeded ``seed``). Stops after a token in ``eos``."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    tokens: list[int] = []
+    for _ in range(steps):
+        with torch.no_grad():
+            probs = torch.stack(
+                [
+                    model(input_ids=torch.tensor([ids + tokens]), adapter_names=[n])
+                    .logits[0, -1]
+                    .float()
+                    .softmax(-1)
+                    for n in names
+                ]
+            ).mean(0)
+        if gen is None:
+            token = int(probs.argmax())
+        else:
+            tempered = (probs.log() / temperature).softmax(-1)
+            token = int(torch.multinomial(tempered, 1, generator=gen))
+        tokens.append(token)
+        if token in eos:
+            break
+    return tokens
+
+
 def inputs_for(family: str, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     kw = {"input_ids": ids, "attention_mask": mask}
     if family in ENC_DEC:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import perturb, tiny_model
+from conftest import mean_reference, perturb, tiny_model
 
 import softprompt as sp
 from softprompt import _hf
@@ -206,6 +206,75 @@ def _nan_fails_alone(model):
     while len(batch):
         assert batch.step() == []
     assert dg.result["token_ids"] == generate_rows(model, _Tok(), [good])[0]["token_ids"]
+
+
+def test_a_mean_probability_group_decodes_the_mean_of_its_members(mixed):
+    """Rows of one ``group`` (adapters of every kind) take, each step, the argmax of the mean of
+    their next-token probabilities, in ONE generate call and in a StepBatch that they join
+    mid-way beside other rows; a row outside the group is unaffected. Sampled groups draw
+    from the mean distribution with the first member's seeded generator."""
+    names = ["prompt", "prefix", "deep", "ptuning"]
+    ids = [11, 12, 13, 14, 15]
+    eos = set(eos_ids(mixed, _Tok()))
+    want = mean_reference(mixed, ids, names, 7, eos)
+    alone = [generate_rows(mixed, _Tok(), [GenerationRow(ids, n, 7)])[0] for n in names]
+    # some member alone decodes otherwise (or the test could not tell a group from its rows)
+    assert any(a["token_ids"] != want for a in alone)
+    other = GenerationRow([5, 6, 7], "prefix", max_tokens=9)
+    group = [GenerationRow(ids, n, 7, group="g") for n in names]
+    got = generate_rows(mixed, _Tok(), [other, *group])
+    for r in got[1:]:
+        assert r["token_ids"] == want and r["finish_reason"] == got[1]["finish_reason"]
+    assert got[0]["token_ids"] == generate_rows(mixed, _Tok(), [other])[0]["token_ids"]
+    stepped = _run_stepwise(mixed, [0, 2, 2, 2, 2], [other, *group])
+    assert [r["token_ids"] for r in stepped[1:]] == [want] * 4
+    assert stepped[0]["token_ids"] == got[0]["token_ids"]
+    # log-probabilities are the ensemble's: log of the mean probability of each token
+    with_lp = [GenerationRow(ids, n, 3, group="g", logprobs=2) for n in names[:2]]
+    res = generate_rows(mixed, _Tok(), with_lp)[0]
+    first = torch.stack(
+        [
+            mixed(input_ids=torch.tensor([ids]), adapter_names=[n]).logits[0, -1].softmax(-1)
+            for n in names[:2]
+        ]
+    ).mean(0)
+    assert res["logprobs"][0]["logprob"] == pytest.approx(float(first.max().log()), abs=1e-5)
+    # sampling: the first member's generator draws from the (tempered) mean distribution
+    sampled = [
+        GenerationRow(ids, n, 5, temperature=0.8, seed=7 if k == 0 else 99, group="s")
+        for k, n in enumerate(names[:3])
+    ]
+    want_s = mean_reference(mixed, ids, names[:3], 5, eos, temperature=0.8, seed=7)
+    for res in (generate_rows(mixed, _Tok(), sampled), _run_stepwise(mixed, [0] * 3, sampled)):
+        assert [r["token_ids"] for r in res] == [want_s] * 3
+
+
+def test_a_nan_member_fails_its_whole_group(mixed):
+    model = mixed
+    model.add_adapter("bad", sp.DeepPromptConfig(num_virtual_tokens=2))
+    try:
+        rows = [GenerationRow([3, 4, 5], n, max_tokens=4, group=1) for n in ("prefix", "bad")]
+        solo = GenerationRow([3, 4, 5], "deep", max_tokens=4)
+        batch = StepBatch(model, _Tok())
+        decoders = [RowDecoder(r, set(), _Tok().decode, model.device) for r in (solo, *rows)]
+        batch.add(decoders)
+        with torch.no_grad():
+            for p in model.adapters["bad"].parameters():
+                p.fill_(float("nan"))
+        failed = batch.step()
+        assert [d for d, _ in failed] == decoders[1:]
+        assert all("'bad'" in str(e) for _, e in failed)  # both name the member at fault
+        assert batch.rows == decoders[:1]
+        # dropping one member takes its group with it
+        batch2 = StepBatch(model, _Tok())
+        model.delete_adapter("bad")
+        model.add_adapter("bad", sp.DeepPromptConfig(num_virtual_tokens=2))
+        decoders = [RowDecoder(r, set(), _Tok().decode, model.device) for r in (solo, *rows)]
+        batch2.add(decoders)
+        gone = batch2.drop(lambda d: d.row.adapter == "bad")
+        assert gone == decoders[1:] and batch2.rows == decoders[:1]
+    finally:
+        model.delete_adapter("bad")
 
 
 def test_a_cache_that_cannot_be_regrouped_is_named():

@@ -160,3 +160,36 @@ def test_eval_and_generate_with_several_adapters(members, tiny_folders, tmp_path
         == 2
     )
     assert "another task" in capsys.readouterr().err
+
+
+def test_a_generation_ensemble_decodes_by_mean_probability_or_votes(members):
+    """Generation: ``mean`` decodes one output from the mean of the adapters' next-token
+    probabilities (equal to doing that by full forwards), ``vote`` takes the majority output;
+    both report each member's own output, equal to that adapter alone."""
+    from conftest import mean_reference
+
+    from softprompt.decoding import eos_ids
+
+    model, _, _ = members
+    spec = TaskSpec(kind="generate", template="{input} =", max_new_tokens=5)
+    tok = members[1].tok
+    task = Task(spec, model, tok)
+    rows = [Example({"input": t, "target": ""}, "x", i + 1) for i, t in enumerate(TEXTS[:4])]
+    names = ["s0", "s1", "s2"]
+    alone = {
+        n: task.generate_ids([task.prompt_ids(r.fields) for r in rows], [n] * 4) for n in names
+    }
+    eos = set(eos_ids(model, tok)) | set(task.stop_ids)
+    differs = False
+    for combine in ("mean", "vote"):
+        preds = ensemble_predict(model, [task] * 3, names, rows, batch_size=3, combine=combine)
+        for i, (p, row) in enumerate(zip(preds, rows, strict=True)):
+            assert p["members"] == [alone[n][i] for n in names]
+            if combine == "mean":
+                want = mean_reference(model, task.prompt_ids(row.fields), names, 5, eos)
+                assert p["prediction"] == tok.decode(want, skip_special_tokens=True).strip()
+                differs |= p["prediction"] not in p["members"]
+            else:
+                assert p["members"].count(p["prediction"]) >= p["members"].count(p["members"][0])
+    assert any(len(set(p["members"])) > 1 for p in preds)
+    assert differs  # the mean's output is none of its members' for some input

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import perturb, tiny_model
+from conftest import mean_reference, perturb, tiny_model
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -1117,6 +1117,57 @@ def test_a_classify_ensemble_combines_its_adapters_in_one_call(bank, tmp_path):
 
 
 @pytest.mark.parametrize("scheduling", ["step", "batch"])
+def test_a_mean_probability_ensemble_decodes_one_text_from_its_members(bank, tmp_path, scheduling):
+    """``"combine": "mean"`` on /v1/completions: every token is the argmax of the mean of the
+    members' next-token probabilities (equal to decoding that by full forwards, no cache), the
+    members' rows in one model call; log-probabilities are the ensemble's. An ensemble larger
+    than the batch is a 400 naming ``model``."""
+    tok = bank["tok"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]), tokenizer=tok)
+    for name, seed in (("m0", 21), ("m1", 22), ("m2", 23)):
+        model.add_adapter(
+            name, sp.PrefixTuningConfig(num_virtual_tokens=3)
+        ).task = GENERATE.to_dict()
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            for p in model.adapters[name].parameters():
+                p.normal_(0, 1.0, generator=g)
+        model.save_adapter(tmp_path / name, name)
+        model.adapters[name].bake()
+    model.eval()
+    names = ["m1", "m0", "m2"]
+    app = make_app(bank, {n: tmp_path / n for n in names}, max_wait_ms=50, scheduling=scheduling)
+    engine = app.state.engine
+    eos = set(srv.eos_ids(model, tok))
+    with TestClient(app) as client:
+        before = engine.stats["model_calls"]
+        body = {"prompt": PROMPTS[:3], "max_tokens": 6, "temperature": 0}
+        r = client.post(
+            "/v1/completions", json={**body, "model": names, "combine": "mean", "logprobs": 1}
+        )
+        assert r.status_code == 200, r.text
+        assert engine.stats["model_calls"] == before + 1
+        out = r.json()
+        differs, used = False, 0
+        for choice, prompt in zip(out["choices"], PROMPTS[:3], strict=True):
+            ids = engine.encode_completion(engine.resolve(names[0]), prompt, True)
+            want = mean_reference(model, ids, names, 6, eos)
+            assert choice["text"] == tok.decode(want, skip_special_tokens=True)
+            assert choice["ensemble"] == {"combine": "mean", "members": names}
+            assert len(choice["logprobs"]["tokens"]) == len(want)  # the stop token's included
+            used += len(want) - (want[-1] in eos)
+            for n in names:
+                alone = client.post("/v1/completions", json={**body, "model": n, "prompt": prompt})
+                differs |= alone.json()["choices"][0]["text"] != choice["text"]
+        assert differs  # some member alone answers otherwise: the mean is not one member
+        assert out["usage"]["completion_tokens"] == 3 * used  # every member decoded each token
+        engine.settings.max_batch = 2
+        r = client.post("/v1/completions", json={**body, "model": names, "combine": "mean"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+        assert "--max-batch" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("scheduling", ["step", "batch"])
 def test_a_generation_ensemble_votes_over_its_members_outputs(bank, tmp_path, scheduling):
     """``/v1/completions`` with ``"model": [a, b, c]``: each member's greedy completion is a row
     of the same batch (one model call), the answer is the majority text (a tie: the earliest
@@ -1194,7 +1245,7 @@ def test_a_generation_ensemble_votes_over_its_members_outputs(bank, tmp_path, sc
             ({"model": ["g0", "g0"]}, "model"),
             ({"model": ["g0"]}, "model"),
             ({"model": ["g0", "base"]}, "model.1"),
-            ({"model": ["g0", "g1"], "combine": "mean"}, "combine"),
+            ({"model": ["g0", "g1"], "combine": "max"}, "combine"),
             ({"model": "g0", "combine": "vote"}, "combine"),
             ({"model": ["g0", "g1"], "stream": True}, "stream"),
             ({"model": ["g0", "g1"], "n": 2}, "n"),
@@ -1203,3 +1254,20 @@ def test_a_generation_ensemble_votes_over_its_members_outputs(bank, tmp_path, sc
         ):
             r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra})
             assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
+
+def test_an_ensembles_rows_are_taken_and_retried_together(bank):
+    """The queue gives a mean-probability ensemble's members all or none (even when other rows
+    are queued between them), and a failed batch is retried per row and per ensemble."""
+    app = make_app(bank)
+    engine = app.state.engine
+
+    def row(group=None):
+        return engine_mod._Row("generate", None, [5], GenerationRow([5], None, 2, group=group))
+
+    a, g1, b, g2, g3, c = row(), row("g"), row(), row("g"), row("g"), row()
+    engine._queue.extend([a, g1, b, g2, g3, c])
+    assert engine._pop(3) == [a]  # the group (3 rows) does not fit beside it
+    assert engine._pop(3) == [g1, g2, g3]  # its members, wherever they are queued
+    assert engine._pop(3) == [b, c]
+    assert engine_mod._units([a, g1, b, g2, g3, c]) == [[a], [g1, g2, g3], [b], [c]]

@@ -449,7 +449,8 @@ def test_token_id_prompts_are_used_as_they_are(client, ref):
 
 def test_a_chat_ensemble_through_the_openai_client_votes(bank, ref, tmp_path):
     """``chat.completions.create(model=[a, b, c])``: three chat adapters (c a copy of a), each
-    member's answer equals that adapter alone, the message is the majority's; 400s name the
+    member's answer equals that adapter alone, the message is the majority's; ``combine``
+    "mean" of two copies is that adapter's answer, log-probabilities included; 400s name the
     field (``stream`` with an ensemble)."""
     from transformers import AutoModelForCausalLM
 
@@ -481,6 +482,20 @@ def test_a_chat_ensemble_through_the_openai_client_votes(bank, ref, tmp_path):
         assert got.choices[0].message.content == texts[1]
         assert (record["winner"], record["votes"]) == ("c0", 2)
         assert got.usage.completion_tokens == sum(alone[n].usage.completion_tokens for n in names)
+        # combine "mean": the mean of two copies' distributions is that adapter's own, so the
+        # ensemble [c0, c2] decodes c0's answer; log-probabilities come with it
+        same = client.chat.completions.create(
+            model=["c0", "c2"], extra_body={"combine": "mean"}, logprobs=True, **kw
+        )
+        assert same.choices[0].message.content == texts[1]
+        assert same.choices[0].model_extra["ensemble"] == {
+            "combine": "mean",
+            "members": ["c0", "c2"],
+        }
+        solo = client.chat.completions.create(model="c0", logprobs=True, **kw)
+        for a, b in zip(same.choices[0].logprobs.content, solo.choices[0].logprobs.content):
+            assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert len(same.choices[0].logprobs.content) == len(solo.choices[0].logprobs.content)
         with pytest.raises(openai.BadRequestError) as e:
             list(client.chat.completions.create(model=names, stream=True, **kw))
         assert e.value.body["param"] == "stream"

@@ -187,7 +187,8 @@ _ENSEMBLE_HELP = (
     "run as rows of one batch"
 )
 _COMBINE_HELP = (
-    "ensemble: mean label probability (classify; the default) or majority vote (classify: "
+    "ensemble: mean probability (the default; classify: of the labels; generate: every token "
+    "from the mean of the adapters' next-token probabilities) or majority vote (classify: "
     "ties to the higher mean probability; generate: the most frequent output)"
 )
 

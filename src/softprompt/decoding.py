@@ -18,9 +18,10 @@ chooses, and remembered per row.
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,13 @@ class GenerationRow:
         stream: report text as it is generated (``on_delta``), held back only while it may be
             the start of a stop string or an unfinished multi-byte character.
         abort: when set (the client went away), the row ends at the next decode step.
+        group: rows of one batch with the same (hashable, not None) group decode as ONE
+            mean-probability ensemble (Lester et al. 2021, section 6): every step, the next
+            token comes from the mean of the members' next-token probabilities (greedy, or
+            drawn with the first member's sampler) and every member takes it, so they finish
+            together with one text. The members must run in the same batch (``StepBatch.add``
+            / one ``generate_rows`` call) and share their stop rules; each keeps its own
+            adapter and prompt. ``logprobs`` are then the ensemble distribution's.
     """
 
     ids: list[int]
@@ -67,6 +75,7 @@ class GenerationRow:
     logprobs: int | None = None
     stream: bool = False
     abort: threading.Event | None = field(default=None, compare=False, repr=False)
+    group: Hashable | None = field(default=None, compare=False)
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -155,10 +164,15 @@ class RowDecoder:
             token = self._draw(logits)
         else:
             token = int(logits.argmax()) if greedy is None else greedy
-        if self.row.logprobs is not None:  # the model's distribution (before temperature)
+        self.record(logits, token)
+        return token
+
+    def record(self, logits: torch.Tensor, token: int) -> None:
+        """Keep ``token``'s log-probability entry under ``logits`` (rows with ``logprobs``):
+        the distribution before temperature."""
+        if self.row.logprobs is not None:
             logp = F.log_softmax(logits.float(), dim=-1)  # (V,)
             self.entries.append(token_entry(logp, token, self.row.logprobs))
-        return token
 
     def _draw(self, logits: torch.Tensor) -> int:
         logits = logits.float()  # (V,)
@@ -237,6 +251,42 @@ class RowDecoder:
             entries = self.entries[self.sent_entries : n]
             self.sent_entries = n
         self.on_delta(delta, entries)
+
+
+def ensemble_groups(decoders: Sequence[RowDecoder]) -> dict[Hashable, list[int]]:
+    """The unfinished rows of each mean-probability group (``GenerationRow.group``), by
+    batch index, in batch order."""
+    groups: dict[Hashable, list[int]] = {}
+    for b, d in enumerate(decoders):
+        if d.row.group is not None and not d.done:
+            groups.setdefault(d.row.group, []).append(b)
+    return groups
+
+
+def mean_logits(logits: torch.Tensor, members: Sequence[int]) -> torch.Tensor:
+    """(V,) log of the mean of the member rows' next-token probabilities: the ensemble's
+    distribution as logits (their argmax is the mean probability's; temperature and top_p
+    apply to it as to one row's)."""
+    logp = F.log_softmax(logits[list(members)].float(), dim=-1)  # (K, V)
+    return torch.logsumexp(logp, dim=0) - math.log(len(members))
+
+
+def pick_groups(decoders, logits: torch.Tensor, picks: list[int], bad=None) -> set[int]:
+    """Pick each mean-probability group's token (its first unfinished member's sampler, the
+    members' mean distribution) into ``picks`` for every member; returns the rows picked.
+    Groups with a ``bad`` row (NaN logits) are left out."""
+    done: set[int] = set()
+    for members in ensemble_groups(decoders).values():
+        if bad is not None and any(bad[b] for b in members):
+            continue
+        mixed = mean_logits(logits, members)
+        token = decoders[members[0]].pick(mixed)
+        for b in members:
+            if b != members[0]:
+                decoders[b].record(mixed, token)
+            picks[b] = token
+        done.update(members)
+    return done
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,11 +425,17 @@ class StepBatch:
         logits = out.logits[:, -1]  # (B, V)
         failed = []
         bad = logits.isnan().any(-1).tolist()
+        errors = {b: nan_error(self.rows[b].row.adapter) for b, is_bad in enumerate(bad) if is_bad}
+        for members in ensemble_groups(self.rows).values():  # a bad member fails its group
+            err = next((errors[b] for b in members if b in errors), None)
+            for b in members if err is not None else ():
+                errors.setdefault(b, err)
+                bad[b] = True
         tokens = self._pick(self.rows, logits, None, bad)
         keep = []
         for b, d in enumerate(self.rows):
             if bad[b]:
-                failed.append((d, nan_error(d.row.adapter)))
+                failed.append((d, errors[b]))
             elif not d.push(tokens[b]):
                 keep.append(b)
         self.pos = self.pos + 1
@@ -388,10 +444,14 @@ class StepBatch:
         return failed
 
     def drop(self, which: Callable[[RowDecoder], bool]) -> list[RowDecoder]:
-        """Take the rows for which ``which`` is true out of the batch; returns them."""
-        gone = [d for d in self.rows if which(d)]
+        """Take the rows for which ``which`` is true out of the batch, and the other members
+        of their mean-probability groups (a group decodes whole or not at all); returns them."""
+        hit = {b for b, d in enumerate(self.rows) if which(d)}
+        groups = {self.rows[b].row.group for b in hit} - {None}
+        hit |= {b for b, d in enumerate(self.rows) if d.row.group in groups}
+        gone = [d for b, d in enumerate(self.rows) if b in hit]
         if gone:
-            self._keep([b for b, d in enumerate(self.rows) if not which(d)])
+            self._keep([b for b in range(len(self.rows)) if b not in hit])
         return gone
 
     # ------------------------------------------------------------------ helpers
@@ -403,9 +463,12 @@ class StepBatch:
                 if is_bad:
                     raise nan_error(names[b])
         greedy = logits.argmax(-1).tolist()
-        return [
-            greedy[b] if bad[b] else d.pick(logits[b], greedy[b]) for b, d in enumerate(decoders)
-        ]
+        picks = list(greedy)
+        grouped = pick_groups(decoders, logits, picks, bad)
+        for b, d in enumerate(decoders):
+            if not bad[b] and b not in grouped:
+                picks[b] = d.pick(logits[b], greedy[b])
+        return picks
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):

@@ -47,6 +47,7 @@ from .decoding import (  # noqa: F401  (GenerationRow, eos_ids, token_entry: re-
     can_step,
     eos_ids,
     nan_error,
+    pick_groups,
     token_entry,
 )
 from .errors import SoftPromptError
@@ -183,26 +184,32 @@ class _RowSampler:
         self.picking = [
             (b, d)
             for b, d in enumerate(decoders)
-            if d.gen is not None or d.row.logprobs is not None
+            if (d.gen is not None or d.row.logprobs is not None) and d.row.group is None
         ]
+        self.grouped = any(d.row.group is not None for d in decoders)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         bad = scores.isnan().any(-1)  # (B,)
         if bad.any():
             raise nan_error(self.decoders[int(bad.nonzero()[0, 0])].row.adapter)
-        if not self.picking:
+        if not self.picking and not self.grouped:
             return scores
-        out = scores
+        forced: dict[int, int] = {}  # row -> the token it must take
         for b, d in self.picking:
-            if d.done:
-                continue
-            token = d.pick(scores[b])
-            if d.gen is not None:
-                if out is scores:
-                    out = scores.clone()  # (B, V)
-                row = torch.full_like(scores[b], float("-inf"))
-                row[token] = 0.0
-                out[b] = row
+            if not d.done:
+                token = d.pick(scores[b])
+                if d.gen is not None:
+                    forced[b] = token
+        if self.grouped:  # mean-probability ensembles: every member takes the group's token
+            picks = [0] * len(self.decoders)
+            for b in pick_groups(self.decoders, scores, picks):
+                forced[b] = picks[b]
+        if not forced:
+            return scores
+        out = scores.clone()  # (B, V)
+        rows = torch.tensor(list(forced), device=scores.device)
+        out[rows] = float("-inf")
+        out[rows, torch.tensor(list(forced.values()), device=scores.device)] = 0.0
         return out
 
 
@@ -412,6 +419,22 @@ class AdapterEntry:
         }
 
 
+def _units(rows: Sequence[_Row]) -> list[list[_Row]]:
+    """``rows`` as the units a failed batch is retried in: a row alone, or all the members of
+    a mean-probability ensemble together (in their order)."""
+    units: list[list[_Row]] = []
+    groups: dict = {}
+    for r in rows:
+        if r.group is None:
+            units.append([r])
+        elif r.group in groups:
+            groups[r.group].append(r)
+        else:
+            groups[r.group] = [r]
+            units.append(groups[r.group])
+    return units
+
+
 @dataclass(eq=False)
 class _Row:
     """A queued row. ``sink`` (streamed rows): called from the worker thread with
@@ -429,6 +452,11 @@ class _Row:
     @property
     def adapter(self) -> str | None:
         return None if self.entry is None else self.entry.name
+
+    @property
+    def group(self):
+        """The mean-probability ensemble this row is a member of (None: none)."""
+        return None if self.gen is None else self.gen.group
 
     @property
     def done(self) -> bool:
@@ -992,6 +1020,16 @@ class Engine:
                     "too_many_rows",
                     param,
                 )
+            sizes = Counter(r.group for r in rows if r.group is not None)
+            if sizes and max(sizes.values()) > self.settings.max_batch:
+                raise EngineError(
+                    "invalid",
+                    f"a mean-probability ensemble of {max(sizes.values())} members runs as rows "
+                    f"of one batch; this server's batch holds at most {self.settings.max_batch} "
+                    "rows (--max-batch): list fewer adapters",
+                    "too_many_rows",
+                    "model",
+                )
             if len(self._queue) + len(rows) > limit:
                 self.stats["rejected_queue_full"] += 1
                 raise EngineError(
@@ -1019,8 +1057,7 @@ class Engine:
         in_flight = 0 if steps is None else len(steps)
         with self._cond:
             if in_flight:
-                room = max(0, s.max_batch - in_flight)
-                batch = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+                batch = self._pop(max(0, s.max_batch - in_flight))
                 self._running = in_flight + len(batch)
                 return batch
             while not self._queue and not self._stopping:
@@ -1033,9 +1070,23 @@ class Engine:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch = [self._queue.popleft() for _ in range(min(s.max_batch, len(self._queue)))]
+            batch = self._pop(s.max_batch)
             self._running = len(batch)
             return batch
+
+    def _pop(self, room: int) -> list[_Row]:
+        """Up to ``room`` rows from the queue's head, a mean-probability ensemble's members all
+        or none (``submit`` refuses a group larger than ``max_batch``)."""
+        queue, batch = self._queue, []
+        while queue:
+            head = queue[0]
+            members = [head] if head.group is None else [r for r in queue if r.group == head.group]
+            if len(batch) + len(members) > room:
+                break
+            for r in members:
+                queue.remove(r)  # _Row compares by identity
+            batch += members
+        return batch
 
     def _loop(self) -> None:
         if self.scheduling == "step":
@@ -1095,11 +1146,13 @@ class Engine:
                 return
             for d in steps.drop(lambda d: d.row.abort is not None and d.row.abort.is_set()):
                 d.finish("aborted")  # counted by on_done
+            gone = {d.owner.entry.name for d in steps.rows if not self._still_loaded(d.owner)}
             for d in steps.drop(lambda d: not self._still_loaded(d.owner)):
-                d.owner.fail(
+                name = d.owner.entry.name if d.owner.entry.name in gone else sorted(gone)[0]
+                d.owner.fail(  # an ensemble's other members fail with it, naming it
                     EngineError(
                         "not_found",
-                        f"adapter {d.owner.entry.name!r} was unloaded while this request ran",
+                        f"adapter {name!r} was unloaded while this request ran",
                         "model_not_found",
                     )
                 )
@@ -1147,10 +1200,20 @@ class Engine:
                         EngineError("internal", f"internal error: {type(e).__name__}: {e}")
                     )
                 return
+            units = _units(rows)
+            if len(units) == 1:  # one ensemble: its members fail together
+                log.warning("ensemble failed: %s: %s", type(e).__name__, e)
+                for r in rows:
+                    r.fail(
+                        EngineError("invalid", str(e), "invalid_adapter", "model")
+                        if isinstance(e, SoftPromptError)
+                        else EngineError("internal", f"internal error: {type(e).__name__}: {e}")
+                    )
+                return
             log.warning("batch of %d failed (%s); running its rows one by one", len(rows), e)
-            for r in rows:
-                if not r.done:
-                    self._call(kind, [r])
+            for unit in units:  # a row alone, or an ensemble's members together
+                if not any(r.done for r in unit):
+                    self._call(kind, unit)
             return
         self.stats["rows"] += len(rows)
         self.stats["batch_sizes"][len(rows)] += 1

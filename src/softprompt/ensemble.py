@@ -9,8 +9,14 @@ the whole ensemble. Classification combines the K label distributions:
 * ``vote``: each adapter votes for its argmax; the most votes win, a tie goes to the tied label
   with the highest mean probability (the paper's majority vote).
 
-Generation ensembles vote over the K greedy outputs (exact string match; a tie goes to the
-output of the earliest listed adapter among the tied).
+Generation ensembles (greedy) combine the K adapters in one of two ways:
+
+* ``vote``: each adapter decodes alone; the most common output wins (exact string match; a tie
+  goes to the output of the earliest listed adapter among the tied).
+* ``mean``: the K adapters decode ONE output together: every step's token is the argmax of
+  the mean of their K next-token distributions, and every adapter continues from it
+  (``GenerationRow.group``, ``softprompt.decoding``). Each member's own output (``members``)
+  is decoded in the same batch beside it.
 """
 
 from __future__ import annotations
@@ -112,11 +118,6 @@ def ensemble_predict(
         raise SoftPromptError(f"--combine must be one of {list(COMBINE)}, got {combine!r}")
     first = tasks[0]
     kind = first.spec.kind
-    if kind != "classify" and combine == "mean":
-        raise SoftPromptError(
-            "--combine mean averages label probabilities (classify adapters); a generation "
-            "ensemble combines by --combine vote"
-        )
     labels = first.spec.labels
     k = len(names)
     out: list[dict] = []
@@ -142,13 +143,40 @@ def ensemble_predict(
                         "members": [labels[int(probs[j, i].argmax())] for j in range(k)],
                     }
                 )
-        else:
+        elif combine == "vote":
             texts = first.generate_ids(prompts, adapter_names=rows)  # (K*n)
             for i, ex in enumerate(chunk):
                 members = [texts[j * n + i] for j in range(k)]
                 winner = members[majority(members)[0]]
                 out.append({**ex.fields, "prediction": winner, "members": members})
+        else:
+            texts = _mean_generate(model, first, prompts, rows, n)
+            for i, ex in enumerate(chunk):
+                members = [texts[n + j * n + i] for j in range(k)]
+                out.append({**ex.fields, "prediction": texts[i], "members": members})
     return out
+
+
+def _mean_generate(model, task: Task, prompts, rows, n: int) -> list[str]:
+    """Greedy mean-probability decoding of n inputs by K adapters (``prompts`` / ``rows``
+    k-major, K*n), and each adapter alone, in ONE batch: the n ensemble outputs, then the K*n
+    members' own (k-major)."""
+    from .decoding import GenerationRow
+    from .engine import generate_rows
+
+    stop_ids = tuple(task.stop_ids) or None
+
+    def row(b: int, group: int | None) -> GenerationRow:
+        return GenerationRow(
+            list(prompts[b]), rows[b], task.spec.max_new_tokens, stop_ids=stop_ids, group=group
+        )
+
+    together = [row(b, b % n) for b in range(len(prompts))]  # group i: input i's K rows
+    alone = [row(b, None) for b in range(len(prompts))]
+    gens = together + alone
+    results = generate_rows(model, task.tok, gens)
+    texts = [r["text"].strip() for r in results]
+    return texts[:n] + texts[len(prompts) :]  # every member of group i has its one text
 
 
 def cmd_eval_ensemble(args) -> dict:

@@ -167,8 +167,8 @@ class _GenerationRequest(BaseModel):
     """What both generation endpoints take: the adapter, sampling, stopping, streaming."""
 
     model_config = _STRICT
-    model: Text | list[Text]  # a list: a prompt ensemble (adapters of one task), voted
-    combine: Text | None = None  # an ensemble's combination: "vote" (the only one for text)
+    model: Text | list[Text]  # a list: a prompt ensemble (adapters of one task)
+    combine: Text | None = None  # an ensemble's combination: "vote" (default) or "mean"
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
@@ -615,8 +615,11 @@ def create_app(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
-    def generation_row(req, member, ids, max_tokens, stop, top, seed_offset, stop_ids=None):
-        """One generation row of ``req`` through ``member`` (None: the base model)."""
+    def generation_row(
+        req, member, ids, max_tokens, stop, top, seed_offset, stop_ids=None, group=None
+    ):
+        """One generation row of ``req`` through ``member`` (None: the base model); ``group``:
+        its mean-probability ensemble."""
         gen = GenerationRow(
             ids=ids,
             adapter=None if member is None else member.name,
@@ -628,6 +631,7 @@ def create_app(
             stop_ids=stop_ids,
             logprobs=top,
             stream=req.stream,
+            group=group,
         )
         return _Row("generate", member, ids, gen)
 
@@ -648,22 +652,26 @@ def create_app(
             raise ServeError(400, "model: an ensemble lists at least 2 adapters", param="model")
         if len(set(names)) < len(names):
             raise ServeError(400, "model: an adapter is listed twice", param="model")
-        if req.combine not in (None, "vote"):
+        if req.combine not in (None, "vote", "mean"):
             raise ServeError(
                 400,
-                f"combine: {req.combine!r}: a generation ensemble combines its members' outputs "
-                'by majority "vote"; "mean" averages label probabilities (/v1/classify)',
+                f"combine: {req.combine!r}: a generation ensemble combines by majority "
+                '"vote" over its members\' texts or "mean" (every token from the mean of their '
+                "next-token probabilities)",
                 param="combine",
             )
         for field, bad in (
             ("stream", req.stream),
             ("n", req.n != 1),
             ("echo", getattr(req, "echo", False)),
-            ("logprobs", req.logprobs not in (None, False)),
+            ("logprobs", req.logprobs not in (None, False) and req.combine != "mean"),
         ):
             if bad:
+                extra = ' (combine "mean" gives the ensemble\'s)' if field == "logprobs" else ""
                 raise ServeError(
-                    400, f"{field}: not supported with an ensemble (a list of models)", param=field
+                    400,
+                    f"{field}: not supported with an ensemble (a list of models){extra}",
+                    param=field,
                 )
         entries = []
         for k, name in enumerate(names):
@@ -694,12 +702,17 @@ def create_app(
                 )
         return entries
 
-    def voted(entries, results: list[dict], count: int) -> list[tuple[dict, dict]]:
+    def combined(req, entries, results: list[dict], count: int) -> list[tuple[dict, dict]]:
         """Per input i of ``count`` (results member-major: member k's answer to input i is
-        ``results[k * count + i]``): the winning member's result and the vote's record."""
+        ``results[k * count + i]``): the ensemble's result and its record (``combine`` mean:
+        the members decoded one text together, the first member's result holds it and the
+        mean distribution's log-probabilities; vote: the winning member's result)."""
         out = []
         for i in range(count):
             mine = [results[k * count + i] for k in range(len(entries))]
+            if req.combine == "mean":
+                out.append((mine[0], {"combine": "mean", "members": [e.name for e in entries]}))
+                continue
             w, votes = majority([r["text"] for r in mine])
             record = {
                 "combine": "vote",
@@ -741,15 +754,21 @@ def create_app(
             raise ServeError(400, "echo is not supported with stream: true", param="echo")
         top = req.logprobs
         gens, scores, usage_prompt = [], [], 0
+        mean = len(entries) > 1 and req.combine == "mean"
+        groups = [uuid.uuid4().hex if mean else None for _ in prompts]  # one per prompt
         for member in entries:  # member-major rows: member k's prompt p is row k * P + p
-            for p in prompts:
+            for p, group in zip(prompts, groups, strict=True):
                 ids = engine.encode_completion(member, p, req.use_template)
                 engine.check_context(member, ids, max_tokens)
                 usage_prompt += sum(t >= 0 for t in ids)  # real tokens, once per prompt
                 if req.echo:
                     scores.append(_Row("score", member, ids, top=top or 0))
                 for _ in range(req.n if max_tokens else 0):
-                    gens.append(generation_row(req, member, ids, max_tokens, stop, top, len(gens)))
+                    gens.append(
+                        generation_row(
+                            req, member, ids, max_tokens, stop, top, len(gens), group=group
+                        )
+                    )
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -776,16 +795,23 @@ def create_app(
         results = await wait(engine.submit(scores + gens, "prompt"))
         prompt_lps, results = results[: len(scores)], results[len(scores) :]
         if len(entries) > 1:
-            choices = [
-                {
-                    "index": i,
-                    "text": r["text"],
-                    "finish_reason": r["finish_reason"],
-                    "logprobs": None,
-                    "ensemble": record,
-                }
-                for i, (r, record) in enumerate(voted(entries, results, len(prompts)))
-            ]
+            choices = []
+            for i, (r, record) in enumerate(combined(req, entries, results, len(prompts))):
+                lp = None
+                if top is not None:
+                    pairs = [(e["id"], e) for e in r["logprobs"]]
+                    if r.get("stop_logprob"):
+                        pairs.append((r["stop_logprob"]["id"], r["stop_logprob"]))
+                    lp = completion_logprobs(pairs, 0)
+                choices.append(
+                    {
+                        "index": i,
+                        "text": r["text"],
+                        "finish_reason": r["finish_reason"],
+                        "logprobs": lp,
+                        "ensemble": record,
+                    }
+                )
             completion_tokens = sum(r["completion_tokens"] for r in results)
             return {**head, "choices": choices, "usage": usage(usage_prompt, completion_tokens)}
         choices = []
@@ -838,12 +864,15 @@ def create_app(
             raise ServeError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         top = (req.top_logprobs or 0) if req.logprobs else None
         rows, usage_prompt = [], 0
+        group = uuid.uuid4().hex if len(entries) > 1 and req.combine == "mean" else None
         for member in entries:  # an ensemble: one row per member
             ids, stop_ids = engine.encode_chat(member, messages)
             engine.check_context(member, ids, max_tokens)
             usage_prompt += sum(t >= 0 for t in ids)
             rows += [
-                generation_row(req, member, ids, max_tokens, stop, top, len(rows) + i, stop_ids)
+                generation_row(
+                    req, member, ids, max_tokens, stop, top, len(rows) + i, stop_ids, group
+                )
                 for i in range(req.n)
             ]
         head = {
@@ -883,7 +912,9 @@ def create_app(
             engine.submit(rows, "messages")
             return response
         results = await wait(engine.submit(rows, "messages"))
-        picked = voted(entries, results, 1) if len(entries) > 1 else [(r, None) for r in results]
+        picked = (
+            combined(req, entries, results, 1) if len(entries) > 1 else [(r, None) for r in results]
+        )
         choices = []
         for i, (r, record) in enumerate(picked):
             choice = {
