@@ -1271,3 +1271,49 @@ def test_an_ensembles_rows_are_taken_and_retried_together(bank):
     assert engine._pop(3) == [g1, g2, g3]  # its members, wherever they are queued
     assert engine._pop(3) == [b, c]
     assert engine_mod._units([a, g1, b, g2, g3, c]) == [[a], [g1, g2, g3], [b], [c]]
+
+
+@pytest.mark.parametrize("scheduling", ["step", "batch"])
+def test_a_completion_ends_at_the_models_eos(bank, ref, scheduling):
+    """/v1/completions stops at the model's EOS (the generation config's, no ``stop`` given):
+    finish_reason "stop", the text and token count up to it (as ``model.generate`` with that
+    EOS gives), the stop token's log-probability last, streamed or not; base and adapter."""
+    app = make_app(bank, scheduling=scheduling)
+    engine = app.state.engine
+    tok = bank["tok"]
+    with TestClient(app) as client:
+        for name in (None, "gen-deep"):
+            ids = ref.ids(name, PROMPTS[2])
+            with torch.no_grad():
+                free = ref.model.generate(
+                    input_ids=torch.tensor([ids]),
+                    adapter_names=[name],
+                    max_new_tokens=8,
+                    do_sample=False,
+                    pad_token_id=srv.pad_id(tok),
+                    eos_token_id=ref.eos,
+                )[0, len(ids) :].tolist()
+            assert len(free) == 8  # no EOS in 8 tokens: pick one of them to be the EOS
+            k = next(i for i in range(2, 8) if free[i] not in free[:i])
+            engine.model.base_model.generation_config.eos_token_id = free[k]
+            want = tok.decode(free[:k], skip_special_tokens=True)
+            body = {
+                "model": name or "base",
+                "prompt": PROMPTS[2],
+                "max_tokens": 8,
+                "temperature": 0,
+                "logprobs": 0,
+            }
+            out = client.post("/v1/completions", json=body).json()
+            choice = out["choices"][0]
+            assert (choice["text"], choice["finish_reason"]) == (want, "stop"), out
+            assert out["usage"]["completion_tokens"] == k
+            assert len(choice["logprobs"]["tokens"]) == k + 1  # the stop token's entry last
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                chunks = [
+                    json.loads(line[6:])
+                    for line in r.iter_lines()
+                    if line.startswith("data: ") and line != "data: [DONE]"
+                ]
+            assert "".join(c["choices"][0]["text"] for c in chunks) == want
+            assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
