@@ -17,6 +17,8 @@ prompt ensembles on SmolLM2-135M-Instruct (CPU, 2 threads).
 4. adaption: adaption prompt (top 8 layers) vs prompt tuning on sentiment, per seed.
 5. ensemble: 3 seeds of prompt tuning on sentiment; each alone, mean probability and majority
    vote on test rows.
+6. ensemble_gen (not in the default sections): 3 seeds of prompt tuning on ACLSum summaries;
+   ROUGE-L of each alone, of mean-probability decoding and of the majority vote.
 """
 
 from __future__ import annotations
@@ -173,36 +175,53 @@ def mean(xs) -> float:
     return round(sum(xs) / len(xs), 4)
 
 
-def transfer_section(model, data, names, tmp, result, seeds) -> None:
-    """2. SPoT: the target 'opinion' at 50 / 200 rows from the trained 'sent' prompt vs the
-    vocabulary init; dev accuracy at step 0 (the init alone) and after TRANSFER_STEPS."""
-    src_dir = tmp / "seq_sent" / "adapter"
+def target_runs(model, data, tmp, seeds, starts: dict) -> tuple[list[dict], dict]:
+    """The target 'opinion' at 50 / 200 training rows from each start in ``starts`` (its name ->
+    ``make(adapter_name, seed) -> Task``, which adds the adapter), per seed: dev accuracy at
+    step 0 (the start alone) and after TRANSFER_STEPS. Returns (runs, per-(rows, start) means)."""
     runs = []
     for n_rows in (50, 200):
-        for init in ("vocab", "transfer"):
+        for start, make in starts.items():
             for seed in seeds:
-                name = f"t_opinion_{n_rows}_{init}_{seed}"
-                task = add(model, name, data["opinion"], seed=seed)
-                if init == "transfer":
-                    init_from(model, name, src_dir)
+                name = f"{start}_{n_rows}_{seed}"
+                task = make(name, seed)
                 at0 = dev_acc(model, name, task, data["opinion"]["dev"])
                 train = data["opinion"]["train"][:n_rows]
                 train_one(model, name, task, train, TRANSFER_STEPS, seed, tmp)
                 acc = dev_acc(model, name, task, data["opinion"]["dev"])
-                runs.append(dict(rows=n_rows, init=init, seed=seed, dev_step0=at0, dev=acc))
-                print(f"transfer {name}: dev {at0:.3f} -> {acc:.3f}", flush=True)
+                runs.append(dict(rows=n_rows, init=start, seed=seed, dev_step0=at0, dev=acc))
+                print(f"{name}: dev {at0:.3f} -> {acc:.3f}", flush=True)
+
+    def of(n, start):
+        return [r for r in runs if (r["rows"], r["init"]) == (n, start)]
+
     summary = {
-        f"{n}_{init}": dict(
-            dev_mean=mean([r["dev"] for r in runs if (r["rows"], r["init"]) == (n, init)]),
-            dev_step0_mean=mean(
-                [r["dev_step0"] for r in runs if (r["rows"], r["init"]) == (n, init)]
-            ),
+        f"{n}_{start}": dict(
+            dev_mean=mean([r["dev"] for r in of(n, start)]),
+            dev_step0_mean=mean([r["dev_step0"] for r in of(n, start)]),
         )
         for n in (50, 200)
-        for init in ("vocab", "transfer")
+        for start in starts
     }
+    return runs, summary
+
+
+def transfer_section(model, data, names, tmp, result, seeds) -> None:
+    """2. SPoT: the target 'opinion' at 50 / 200 rows from the trained 'sent' prompt vs the
+    vocabulary init; dev accuracy at step 0 (the init alone) and after TRANSFER_STEPS."""
+    src_dir = tmp / "seq_sent" / "adapter"
+
+    def vocab(name, seed):
+        return add(model, name, data["opinion"], seed=seed)
+
+    def transfer(name, seed):
+        task = add(model, name, data["opinion"], seed=seed)
+        init_from(model, name, src_dir)
+        return task
+
+    runs, summary = target_runs(model, data, tmp, seeds, {"vocab": vocab, "transfer": transfer})
     result["transfer"] = dict(steps=TRANSFER_STEPS, seeds=seeds, runs=runs, summary=summary)
-    mine = prompt_rows(model.adapters[f"t_opinion_50_vocab_{seeds[0]}"])
+    mine = prompt_rows(model.adapters[f"vocab_50_{seeds[0]}"])
     sources = [n for n in (f"seq_{m}" for m in names) if n in model.adapters]
     result["similar"] = {n: similarity(mine, prompt_rows(model.adapters[n])) for n in sources}
 
@@ -213,14 +232,13 @@ def mpt_section(model, data, names, tmp, result, seeds) -> None:
     and shared prompt train) vs prompt tuning from the vocabulary (the same steps and lr)."""
     cfg = dict(num_virtual_tokens=TOKENS, num_ranks=1)
     tasks = {
-        n: (
+        f"mpt_{n}": (
             add(model, f"mpt_{n}", data[n], config=sp.MultitaskPromptConfig(**cfg)),
             rows(data[n]["train"], n),
             [],
         )
         for n in names
     }
-    tasks = {f"mpt_{n}": v for n, v in tasks.items()}
     args = TrainArgs(
         output_dir=str(tmp / "mpt1"),
         max_steps=STEPS,
@@ -237,31 +255,18 @@ def mpt_section(model, data, names, tmp, result, seeds) -> None:
     }
     print(f"mpt stage 1: {stage1_s:.1f}s dev {stage1_dev}", flush=True)
     shared = info["shared_prompt"]
-    runs = []
-    for n_rows in (50, 200):
-        for kind in ("prompt_vocab", "mpt_shared"):
-            for seed in seeds:
-                name = f"m_opinion_{n_rows}_{kind}_{seed}"
-                config = (
-                    sp.MultitaskPromptConfig(**cfg, shared_init_from=shared, seed=seed)
-                    if kind == "mpt_shared"
-                    else sp.PromptTuningConfig(num_virtual_tokens=TOKENS, seed=seed)
-                )
-                task = add(model, name, data["opinion"], config=config)
-                at0 = dev_acc(model, name, task, data["opinion"]["dev"])
-                train = data["opinion"]["train"][:n_rows]
-                train_one(model, name, task, train, TRANSFER_STEPS, seed, tmp)
-                acc = dev_acc(model, name, task, data["opinion"]["dev"])
-                runs.append(dict(rows=n_rows, init=kind, seed=seed, dev_step0=at0, dev=acc))
-                print(f"mpt {name}: dev {at0:.3f} -> {acc:.3f}", flush=True)
-    summary = {
-        f"{n}_{k}": dict(
-            dev_mean=mean([r["dev"] for r in runs if (r["rows"], r["init"]) == (n, k)]),
-            dev_step0_mean=mean([r["dev_step0"] for r in runs if (r["rows"], r["init"]) == (n, k)]),
-        )
-        for n in (50, 200)
-        for k in ("prompt_vocab", "mpt_shared")
-    }
+
+    def prompt_vocab(name, seed):
+        config = sp.PromptTuningConfig(num_virtual_tokens=TOKENS, seed=seed)
+        return add(model, name, data["opinion"], config=config)
+
+    def mpt_shared(name, seed):
+        config = sp.MultitaskPromptConfig(**cfg, shared_init_from=shared, seed=seed)
+        return add(model, name, data["opinion"], config=config)
+
+    runs, summary = target_runs(
+        model, data, tmp, seeds, {"prompt_vocab": prompt_vocab, "mpt_shared": mpt_shared}
+    )
     result["mpt"] = dict(
         stage1_s=stage1_s,
         stage1_dev=stage1_dev,
@@ -331,6 +336,68 @@ def ensemble_section(model, data, tmp, result) -> None:
     print(json.dumps(result["ensemble"]), flush=True)
 
 
+def ensemble_gen_section(model, tmp, result, seeds, steps=40, test_rows=40) -> None:
+    """6. generation ensembles: prompt tuning on ACLSum (abstract -> approach summary), one
+    adapter per seed; ROUGE-L of each alone, of the mean-probability decoding and of the
+    majority vote on the first ``test_rows`` test rows (greedy, 32 new tokens)."""
+    spec = TaskSpec(
+        kind="generate",
+        template="Abstract: {input}\nApproach: {target}",
+        max_length=256,
+        max_new_tokens=32,
+    )
+    train = load_examples("aclsum:train", "generate")
+    test = load_examples("aclsum:test", "generate")[:test_rows]
+    names, secs = [], {}
+    for seed in seeds:
+        name = f"gen{seed}"
+        model.add_adapter(
+            name, sp.PromptTuningConfig(num_virtual_tokens=TOKENS, seed=seed), model.tokenizer
+        ).task = spec.to_dict()
+        task = Task(spec, model, model.tokenizer)
+        model.set_active(name)
+        args = TrainArgs(
+            output_dir=str(tmp / name),
+            max_steps=steps,
+            lr=LR,
+            batch_size=4,
+            eval_every=10**6,
+            seed=seed,
+            progress=False,
+            log_every=10,
+        )
+        t = time.time()
+        Trainer(model, task, train, None, args, log=lambda _: None).train()
+        secs[name] = time.time() - t
+        names.append(name)
+    task = Task(spec, model, model.tokenizer)
+    out = {}
+    for combine in ("mean", "vote"):
+        t = time.time()
+        preds = ensemble_predict(model, [task] * len(names), names, test, 8, combine)
+        out[combine] = dict(
+            rougeL=round(headline(task.metrics(test, preds))[1], 2),
+            seconds=round(time.time() - t, 1),
+        )
+        single = {
+            n: round(
+                headline(task.metrics(test, [{"prediction": p["members"][j]} for p in preds]))[1],
+                2,
+            )
+            for j, n in enumerate(names)
+        }
+        print(f"gen ensemble {combine}: {out[combine]} members {single}", flush=True)
+    result["ensemble_gen"] = dict(
+        seeds=seeds,
+        steps=steps,
+        test_rows=len(test),
+        train_s=secs,
+        single=single,
+        best_single=max(single.values()),
+        **out,
+    )
+
+
 def main() -> None:
     global STEPS, MAXLEN, DEV, BATCH, TRANSFER_STEPS
     import argparse
@@ -380,7 +447,7 @@ def main() -> None:
     if "multitask" in sections:
         multitask_section(model, data, names, tmp, result)
         save()
-    else:  # the transfer source / first ensemble member
+    elif sections != ["ensemble_gen"]:  # the transfer source / first ensemble member
         task = add(model, "seq_sent", data["sent"])
         train_one(model, "seq_sent", task, data["sent"]["train"], STEPS, 0, tmp)
     if "transfer" in sections:
@@ -394,6 +461,9 @@ def main() -> None:
         save()
     if "ensemble" in sections:
         ensemble_section(model, data, tmp, result)
+        save()
+    if "ensemble_gen" in sections:
+        ensemble_gen_section(model, tmp, result, seeds)
         save()
     print(f"wrote {out}")
 

@@ -1116,6 +1116,20 @@ def test_a_classify_ensemble_combines_its_adapters_in_one_call(bank, tmp_path):
             assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
 
 
+def _generation_members(bank, tmp_path, config, seeds):
+    """Generation adapters ``config`` with random weights (name, seed), saved under tmp_path;
+    returns the model that holds them."""
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]), tokenizer=bank["tok"])
+    for name, seed in seeds:
+        model.add_adapter(name, copy.deepcopy(config)).task = GENERATE.to_dict()
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            for p in model.adapters[name].parameters():
+                p.normal_(0, 1.0, generator=g)
+        model.save_adapter(tmp_path / name, name)
+    return model
+
+
 @pytest.mark.parametrize("scheduling", ["step", "batch"])
 def test_a_mean_probability_ensemble_decodes_one_text_from_its_members(bank, tmp_path, scheduling):
     """``"combine": "mean"`` on /v1/completions: every token is the argmax of the mean of the
@@ -1123,16 +1137,9 @@ def test_a_mean_probability_ensemble_decodes_one_text_from_its_members(bank, tmp
     members' rows in one model call; log-probabilities are the ensemble's. An ensemble larger
     than the batch is a 400 naming ``model``."""
     tok = bank["tok"]
-    model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]), tokenizer=tok)
-    for name, seed in (("m0", 21), ("m1", 22), ("m2", 23)):
-        model.add_adapter(
-            name, sp.PrefixTuningConfig(num_virtual_tokens=3)
-        ).task = GENERATE.to_dict()
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(seed)
-            for p in model.adapters[name].parameters():
-                p.normal_(0, 1.0, generator=g)
-        model.save_adapter(tmp_path / name, name)
+    config = sp.PrefixTuningConfig(num_virtual_tokens=3)
+    model = _generation_members(bank, tmp_path, config, (("m0", 21), ("m1", 22), ("m2", 23)))
+    for name in ("m0", "m1", "m2"):
         model.adapters[name].bake()
     model.eval()
     names = ["m1", "m0", "m2"]
@@ -1172,17 +1179,8 @@ def test_a_generation_ensemble_votes_over_its_members_outputs(bank, tmp_path, sc
     """``/v1/completions`` with ``"model": [a, b, c]``: each member's greedy completion is a row
     of the same batch (one model call), the answer is the majority text (a tie: the earliest
     listed member), every member's text is reported and equals that adapter alone."""
-    tok = bank["tok"]
-    model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]), tokenizer=tok)
-    for name, seed in (("g0", 11), ("g1", 12), ("g2", 11)):  # g2 is a copy of g0
-        model.add_adapter(
-            name, sp.PromptTuningConfig(num_virtual_tokens=3)
-        ).task = GENERATE.to_dict()
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(seed)
-            for p in model.adapters[name].parameters():
-                p.normal_(0, 1.0, generator=g)
-        model.save_adapter(tmp_path / name, name)
+    config = sp.PromptTuningConfig(num_virtual_tokens=3)  # g2 is a copy of g0
+    _generation_members(bank, tmp_path, config, (("g0", 11), ("g1", 12), ("g2", 11)))
     names = ["g0", "g1", "g2"]
     app = make_app(
         bank,

@@ -28,6 +28,10 @@ class _Layout:
         counts: (B,) number of virtual tokens per row.
         starts: (B,) original index before which each row's virtual tokens went.
         length: T, the original length.
+        shift: when every row's original tokens sit at ``shift .. shift + T - 1`` of the
+            spliced sequence (unpadded rows, one prompt length: the common training batch),
+            that offset, so outputs are stripped with a slice rather than a gather (whose
+            backward is a scatter over the whole (B, T', V) logits); else None.
     """
 
     src: torch.Tensor
@@ -35,6 +39,7 @@ class _Layout:
     counts: torch.Tensor
     starts: torch.Tensor
     length: int
+    shift: int | None = None
 
 
 FILL = -(10**9)
@@ -69,12 +74,17 @@ def _splice_layout(
         offset = len(fill) if left else 0
         outs.append([offset + j + (n if j >= start else 0) for j in range(length)])
         starts.append(start)
+    # rows' indices rise by >= 1 a token: first and last tell whether each is one run
+    heads = {o[0] for o in outs}
+    runs = all(o[-1] - o[0] == length - 1 for o in outs)
+    shift = next(iter(heads)) if length and len(heads) == 1 and runs else None
     return _Layout(
         src=torch.tensor(srcs, device=mask.device),
         out_index=torch.tensor(outs, device=mask.device),
         counts=torch.tensor(counts, device=mask.device),
         starts=torch.tensor(starts, device=mask.device),
         length=length,
+        shift=shift,
     )
 
 
@@ -225,7 +235,12 @@ def splice_inputs(
 def strip_outputs(out: ModelOutput, lay: _Layout, enc_dec: bool) -> ModelOutput:
     """Drop virtual-token positions from every sequence-shaped output."""
     t2 = lay.src.shape[1]
-    idx = lay.out_index
+
+    def take(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        if lay.shift is not None:  # every row's tokens are one run: a slice, not a gather
+            return x.narrow(dim, lay.shift, lay.length).contiguous()
+        return _gather_seq(x, lay.out_index, dim)
+
     for key in list(out.keys()):
         if key in ("loss", "past_key_values"):
             continue
@@ -234,12 +249,12 @@ def strip_outputs(out: ModelOutput, lay: _Layout, enc_dec: bool) -> ModelOutput:
         val = out[key]
         if isinstance(val, torch.Tensor):
             if val.dim() >= 2 and val.shape[1] == t2:
-                out[key] = _gather_seq(val, idx)
+                out[key] = take(val)
         elif isinstance(val, tuple) and val and isinstance(val[0], torch.Tensor):
             if val[0].dim() == 4 and val[0].shape[-1] == t2:  # attentions (B, H, T', T')
-                out[key] = tuple(_gather_seq(_gather_seq(a, idx, 2), idx, 3) for a in val)
+                out[key] = tuple(take(take(a, 2), 3) for a in val)
             elif val[0].shape[1] == t2:  # hidden states (B, T', d)
-                out[key] = tuple(_gather_seq(h, idx) for h in val)
+                out[key] = tuple(take(h) for h in val)
     return out
 
 
