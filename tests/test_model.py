@@ -758,17 +758,31 @@ def test_shared_prompt_equals_splicing(family):
 
 
 def test_prompt_sharing_auto_splices_under_autograd_on_an_accelerator(monkeypatch):
-    """The default shares on the CPU; on an accelerator only without autograd (serving), where
-    the shared prefix is memoised; 'always'/'never' override; nonsense is refused."""
+    """The default shares on the CPU (under autograd only where an adapter has two rows or
+    more: with one row each there is nothing to share); on an accelerator only without autograd
+    (serving), where the shared prefix is memoised; 'always'/'never' override; nonsense is
+    refused."""
     model = _bank("llama")
     prompts = model._prompts(["p5"])
 
-    def shares(grad: bool) -> bool:
+    def shares(grad: bool, rows=None) -> bool:
         with torch.set_grad_enabled(grad):
-            return model._shared_ok(prompts, False, None, None, {})
+            return model._shared_ok(prompts, False, None, None, {}, rows)
 
     assert model.prompt_sharing == "auto"
     assert shares(True) and shares(False)
+    assert shares(True, ["p5", "p5", None]) and shares(False, ["p5"])
+    assert not shares(True, ["p5"]) and not shares(True, ["p5", None])
+    # a training forward of one row splices (no shared pass), two rows of the adapter share
+    calls = []
+    real = model._kept.prompt_kvs
+    model._kept.prompt_kvs = lambda *a: calls.append(1) or real(*a)
+    try:
+        for n in (1, 2):
+            model(input_ids=torch.tensor([[5, 6, 7]] * n), adapter_names=["p5"] * n)
+    finally:
+        del model._kept.prompt_kvs
+    assert calls == [1]
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
     assert not shares(True) and shares(False)
     model.prompt_sharing = "always"

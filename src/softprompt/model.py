@@ -320,7 +320,7 @@ class SoftPromptModel(ModelCompat, AdapterBank, PromptSharing, nn.Module):
         shared = None
         # one host sync per call: do the ids hold template markers (negative ids)?
         markers = input_ids is not None and bool((input_ids < 0).any())
-        if self._shared_ok(prompts, markers, position_ids, past_key_values, kwargs):
+        if self._shared_ok(prompts, markers, position_ids, past_key_values, kwargs, rows):
             shared = self._kept.prompt_kvs(self, prompts)
         elif cached or (not prompts and not markers):
             if cached:

@@ -13,6 +13,8 @@ and dropped for an adapter that is added, replaced, deleted or baked (``forget``
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from . import _hf
@@ -115,7 +117,9 @@ class PromptSharing:
         * ``"never"``: spliced into every row, as PEFT does;
         * ``"auto"`` (default): shared, except under autograd on an accelerator, where the
           extra sequential pass over the virtual tokens costs more launches than the spliced
-          tokens cost arithmetic at training batch sizes (bench/share_sweep.py measures both).
+          tokens cost arithmetic at training batch sizes (bench/share_sweep.py measures both),
+          and under autograd when no adapter has two rows in the batch (nothing to share; the
+          extra pass made a 1-row step of the SmolLM2-360M shape 1.29x slower on the CPU).
           Without autograd the shared prefix is computed once and kept, so it is always shared.
 
         The two give the same outputs and gradients (tests/test_model.py).
@@ -130,15 +134,21 @@ class PromptSharing:
             )
         self._prompt_sharing = value
 
-    def _shared_ok(self, prompts, markers, position_ids, past_key_values, kwargs) -> bool:
+    def _shared_ok(
+        self, prompts, markers, position_ids, past_key_values, kwargs, rows=None
+    ) -> bool:
         """Can this call hand its prepended virtual tokens to the rows as a shared prefix?
-        (see ``_hf.shares_prepended_prompt`` and ``prompt_sharing``)"""
+        (see ``_hf.shares_prepended_prompt`` and ``prompt_sharing``; ``rows``: each row's
+        adapter, when the caller has them)"""
         if not prompts or not self.info.shares_prompt or position_ids is not None:
             return False
         if self._prompt_sharing == "never":
             return False
-        if self._prompt_sharing == "auto" and torch.is_grad_enabled() and self.device.type != "cpu":
-            return False
+        if self._prompt_sharing == "auto" and torch.is_grad_enabled():
+            if self.device.type != "cpu":
+                return False
+            if rows is not None and max(Counter(r for r in rows if r in prompts).values()) < 2:
+                return False  # one row per adapter: sharing saves nothing, costs a pass
         if kwargs.get("output_attentions") or markers:
             return False
         if past_key_values is not None and past_key_values in self._cache_layouts:
