@@ -1168,6 +1168,26 @@ def test_a_mean_probability_ensemble_decodes_one_text_from_its_members(bank, tmp
                 differs |= alone.json()["choices"][0]["text"] != choice["text"]
         assert differs  # some member alone answers otherwise: the mean is not one member
         assert out["usage"]["completion_tokens"] == 3 * used  # every member decoded each token
+        # streamed: the same texts and log-probabilities, one choice per prompt, usage of all
+        stream = {**body, "model": names, "combine": "mean", "logprobs": 1, "stream": True}
+        stream["stream_options"] = {"include_usage": True}
+        with client.stream("POST", "/v1/completions", json=stream) as r:
+            assert r.status_code == 200
+            chunks = [
+                json.loads(line[6:])
+                for line in r.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"
+            ]
+        for i, choice in enumerate(out["choices"]):
+            mine = [
+                c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i
+            ]
+            assert "".join(c["text"] for c in mine) == choice["text"]
+            assert [t for c in mine for t in (c["logprobs"] or {}).get("tokens", [])] == choice[
+                "logprobs"
+            ]["tokens"]
+            assert mine[-1]["finish_reason"] == choice["finish_reason"]
+        assert chunks[-1]["usage"]["completion_tokens"] == out["usage"]["completion_tokens"]
         engine.settings.max_batch = 2
         r = client.post("/v1/completions", json={**body, "model": names, "combine": "mean"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
@@ -1245,7 +1265,7 @@ def test_a_generation_ensemble_votes_over_its_members_outputs(bank, tmp_path, sc
             ({"model": ["g0", "base"]}, "model.1"),
             ({"model": ["g0", "g1"], "combine": "max"}, "combine"),
             ({"model": "g0", "combine": "vote"}, "combine"),
-            ({"model": ["g0", "g1"], "stream": True}, "stream"),
+            ({"model": ["g0", "g1"], "stream": True}, "stream"),  # vote: needs every text
             ({"model": ["g0", "g1"], "n": 2}, "n"),
             ({"model": ["g0", "g1"], "logprobs": 1}, "logprobs"),
             ({"model": ["g0", "sent-prompt"]}, "model.1"),

@@ -496,7 +496,13 @@ def test_a_chat_ensemble_through_the_openai_client_votes(bank, ref, tmp_path):
         pairs = zip(same.choices[0].logprobs.content, solo.choices[0].logprobs.content, strict=True)
         for a, b in pairs:
             assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-4)
-        with pytest.raises(openai.BadRequestError) as e:
+        parts = list(
+            client.chat.completions.create(
+                model=["c0", "c2"], extra_body={"combine": "mean"}, stream=True, **kw
+            )
+        )
+        assert "".join(p.choices[0].delta.content or "" for p in parts) == texts[1]
+        with pytest.raises(openai.BadRequestError) as e:  # a vote needs every member's text
             list(client.chat.completions.create(model=names, stream=True, **kw))
         assert e.value.body["param"] == "stream"
     finally:

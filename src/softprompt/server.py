@@ -544,15 +544,20 @@ def create_app(
             for text, e in zip(texts, entries, strict=True)
         ]
 
-    def streamed(rows: list[_Row], chunk, finish_chunk, tail_chunks, with_stop_token=False):
+    def streamed(
+        rows: list[_Row], chunk, finish_chunk, tail_chunks, with_stop_token=False, members=1
+    ):
         """SSE of streamed rows: ``chunk(index, text, entries, finish_reason)`` per delta, then
         ``tail_chunks(completion_tokens)`` (usage), then ``[DONE]`` (``with_stop_token``: the
         last chunk's entries end with the stop token's, as completions give it). A client that goes away
-        aborts its unfinished rows (they end at the next decode step)."""
+        aborts its unfinished rows (they end at the next decode step). ``members`` > 1: a
+        mean-probability ensemble, ``rows`` member-major; the first member's rows stream (every
+        member decodes the same tokens), the others share their abort, and usage counts all."""
         from fastapi.responses import StreamingResponse
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        others, rows = rows[len(rows) // members :], rows[: len(rows) // members]
         for i, r in enumerate(rows):
 
             def sink(event, i=i):
@@ -563,6 +568,8 @@ def create_app(
 
             r.sink = sink
             r.gen.abort = threading.Event()
+        for k, r in enumerate(others):  # an ensemble's other members end with their streamed row
+            r.gen.abort = rows[k % len(rows)].gen.abort
 
         def sse(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
@@ -603,7 +610,7 @@ def create_app(
                         yield sse(err.body())
                         break
                 else:
-                    for extra in tail_chunks(completion_tokens):
+                    for extra in tail_chunks(completion_tokens * members):
                         yield sse(extra)
                 yield "data: [DONE]\n\n"
             finally:
@@ -661,13 +668,16 @@ def create_app(
                 param="combine",
             )
         for field, bad in (
-            ("stream", req.stream),
+            ("stream", req.stream and req.combine != "mean"),
             ("n", req.n != 1),
             ("echo", getattr(req, "echo", False)),
             ("logprobs", req.logprobs not in (None, False) and req.combine != "mean"),
         ):
             if bad:
-                extra = ' (combine "mean" gives the ensemble\'s)' if field == "logprobs" else ""
+                extra = {
+                    "logprobs": ' (combine "mean" gives the ensemble\'s)',
+                    "stream": ' (combine "mean" streams the ensemble\'s text)',
+                }.get(field, "")
                 raise ServeError(
                     400,
                     f"{field}: not supported with an ensemble (a list of models){extra}",
@@ -789,7 +799,8 @@ def create_app(
                 if opts is not None and opts.include_usage:
                     yield {**head, "choices": [], "usage": usage(usage_prompt, completion_tokens)}
 
-            response = streamed(gens, chunk, lambda i: None, tail, with_stop_token=True)
+            k = len(entries) if mean else 1
+            response = streamed(gens, chunk, lambda i: None, tail, with_stop_token=True, members=k)
             engine.submit(gens, "prompt")
             return response
         results = await wait(engine.submit(scores + gens, "prompt"))
@@ -908,7 +919,7 @@ def create_app(
                 if opts is not None and opts.include_usage:
                     yield {**head, "choices": [], "usage": usage(usage_prompt, completion_tokens)}
 
-            response = streamed(rows, chunk, first, tail)
+            response = streamed(rows, chunk, first, tail, members=len(entries) if group else 1)
             engine.submit(rows, "messages")
             return response
         results = await wait(engine.submit(rows, "messages"))
