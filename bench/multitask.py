@@ -137,6 +137,22 @@ def train_one(model, name, task, train, steps, seed, out, batch=None, lr=None) -
     return time.time() - t
 
 
+def train_multi(model, tasks, out) -> tuple[dict, float]:
+    """One MultiTaskTrainer run of the tasks, STEPS steps of 3 x BATCH mixed rows: (its
+    summary, its wall time in seconds)."""
+    args = TrainArgs(
+        output_dir=str(out),
+        max_steps=STEPS,
+        lr=LR,
+        batch_size=3 * BATCH,
+        eval_every=STEPS,
+        progress=False,
+    )
+    t = time.time()
+    info = MultiTaskTrainer(model, tasks, args, log=lambda _: None).train()
+    return info, time.time() - t
+
+
 def multitask_section(model, data, names, tmp, result) -> None:
     """1. the three tasks one after another vs one MultiTaskTrainer run, same steps."""
     seq_time, seq_acc = {}, {}
@@ -146,17 +162,8 @@ def multitask_section(model, data, names, tmp, result) -> None:
         seq_acc[n] = dev_acc(model, f"seq_{n}", task, data[n]["dev"])
         print(f"sequential {n}: {seq_time[n]:.1f}s dev {seq_acc[n]:.3f}", flush=True)
     tasks = {n: (add(model, n, data[n]), rows(data[n]["train"], n), []) for n in names}
-    args = TrainArgs(
-        output_dir=str(tmp / "multi"),
-        max_steps=STEPS,
-        lr=LR,
-        batch_size=3 * BATCH,
-        eval_every=STEPS,
-        progress=False,
-    )
-    t = time.time()
-    info = MultiTaskTrainer(model, tasks, args, log=lambda _: None).train()
-    multi_time = time.time() - t  # includes one save per task, as the sequential runs do
+    # includes one save per task, as the sequential runs do
+    info, multi_time = train_multi(model, tasks, tmp / "multi")
     multi_acc = {n: dev_acc(model, n, tasks[n][0], data[n]["dev"]) for n in names}
     print(f"multi: {multi_time:.1f}s dev {multi_acc}", flush=True)
     result["multitask"] = dict(
@@ -239,17 +246,7 @@ def mpt_section(model, data, names, tmp, result, seeds) -> None:
         )
         for n in names
     }
-    args = TrainArgs(
-        output_dir=str(tmp / "mpt1"),
-        max_steps=STEPS,
-        lr=LR,
-        batch_size=3 * BATCH,
-        eval_every=STEPS,
-        progress=False,
-    )
-    t = time.time()
-    info = MultiTaskTrainer(model, tasks, args, log=lambda _: None).train()
-    stage1_s = time.time() - t
+    info, stage1_s = train_multi(model, tasks, tmp / "mpt1")
     stage1_dev = {
         n: dev_acc(model, f"mpt_{n}", tasks[f"mpt_{n}"][0], data[n]["dev"]) for n in names
     }
@@ -346,31 +343,17 @@ def ensemble_gen_section(model, tmp, result, seeds, steps=40, test_rows=40) -> N
         max_length=256,
         max_new_tokens=32,
     )
-    train = load_examples("aclsum:train", "generate")
+    train = [e.fields for e in load_examples("aclsum:train", "generate")]
     test = load_examples("aclsum:test", "generate")[:test_rows]
+    task = Task(spec, model, model.tokenizer)
     names, secs = [], {}
     for seed in seeds:
         name = f"gen{seed}"
         model.add_adapter(
             name, sp.PromptTuningConfig(num_virtual_tokens=TOKENS, seed=seed), model.tokenizer
         ).task = spec.to_dict()
-        task = Task(spec, model, model.tokenizer)
-        model.set_active(name)
-        args = TrainArgs(
-            output_dir=str(tmp / name),
-            max_steps=steps,
-            lr=LR,
-            batch_size=4,
-            eval_every=10**6,
-            seed=seed,
-            progress=False,
-            log_every=10,
-        )
-        t = time.time()
-        Trainer(model, task, train, None, args, log=lambda _: None).train()
-        secs[name] = time.time() - t
+        secs[name] = train_one(model, name, task, train, steps, seed, tmp, batch=4)
         names.append(name)
-    task = Task(spec, model, model.tokenizer)
     out = {}
     for combine in ("mean", "vote"):
         t = time.time()

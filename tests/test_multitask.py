@@ -16,7 +16,7 @@ import softprompt as sp
 from softprompt.cli import main
 from softprompt.data import Example
 from softprompt.errors import SoftPromptError
-from softprompt.multitask import MultiTaskTrainer, mixed_losses, parse_tasks, train_only
+from softprompt.multitask import MultiTaskTrainer, mixed_losses, parse_tasks
 from softprompt.tasks import Task, TaskSpec
 from softprompt.trainer import TrainArgs, Trainer
 
@@ -88,7 +88,7 @@ def test_mixed_batch_losses_and_gradients_are_each_tasks_own(tiny_folders, metho
     enc = {n: [tasks[n].encode(ex) for ex in ROWS[n]()] for n in tasks}
     # rows of the three tasks interleaved in one batch
     batch = [(n, enc[n][i]) for i in range(4) for n in ("sent", "size", "echo")]
-    train_only(model, list(tasks))
+    model.set_trainable(list(tasks))
     model.train()
     losses = mixed_losses(model, tasks, batch)
     sum(losses.values()).backward()
@@ -103,7 +103,7 @@ def test_mixed_batch_losses_and_gradients_are_each_tasks_own(tiny_folders, metho
                 torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
     # a batch without task 'echo' gives its adapter no gradient at all
     model.zero_grad(set_to_none=True)
-    train_only(model, list(tasks))
+    model.set_trainable(list(tasks))
     part = [(n, it) for n, it in batch if n != "echo"]
     sum(mixed_losses(model, tasks, part).values()).backward()
     assert all(p.grad is None for p in model.adapters["echo"].parameters())
@@ -308,8 +308,8 @@ def test_mpt_stage_one_trains_one_shared_prompt_on_every_task(tiny_folders, tmp_
             tasks[n].loss(enc[n]).backward()
         grad += model.adapters[n].shared.grad
     factors = {n: model.adapters[n].cols.detach().clone() for n in names}
-    # train_only keeps the tied prompt trainable while any task trains
-    train_only(model, [names[-1]])
+    # set_trainable keeps the tied prompt trainable while any task trains
+    model.set_trainable([names[-1]])
     assert multi.shared.requires_grad and not model.adapters[names[0]].cols.requires_grad
     result = multi.train()
     # linear decay over 1 step: the step used lr * 1; Adam's first step: g / (|g| + eps)

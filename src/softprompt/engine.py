@@ -1189,26 +1189,17 @@ class Engine:
                     r.fail(self._cancelled())
                 return
             self.stats["failed_calls"] += 1
-            if len(rows) == 1:
+            units = _units(rows)
+            if len(units) == 1:  # one row, or one ensemble (its members fail together)
                 log.warning("row failed: %s: %s", type(e).__name__, e)
                 if isinstance(e, EngineError):
-                    rows[0].fail(e)
+                    err = e
                 elif isinstance(e, SoftPromptError):
-                    rows[0].fail(EngineError("invalid", str(e), "invalid_adapter", "model"))
+                    err = EngineError("invalid", str(e), "invalid_adapter", "model")
                 else:
-                    rows[0].fail(
-                        EngineError("internal", f"internal error: {type(e).__name__}: {e}")
-                    )
-                return
-            units = _units(rows)
-            if len(units) == 1:  # one ensemble: its members fail together
-                log.warning("ensemble failed: %s: %s", type(e).__name__, e)
+                    err = EngineError("internal", f"internal error: {type(e).__name__}: {e}")
                 for r in rows:
-                    r.fail(
-                        EngineError("invalid", str(e), "invalid_adapter", "model")
-                        if isinstance(e, SoftPromptError)
-                        else EngineError("internal", f"internal error: {type(e).__name__}: {e}")
-                    )
+                    r.fail(err)
                 return
             log.warning("batch of %d failed (%s); running its rows one by one", len(rows), e)
             for unit in units:  # a row alone, or an ensemble's members together

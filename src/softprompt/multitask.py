@@ -118,12 +118,6 @@ class TaskRun:
     recent: list[float] = field(default_factory=list)
 
 
-def train_only(model: SoftPromptModel, names: Sequence[str]) -> None:
-    """Make the adapters ``names`` (and nothing else) trainable at once (``set_active`` makes
-    one adapter trainable; a multi-task step needs several): ``AdapterBank.set_trainable``."""
-    model.set_trainable(names)
-
-
 def tie_shared_prompts(model: SoftPromptModel, names: Sequence[str]) -> torch.nn.Parameter:
     """MPT stage 1 (Wang et al. 2023): the adapters ``names`` (MPT, one per source task) hold
     ONE shared prompt from now on, the first one's; each keeps its own rank-r factors.
@@ -346,7 +340,7 @@ class MultiTaskTrainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over a mixed batch; returns each task's loss on its rows."""
         batch = self.next_batch()
-        train_only(self.model, self.active())
+        self.model.set_trainable(self.active())
         for run in self.runs.values():
             run.opt.zero_grad(set_to_none=True)
         if self.shared_opt is not None:
@@ -510,7 +504,7 @@ class MultiTaskTrainer:
                     self._select(run)
         finally:
             self.model.eval()
-            train_only(self.model, [])
+            self.model.set_trainable([])
         shared_dir = None
         if self.shared is not None:
             shared_dir = self._save_shared()

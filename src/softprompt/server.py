@@ -531,6 +531,14 @@ def create_app(
             offset += len(text)
         return out
 
+    def result_pairs(r: dict) -> list[tuple[int, dict]]:
+        """A generation result's (token, entry) pairs for ``completion_logprobs``: its tokens',
+        then, as OpenAI gives it, the stop token's that ended it."""
+        pairs = [(e["id"], e) for e in r["logprobs"]]
+        if r.get("stop_logprob"):
+            pairs.append((r["stop_logprob"]["id"], r["stop_logprob"]))
+        return pairs
+
     def chat_logprobs(entries: list[dict]) -> list[dict]:
         """OpenAI chat ``logprobs.content``: token, logprob, bytes, top_logprobs."""
         texts = engine.token_texts([e["id"] for e in entries])
@@ -808,12 +816,7 @@ def create_app(
         if len(entries) > 1:
             choices = []
             for i, (r, record) in enumerate(combined(req, entries, results, len(prompts))):
-                lp = None
-                if top is not None:
-                    pairs = [(e["id"], e) for e in r["logprobs"]]
-                    if r.get("stop_logprob"):
-                        pairs.append((r["stop_logprob"]["id"], r["stop_logprob"]))
-                    lp = completion_logprobs(pairs, 0)
+                lp = None if top is None else completion_logprobs(result_pairs(r), 0)
                 choices.append(
                     {
                         "index": i,
@@ -848,10 +851,7 @@ def create_app(
                 text = echo + text
                 pairs = list(zip(real, prompt_lps[p], strict=True))
             if top is not None:
-                pairs += [(e["id"], e) for e in r["logprobs"]]
-                if r.get("stop_logprob"):  # as OpenAI: the stop token ends the entries
-                    pairs.append((r["stop_logprob"]["id"], r["stop_logprob"]))
-                lp = completion_logprobs(pairs, 0)
+                lp = completion_logprobs(pairs + result_pairs(r), 0)
             choices.append(
                 {"index": i, "text": text, "finish_reason": r["finish_reason"], "logprobs": lp}
             )
