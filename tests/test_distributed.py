@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from softprompt.distributed import launcher_request
+from softprompt.errors import SoftPromptError
 
 STEPS, BATCH = 4, 4
 POS = ["a wonderful, moving film", "brilliant and funny", "a joy to watch", "great acting"]
@@ -160,14 +161,38 @@ def test_launcher_request_reads_the_count_a_launcher_was_asked_for(argv, expecte
 # ------------------------------------------------------------------------------ sharded base
 
 
-@pytest.mark.parametrize("method", ["deep", "prompt"])
+# accelerate's own FSDP launch with an FSDP2 config: it keeps each block's gathered weights
+# from forward to backward, recomputes activations, and asks for an offload softprompt ignores
+ACCELERATE_FSDP = [
+    *ACCELERATE,
+    "--use_fsdp",
+    "--num_processes",
+    "2",
+    *ACCELERATE_FLAGS,
+    "--fsdp_version",
+    "2",
+    "--fsdp_reshard_after_forward",
+    "false",
+    "--fsdp_activation_checkpointing",
+    "true",
+    "--fsdp_offload_params",
+    "true",
+]
+
+
+@pytest.mark.parametrize(
+    "method, launch",
+    [("deep", "--fsdp"), ("prompt", "accelerate --use_fsdp")],
+)
 def test_fsdp_shards_the_base_and_reaches_the_one_process_adapter(
-    tmp_path, tiny_folders, train_file, method
+    tmp_path, tiny_folders, train_file, method, launch
 ):
-    """``train --fsdp`` under a two-process launch (accelerate's own ``--use_fsdp`` launcher
-    needs a GPU; on one it sets what ``--fsdp`` sets): each process holds about half of the
-    frozen blocks' weights, evaluation on an odd number of dev rows runs in step on both, and the adapter (the
-    only thing replicated and saved) equals the one-process adapter."""
+    """A two-process sharded run, by ``train --fsdp`` under a data-parallel launch or by
+    ``accelerate launch --use_fsdp`` with an FSDP config (its reshard and activation
+    checkpointing settings taken, its offload named as not applied): each process holds
+    about half of the frozen blocks' weights, evaluation on an odd number of dev rows runs in
+    step on both, and the adapter (the only thing replicated and saved) equals the one-process
+    adapter."""
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(train_file.read_text().splitlines(keepends=True)[:7]))
 
@@ -178,11 +203,19 @@ def test_fsdp_shards_the_base_and_reaches_the_one_process_adapter(
 
     one = _run([sys.executable], argv(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
-    res = _run(LAUNCHERS["accelerate"], [*argv(tmp_path / "two"), "--fsdp"])
+    if launch == "--fsdp":
+        res = _run(LAUNCHERS["accelerate"], [*argv(tmp_path / "two"), "--fsdp"])
+    else:
+        res = _run(ACCELERATE_FSDP, argv(tmp_path / "two"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert_ran_on(tmp_path / "two", 2, tmp_path / "one")
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["fsdp"] is True
+    from_config = launch != "--fsdp"
+    assert summary["fsdp_reshard_after_forward"] is not from_config
+    assert summary["gradient_checkpointing"] is from_config
+    warned = "it does not apply fsdp_offload_params true" in res.stdout
+    assert warned is from_config, res.stdout[-2000:]
     # each process keeps half of the blocks' weights (the tiny model's 49k-word embedding and
     # head, kept whole, are most of its size)
     from transformers import AutoModelForCausalLM
@@ -225,3 +258,138 @@ def test_fsdp_on_an_encoder_decoder_is_a_clear_error(tmp_path, tiny_folders, tra
     res = _run(LAUNCHERS["torchrun"], [*argv, "--task", "generate"])
     assert res.returncode != 0
     assert "shards the decoder blocks of decoder-only LMs" in res.stderr
+
+
+# ------------------------------------------------------------------------------ launch settings
+
+
+@pytest.mark.parametrize(
+    "env, reshard, ckpt, ignored",
+    [
+        ({}, True, False, []),  # not an FSDP launch: its variables are not read
+        (
+            {"FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP", "FSDP_OFFLOAD_PARAMS": "true"},
+            True,
+            False,
+            [],
+        ),
+        ({"ACCELERATE_USE_FSDP": "true"}, True, False, []),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"},
+            False,
+            False,
+            [],
+        ),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "2"}, False, False, []),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"},
+            True,
+            False,
+            ["fsdp_sharding_strategy HYBRID_SHARD"],
+        ),
+        (
+            {
+                "ACCELERATE_USE_FSDP": "true",
+                "FSDP_VERSION": "2",
+                "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP",  # FSDP2 reads reshard_after_forward
+                "FSDP_RESHARD_AFTER_FORWARD": "false",
+                "FSDP_ACTIVATION_CHECKPOINTING": "true",
+                "FSDP_OFFLOAD_PARAMS": "true",
+                "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP",
+            },
+            False,
+            True,
+            ["fsdp_offload_params true", "fsdp_auto_wrap_policy SIZE_BASED_WRAP"],
+        ),
+    ],
+)
+def test_an_accelerate_fsdp_config_is_read_and_what_it_does_not_apply_is_named(
+    monkeypatch, env, reshard, ckpt, ignored
+):
+    from softprompt.distributed import accelerate_fsdp_settings
+
+    for k in [k for k in os.environ if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    got = accelerate_fsdp_settings()
+    assert (got.reshard_after_forward, got.activation_checkpointing) == (reshard, ckpt)
+    assert [g.split(" (")[0] for g in got.ignored] == ignored
+
+
+def test_accelerator_env_keeps_accelerates_fsdp_plugin_out_and_puts_the_flag_back(monkeypatch):
+    from softprompt.distributed import accelerator_env, fsdp_requested
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with accelerator_env():
+        assert os.environ["ACCELERATE_USE_FSDP"] == "false" and not fsdp_requested()
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true" and fsdp_requested()
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with accelerator_env():
+        assert "ACCELERATE_USE_FSDP" not in os.environ
+    assert "ACCELERATE_USE_FSDP" not in os.environ
+
+
+@pytest.mark.parametrize(
+    "asked, given, want, warns",
+    [
+        (None, None, "float32", False),
+        ("no", None, "float32", False),
+        ("bf16", None, "bfloat16", False),
+        ("fp16", None, "float16", False),
+        ("bf16", "bfloat16", "bfloat16", False),
+        ("bf16", "float32", "float32", True),  # an explicit --dtype wins, said
+        (None, "float16", "float16", False),
+    ],
+)
+def test_launch_dtype_takes_accelerates_mixed_precision(monkeypatch, asked, given, want, warns):
+    from softprompt.distributed import launch_dtype
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    if asked is not None:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", asked)
+    said = []
+    assert launch_dtype(given, said.append) == want
+    assert bool(said) is warns
+    if warns:
+        assert said[0].startswith(f"accelerate launch --mixed_precision {asked} is not used")
+
+
+def test_fp8_mixed_precision_is_a_clear_error(monkeypatch):
+    from softprompt.distributed import launch_dtype
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(SoftPromptError, match="--mixed_precision fp8: softprompt runs"):
+        launch_dtype(None, print)
+
+
+def test_accelerate_launch_mixed_precision_bf16_trains_a_bfloat16_base(
+    tmp_path, tiny_folders, train_file
+):
+    """``accelerate launch --mixed_precision bf16 -m softprompt.cli train`` (one process) runs
+    the frozen base in bfloat16 (recorded in config.yaml) with a float32 adapter; before, the
+    setting was silently dropped and the run was float32."""
+    out = tmp_path / "bf16"
+    res = _run(
+        [
+            *ACCELERATE,
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "bf16",
+            "--dynamo_backend",
+            "no",
+        ],
+        _train_argv(tiny_folders["llama"], train_file, out),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["dtype"] == "bfloat16"
+    assert load_file(out / "adapter" / "adapter.safetensors")["prefix"].dtype == torch.float32
+    plain = tmp_path / "plain"
+    res = _run([sys.executable], _train_argv(tiny_folders["llama"], train_file, plain))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert yaml.safe_load((plain / "config.yaml").read_text())["dtype"] == "float32"

@@ -410,3 +410,47 @@ def test_resumed_run_hides_what_the_interrupted_one_logged_after_its_checkpoint(
 def test_compile_and_fsdp_are_refused_together(tmp_path):
     with pytest.raises(sp.SoftPromptError, match="--compile does not go with --fsdp"):
         TrainArgs(output_dir=str(tmp_path), compile=True, fsdp=True)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        sp.PromptTuningConfig(num_virtual_tokens=2, seed=0),
+        sp.DeepPromptConfig(num_virtual_tokens=2, seed=0),
+    ],
+    ids=["prompt", "deep"],
+)
+def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_adapter(
+    tiny_folders, tmp_path, config
+):
+    """``gradient_checkpointing``: each block runs once more a step (in backward), and the run
+    ends with the adapter and losses of the run that keeps the activations (prompt tuning's
+    4 rows a step take the shared-prompt pass, deep prompts the per-layer prefixes)."""
+    ends, losses, calls = [], [], []
+    for ckpt in (False, True):
+        task = fresh_task(tiny_folders, config)
+        model = task.model
+        mlp = model.base_model.model.layers[0].mlp  # inside the checkpointed forward
+        n = [0]
+        mlp.register_forward_pre_hook(lambda *_, n=n: n.__setitem__(0, n[0] + 1))
+        args = TrainArgs(
+            output_dir=str(tmp_path / str(ckpt)),
+            batch_size=4,
+            max_steps=3,
+            lr=0.05,
+            log_every=1,
+            eval_every=1000,
+            progress=False,
+            gradient_checkpointing=ckpt,
+        )
+        tr = Trainer(model, task, rows(12), None, args, log=lambda _: None)
+        assert tr.checkpointing is ckpt and model._checkpointing is ckpt
+        tr.train()
+        calls.append(n[0])
+        ends.append([p.detach().clone() for p in model.parameters_to_train()])
+        losses.append(jsonl_scalars(tmp_path / str(ckpt) / "metrics.jsonl")["train/loss"])
+    assert calls[1] - calls[0] >= 3, calls  # recomputed in each step's backward
+    for a, b in zip(*ends, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert [s for s, _ in losses[1]] == [1, 2, 3]
+    torch.testing.assert_close([v for _, v in losses[1]], [v for _, v in losses[0]])

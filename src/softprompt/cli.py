@@ -223,8 +223,12 @@ def train_run(args):
     from .trainer import Trainer, make_accelerator
 
     # resolved before the flags are saved: config.yaml records the init used (and --resume
-    # compares it with runs saved when --init defaulted to vocab)
+    # compares it with runs saved when --init defaulted to vocab), and the dtype
     args.init = _resolved_init(METHODS[args.method][0], args.init)
+    if args.dtype is None:  # main() resolves it; demo's parsed flags come here unresolved
+        from .distributed import launch_dtype
+
+        args.dtype = launch_dtype(None, _warn)
     if getattr(args, "tasks", None):  # several tasks, one adapter each (softprompt.multitask)
         from .multitask import train_tasks
 
@@ -253,7 +257,7 @@ def train_run(args):
     out = _output_dir(args.output)
     if args.resume:
         _check_resume_flags(out, flags)
-    from .distributed import check_world_size
+    from .distributed import check_world_size, fsdp_requested
 
     acc = make_accelerator(args.report_to, args.output)
     check_world_size(acc.num_processes)
@@ -301,7 +305,10 @@ def train_run(args):
     if args.task == "classify":
         eval_rows = check_eval_labels(labels, eval_rows, args.skip_bad, _warn) if eval_rows else []
         test_rows = check_eval_labels(labels, test_rows, args.skip_bad, _warn) if test_rows else []
-    base, tok = load_base(args.model, args.dtype, device=str(acc.device))
+    # a sharded base is loaded on the CPU and moved to the device block by block as it is cut
+    # into shards (distributed.shard_frozen_base): no device holds all of it
+    fsdp = fsdp_requested(args.fsdp)
+    base, tok = load_base(args.model, args.dtype, device="cpu" if fsdp else str(acc.device))
     model = sp.attach(base, tokenizer=tok)
     try:
         verbalizer = json.loads(args.verbalizer) if args.verbalizer else {}
@@ -358,6 +365,9 @@ def train_run(args):
     result = trainer.train()
     summary["train"] = result
     summary["fsdp"] = trainer.args.fsdp
+    if trainer.args.fsdp:
+        summary["fsdp_reshard_after_forward"] = trainer.reshard_after_forward
+    summary["gradient_checkpointing"] = trainer.checkpointing
     summary["base_parameters"] = sum(p.numel() for p in base.parameters())
     summary["base_local_parameters"] = trainer.base_local_parameters or summary["base_parameters"]
     best_dir = out / "adapter"
@@ -419,6 +429,7 @@ RESUME_MAY_CHANGE = {
     "output",
     "report_to",
     "compile",
+    "gradient_checkpointing",
 }
 
 
@@ -496,6 +507,7 @@ def _train_args(args):
         fsdp=fsdp_requested(args.fsdp),
         report_to=args.report_to,
         compile=args.compile,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
 
 
@@ -795,7 +807,13 @@ def _add_model(p, default="smollm2-135m-instruct"):
         default=default,
         help="hub id, local folder, or embedded asset name (default: %(default)s)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="the frozen base's precision (adapters stay float32); default float32, or what "
+        "`accelerate launch --mixed_precision bf16|fp16` asked for",
+    )
 
 
 def _field_defaults(cls) -> dict:
@@ -991,6 +1009,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
     )
     t.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+    )
+    t.add_argument(
         "--report-to",
         choices=list(REPORT_TO),
         default=loop["report_to"],
@@ -1142,6 +1164,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = _apply_config(parser, argv)
+        if hasattr(args, "dtype") and args.command != "export":  # export's casts the file
+            from .distributed import launch_dtype
+
+            args.dtype = launch_dtype(args.dtype, _warn)
         args.func(args)
         return 0
     except SoftPromptError as e:

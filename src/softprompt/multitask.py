@@ -253,6 +253,8 @@ class MultiTaskTrainer:
         if not tasks:
             raise SoftPromptError("--tasks needs at least one task")
         self.model, self.args, self.log = model, args, log
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         self.out = Path(args.output_dir)
         n_rows = sum(len(rows) for _, rows, _ in tasks.values())
         self.steps_per_epoch = max(1, math.ceil(n_rows / args.batch_size))
@@ -558,6 +560,7 @@ def train_tasks(args: argparse.Namespace):
 
     from .cli import _adapter_config, _load_data, _output_dir, _unescape, _warn
     from .data import check_eval_labels, label_set
+    from .distributed import fsdp_requested
     from .loading import load_base, model_kind
     from .methods.base import METHODS
     from .tasks import TaskSpec
@@ -566,6 +569,11 @@ def train_tasks(args: argparse.Namespace):
     for dest, why in _REFUSED.items():
         if getattr(args, dest, None):
             raise SoftPromptError(f"--{dest.replace('_', '-')} cannot go with --tasks: {why}")
+    if fsdp_requested():
+        raise SoftPromptError(
+            "accelerate launch --use_fsdp (an FSDP config) cannot go with --tasks: "
+            + _REFUSED["fsdp"]
+        )
     if getattr(args, "report_to", "none") != "none" or args.grad_accum != 1:
         raise SoftPromptError("--tasks trains with --grad-accum 1 and --report-to none")
     if not args.output:
@@ -667,4 +675,5 @@ def _tasks_train_args(args) -> TrainArgs:
         eval_batch_size=args.eval_batch_size,
         eval_limit=args.eval_limit,
         progress=False,
+        gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
     )

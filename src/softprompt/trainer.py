@@ -104,6 +104,9 @@ class TrainArgs:
             OUTPUT/tracking).
         compile: torch.compile the frozen decoder blocks (decoder-only LMs; the first
             steps of each new shape compile; generation stays eager).
+        gradient_checkpointing: recompute the frozen blocks' activations in backward instead
+            of keeping them (less memory for long sequences, about one more forward a step);
+            implied by an accelerate FSDP config's fsdp_activation_checkpointing.
     """
 
     output_dir: str
@@ -130,6 +133,7 @@ class TrainArgs:
     fsdp: bool = False  # shard the frozen base's blocks across the processes (distributed.py)
     report_to: str = "none"  # or "tensorboard", "wandb", "mlflow" (module docstring: Logs)
     compile: bool = False  # SoftPromptModel.compile_body: the frozen blocks, not the adapter
+    gradient_checkpointing: bool = False  # SoftPromptModel.gradient_checkpointing_enable
 
     def __post_init__(self) -> None:
         check_report_to(self.report_to)
@@ -210,13 +214,17 @@ def check_report_to(report_to: str) -> None:
 def make_accelerator(report_to: str = "none", output_dir: str | Path | None = None) -> Accelerator:
     """The Accelerator training runs on; with a tracker, its files go to ``output_dir/tracking``."""
     check_report_to(report_to)
-    cpu = not torch.cuda.is_available()
-    if report_to == "none":
-        return Accelerator(cpu=cpu)
-    if output_dir is None:
-        raise SoftPromptError(f"--report-to {report_to} needs an output folder")
-    tracking = Path(output_dir) / "tracking"
-    return Accelerator(cpu=cpu, log_with=report_to, project_dir=str(tracking))
+    from .distributed import accelerator_env
+
+    # Precision is softprompt's own (--dtype, which `accelerate launch --mixed_precision` sets:
+    # distributed.launch_dtype, with its own loss scaler); accelerate's would scale twice.
+    kw = dict(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    if report_to != "none":
+        if output_dir is None:
+            raise SoftPromptError(f"--report-to {report_to} needs an output folder")
+        kw.update(log_with=report_to, project_dir=str(Path(output_dir) / "tracking"))
+    with accelerator_env():
+        return Accelerator(**kw)
 
 
 def tracker_values(record: dict) -> dict[str, float]:
@@ -312,10 +320,25 @@ class Trainer:
         self.lr = args.lr if args.lr is not None else default_lr(model.base_model, method)
         self.params = model.parameters_to_train()
         self.base_local_parameters = None
+        self.reshard_after_forward: bool | None = None  # with fsdp
+        checkpointing = args.gradient_checkpointing
         if args.fsdp:
-            from .distributed import shard_frozen_base
+            from .distributed import accelerate_fsdp_settings, shard_frozen_base
 
-            self.base_local_parameters = shard_frozen_base(model)
+            fsdp = accelerate_fsdp_settings()
+            if fsdp.ignored and self.acc.is_main_process:
+                log(
+                    "warning: softprompt shards each decoder block itself (FSDP2); of the "
+                    "accelerate FSDP config it does not apply " + "; ".join(fsdp.ignored)
+                )
+            checkpointing = checkpointing or fsdp.activation_checkpointing
+            self.base_local_parameters = shard_frozen_base(
+                model, self.acc.device, reshard_after_forward=fsdp.reshard_after_forward
+            )
+            self.reshard_after_forward = fsdp.reshard_after_forward
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        self.checkpointing = checkpointing
         if not self.params:
             raise SoftPromptError(f"adapter {model.active!r} has nothing to train (is it baked?)")
         if args.compile and not model._compiled:
