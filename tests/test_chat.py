@@ -87,6 +87,24 @@ def test_virtual_tokens_go_where_the_placement_says(tok, fmt, placement):
         assert at == len(ids) - 3 and ids[at - len(header) : at] == header
 
 
+@pytest.mark.parametrize("user", ["end", "d", "im", ">", "end|>", "user", "im_start", "|"])
+def test_a_user_message_found_in_the_templates_own_markers_is_placed_at_its_content(tok, fmt, user):
+    """A user content that also occurs in the turn's header or end-of-turn marker ("end" in
+    ``<|im_end|>``) is found after the header: the ids are the rendered text's (the marker stays
+    one special token), the answer's labels and the virtual tokens stay where they belong."""
+    conv = [{"role": "user", "content": user}, {"role": "assistant", "content": "ok"}]
+    conv = [*conv, {"role": "user", "content": user}]
+    ids, labels = fmt.encode(conv, loss_turns="all")
+    text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert ids == ids_of(tok, text)
+    assert [i for i, lab in zip(ids, labels, strict=True) if lab != -100] == fmt.answer_ids("ok")
+    soft, _ = fmt.encode(conv, soft_tokens=2, placement="user")
+    at = soft.index(-1)
+    header = ids_of(tok, "<|im_start|>user\n")
+    assert soft[at - len(header) : at] == header
+    assert soft[at + 2 : at + 2 + len(ids_of(tok, user))] == ids_of(tok, user)
+
+
 def test_a_long_user_message_is_cut_to_max_length(fmt):
     long = [{"role": "user", "content": "word " * 300}]
     ids, _ = fmt.encode(long, soft_tokens=2, max_length=40)

@@ -454,3 +454,83 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_adapte
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
     assert [s for s, _ in losses[1]] == [1, 2, 3]
     torch.testing.assert_close([v for _, v in losses[1]], [v for _, v in losses[0]])
+
+
+# ------------------------------------------------------------------------------ accumulation
+
+
+def _generate_task(tiny_folders) -> Task:
+    path = tiny_folders["llama"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(path))
+    model.add_adapter("a", sp.PromptTuningConfig(num_virtual_tokens=2, seed=0))
+    spec = TaskSpec(kind="generate", template="{input} =")
+    return Task(spec, model, AutoTokenizer.from_pretrained(path))
+
+
+def _generate_rows(n: int) -> list[Example]:
+    """Targets of 1 to 9 words: micro-batches of equal rows hold unequal numbers of tokens."""
+    return [
+        Example(
+            {"input": " ".join(WORDS[: 2 + i % 5]), "target": " ".join(WORDS[: 1 + (5 * i) % 9])},
+            "x",
+            i,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("batch, accum", [(2, 4), (3, 3)], ids=["2x4", "3+3+2"])
+def test_an_accumulated_step_has_the_gradient_and_loss_of_the_whole_batch(
+    tiny_folders, tmp_path, batch, accum
+):
+    """Micro-batches are weighted by their supervised tokens (``Task.loss_units``), not averaged
+    as equals: 8 generate rows with targets of 1-9 words give the gradient and loss of one
+    8-row batch, also when the last micro-batch is shorter (3 + 3 + 2)."""
+    grads, losses = [], []
+    for b, k in ((8, 1), (batch, accum)):
+        task = _generate_task(tiny_folders)
+        args = TrainArgs(
+            output_dir=str(tmp_path / f"{b}x{k}"),
+            batch_size=b,
+            grad_accum=k,
+            max_steps=1,
+            max_grad_norm=0.0,
+            log_every=1,
+            eval_every=1000,
+            progress=False,
+        )
+        tr = Trainer(task.model, task, _generate_rows(8), None, args, log=lambda _: None)
+        assert len({tr._units[i] for i in range(8)}) > 3  # the rows' token counts differ
+        tr.train()
+        grads.append(torch.cat([p.grad.flatten() for p in task.model.parameters_to_train()]))
+        losses.append(jsonl_scalars(tmp_path / f"{b}x{k}" / "metrics.jsonl")["train/loss"][0][1])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_the_rows_left_over_after_the_last_full_accumulation_step_train_too(task, tmp_path):
+    """7 micro-batches at --grad-accum 2 are 4 steps an epoch (the last of one micro-batch);
+    an epoch trains every row once. Before, 3 steps ran and the last micro-batch was dropped."""
+    seen = []
+    original = task.loss
+
+    def spy(batch):
+        seen.extend(tuple(b["prompt"]) for b in batch)
+        return original(batch)
+
+    args = TrainArgs(
+        output_dir=str(tmp_path),
+        batch_size=4,
+        grad_accum=2,
+        epochs=1,
+        eval_every=1000,
+        progress=False,
+    )
+    tr = Trainer(task.model, task, rows(26), None, args, log=lambda _: None)
+    assert tr.steps_per_epoch == 4 and tr.total == 4
+    task.loss = spy
+    try:
+        tr.train()
+    finally:
+        del task.loss
+    assert sorted(seen) == sorted(tuple(it["prompt"]) for it in tr.items)

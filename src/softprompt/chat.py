@@ -169,6 +169,14 @@ class ChatFormat:
             )
         return full[len(rendered) :]
 
+    def _user_header(self, before, rendered: str) -> str:
+        """What the template writes before a user message's content, after ``before``: the
+        turn rendered with a sentinel content, up to the sentinel."""
+        sentinel = "\u2063softprompt\u2063"
+        turn = self._render([*before, {"role": "user", "content": sentinel}])[len(rendered) :]
+        k = turn.find(sentinel)
+        return turn[:k] if k >= 0 else ""
+
     @property
     def stop_ids(self) -> list[int]:
         """Ids that end a generated answer: the end-of-turn token, and EOS when it differs."""
@@ -223,8 +231,10 @@ class ChatFormat:
                 continue
             a = len(texts[i])
             turn = full[a : len(texts[i + 1])]
-            if role == "user":
-                k = turn.rfind(content)
+            if role == "user":  # after the turn's header: content may occur in it or in
+                # the end-of-turn marker ("end" in "<|im_end|>", "user" in "<|im_start|>user")
+                head = self._user_header(messages[:i], texts[i])
+                k = turn.find(content, len(head)) if turn.startswith(head) else turn.rfind(content)
             else:
                 gen = self._gen_prompt(messages[:i], texts[i])
                 k = turn.find(content, len(gen)) if turn.startswith(gen) else -1

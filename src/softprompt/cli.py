@@ -495,6 +495,8 @@ def _train_args(args):
         group_by_length=args.group_by_length,
         lower_layer_cache_mb=args.lower_layer_cache_mb,
         warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
         eval_every=args.eval_every,
         save_every=args.save_every,
         patience=args.patience,
@@ -976,6 +978,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=loop["lower_layer_cache_mb"],
     )
     t.add_argument("--warmup-ratio", type=_finite(0, True, 1), default=loop["warmup_ratio"])
+    t.add_argument("--weight-decay", type=_finite(0, True), default=loop["weight_decay"])
+    t.add_argument("--max-grad-norm", type=_finite(0, True), default=loop["max_grad_norm"])
     t.add_argument("--eval-every", type=_POSITIVE, default=loop["eval_every"])
     t.add_argument("--save-every", type=_POSITIVE)
     t.add_argument(

@@ -174,6 +174,10 @@ class TagTask(_EncoderTask):
             "source": f"{ex.source}:{ex.line}",
         }
 
+    def loss_units(self, item: dict) -> int:
+        """The row's tagged words (the terms of ``loss``'s mean)."""
+        return sum(x >= 0 for x in item["labels"])
+
     def loss(self, batch: list[dict]) -> torch.Tensor:
         """Mean cross-entropy over the words' first subwords."""
         logits, _ = self.token_logits(batch)  # (B, T, C)
@@ -276,6 +280,10 @@ class ExtractTask(_EncoderTask):
         start = logits[..., 0].masked_fill(~ctx, low)
         end = logits[..., 1].masked_fill(~ctx, low)
         return start, end
+
+    def loss_units(self, item: dict) -> int:
+        """1, or 0 for a row whose answer was truncated away (``loss`` ignores it)."""
+        return int(item["start"] >= 0)
 
     def loss(self, batch: list[dict]) -> torch.Tensor:
         """(CE(start) + CE(end)) / 2 over the context tokens; truncated-away answers ignored."""

@@ -669,6 +669,8 @@ def _tasks_train_args(args) -> TrainArgs:
         lr=args.lr,
         batch_size=args.batch_size,
         warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
         eval_every=args.eval_every,
         patience=args.patience,
         seed=args.seed,

@@ -290,8 +290,19 @@ class Task:
         return item
 
     # ------------------------------------------------------------------ loss
+    def loss_units(self, item: dict) -> int:
+        """How many terms an encoded row adds to the mean that ``loss`` takes: 1 for classify,
+        its supervised tokens for generate and chat. The trainer weights micro-batches and
+        processes by it, so an accumulated or data-parallel step has the big batch's loss."""
+        if self.spec.kind == "classify":
+            return 1
+        if self.enc_dec:
+            return len(item["target"])
+        return sum(x != -100 for x in item.get("prompt_labels", ())) + len(item["target"])
+
     def loss(self, batch: list[dict]) -> torch.Tensor:
-        """Mean loss of a batch of encoded rows (differentiable w.r.t. the adapter)."""
+        """Mean loss of a batch of encoded rows (differentiable w.r.t. the adapter): over rows
+        (classify) or supervised tokens (``loss_units``)."""
         model = self.model
         if self.spec.kind == "classify":
             y = torch.tensor([b["label"] for b in batch], device=model.device)

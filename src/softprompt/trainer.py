@@ -343,10 +343,11 @@ class Trainer:
             raise SoftPromptError(f"adapter {model.active!r} has nothing to train (is it baked?)")
         if args.compile and not model._compiled:
             model.compile_body()
+        # what each row adds to a step's mean loss (rows, or supervised tokens)
+        self._units = [task.loss_units(it) for it in self.items]
         n_batches = math.ceil(len(self.items) / args.batch_size)
-        self.steps_per_epoch = max(
-            1, n_batches // args.grad_accum
-        )  # a partial last step is dropped
+        # a shorter last step takes the micro-batches left over: every row trains each epoch
+        self.steps_per_epoch = math.ceil(n_batches / args.grad_accum)
         self.total = args.max_steps or max(1, round(args.epochs * self.steps_per_epoch))
         self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=args.weight_decay)
         # A float16 base: its activations' gradients underflow; the loss is scaled (the adapter
@@ -630,15 +631,17 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss_sum = 0.0
                 group = batches[k * args.grad_accum : (k + 1) * args.grad_accum]
-                if self.steps_per_epoch == 1:
-                    group = batches  # fewer batches than one accumulation step
+                # each micro-batch's mean loss weighted by its share of the step's terms (over
+                # every micro-batch and process): the step's loss and gradient are those of the
+                # whole step's rows in one batch, whatever their sizes and target lengths
+                units = max(1, sum(self._units[i] for rows in group for i in rows))
                 for rows in group:
                     mine = self._my_slice(rows)
                     if not mine and not args.fsdp:
                         continue
                     if args.log_rows and mine:
                         self._log_rows(mine)
-                    weight = len(mine) / len(rows) / len(group)
+                    weight = sum(self._units[i] for i in mine) / units
                     if not mine:  # sharded blocks gather collectively: run a row, weighted 0
                         mine = rows[:1]
                     loss = self.task.loss([self.items[i] for i in mine])
