@@ -94,6 +94,16 @@ def test_csv_line_numbers_count_header_and_multiline_records(tmp_path):
     ]
 
 
+def test_labels_are_stripped_so_stray_spaces_make_no_new_class(tmp_path):
+    """A CSV's "ugly, neg" and a JSON "pos " are the classes neg and pos, not " neg" and
+    "pos " beside them."""
+    p = write(tmp_path / "train.csv", "text,label\nugly, neg\nfine,pos\nbad,neg\n")
+    q = write(tmp_path / "more.jsonl", jsonl({"text": "good", "label": "pos "}))
+    rows = load_examples(p, "classify") + load_examples(q, "classify")
+    assert [r.fields["label"] for r in rows] == ["neg", "pos", "neg", "pos"]
+    assert label_set(rows) == ["neg", "pos"]
+
+
 def test_tsv(tmp_path):
     p = write(tmp_path / "dev.tsv", "input\ttarget\textra\nin, with comma\tout\t\n")
     got = load_examples(p, "generate")

@@ -223,3 +223,53 @@ def test_classify_in_chat_form_scores_labels_after_the_generation_prompt(tok):
         ref = answer_logprobs(model, [ids], task.answers, pad_id=tok.pad_token_id)
     torch.testing.assert_close(scores, ref)
     assert task.prompt_ids({"messages": msgs}) == ids  # a row may also come as messages
+
+
+def test_encode_examples_names_the_row_that_cannot_be_encoded_and_skip_bad_skips_it(tok):
+    """A conversation too long for max_length even with its user messages emptied: an error
+    naming file and line (before, a bare message with neither), or with skip_bad a warning and
+    the row left out; prompts cut to max_length are reported by file and line, then counted."""
+    model = _chat_model(tok)
+    spec = TaskSpec(kind="chat", template=CHAT_TEMPLATE, soft_tokens=4, max_length=64)
+    task = Task(spec, model, tok)
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    long_answer = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "word " * 80},  # an earlier turn: cannot be cut
+        *short,
+    ]
+    long_user = [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}]
+    rows = [
+        Example({"messages": m}, "train.jsonl", i + 1)
+        for i, m in enumerate([short, long_answer, *[long_user] * 5])
+    ]
+    with pytest.raises(sp.SoftPromptError, match=r"^train\.jsonl:2: the conversation needs"):
+        task.encode_examples(rows)
+    said = []
+    items, kept = task.encode_examples(rows, skip_bad=True, warn=said.append)
+    assert [ex.line for ex in kept] == [1, 3, 4, 5, 6, 7] and len(items) == 6
+    assert said[0].startswith("train.jsonl:2: the conversation needs") and "skipped" in said[0]
+    cut = [m for m in said if "cut to max_length=64" in m]
+    assert [m.split(":")[1] for m in cut[:3]] == ["3", "4", "5"]
+    assert all(len(i["prompt"]) <= 64 for i in items)
+    whole = len(
+        Task(
+            TaskSpec(kind="chat", template=CHAT_TEMPLATE, soft_tokens=4, max_length=4096),
+            model,
+            tok,
+        ).encode(rows[2])["prompt"]
+    )
+    assert f"the prompt is {whole} tokens" in cut[0]
+    assert said[-1].startswith("5 of 6 training rows were cut to max_length=64")
+    with pytest.raises(sp.SoftPromptError, match="no training row could be encoded"):
+        task.encode_examples(rows[1:2], skip_bad=True, warn=said.append)
+
+
+def test_a_cut_template_prompt_is_reported(tok):
+    model = _chat_model(tok)
+    task = Task(TaskSpec(kind="generate", template="{input} =", max_length=16), model, tok)
+    said = []
+    rows = [Example({"input": "word " * 40, "target": "x"}, "d.csv", 7)]
+    (item,), _ = task.encode_examples(rows, warn=said.append)
+    assert len(item["prompt"]) <= 16 and item["cut_from"] > 40
+    assert said == [f"d.csv:7: the prompt is {item['cut_from']} tokens, cut to max_length=16"]

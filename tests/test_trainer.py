@@ -112,6 +112,27 @@ def test_early_stopping_keeps_the_best_dev_adapter(task, tmp_path, monkeypatch):
     best = load_file(tmp_path / "adapter" / "adapter.safetensors")["prompt"]
     assert torch.equal(best, saved[2])
     assert not torch.allclose(best, task.model.adapters["a"].embedding.detach())
+    # resumed (say after a kill while the test set was scored), the run stays stopped: no
+    # step, the same adapter; with a higher --patience it trains on
+    ends = task.model.adapters["a"].embedding.detach().clone()
+    said = []
+
+    def resumed(patience):
+        args = TrainArgs(
+            output_dir=str(tmp_path), batch_size=4, eval_every=1, patience=patience,
+            max_steps=20, lr=0.05, progress=False, resume=True,
+        )  # fmt: skip
+        tr = Trainer(task.model, task, rows(64), rows(4), args, log=said.append)
+        monkeypatch.setattr(tr, "evaluate", lambda examples: ({"accuracy": 0.1}, []))
+        return tr.train()
+
+    again = resumed(2)
+    assert again["stopped_early"] and again["steps"] == 4 and again["best"] == 0.9
+    assert torch.equal(task.model.adapters["a"].embedding.detach(), ends)
+    assert torch.equal(load_file(tmp_path / "adapter" / "adapter.safetensors")["prompt"], best)
+    assert any("stopped early at step 4" in m for m in said)
+    more = resumed(3)
+    assert more["stopped_early"] and more["steps"] == 5
 
 
 def test_top_layer_training_caches_the_lower_blocks_and_ends_the_same(tiny_folders, tmp_path):

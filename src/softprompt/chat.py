@@ -32,7 +32,7 @@ Placement of ``soft_tokens`` virtual tokens (markers ``-1 .. -P``, see
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import SoftPromptError
@@ -191,6 +191,7 @@ class ChatFormat:
         placement: str = "user",
         loss_turns: str = "all",
         max_length: int | None = None,
+        on_cut: Callable[[int], None] | None = None,
     ) -> tuple[list[int], list[int]]:
         """The prompt of a conversation that ends with a user turn, with the generation prompt.
 
@@ -202,6 +203,7 @@ class ChatFormat:
                 token of the prompt is supervised (the answer is the caller's target).
             max_length: if given, the longest user content is cut (at token boundaries, from
                 its end) until the prompt fits.
+            on_cut: called with the prompt's whole length when it was cut.
 
         Returns:
             ``(ids, labels)`` of equal length: labels are ``-100`` except on earlier assistant
@@ -251,7 +253,9 @@ class ChatFormat:
             list(self.tok.encode(t, add_special_tokens=False)) if t else [] for t, _, _ in pieces
         ]
         if max_length is not None:
-            self._truncate(pieces, ids_of, soft_tokens, max_length)
+            whole = self._truncate(pieces, ids_of, soft_tokens, max_length)
+            if whole is not None and on_cut is not None:
+                on_cut(whole)
         # virtual tokens: a marker piece at the chosen place
         soft = list(range(-1, -1 - soft_tokens, -1))
         ids: list[int] = []
@@ -291,8 +295,9 @@ class ChatFormat:
         """Target ids of an assistant answer: its content tokens, then the end-of-turn token."""
         return list(self.tok.encode(str(content).strip(), add_special_tokens=False)) + [self.eot_id]
 
-    def _truncate(self, pieces, ids_of, soft_tokens: int, max_length: int) -> None:
-        total = sum(map(len, ids_of)) + soft_tokens
+    def _truncate(self, pieces, ids_of, soft_tokens: int, max_length: int) -> int | None:
+        """Cut the longest user contents until the prompt fits; the whole length if it was cut."""
+        total = whole = sum(map(len, ids_of)) + soft_tokens
         users = [j for j, p in enumerate(pieces) if p[1] == "user"]
         while total > max_length and users:
             j = max(users, key=lambda u: len(ids_of[u]))
@@ -306,3 +311,4 @@ class ChatFormat:
                 f"the conversation needs {total} tokens even with its user messages emptied, "
                 f"more than max_length={max_length}; raise --max-length"
             )
+        return whole if whole > max_length else None

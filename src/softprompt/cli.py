@@ -510,6 +510,7 @@ def _train_args(args):
         report_to=args.report_to,
         compile=args.compile,
         gradient_checkpointing=args.gradient_checkpointing,
+        skip_bad=args.skip_bad,
     )
 
 

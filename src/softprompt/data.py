@@ -227,6 +227,8 @@ def _check_row(
                 f"field {name!r} holds a lone surrogate (such as \\ud800), which is not text; "
                 f"fix the row, {_SKIP_HINT}"
             )
+        if name == "label" and task == "classify":
+            row[name] = value.strip()  # "pos " and " pos" (a CSV's ", pos") are the class "pos"
     return row
 
 

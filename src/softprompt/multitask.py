@@ -304,7 +304,9 @@ class MultiTaskTrainer:
             self.runs[name] = TaskRun(
                 name=name,
                 task=task,
-                items=[task.encode(ex) for ex in train_rows],
+                items=task.encode_examples(
+                    train_rows, f"{name} training", args.skip_bad, lambda m: log(f"warning: {m}")
+                )[0],
                 eval_examples=list(eval_rows or [])[: args.eval_limit],
                 params=params,
                 opt=opt,
@@ -678,4 +680,5 @@ def _tasks_train_args(args) -> TrainArgs:
         eval_limit=args.eval_limit,
         progress=False,
         gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+        skip_bad=getattr(args, "skip_bad", False),
     )

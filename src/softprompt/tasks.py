@@ -27,7 +27,8 @@ says how to use it (the CLI's eval/generate and the server read it from there).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -248,36 +249,49 @@ class Task:
             msgs = msgs[:-1]
         return list(msgs)
 
-    def prompt_ids(self, row: dict) -> list[int]:
+    def prompt_ids(self, row: dict, on_cut: Callable[[int], None] | None = None) -> list[int]:
         """Prompt ids of a row. Chat forms: ``row["messages"]`` (ending with a user turn; a
         final assistant turn is dropped) rendered with the generation prompt, the virtual-token
-        markers inserted at the spec's placement."""
+        markers inserted at the spec's placement. ``on_cut`` is called with the prompt's whole
+        length when it was cut to ``max_length``."""
         if self.chat is not None:
-            return self._chat_encode(self.chat_messages(row), "last")[0]
-        return self.template.encode(row, self.tok, max_length=self.spec.max_length)
+            return self._chat_encode(self.chat_messages(row), "last", on_cut)[0]
+        return self.template.encode(row, self.tok, max_length=self.spec.max_length, on_cut=on_cut)
 
-    def _chat_encode(self, msgs: list[dict], loss_turns: str) -> tuple[list[int], list[int]]:
+    def _chat_encode(
+        self, msgs: list[dict], loss_turns: str, on_cut: Callable[[int], None] | None = None
+    ) -> tuple[list[int], list[int]]:
         return self.chat.encode(
             msgs,
             soft_tokens=self.spec.soft_tokens,
             placement=self.spec.placement,
             loss_turns=loss_turns,
             max_length=self.spec.max_length,
+            on_cut=on_cut,
         )
 
     def encode(self, ex: Example) -> dict:
-        """One training/eval row: prompt ids and the answer (label index or target ids)."""
+        """One training/eval row: prompt ids and the answer (label index or target ids); a
+        prompt cut to ``max_length`` also has ``"cut_from"``, its whole length."""
         row = ex.fields
+        cut: list[int] = []
         if self.spec.kind == "chat":
             msgs = row["messages"]
-            prompt, labels = self._chat_encode(self.chat_messages(row), self.spec.loss_turns)
-            return {
+            prompt, labels = self._chat_encode(
+                self.chat_messages(row), self.spec.loss_turns, cut.append
+            )
+            item = {
                 "prompt": prompt,
                 "prompt_labels": labels,
                 "target": self.chat.answer_ids(msgs[-1]["content"]),
                 "source": f"{ex.source}:{ex.line}",
             }
-        item = {"prompt": self.prompt_ids(row), "source": f"{ex.source}:{ex.line}"}
+            if cut:
+                item["cut_from"] = cut[0]
+            return item
+        item = {"prompt": self.prompt_ids(row, cut.append), "source": f"{ex.source}:{ex.line}"}
+        if cut:
+            item["cut_from"] = cut[0]
         if self.spec.kind == "classify":
             item["label"] = self.spec.labels.index(str(row["label"]))
         else:
@@ -290,6 +304,52 @@ class Task:
         return item
 
     # ------------------------------------------------------------------ loss
+    def encode_examples(
+        self,
+        examples: Sequence[Example],
+        what: str = "training",
+        skip_bad: bool = False,
+        warn: Callable[[str], None] | None = None,
+    ) -> tuple[list[dict], list[Example]]:
+        """Encode rows for training or evaluation: ``(items, the examples kept)``.
+
+        A row that cannot be encoded (a conversation too long for ``max_length`` even with its
+        user messages emptied) is an error naming its file and line, or, with ``skip_bad``, is
+        reported through ``warn`` and left out. Prompts cut to ``max_length`` are reported: the
+        first few by file and line, then how many in all.
+
+        Raises:
+            SoftPromptError: a row that cannot be encoded (without ``skip_bad``), or no row left.
+        """
+        warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+        items, kept, cut = [], [], []
+        for ex in examples:
+            try:
+                item = self.encode(ex)
+            except SoftPromptError as e:
+                if not skip_bad:
+                    raise SoftPromptError(f"{ex.source}:{ex.line}: {e}") from None
+                warn(f"{ex.source}:{ex.line}: {e}; skipped (--skip-bad)")
+                continue
+            items.append(item)
+            kept.append(ex)
+            if "cut_from" in item:
+                cut.append(item)
+        for item in cut[:3]:
+            warn(
+                f"{item['source']}: the prompt is {item['cut_from']} tokens, cut to "
+                f"max_length={self.spec.max_length}"
+            )
+        if len(cut) > 3:
+            warn(
+                f"{len(cut)} of {len(items)} {what} rows were cut to max_length="
+                f"{self.spec.max_length} (the longest was {max(i['cut_from'] for i in cut)} "
+                "tokens); raise --max-length to keep them whole"
+            )
+        if examples and not items:
+            raise SoftPromptError(f"no {what} row could be encoded (all were skipped)")
+        return items, kept
+
     def loss_units(self, item: dict) -> int:
         """How many terms an encoded row adds to the mean that ``loss`` takes: 1 for classify,
         its supervised tokens for generate and chat. The trainer weights micro-batches and

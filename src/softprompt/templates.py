@@ -36,7 +36,7 @@ tokenizers get ``[CLS]`` first and ``[SEP]`` last (virtual tokens of a leading s
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -303,7 +303,13 @@ class Template:
         ids.extend(suffix)
         return ids
 
-    def encode(self, row: Mapping[str, Any], tokenizer, max_length: int | None = None) -> list[int]:
+    def encode(
+        self,
+        row: Mapping[str, Any],
+        tokenizer,
+        max_length: int | None = None,
+        on_cut: Callable[[int], None] | None = None,
+    ) -> list[int]:
         """Token ids of the prompt (everything before the answer field).
 
         Args:
@@ -312,6 +318,7 @@ class Template:
             max_length: if given, the main input field (``text`` or ``input``; else the field
                 with the longest value) is cut from the end, at a token boundary, until the
                 prompt fits. Literal text, soft and special tokens are never cut.
+            on_cut: called with the prompt's whole length when it was cut.
 
         Returns:
             Ids with the tokenizer's special tokens (see the module docstring); virtual token k
@@ -326,7 +333,10 @@ class Template:
         ids = self._ids(values, tokenizer, specials)
         if max_length is None or len(ids) <= max_length:
             return ids
-        return self._truncate(values, tokenizer, specials, max_length, len(ids))
+        cut = self._truncate(values, tokenizer, specials, max_length, len(ids))
+        if on_cut is not None:
+            on_cut(len(ids))
+        return cut
 
     def _truncate(self, values, tokenizer, specials, max_length: int, full_len: int) -> list[int]:
         main = next((f for f in MAIN_FIELDS if f in self.fields), None)

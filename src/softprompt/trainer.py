@@ -107,6 +107,8 @@ class TrainArgs:
         gradient_checkpointing: recompute the frozen blocks' activations in backward instead
             of keeping them (less memory for long sequences, about one more forward a step);
             implied by an accelerate FSDP config's fsdp_activation_checkpointing.
+        skip_bad: a row that cannot be encoded (too long for max_length even with its
+            main field or user messages emptied) is reported and left out, not an error.
     """
 
     output_dir: str
@@ -134,6 +136,7 @@ class TrainArgs:
     report_to: str = "none"  # or "tensorboard", "wandb", "mlflow" (module docstring: Logs)
     compile: bool = False  # SoftPromptModel.compile_body: the frozen blocks, not the adapter
     gradient_checkpointing: bool = False  # SoftPromptModel.gradient_checkpointing_enable
+    skip_bad: bool = False  # rows that cannot be encoded: reported and left out
 
     def __post_init__(self) -> None:
         check_report_to(self.report_to)
@@ -313,9 +316,19 @@ class Trainer:
                 f"log_with={args.report_to!r} (softprompt.trainer.make_accelerator)"
             )
         self.out = Path(args.output_dir)
-        self.items = [task.encode(ex) for ex in train_examples]
+
+        def warn(msg: str) -> None:
+            if self.acc.is_main_process:
+                log(f"warning: {msg}")
+
+        self.items, _ = task.encode_examples(train_examples, "training", args.skip_bad, warn)
         self._lengths = [len(it["prompt"]) + len(it.get("target", ())) for it in self.items]
         self.eval_examples = list(eval_examples or [])[: args.eval_limit]
+        if self.eval_examples and task.spec.kind in ("classify", "generate", "chat"):
+            # checked now, not at the first evaluation after minutes of training
+            _, self.eval_examples = task.encode_examples(
+                self.eval_examples, "dev", args.skip_bad, warn
+            )
         method = model.adapters[model.active].config.method
         self.lr = args.lr if args.lr is not None else default_lr(model.base_model, method)
         self.params = model.parameters_to_train()
@@ -623,7 +636,14 @@ class Trainer:
             dynamic_ncols=True,
         )
         t0 = time.time()
-        stop = False
+        # a resumed run that had stopped early stays stopped (unless --patience was raised)
+        stop = bool(self.eval_examples) and self.bad_evals >= args.patience
+        if stop:
+            self.log(
+                f"the checkpoint's run stopped early at step {self.step} ({self.bad_evals} dev "
+                f"evaluations without improvement, --patience {args.patience}); raise "
+                "--patience to train on"
+            )
         while self.step < self.total and not stop:
             epoch, first = divmod(self.step, self.steps_per_epoch)
             batches = self._micro_batches(epoch)
