@@ -104,6 +104,23 @@ def test_labels_are_stripped_so_stray_spaces_make_no_new_class(tmp_path):
     assert label_set(rows) == ["neg", "pos"]
 
 
+def test_trl_prompt_completion_rows_are_generate_and_chat_rows(tmp_path):
+    """TRL's standard and conversational prompt-completion datasets load as they are."""
+    p = write(tmp_path / "pc.jsonl", jsonl({"prompt": "2 + 2 =", "completion": " 4"}))
+    (ex,) = load_examples(p, "generate")
+    assert (ex.fields["input"], ex.fields["target"]) == ("2 + 2 =", " 4")
+    user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    answer = [{"role": "assistant", "content": "Hello."}]
+    q = write(tmp_path / "conv.jsonl", jsonl({"prompt": user, "completion": answer}))
+    (ex,) = load_examples(q, "chat")
+    assert ex.fields["messages"] == user + answer
+    # a completion that is not an assistant answer is the chat row's error, naming the message
+    bad = write(tmp_path / "bad.jsonl", jsonl({"prompt": user, "completion": user[1:]}))
+    assert raises(bad, "chat").startswith(f"{bad}:1: ")
+    # the wrong kinds for the task are not guessed at: the usual missing-field error
+    assert "field 'input' is missing" in raises(q, "generate")
+
+
 def test_tsv(tmp_path):
     p = write(tmp_path / "dev.tsv", "input\ttarget\textra\nin, with comma\tout\t\n")
     got = load_examples(p, "generate")

@@ -31,6 +31,11 @@ Tasks and the fields each row needs (non-empty after stripping whitespace):
   context), optional ``answer_start`` (an integer: where the answer starts in the context;
   default: its first occurrence, which is then stored in the row);
 * plus ``required_fields`` (fields a template uses): present, scalar and non-empty.
+
+TRL's prompt-completion rows are taken as they are: ``{"prompt": "...", "completion": "..."}``
+as a generate row (``input``, ``target``), and the conversational ``{"prompt": [messages],
+"completion": [messages]}`` as a chat row (``messages``: the prompt's, then the completion's).
+TRL's other conversational form, ``{"messages": [...]}``, is the chat row itself.
 """
 
 from __future__ import annotations
@@ -115,6 +120,23 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _from_prompt_completion(row: dict[str, Any], task: str) -> dict[str, Any]:
+    """TRL's prompt-completion rows in softprompt's fields (the row keeps its own as well):
+    ``{"prompt": str, "completion": str}`` is a generate row's ``input`` / ``target``;
+    ``{"prompt": [messages], "completion": [messages]}`` is a chat row's ``messages`` (the
+    prompt's messages, then the completion's)."""
+    if "prompt" not in row or "completion" not in row:
+        return row
+    prompt, completion = row["prompt"], row["completion"]
+    if task == "generate" and "input" not in row and "target" not in row:
+        if isinstance(prompt, str) and isinstance(completion, str):
+            row["input"], row["target"] = prompt, completion
+    elif task == "chat" and "messages" not in row:
+        if isinstance(prompt, list) and isinstance(completion, list):
+            row["messages"] = [*prompt, *completion]
+    return row
+
+
 def _check_messages(row: dict[str, Any], chat_prompts: bool) -> None:
     """A chat row's ``messages`` (module docstring); raises ``_BadRow`` naming the message."""
     if "messages" not in row:
@@ -190,7 +212,7 @@ def _check_row(
         raise _BadRow(
             f"row is {_describe(row)}, not an object; write each row as {{{example}}}, {_SKIP_HINT}"
         )
-    row = dict(row)
+    row = _from_prompt_completion(dict(row), task)
     if task == "chat":
         _check_messages(row, chat_prompts)
         return row
