@@ -621,7 +621,7 @@ def test_feature_extraction_prompt_tuning_on_an_encoder(tmp_path):
     deep = sp.attach(tiny_model("bert"), method_config("deep"))
     with pytest.raises(sp.SoftPromptError, match="cannot tell how this model's positions"):
         save_peft(deep, tmp_path / "deep")
-    with pytest.raises(sp.SoftPromptError, match="PEFT prefix needs a decoder-only LM"):
+    with pytest.raises(sp.SoftPromptError, match="PEFT prefix needs a decoder-only model"):
         bert_prefix = PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=2)
         sp.load_adapter(
             tiny_model("bert"), make_peft_folder(tiny_model("bert"), bert_prefix, tmp_path / "p")
@@ -662,3 +662,283 @@ def test_cartridge_exports_as_peft_cartridge(tmp_path, family):
     assert back.adapters["back"].config.method == "cartridge"
     assert back.adapters["back"].config.num_frozen == 2
     assert_close(sp_logits(back, IDS), want, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------ more families
+
+
+def _partial_rotary(family: str):
+    """Tiny causal LMs whose rotary embedding covers part of each head (Phi, Persimmon: half;
+    GPT-NeoX: a quarter)."""
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        PersimmonConfig,
+        PersimmonForCausalLM,
+        PhiConfig,
+        PhiForCausalLM,
+    )
+
+    config, cls = {
+        "phi": (PhiConfig, PhiForCausalLM),
+        "persimmon": (PersimmonConfig, PersimmonForCausalLM),
+        "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    return cls(
+        config(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=120,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
+
+
+@pytest.mark.parametrize("family", ["phi", "persimmon", "gpt_neox"])
+@pytest.mark.parametrize("method", ["prefix", "deep"])
+def test_partial_rotary_prefix_exports_with_peft_logits(tmp_path, family, method):
+    """Only the rotary dims of the keys rotate to PEFT's positions; the rest pass through."""
+    base = _partial_rotary(family)
+    rotary = _hf.lm_body_and_head(base)[0].rotary_emb
+    cos, _ = rotary(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, dtype=torch.long))
+    assert cos.shape[-1] < 8  # head dim 8: a partial rotary embedding
+    model = sp.attach(base, method_config(method))
+    perturb(model)
+    out = save_peft(model, tmp_path / "out")
+    want = sp_logits(model, IDS)
+    assert_close(peft_logits(_partial_rotary(family), out, IDS), want, atol=1e-4, rtol=0)
+    if method == "deep":  # the prefix unrotated: PEFT's logits differ
+        flat = model.adapters["default"].prefix.detach()
+        save_file({"prompt_embeddings": flat.contiguous()}, str(out / "adapter_model.safetensors"))
+        assert (peft_logits(_partial_rotary(family), out, IDS) - want).abs().max() > 1e-3
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=120,
+        pad_token_id=0,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_adaption_prompt_export_refuses_model_types_peft_does_not_take(tmp_path):
+    from peft import AdaptionPromptConfig
+    from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+
+    from softprompt.peft_compat import peft_adaption_model_types
+
+    llama_form = [
+        t for t, c in TRANSFORMERS_MODEL_CONFIG.items() if c.target_modules == "self_attn"
+    ]
+    assert peft_adaption_model_types() == sorted(llama_form) == ["llama", "mistral"]
+    with pytest.raises(ValueError, match="Unsupported model type for adaption prompt: 'qwen2'"):
+        get_peft_model(_qwen2(), AdaptionPromptConfig(adapter_len=3, adapter_layers=2))
+    model = sp.attach(_qwen2(), sp.AdaptionPromptConfig(num_virtual_tokens=3, adapter_layers=2))
+    perturb(model)  # softprompt serves it ...
+    assert (sp_logits(model, IDS) - sp_logits(sp.attach(_qwen2()), IDS)).abs().max() > 1e-3
+    with pytest.raises(  # ... but PEFT could not load the export
+        sp.SoftPromptError, match=r"model_type 'qwen2': PEFT's ADAPTION_PROMPT supports only "
+    ) as e:
+        save_peft(model, tmp_path / "out")
+    assert "['llama', 'mistral']" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_task_type_and_base_model_name_are_checked(peft_dirs, recwarn):
+    """A CAUSAL_LM folder needs a causal LM; a base_model_name_or_path naming another model
+    than the one given is a warning (names differ for the same weights)."""
+    from transformers import LlamaModel
+
+    src = peft_dirs["gpt2", "prompt"]  # CAUSAL_LM, made on "tiny-gpt2": 2 layers, 32 wide, 4 heads
+    with pytest.raises(sp.SoftPromptError, match="task_type 'CAUSAL_LM'.*BertModel is not one"):
+        sp.load_adapter(tiny_model("bert"), src)
+    with pytest.raises(sp.SoftPromptError, match="LlamaModel is not one.*made for \\(tiny-gpt2\\)"):
+        sp.load_adapter(LlamaModel(tiny_model("llama").config), src)
+    qwen3 = tiny_model("qwen3")  # same sizes as the tiny GPT-2
+    qwen3.name_or_path = "tiny-qwen3"
+    with pytest.warns(UserWarning, match="base_model_name_or_path is 'tiny-gpt2', the model is"):
+        sp.load_adapter(qwen3, src)
+    recwarn.clear()
+    same = tiny_model("gpt2")
+    same.name_or_path = "/models/Tiny-GPT2/"  # a local copy: the same basename
+    got = sp_logits(sp.load_adapter(same, src), IDS)
+    assert not [w for w in recwarn if "base_model_name_or_path" in str(w.message)]
+    assert_close(got, peft_logits(tiny_model("gpt2"), src, IDS), atol=1e-4, rtol=0)
+
+
+def test_mpt_folder_exports_task_0s_prompt_as_prompt_embeds(tmp_path):
+    """--format prompt-embeds of a PEFT multitask folder: the prompt PEFT runs for task 0."""
+    config = MultitaskPromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, num_tasks=2, num_ranks=2
+    )
+    d = make_peft_folder(tiny_model("llama"), config, tmp_path / "mpt")
+    path = export_adapter(d, "prompt-embeds", tmp_path / "pe.safetensors")
+    got = load_file(str(path))["prompt_embeds"]  # (P, hidden)
+    pm = PeftModel.from_pretrained(tiny_model("llama"), d).eval()
+    with torch.no_grad():
+        want = pm.get_prompt(batch_size=1, task_ids=torch.tensor([0]))[0]
+        other = pm.get_prompt(batch_size=1, task_ids=torch.tensor([1]))[0]
+        peft_out = pm(input_ids=IDS, task_ids=torch.tensor([0, 0])).logits[:, 3:]
+        base = tiny_model("llama")
+        embeds = torch.cat([got[None].expand(2, -1, -1), base.get_input_embeddings()(IDS)], 1)
+        fed = base(inputs_embeds=embeds).logits[:, 3:]
+    assert got.shape == (3, 32)
+    assert_close(got, want, atol=1e-6, rtol=0)
+    assert (other - got).abs().max() > 1e-3  # task 1's prompt is another
+    assert_close(fed, peft_out, atol=1e-5, rtol=0)
+
+
+def _llama_dynamic_rope():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    c = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=120,
+        max_position_embeddings=8,  # P + T = 9: past it, dynamic rope rescales
+        pad_token_id=0,
+    )
+    c.rope_parameters = {**c.rope_parameters, "rope_type": "dynamic", "factor": 2.0}
+    return LlamaForCausalLM(c).eval()
+
+
+def _gemma2_window4():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=120,
+        pad_token_id=0,
+        sliding_window=4,
+    )
+    return Gemma2ForCausalLM(config).eval()
+
+
+def test_prefix_import_on_models_with_position_ids_refuses_only_windows(tmp_path, monkeypatch):
+    """Dynamic rope takes position_ids: the import gives PEFT's logits. A sliding window drops
+    PEFT's prefix out of reach of later tokens: refused, for that reason (loaded anyway, the
+    logits differ)."""
+    from softprompt import peft_compat
+
+    prefix = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    d = make_peft_folder(_llama_dynamic_rope(), prefix, tmp_path / "dynamic")
+    got = sp_logits(sp.load_adapter(_llama_dynamic_rope(), d), IDS)
+    assert_close(got, peft_logits(_llama_dynamic_rope(), d, IDS), atol=1e-4, rtol=0)
+    assert (got - sp_logits(sp.attach(_llama_dynamic_rope()), IDS)).abs().max() > 1e-2
+    d = make_peft_folder(_gemma2_window4(), prefix, tmp_path / "gemma2")
+    with pytest.raises(sp.SoftPromptError, match="sliding-window attention \\(sliding_window=4\\)"):
+        sp.load_adapter(_gemma2_window4(), d)
+    monkeypatch.setattr(peft_compat, "_prefix_positions_refusal", lambda base: None)
+    got = sp_logits(sp.load_adapter(_gemma2_window4(), d), IDS)
+    assert (got - peft_logits(_gemma2_window4(), d, IDS)).abs().max() > 1e-2
+
+
+def test_feature_extraction_prefix_on_a_bare_decoder(tmp_path):
+    """A FEATURE_EXTRACTION prefix on LlamaModel (no LM head): PEFT's hidden states; a
+    left-padded row those PEFT gives it alone."""
+    from transformers import LlamaModel
+
+    def bare():
+        torch.manual_seed(0)
+        return LlamaModel(tiny_model("llama").config).eval()
+
+    config = PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3)
+    d = make_peft_folder(bare(), config, tmp_path / "prefix")
+    model = sp.load_adapter(bare(), d)
+    pm = PeftModel.from_pretrained(bare(), d).eval()
+    ids, mask = pad_left([[5, 6, 7, 8, 9, 10], [11, 12, 13]], 0)
+    with torch.no_grad():
+        want = pm(input_ids=IDS).last_hidden_state  # (B, T, hidden): PEFT's prefix is a cache
+        got = model(input_ids=IDS).last_hidden_state
+        row = pm(input_ids=ids[1:, 3:]).last_hidden_state
+        padded = model(input_ids=ids, attention_mask=mask).last_hidden_state[1:, 3:]
+        plain = sp.attach(bare())(input_ids=IDS).last_hidden_state
+    assert_close(got, want, atol=1e-4, rtol=0)
+    assert_close(padded, row, atol=1e-4, rtol=0)
+    assert (got - plain).abs().max() > 1e-2
+
+
+def _edited(tmp_path, name, config, tensors) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, d / "adapter_model.safetensors")
+    return d
+
+
+def test_hand_edited_configs_and_tensors_are_refused_by_field(peft_dirs, tmp_path):
+    src = peft_dirs["llama", "prompt"]
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    table = load_file(str(src / "adapter_model.safetensors"))  # prompt_embeddings (4, 32)
+    mpt = {**cfg, "peft_type": "MULTITASK_PROMPT_TUNING", "num_ranks": 1}
+    factors = {"prefix_task_cols": torch.ones(1, 4, 1), "prefix_task_rows": torch.ones(1, 1, 32)}
+    cases = {
+        "layers": ({**cfg, "num_layers": "3"}, table, "field 'num_layers' .* got '3'"),
+        "dim": ({**cfg, "token_dim": 32.0}, table, "field 'token_dim' .* got 32.0"),
+        "bool": ({**cfg, "num_virtual_tokens": True}, table, "'num_virtual_tokens' .* got True"),
+        "tasks": ({**mpt, "num_tasks": 0}, {**table, **factors}, "field 'num_tasks' .* got 0"),
+        "int": (cfg, {"prompt_embeddings": torch.zeros(4, 32, dtype=torch.int32)}, "dtype"),
+    }
+    for name, (config, tensors, msg) in cases.items():
+        d = _edited(tmp_path, name, config, tensors)
+        with pytest.raises(sp.SoftPromptError, match=msg) as e:
+            sp.load_adapter(tiny_model("llama"), d)
+        where = "adapter_model.safetensors" if name == "int" else "adapter_config.json"
+        assert str(e.value).startswith(str(d / where)), name
+    assert "has dtype torch.int32, not a float dtype" in str(e.value)
+    ok = _edited(tmp_path, "tasks-null", {**mpt, "num_tasks": None}, {**table, **factors})
+    assert sp.load_adapter(tiny_model("llama"), ok).adapters["default"].config.num_tasks == 1
+
+
+def test_export_peft_says_the_task_template_is_dropped(tmp_path, tiny_folders, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from softprompt.cli import main
+
+    folder = tiny_folders["llama"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(folder), method_config("prompt"))
+    perturb(model)
+    template = "Review: {input}\nSentiment:"
+    model.adapters["default"].task = {"kind": "generate", "template": template}
+    model.save_adapter(tmp_path / "sp")
+    args = ["export", str(tmp_path / "sp"), "--format", "peft", "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["template"] == template and len(summary["warnings"]) == 1
+    assert f"warning: {tmp_path / 'out'}: adapter 'default' was trained with the task " in (
+        captured.err
+    )
+    got = peft_logits(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "out", IDS)
+    assert_close(got, sp_logits(model, IDS), atol=1e-4, rtol=0)  # exported all the same
+    with pytest.warns(UserWarning, match="format inputs with the template yourself"):
+        save_peft(model, tmp_path / "api")
+    model.adapters["default"].task = {"kind": "generate", "template": "{input}"}
+    model.save_adapter(tmp_path / "plain")
+    assert main(["export", str(tmp_path / "plain"), "--format", "peft"]) == 0
+    captured = capsys.readouterr()
+    assert "template" not in json.loads(captured.out.strip().splitlines()[-1])
+    assert "warning" not in captured.err

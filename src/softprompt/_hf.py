@@ -804,7 +804,10 @@ def rotate_keys(model: PreTrainedModel, keys: torch.Tensor, shift: int) -> torch
     """Rotate keys by ``shift`` positions with the model's own rotary embedding: with q_p the
     query at position p, ``q_{p+s} . rotate_keys(k, s) == q_p . k`` (rotary scores depend on
     relative positions only). The rotation is pure: the rotary module's ``attention_scaling``
-    (YaRN) is divided out, since it scales queries and keys at every position alike.
+    (YaRN) is divided out, since it scales queries and keys at every position alike. With
+    partial rotary (Phi, Persimmon, GPT-NeoX: the rotary embedding covers the first
+    ``rotary_ndims < head_dim`` dims) only those dims rotate; the rest pass through, as in the
+    models' own attention.
 
     Args:
         keys: (P, kv_heads, head_dim) keys as they enter attention (after rotary of their own).
@@ -823,10 +826,12 @@ def rotate_keys(model: PreTrainedModel, keys: torch.Tensor, shift: int) -> torch
     n = keys.shape[0]
     k = keys.permute(1, 0, 2)[None].double()  # (1, kvh, P, hd)
     pos = torch.full((1, n), shift, device=keys.device)
-    cos, sin = rotary(k, pos)  # (1, P, hd) each
+    cos, sin = rotary(k, pos)  # (1, P, rd) each, rd <= hd rotary dims
     scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
     cos, sin = cos.double() / scale, sin.double() / scale
-    _, out = apply(k, k, cos, sin)  # (1, kvh, P, hd)
+    rot, rest = k[..., : cos.shape[-1]], k[..., cos.shape[-1] :]  # (1, kvh, P, rd), the rest
+    _, rot = apply(rot, rot, cos, sin)  # (1, kvh, P, rd)
+    out = torch.cat([rot, rest], dim=-1)  # (1, kvh, P, hd)
     return out[0].permute(1, 0, 2).to(keys.dtype).contiguous()  # (P, kvh, hd)
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,13 +62,21 @@ _GATED = (
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
     meta = read_adapter_config(directory)
-    if "peft" in meta:  # a PEFT folder: its one tensor, by what it is
-        from .peft_compat import ADAPTION_TYPE, PROMPT_TYPES, read_peft_weights
+    if "peft" in meta:  # a PEFT folder: its prompt or prefix, by what it is
+        from .peft_compat import (
+            ADAPTION_TYPE,
+            MPT_TYPE,
+            PROMPT_TYPES,
+            read_peft_prompt,
+            read_peft_weights,
+        )
 
-        if meta["peft"]["peft_type"] == ADAPTION_TYPE:
+        ptype = meta["peft"]["peft_type"]
+        if ptype == ADAPTION_TYPE:
             raise SoftPromptError(_GATED.format(d=directory))
-        kind = "prompt" if meta["peft"]["peft_type"] in PROMPT_TYPES else "prefix"
-        return {kind: read_peft_weights(directory)}
+        if ptype in (*PROMPT_TYPES, MPT_TYPE):  # MPT: task 0's baked prompt
+            return {"prompt": read_peft_prompt(directory, meta)}
+        return {"prefix": read_peft_weights(directory)}
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise SoftPromptError(f"{path} is missing: {directory} is not a saved adapter")
@@ -203,17 +213,20 @@ def export_peft(
     output: str | Path | None = None,
     model: str | None = None,
     dtype: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Write an adapter as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)
     that ``PeftModel.from_pretrained(base, output)`` loads with the same logits.
 
     Prompt tuning and P-tuning become PEFT ``PROMPT_TUNING`` (baked embeddings), prefix tuning and
     deep prompts on every layer ``PREFIX_TUNING``; what PEFT cannot express is refused (see
-    ``softprompt.peft_compat.peft_tensor_and_config``).
+    ``softprompt.peft_compat.peft_tensor_and_config``). PEFT keeps no task template: one other
+    than ``"{input}"`` is dropped, and ``warn`` (default ``warnings.warn``) says so.
 
     Args:
         model: the base model (default: the one the adapter names); loaded to read its geometry
             (and its rotary embedding, to move a prefix to PEFT's positions).
+        warn: called with the message when the adapter's template is dropped.
 
     Returns:
         The folder written (default: ``DIR/peft``).
@@ -223,12 +236,15 @@ def export_peft(
     from .io import recorded_base_model
     from .peft_compat import save_peft
 
-    directory = Path(directory)
+    directory = resolve_adapter_dir(directory)  # an adapter, or the run folder train wrote
     meta = read_adapter_config(directory)
     name = model or recorded_base_model(meta, directory)
-    wrapped = sp.load_adapter(_load_model(name), directory, name="export")
+    adapter = meta.get("name") or "export"  # a fresh model: its own name, for messages
+    wrapped = sp.load_adapter(_load_model(name), directory, name=adapter)
     out = Path(output) if output else directory / FORMATS["peft"]
-    return save_peft(wrapped, out, "export", base_name=name, dtype=DTYPES.get(dtype or ""))
+    return save_peft(
+        wrapped, out, adapter, base_name=name, dtype=DTYPES.get(dtype or ""), warn=warn
+    )
 
 
 def export_adapter(
@@ -237,25 +253,39 @@ def export_adapter(
     output: str | Path | None = None,
     model: str | None = None,
     dtype: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
-    """Export ``directory`` in format ``fmt`` ("prompt-embeds", "prefix-kv" or "peft")."""
+    """Export ``directory`` in format ``fmt`` ("prompt-embeds", "prefix-kv" or "peft");
+    ``warn``: see ``export_peft``."""
     if fmt == "prompt-embeds":
         return export_prompt_embeds(directory, output, dtype)
     if fmt == "prefix-kv":
         return export_prefix_kv(directory, output, model, dtype)
     if fmt == "peft":
-        return export_peft(directory, output, model, dtype)
+        return export_peft(directory, output, model, dtype, warn)
     raise SoftPromptError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
 
 
 def cmd_export(args) -> dict:
-    path = export_adapter(args.adapter, args.format, args.output, args.model, args.dtype)
+    """``softprompt export``: one JSON line (output, format, tensor shapes; for ``--format
+    peft`` of an adapter with a task template, the dropped ``template``), warnings on stderr."""
+    warned: list[str] = []
+
+    def warn(message: str) -> None:
+        warned.append(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+    path = export_adapter(args.adapter, args.format, args.output, args.model, args.dtype, warn)
     tensors = load_file(str(path / "adapter_model.safetensors" if path.is_dir() else path))
     summary = {
         "output": str(path),
         "format": args.format,
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
     }
+    if warned:  # the template PEFT has no place for (export_peft)
+        meta = read_adapter_config(resolve_adapter_dir(args.adapter))
+        summary["template"] = (meta.get("task") or {}).get("template")
+        summary["warnings"] = warned
     print(json.dumps(summary))
     return summary
 

@@ -23,16 +23,27 @@ In (``softprompt.load_adapter`` dispatches here on ``peft_type``):
 
 Positions: PEFT hands a prefix to the model as ``past_key_values``, so the real tokens take
 positions P..P+T-1, while softprompt's prefixes take none (real tokens 0..T-1). The imported
-adapter keeps PEFT's numbering (``Adapter.position_offset = P``): exact on every model that takes
-``position_ids``, learned absolute positions (GPT-2) included, and a round trip gives back the
-same tensor. Prompt tuning puts the virtual tokens at 0..P-1 in both libraries.
+adapter keeps PEFT's numbering (``Adapter.position_offset = P``): exact on every decoder whose
+forward takes ``position_ids`` (any rope type, learned absolute positions as GPT-2's; with or
+without an LM head, ``LlamaModel`` for FEATURE_EXTRACTION), and a round trip gives back the
+same tensor. Refused: models without ``position_ids``, ALiBi, and sliding-window or chunked
+attention (PEFT's prefix leaves the window; softprompt's stays visible). Prompt tuning puts the
+virtual tokens at 0..P-1 in both libraries.
+
+Checks on load: the sizes in ``adapter_config.json`` against the model; ``task_type``
+CAUSAL_LM only on a causal LM; a ``base_model_name_or_path`` whose last part differs from the
+model's name is a warning (a PEFT folder records no weights to compare, and names of the same
+weights differ).
 
 Out (``save_peft`` / ``export_peft``, ``softprompt export DIR --format peft``): prompt tuning
 and P-tuning (baked, written as ``PROMPT_TUNING``: see ``save_peft``), prefix tuning and deep
 prompts on every layer of a decoder-only model, adaption prompts (as ``ADAPTION_PROMPT``,
 ``peft_adaption_tensors_and_config``). A softprompt prefix (real tokens at 0..T-1)
-becomes PEFT's (real tokens at P..P+T-1) by rotating its keys by P positions on rotary models;
-on absolute-position models that is not expressible and is refused.
+becomes PEFT's (real tokens at P..P+T-1) by rotating its keys by P positions on rotary models
+(partial rotary included: Phi, Persimmon, GPT-NeoX); on absolute-position models that is not
+expressible and is refused. Adaption prompts export only on the model types PEFT's
+ADAPTION_PROMPT takes (``peft_adaption_model_types``: llama, mistral). PEFT has no task
+template: one other than ``{input}`` is dropped with a warning.
 
 peft is not needed at run time: configs are plain JSON with the fields PEFT's config classes
 take.
@@ -40,8 +51,10 @@ take.
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,7 +104,9 @@ def peft_meta(directory: Path, data: dict) -> dict:
 
     Raises:
         SoftPromptError: a PEFT type or task type that is not a prompt-learning method
-            softprompt can express, or a config without ``num_virtual_tokens``.
+            softprompt can express, a config without ``num_virtual_tokens``, or a count field
+            (``num_virtual_tokens``, ``token_dim``, ``num_layers``, ...) that is not a positive
+            integer (a string, a bool, a float, 0), naming the field.
     """
     where = directory / CONFIG_NAME
     ptype = data.get("peft_type")
@@ -108,6 +123,11 @@ def peft_meta(directory: Path, data: dict) -> dict:
             f"{where}: task_type {task_type!r} is not supported; softprompt loads PEFT "
             "prompt-learning adapters of causal language models (CAUSAL_LM, FEATURE_EXTRACTION)"
         )
+    if not isinstance(data.get("base_model_name_or_path") or "", str):
+        raise SoftPromptError(
+            f"{where}: field 'base_model_name_or_path' must be a string, got "
+            f"{data['base_model_name_or_path']!r}"
+        )
     if ptype == ADAPTION_TYPE:
         return _adaption_meta(where, data)
     if data.get("modules_to_save"):
@@ -115,25 +135,22 @@ def peft_meta(directory: Path, data: dict) -> dict:
             f"{where}: modules_to_save {data['modules_to_save']!r} (e.g. a classifier head) are "
             "trained model weights, not a soft prompt; softprompt cannot load them"
         )
+    n = _int_field(where, data, "num_virtual_tokens", required=True)
+    for field in ("token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules"):
+        _int_field(where, data, field)
     subs = data.get("num_transformer_submodules") or 1
     if subs != 1:
         raise SoftPromptError(
             f"{where}: num_transformer_submodules={subs} (an encoder-decoder PEFT adapter); "
             "softprompt loads PEFT adapters of decoder-only models only"
         )
-    n = data.get("num_virtual_tokens")
-    if not isinstance(n, int) or n < 1:
-        raise SoftPromptError(f"{where}: num_virtual_tokens must be a positive integer, got {n!r}")
     dim = data.get("token_dim")
     if ptype == MPT_TYPE:
         from .methods.multitask_prompt import MultitaskPromptConfig
 
-        ranks, tasks = data.get("num_ranks") or 1, data.get("num_tasks") or 1
-        if not all(isinstance(v, int) and v >= 1 for v in (ranks, tasks)):
-            raise SoftPromptError(
-                f"{where}: num_ranks and num_tasks must be positive integers, got "
-                f"{ranks!r} and {tasks!r}"
-            )
+        # PEFT's defaults (1) only where the field is absent or null: 0 is an error
+        ranks = _int_field(where, data, "num_ranks") or 1
+        tasks = _int_field(where, data, "num_tasks") or 1
         config: AdapterConfig = MultitaskPromptConfig(
             num_virtual_tokens=n, num_ranks=ranks, num_tasks=tasks
         )
@@ -144,9 +161,10 @@ def peft_meta(directory: Path, data: dict) -> dict:
     else:
         if ptype == "CARTRIDGE":
             frozen = data.get("num_frozen_tokens", 1)
-            if not isinstance(frozen, int) or not 0 <= frozen <= n:
+            if not _is_int(frozen) or not 0 <= frozen <= n:
                 raise SoftPromptError(
-                    f"{where}: num_frozen_tokens must be an integer in [0, {n}], got {frozen!r}"
+                    f"{where}: field 'num_frozen_tokens' must be an integer in [0, {n}], got "
+                    f"{frozen!r}"
                 )
             config = CartridgeConfig(num_virtual_tokens=n, num_frozen=frozen)
         else:
@@ -167,12 +185,29 @@ def peft_meta(directory: Path, data: dict) -> dict:
     }
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a count
+
+
+def _int_field(where: Path, data: dict, field: str, required: bool = False) -> int | None:
+    """``data[field]``: a positive integer, or None where absent or null (unless
+    ``required``); a string, a bool, a float or a number below 1 is refused, naming the field.
+    """
+    v = data.get(field)
+    if v is None and not required:
+        return None
+    if not _is_int(v) or v < 1:
+        raise SoftPromptError(
+            f"{where}: field {field!r} must be a positive integer (a JSON number), got {v!r}; "
+            "fix adapter_config.json"
+        )
+    return v
+
+
 def _adaption_meta(where: Path, data: dict) -> dict:
     """``peft_meta`` of an ``ADAPTION_PROMPT`` config (``adapter_len``, ``adapter_layers``)."""
-    n, layers = data.get("adapter_len"), data.get("adapter_layers")
-    for field, v in (("adapter_len", n), ("adapter_layers", layers)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise SoftPromptError(f"{where}: {field} must be a positive integer, got {v!r}")
+    n = _int_field(where, data, "adapter_len", required=True)
+    layers = _int_field(where, data, "adapter_layers", required=True)
     target = data.get("target_modules")
     if target not in (None, "self_attn"):
         raise SoftPromptError(
@@ -215,11 +250,16 @@ def _checked(tensors: dict, key: str, where: Path, dim: int) -> torch.Tensor:
     if key not in tensors or tensors[key].dim() != dim:
         raise SoftPromptError(f"{where} has no {dim}-D tensor {key!r}")
     table = tensors[key]
-    if not table.is_floating_point() or not torch.isfinite(table).all():
+    if not table.is_floating_point():
+        raise SoftPromptError(
+            f"{where}: tensor {key!r} has dtype {table.dtype}, not a float dtype (PEFT saves "
+            "float32, float16 or bfloat16): the file is not a PEFT prompt-learning checkpoint"
+        )
+    if not torch.isfinite(table).all():
         bad = int((~torch.isfinite(table.float())).sum())
         raise SoftPromptError(
-            f"{where}: tensor {key!r} holds {bad} NaN or infinite values (or is not a float "
-            "tensor); the adapter is broken: retrain it"
+            f"{where}: tensor {key!r} holds {bad} NaN or infinite values; the adapter is "
+            "broken: retrain it"
         )
     return table
 
@@ -267,6 +307,52 @@ def _model_heads(model) -> int | None:
     return None
 
 
+def _is_decoder(model: SoftPromptModel) -> bool:
+    """Whether every attention slot is causal: a decoder-only model, with an LM head
+    (``LlamaForCausalLM``) or without (``LlamaModel``), not a bidirectional encoder (BERT)."""
+    modules = _hf.slot_modules(model.base_model, model.info).values()
+    return bool(modules) and all(getattr(m, "is_causal", False) is True for m in modules)
+
+
+def _check_task_type(model: SoftPromptModel, directory: Path, data: dict) -> None:
+    """Refuse a ``task_type`` the model is not made for: CAUSAL_LM on a model without an LM
+    head (others than CAUSAL_LM, FEATURE_EXTRACTION and none are refused by ``peft_meta``)."""
+    where, base = directory / CONFIG_NAME, model.base_model
+    if data.get("task_type") == "CAUSAL_LM" and not model.info.is_causal_lm:
+        raise SoftPromptError(
+            f"{where}: task_type 'CAUSAL_LM': the adapter is for a causal language model with "
+            f"an LM head (AutoModelForCausalLM); {type(base).__name__} is not one. Load it onto "
+            f"the causal LM it was made for ({data.get('base_model_name_or_path') or 'unnamed'})"
+        )
+
+
+def _warn_other_name(model: SoftPromptModel, directory: Path, data: dict) -> None:
+    """Warn when ``base_model_name_or_path`` names another model than the one given (last
+    path parts compared, case-folded).
+
+    A PEFT folder records no vocabulary or weights to compare (softprompt's own adapters do:
+    ``_hf.identity_mismatches``), only its base model's name; names differ for the same
+    weights (a hub id, a local copy, softprompt's asset cache), so a differing name is a
+    warning, not an error.
+    """
+    where, base = directory / CONFIG_NAME, model.base_model
+    made_for = data.get("base_model_name_or_path") or ""
+    have = getattr(base, "name_or_path", "") or model.info.identity.get("name_or_path") or ""
+    if made_for and have and _basename(made_for) != _basename(have):
+        warnings.warn(
+            f"{where}: base_model_name_or_path is {made_for!r}, the model is {have!r}; softprompt "
+            "checks only the sizes of a PEFT adapter, so if this is not the model it was made "
+            "for (or a copy of it), its outputs are meaningless",
+            UserWarning,
+            stacklevel=5,  # load_adapter's caller
+        )
+
+
+def _basename(name: str) -> str:
+    """``"org/Model-1B"``, ``"/models/model-1b/"`` -> ``"model-1b"``."""
+    return Path(name.rstrip("/\\")).name.casefold()
+
+
 def _check_base(model: SoftPromptModel, directory: Path, data: dict, rows: int, width: int):
     """Refuse a PEFT folder made for another base model, as softprompt's own adapters are."""
     info = model.info
@@ -285,10 +371,11 @@ def _check_base(model: SoftPromptModel, directory: Path, data: dict, rows: int, 
         if rows != n:
             diffs.append(f"{KEY} has {rows} rows for num_virtual_tokens={n}")
     else:
-        if len(kv) != 1 or not info.is_causal_lm or info.is_encoder_decoder:
+        if len(kv) != 1 or not _is_decoder(model) or info.is_encoder_decoder:
             raise SoftPromptError(
-                f"{directory}: a PEFT prefix needs a decoder-only LM with one attention geometry "
-                f"in every layer; {type(model.base_model).__name__} is not one"
+                f"{directory}: a PEFT prefix needs a decoder-only model (causal attention, with "
+                "or without an LM head) with one attention geometry in every layer; "
+                f"{type(model.base_model).__name__} is not one"
             )
         ((kv_heads, head_dim),) = kv
         expect = {"num_layers": layers, "num_attention_heads": kv_heads}
@@ -323,21 +410,40 @@ def load_peft(
 
     Returns:
         The model, with the adapter active.
+
+    Raises:
+        SoftPromptError: a folder for another model (sizes, or task_type CAUSAL_LM on a model
+            without an LM head), broken tensors, or a prefix on a model where softprompt cannot
+            give the real tokens PEFT's positions (``_prefix_positions_refusal``).
     """
     directory = Path(directory)
     data = meta["peft"]
+    _check_task_type(model, directory, data)
     if data["peft_type"] == MPT_TYPE:
-        return _load_peft_mpt(model, directory, meta, name)
-    if data["peft_type"] == ADAPTION_TYPE:
-        return _load_peft_adaption(model, directory, meta, name)
+        model = _load_peft_mpt(model, directory, meta, name)
+    elif data["peft_type"] == ADAPTION_TYPE:
+        model = _load_peft_adaption(model, directory, meta, name)
+    else:
+        model = _load_peft_table(model, directory, meta, name)
+    _warn_other_name(model, directory, data)  # loaded: the sizes agree
+    return model
+
+
+def _load_peft_table(
+    model: SoftPromptModel, directory: Path, meta: dict, name: str | None
+) -> SoftPromptModel:
+    """A folder with one ``prompt_embeddings`` table: a prompt (P, hidden) or a prefix
+    (P, layers * 2 * token_dim)."""
+    data = meta["peft"]
     table = read_peft_weights(directory).float()  # (P, hidden) or (P, layers * 2 * token_dim)
     _check_base(model, directory, data, *table.shape)
     prefix = data["peft_type"] in PREFIX_TYPES
-    if prefix and _hf.position_encoding(model.base_model) == "other":
+    why = _prefix_positions_refusal(model.base_model) if prefix else None
+    if why:
         raise SoftPromptError(
-            f"{directory}: PEFT gives the real tokens positions P..P+T-1 after its prefix; "
-            f"{type(model.base_model).__name__} takes no position ids softprompt could shift "
-            "to match, so the adapter would not give PEFT's outputs"
+            f"{directory}: PEFT gives the real tokens positions P..P+T-1 after its prefix "
+            f"(held as cache entries at 0..P-1); {why}, so the adapter would not give PEFT's "
+            "outputs"
         )
 
     def fill(adapter) -> None:
@@ -345,6 +451,38 @@ def load_peft(
         adapter.position_offset = table.shape[0] if prefix else 0
 
     return _install(model, name, AdapterConfig.from_dict(meta["config"]), meta, fill)
+
+
+def _prefix_positions_refusal(base) -> str | None:
+    """Why softprompt cannot reproduce a PEFT prefix on ``base`` by starting the real tokens'
+    ``position_ids`` at P (``Adapter.position_offset``), or None where it can: a forward that
+    takes ``position_ids`` and reads positions only from them (rotary of any rope type, learned
+    tables), without ALiBi or a sliding / chunked attention window."""
+    cls = type(base).__name__
+    if _hf.position_encoding(base) in ("rotary", "absolute"):
+        return None
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return f"{cls}'s forward takes no position_ids softprompt could shift to match"
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if getattr(cfg, "alibi", False):
+        return f"{cls} uses ALiBi, whose biases follow the attention mask, not position_ids"
+    kinds = set(getattr(cfg, "layer_types", None) or [])
+    window = (
+        getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    )
+    if window or "sliding_attention" in kinds:
+        return (
+            f"{cls} has sliding-window attention (sliding_window={window}): PEFT's prefix drops "
+            "out of the window of every token more than sliding_window positions after it, "
+            "while softprompt's prefix stays visible to every token"
+        )
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    if chunk or "chunked_attention" in kinds:
+        return (
+            f"{cls} has chunked attention (attention_chunk_size={chunk}): PEFT's prefix is "
+            "visible only inside the first chunk, softprompt's to every token"
+        )
+    return None
 
 
 def _install(
@@ -376,7 +514,15 @@ def _load_peft_mpt(
 ) -> SoftPromptModel:
     """A PEFT MULTITASK_PROMPT_TUNING folder as softprompt's ``mpt`` method, task 0 active
     (PEFT's ``task_ids``: set ``adapter.config.task_id`` for another task)."""
-    data = meta["peft"]
+    shared, cols, rows = _mpt_factors(directory, meta)
+    _check_base(model, directory, meta["peft"], *shared.shape)
+    config = AdapterConfig.from_dict(meta["config"])
+    return _install(model, name, config, meta, lambda ad: ad.load_factors(shared, cols, rows))
+
+
+def _mpt_factors(directory: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A MULTITASK_PROMPT_TUNING folder's ``shared`` (P, d), ``cols`` (tasks, P, r) and
+    ``rows`` (tasks, r, d), float32, checked against its config."""
     tensors, where = read_peft_tensors(directory)
     extra = sorted(set(tensors) - {KEY, *MPT_KEYS})
     if extra:
@@ -387,7 +533,6 @@ def _load_peft_mpt(
     shared = _checked(tensors, KEY, where, 2).float()  # (P, d)
     cols = _checked(tensors, MPT_KEYS[0], where, 3).float()  # (tasks, P, r)
     rows = _checked(tensors, MPT_KEYS[1], where, 3).float()  # (tasks, r, d)
-    _check_base(model, directory, data, *shared.shape)
     config = AdapterConfig.from_dict(meta["config"])
     want = {
         MPT_KEYS[0]: (config.num_tasks, config.num_virtual_tokens, config.num_ranks),
@@ -399,7 +544,19 @@ def _load_peft_mpt(
                 f"{where}: tensor {key!r} has shape {tuple(t.shape)}; adapter_config.json "
                 f"(num_tasks, num_virtual_tokens, num_ranks) implies {want[key]}"
             )
-    return _install(model, name, config, meta, lambda ad: ad.load_factors(shared, cols, rows))
+    return shared, cols, rows
+
+
+def read_peft_prompt(directory: Path, meta: dict) -> torch.Tensor:
+    """The (P, hidden) virtual-token embeddings a PEFT prompt folder (``meta`` from
+    ``peft_meta``) puts before the input: ``prompt_embeddings`` for PROMPT_TUNING and
+    P_TUNING; for MULTITASK_PROMPT_TUNING task 0's, shared * (cols[0] @ rows[0]), as
+    ``load_adapter`` activates it (PEFT's ``task_ids=[0]``)."""
+    if meta["peft"]["peft_type"] != MPT_TYPE:
+        return read_peft_weights(directory)
+    shared, cols, rows = _mpt_factors(directory, meta)
+    t = AdapterConfig.from_dict(meta["config"]).task_id
+    return shared * (cols[t] @ rows[t])  # (P, d) = (P, d) * ((P, r) @ (r, d))
 
 
 _ADAPTION_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.self_attn\.(adaption_prompt|adaption_gate)$")
@@ -599,13 +756,23 @@ def peft_adaption_tensors_and_config(
     (1,)) and ``adapter_config.json``.
 
     Raises:
-        SoftPromptError: a model whose ``o_proj`` has a bias (PEFT would add it twice), or
-            adapted layers that are not the top ones (PEFT adapts the top ``adapter_layers``).
+        SoftPromptError: a model type PEFT's ADAPTION_PROMPT does not take
+            (``peft_adaption_model_types``), a model whose ``o_proj`` has a bias (PEFT would add
+            it twice), or adapted layers that are not the top ones (PEFT adapts the top
+            ``adapter_layers``).
     """
     ad, info, base = model.adapters[name], model.info, model.base_model
     what = f"adapter {name!r} ({ad.config.method})"
     if ad.task_head is not None:
         raise SoftPromptError(f"{what} has a task head; PEFT prompt learning has no place for it")
+    supported = peft_adaption_model_types()
+    if base.config.model_type not in supported:
+        raise SoftPromptError(
+            f"{what} is on model_type {base.config.model_type!r}: PEFT's ADAPTION_PROMPT "
+            f"supports only {supported} (with target_modules 'self_attn'), so "
+            "PeftModel.from_pretrained would refuse the folder; not exported. Serve it with "
+            "softprompt, or export another method (prompt, prefix, deep) trained on this model"
+        )
     slots = sorted(ad.gated_prompts(), key=lambda s: info.slots[s].layer)
     biased = _hf.biased_output_layers(base, info, slots)
     if biased:
@@ -642,6 +809,25 @@ def peft_adaption_tensors_and_config(
     return tensors, config
 
 
+# PEFT 0.21.2's ADAPTION_PROMPT model types with the Llama form (target_modules "self_attn"),
+# used where peft is not installed
+_ADAPTION_MODEL_TYPES = ("llama", "mistral")
+
+
+def peft_adaption_model_types() -> list[str]:
+    """The model types PEFT's ADAPTION_PROMPT takes in softprompt's (Llama) form: read from the
+    installed peft (``peft.tuners.adaption_prompt.config.TRANSFORMERS_MODEL_CONFIG``, the
+    entries with ``target_modules`` "self_attn"; GPT-2's "attn" form adds the adapter after
+    ``c_proj``), else peft 0.21.2's."""
+    try:
+        from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+    except Exception:  # peft not installed, or not importable with this transformers
+        return list(_ADAPTION_MODEL_TYPES)
+    return sorted(
+        t for t, c in TRANSFORMERS_MODEL_CONFIG.items() if c.target_modules == "self_attn"
+    )
+
+
 def _to_peft_positions(model: SoftPromptModel, ad, flat: torch.Tensor, what: str) -> torch.Tensor:
     """A softprompt prefix (real tokens at ``position_offset``..) as PEFT's (real tokens at
     P..P+T-1): keys rotated by the difference on rotary models; refused elsewhere.
@@ -671,6 +857,13 @@ def _to_peft_positions(model: SoftPromptModel, ad, flat: torch.Tensor, what: str
     return torch.cat(parts, dim=1)  # (P, layers * 2 * kv_dim)
 
 
+def dropped_template(ad: Adapter) -> str | None:
+    """The template of ``ad``'s task when a PEFT export loses it (anything but the raw input,
+    ``PLAIN_TASK``), else None."""
+    template = (ad.task or {}).get("template")
+    return None if template in (None, PLAIN_TASK["template"]) else template
+
+
 def save_peft(
     model: SoftPromptModel,
     output: str | Path,
@@ -678,10 +871,15 @@ def save_peft(
     *,
     base_name: str | None = None,
     dtype: torch.dtype | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Write adapter ``name`` as a PEFT folder (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``PeftModel.from_pretrained(base, output)`` loads with
     softprompt's logits (see ``peft_tensor_and_config``).
+
+    PEFT keeps no task: an adapter trained with a template other than the raw input
+    (``dropped_template``) is written all the same, and ``warn`` (default ``warnings.warn``)
+    says so; PEFT users must format their inputs with the template themselves.
 
     Returns:
         The folder.
@@ -691,15 +889,20 @@ def save_peft(
     which = name or model.active
     if which in model.adapters and model.adapters[which].gated_prompts():
         tensors, config = peft_adaption_tensors_and_config(model, which, base_name)
-        output = Path(output)
-        _write_tensors(
-            output / WEIGHTS_NAME,
-            {k: t if dtype is None else t.to(dtype) for k, t in tensors.items()},
-        )
-        _write_json(output / CONFIG_NAME, config)
-        return output
-    tensor, config = peft_tensor_and_config(model, name, base_name)
+    else:
+        tensor, config = peft_tensor_and_config(model, name, base_name)
+        tensors = {KEY: tensor}
     output = Path(output)
-    _write_tensors(output / WEIGHTS_NAME, {KEY: tensor if dtype is None else tensor.to(dtype)})
+    _write_tensors(
+        output / WEIGHTS_NAME, {k: t if dtype is None else t.to(dtype) for k, t in tensors.items()}
+    )
     _write_json(output / CONFIG_NAME, config)
+    template = dropped_template(model.adapters[which])
+    if template is not None:
+        message = (
+            f"{output}: adapter {which!r} was trained with the task template {template!r}, "
+            "which a PEFT folder has no place for: PEFT (and softprompt, loading this folder) "
+            "feed the raw input, so format inputs with the template yourself"
+        )
+        (warn or (lambda m: warnings.warn(m, UserWarning, stacklevel=3)))(message)
     return output
