@@ -432,3 +432,11 @@ def test_accelerate_launch_mixed_precision_bf16_trains_a_bfloat16_base(
     res = _run([sys.executable], _train_argv(tiny_folders["llama"], train_file, plain))
     assert res.returncode == 0, res.stderr[-3000:]
     assert yaml.safe_load((plain / "config.yaml").read_text())["dtype"] == "float32"
+
+
+def test_a_deepspeed_launch_is_a_clear_error(monkeypatch):
+    from softprompt.trainer import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(SoftPromptError, match="--use_deepspeed .* is not supported.*--use_fsdp"):
+        make_accelerator()

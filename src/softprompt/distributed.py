@@ -160,7 +160,15 @@ def accelerate_fsdp_settings() -> FsdpSettings:
 def accelerator_env():
     """Make an ``Accelerator`` for a run that softprompt shards itself: accelerate's own FSDP
     plugin (from ``ACCELERATE_USE_FSDP``) is kept out, since it wants an accelerator device even
-    where no model is given to it to wrap, and the flag is put back for ``fsdp_requested``."""
+    where no model is given to it to wrap, and the flag is put back for ``fsdp_requested``. A
+    DeepSpeed launch is refused (its engine would wrap a model softprompt never hands it)."""
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        raise SoftPromptError(
+            "accelerate launch --use_deepspeed (a DeepSpeed config) is not supported: softprompt "
+            "shards the frozen base itself with FSDP2; launch with `accelerate launch "
+            "--use_fsdp ...` or an FSDP config (ZeRO-3's sharding of the frozen weights), or "
+            "--multi_gpu for data parallel"
+        )
     saved = os.environ.get("ACCELERATE_USE_FSDP")
     if saved is not None:
         os.environ["ACCELERATE_USE_FSDP"] = "false"
