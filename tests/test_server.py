@@ -1335,3 +1335,100 @@ def test_a_completion_ends_at_the_models_eos(bank, ref, scheduling):
                 ]
             assert "".join(c["choices"][0]["text"] for c in chunks) == want
             assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_rows_stop_ids_end_that_row_alone_in_a_batch(ref):
+    """``--scheduling batch`` (one ``generate_rows`` call): a row's own stop ids (a chat row's
+    end of turn) end that row only; a completion beside it that generates one of them goes on
+    and equals itself alone (tokens and log-probabilities)."""
+    ids = ref.ids("gen-deep", PROMPTS[2])
+    alone = generate_rows(ref.model, ref.tok, [GenerationRow(ids, "gen-deep", 8, logprobs=0)])[0]
+    assert alone["finish_reason"] == "length" and len(alone["token_ids"]) == 8
+    k = next(i for i in range(2, 8) if alone["token_ids"][i] not in alone["token_ids"][:i])
+    turn_end = alone["token_ids"][k]  # the other row's stop id, mid-way through this row
+    chat = GenerationRow(ref.ids(None, PROMPTS[1]), None, 8, stop_ids=(turn_end, *ref.eos))
+    chat_alone = generate_rows(ref.model, ref.tok, [chat])[0]
+    both = generate_rows(ref.model, ref.tok, [GenerationRow(ids, "gen-deep", 8, logprobs=0), chat])
+    assert both[0]["token_ids"] == alone["token_ids"]
+    assert (both[0]["text"], both[0]["finish_reason"]) == (alone["text"], "length")
+    got = [e["logprob"] for e in both[0]["logprobs"]]
+    want = [e["logprob"] for e in alone["logprobs"]]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+    assert both[1]["token_ids"] == chat_alone["token_ids"]
+    assert both[1]["finish_reason"] == chat_alone["finish_reason"]
+
+
+def test_token_bytes_are_each_tokens_raw_bytes(bank):
+    """Chat logprobs' ``bytes``: byte-level BPE tokens mapped back through GPT-2's byte table
+    (a token holding part of a character gives those bytes, though its text is U+FFFD);
+    SentencePiece ``<0xNN>`` pieces are that byte and U+2581 a space."""
+    tok = bank["tok"]
+    assert engine_mod.token_scheme(tok) == "byte_level"
+    text = "Write 你好世界 and 🎉, é"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    got = engine_mod.token_bytes(tok, ids, "byte_level")
+    assert b"".join(got) == text.encode("utf-8")
+    assert any(tok.decode([i]) == "\ufffd" for i in ids)  # partial characters are in there
+    assert got[0] == b"Write" and b" and" in got
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert engine_mod.token_bytes(tok, [end], "byte_level") == [b"<|im_end|>"]
+
+    class Pieces:  # a SentencePiece vocabulary with byte fallback
+        sp_model = object()
+        vocab = ["\u2581Hello", "<0xE4>", "<0xBD>", "<0xA0>", "\u2581w\u00f6rld", "</s>"]
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.vocab[i] for i in ids]
+
+        def decode(self, ids):
+            return "".join(self.vocab[i] for i in ids)
+
+    assert engine_mod.token_scheme(Pieces()) == "sentencepiece"
+    from tokenizers import decoders
+
+    class Fast:  # a Llama-style fast tokenizer's decoder: "▁" -> " ", byte fallback
+        class backend_tokenizer:  # noqa: N801
+            decoder = decoders.Sequence(
+                [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+            )
+
+    assert engine_mod.token_scheme(Fast()) == "sentencepiece"
+    got = engine_mod.token_bytes(Pieces(), [0, 1, 2, 3, 4], "sentencepiece")
+    assert got == [b" Hello", b"\xe4", b"\xbd", b"\xa0", " w\u00f6rld".encode()]
+    assert b"".join(got).decode("utf-8") == " Hello你 wörld"
+
+
+def test_composing_cartridges_never_holds_up_the_event_loop(bank, tmp_path):
+    """``"model": "a+b"`` is composed on first use under the model lock, which a running
+    ``generate`` call (``--scheduling batch``) holds for its whole length: the composing runs
+    in the thread pool, so other requests are answered meanwhile."""
+    from softprompt.methods.cartridge import CartridgeConfig
+
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]), tokenizer=bank["tok"])
+    plain = {"kind": "generate", "template": "{input}"}
+    for name, text in (("a", "The lighthouse stands on a cliff."), ("b", "Ada Morrow built it.")):
+        config = CartridgeConfig(num_virtual_tokens=5, init_text=text)
+        model.add_adapter(name, config, bank["tok"]).task = plain
+        model.save_adapter(tmp_path / name, name)
+    dirs = {n: str(tmp_path / n) for n in ("a", "b")}
+    live = LiveServer(make_app(bank, adapters=dirs, scheduling="batch"))
+    engine = live.server.config.app.state.engine
+    body = {"model": "a+b", "prompt": "who built it", "max_tokens": 2, "temperature": 0}
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            engine.model_lock.acquire()  # a long generate call is running
+            try:
+                composed = pool.submit(
+                    httpx.post, f"{live.url}/v1/completions", json=body, timeout=60
+                )
+                time.sleep(0.3)  # the request waits for the lock
+                health = httpx.get(f"{live.url}/health", timeout=5)
+                assert health.status_code == 200 and not composed.done()
+            finally:
+                engine.model_lock.release()
+            r = composed.result()
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 2
+        assert engine.entries["a+b"].parts == ("a", "b")
+    finally:
+        live.stop()

@@ -190,3 +190,120 @@ def test_bad_request_raises_the_openai_clients_error(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="base", messages=[], max_tokens=4)
     assert e.value.status_code == 400 and "messages" in str(e.value)
+
+
+def test_chat_without_max_tokens_runs_to_the_limit_or_the_context(bank, ref):  # noqa: F811
+    """No ``max_tokens``: as OpenAI's chat, until the answer ends, bounded by --max-tokens-limit
+    and by the positions the context leaves after the prompt; legacy completions keep 16."""
+    live = LiveServer(make_app(bank, max_tokens_limit=20))
+    try:
+        engine = live.server.config.app.state.engine
+        ids = base_chat_ids(ref, CHAT)
+        stop_ids = engine._base_chat_stop_ids()
+        body = {"model": "base", "messages": CHAT, "temperature": 0}
+        plain = {"model": "base", "prompt": "say hello", "temperature": 0}
+        legacy = httpx.post(f"{live.url}/v1/completions", json=plain, timeout=60).json()
+        assert legacy["usage"]["completion_tokens"] == 16
+        assert legacy["choices"][0]["finish_reason"] == "length"
+        # the limit bounds it, then the context (both above the legacy default of 16)
+        for positions, want_tokens in ((None, 20), (len(ids) + 18, 18)):
+            if positions is not None:
+                engine.max_positions = positions  # a model of that many positions
+            row = srv.GenerationRow(ids, None, want_tokens, stop_ids=stop_ids)
+            want = srv.generate_rows(ref.model, ref.tok, [row])[0]
+            assert want["completion_tokens"] == want_tokens  # no end of turn before
+            got = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=60).json()
+            choice = got["choices"][0]
+            assert choice["message"]["content"] == want["text"], got
+            assert choice["finish_reason"] == "length"
+            assert got["usage"]["completion_tokens"] == want_tokens
+        engine.max_positions = len(ids)  # the prompt fills the context: a 400 naming it
+        r = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    finally:
+        live.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"temperature": 5}, "temperature"),
+        ("/v1/completions", {"n": 0}, "n"),
+        ("/v1/completions", {"logprobs": 25}, "logprobs"),
+        ("/v1/completions", {"tools": []}, "tools"),  # unknown on legacy completions
+        ("/v1/completions", {"prompt": ["a", 3]}, "prompt"),  # every union member's error
+        ("/v1/completions", {"model": None}, "model"),
+        ("/v1/completions", {"n": 0, "temperature": 5}, None),  # two fields at fault
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": 5}]},
+            "messages.0.content",
+        ),
+        ("/v1/chat/completions", {"metadata": {"a": 1}}, "metadata.a"),
+        ("/v1/chat/completions", {"top_p": 0}, "top_p"),
+    ],
+)
+def test_validation_errors_name_the_field_in_param(live, path, body, param):
+    base = {"model": "base", "max_tokens": 2}
+    base.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": CHAT})
+    r = httpx.post(f"{live.url}{path}", json={**base, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    assert (param or next(iter(body))).split(".")[0] in err["message"]
+
+
+def test_models_retrieve_and_405_is_a_client_error(live, client):
+    got = client.models.retrieve("gen-deep")
+    want = next(m for m in client.models.list().data if m.id == "gen-deep")
+    assert got.model_dump() == want.model_dump()
+    assert got.model_extra["method"] == "deep" and got.model_extra["num_virtual_tokens"] == 4
+    engine = live.server.config.app.state.engine
+    assert client.models.retrieve("base").id == engine.base_name
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.body["param"] == "model" and "'nope' does not exist" in e.value.body["message"]
+    r = httpx.get(f"{live.url}/v1/completions", timeout=30)
+    assert r.status_code == 405
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"response_format": {"type": "text"}},
+        {"tool_choice": "none"},
+        {"tools": [], "tool_choice": "auto", "parallel_tool_calls": False},
+        {"parallel_tool_calls": True},
+        {"store": False, "metadata": {"user": "u1", "run": "7"}},
+    ],
+)
+def test_chat_options_at_neutral_values_change_nothing(client, extra):
+    kw = dict(model="base", messages=CHAT, max_tokens=6, temperature=0)
+    plain = client.chat.completions.create(**kw)
+    got = client.chat.completions.create(**kw, extra_body=extra)
+    assert got.choices[0].message.content == plain.choices[0].message.content
+    assert got.usage.model_dump() == plain.usage.model_dump()
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [TOOL]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"store": True}, "store"),
+    ],
+)
+def test_chat_options_that_need_tools_or_json_mode_are_400s(live, extra, param):
+    body = {"model": "base", "messages": CHAT, "max_tokens": 2, **extra}
+    r = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["code"] == "unsupported_parameter"
+    assert err["message"].startswith(f"{param}:") and "leave it out" in err["message"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import httpx
 import openai
@@ -119,13 +120,17 @@ def test_completion_logprobs_are_the_models(client, ref):
     for got, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
         assert len(top) == 3 and abs(max(top.values()) - got) < 1e-6  # greedy: the top token
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
-    streamed = []
+    offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.text_offset == offsets  # each token's offset in the choice's text
+    streamed, streamed_offsets = [], []
     for c in client.completions.create(
         model=name, prompt=prompt, max_tokens=6, temperature=0, logprobs=3, stream=True
     ):
         if c.choices and c.choices[0].logprobs:
             streamed += c.choices[0].logprobs.token_logprobs
+            streamed_offsets += c.choices[0].logprobs.text_offset
     assert streamed == lp.token_logprobs
+    assert streamed_offsets == lp.text_offset  # the count goes on from chunk to chunk
 
 
 @pytest.mark.parametrize(
@@ -246,6 +251,46 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(bank, monkeypatch):
         live.stop()
 
 
+@pytest.mark.parametrize("scheduling", ["step", "batch"])
+def test_a_non_streamed_client_that_times_out_frees_its_row(bank, monkeypatch, scheduling):
+    """A client that gives up on a non-streamed answer (a timeout, Ctrl-C) closes its
+    connection: its row is aborted at the next decode step instead of decoding to max_tokens."""
+    app = make_app(bank, max_tokens_limit=400, scheduling=scheduling)
+    engine = app.state.engine
+    results = []
+    real_finish, real_push = engine_mod.RowDecoder.finish, engine_mod.RowDecoder.push
+
+    def spy(self, *a, **kw):
+        real_finish(self, *a, **kw)
+        results.append(self.result)
+
+    def slow_push(self, token):  # 400 tokens take >= 4 s: the row is decoding when it leaves
+        time.sleep(0.01)
+        return real_push(self, token)
+
+    monkeypatch.setattr(engine_mod.RowDecoder, "finish", spy)
+    monkeypatch.setattr(engine_mod.RowDecoder, "push", slow_push)
+    live = LiveServer(app)
+    try:
+        body = {
+            "model": "gen-deep",
+            "prompt": PROMPTS[0],
+            "max_tokens": 400,
+            "temperature": 0,
+            "stop": ["\u00a7\u00a7never"],
+        }
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{live.url}/v1/completions", json=body, timeout=0.5)
+        wait_for(lambda: engine.stats["aborted_rows"] == 1 and results, timeout=10)
+        assert results[0]["finish_reason"] == "aborted"
+        assert results[0]["completion_tokens"] < 400
+        wait_for(lambda: engine.running == 0, timeout=10)
+        r = httpx.post(f"{live.url}/v1/completions", json={**body, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        live.stop()
+
+
 # ------------------------------------------------------------------------------ chat
 
 
@@ -316,6 +361,27 @@ def test_multibyte_text_streams_whole_characters(smol, chat_live):
     ]
     assert "".join(pieces) == full
     assert not any("\ufffd" in p for p in pieces) or "\ufffd" in full
+
+
+@pytest.mark.slow
+def test_chat_logprob_bytes_rebuild_the_content(chat_live):
+    """Each ``logprobs.content`` entry's ``bytes`` are the token's own bytes: Chinese text in
+    SmolLM2's byte-level BPE splits characters over tokens, and the entries' bytes joined are
+    the content's UTF-8 (their ``token`` texts alone are U+FFFD)."""
+    msgs = [{"role": "user", "content": "Repeat exactly, nothing else: 你好世界，今天天气很好"}]
+    body = {"model": "base", "messages": msgs, "max_tokens": 20, "temperature": 0}
+    r = httpx.post(
+        f"{chat_live.url}/v1/chat/completions",
+        json={**body, "logprobs": True, "top_logprobs": 2},
+        timeout=120,
+    ).json()
+    choice = r["choices"][0]
+    content, entries = choice["message"]["content"], choice["logprobs"]["content"]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in content), content  # CJK came out
+    assert any(e["token"] == "\ufffd" for e in entries)  # part of a character
+    assert bytes(b for e in entries for b in e["bytes"]) == content.encode("utf-8")
+    for e in entries:  # greedy: the top alternative is the token itself, bytes included
+        assert e["top_logprobs"][0]["bytes"] == e["bytes"]
 
 
 class _ChatTask:

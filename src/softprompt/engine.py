@@ -80,7 +80,9 @@ class ServeSettings:
         max_prompt_tokens: longest prompt in tokens (after the adapter's template).
         max_tokens_limit: largest ``max_tokens`` a request may ask for.
         max_prompts: most prompts (times ``n``) in one request.
-        default_max_tokens: ``max_tokens`` when a request gives none (OpenAI's default: 16).
+        default_max_tokens: ``max_tokens`` when a completions request gives none (OpenAI's
+            legacy completions default: 16). Chat requests without one generate until the
+            answer ends, at most ``max_tokens_limit`` tokens or what the context leaves.
         graceful_timeout: seconds rows in flight get to finish at shutdown before they are
             cancelled (503).
         scheduling: "step" (default): generation rows join and leave the running batch at
@@ -288,12 +290,11 @@ def generate_rows(
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     pad = pad_id(tokenizer)
+    # generate ends a row at any of ``eos_token_id``: the model's EOS only, which ends every
+    # row; a row's own stop ids (a chat row's end of turn) end that row alone, through its
+    # RowDecoder in ``_RowStops``, so they never leak into the other rows of the batch
     eos = eos_ids(model, tokenizer)
-    for r in rows:
-        eos += [t for t in r.stop_ids or () if t not in eos]
     decoders = row_decoders(model, tokenizer, rows, on_done, decode, on_delta)
-    for d in decoders:  # generate pads a row after ANY of the batch's stop ids
-        d.eos = set(eos)
     ids, mask = pad_left([r.ids for r in rows], pad, model.device)
     model.generate(
         input_ids=ids,
@@ -382,6 +383,66 @@ def prompt_logprobs(model, tokenizer, rows) -> list[list[dict | None]]:
             for j, i in enumerate(scored):
                 entries[i] = token_entry(logp[j], r.ids[i], r.top)
         out.append([entries.get(i) for i in real])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens as raw bytes (OpenAI chat logprobs' "bytes")
+# --------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Byte-level BPE's printable stand-in character for each byte (GPT-2's table; based on
+    openai/gpt-2 src/encoder.py ``bytes_to_unicode``)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+_PIECE_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece byte fallback
+
+
+def token_scheme(tokenizer) -> str:
+    """How a tokenizer's token strings spell bytes: "byte_level" (GPT-2 style BPE: each
+    character stands for one byte), "sentencepiece" ("\u2581" is a space, ``<0xNN>`` one byte)
+    or "text" (the token's decoded text)."""
+    if getattr(tokenizer, "byte_decoder", None) is not None:  # a Python GPT-2 tokenizer
+        return "byte_level"
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    try:  # the decoder's JSON, e.g. {"type": "ByteLevel", ...} or a "Sequence" of decoders
+        state = decoder.__getstate__() if decoder is not None else b""
+        state = state.decode("utf-8", "replace") if isinstance(state, bytes) else str(state)
+    except Exception:  # a decoder that cannot be serialised: read tokens as text
+        state = ""
+    if '"ByteLevel"' in state:
+        return "byte_level"
+    marks = ('"Metaspace"', '"ByteFallback"', "\u2581", "\\u2581")
+    if any(m in state for m in marks) or hasattr(tokenizer, "sp_model"):
+        return "sentencepiece"
+    return "text"
+
+
+def token_bytes(tokenizer, ids: Sequence[int], scheme: str) -> list[bytes]:
+    """Each token's own raw bytes: a token holding part of a multi-byte UTF-8 character gives
+    those bytes (its decoded text alone would be U+FFFD), so the bytes of a completion's tokens,
+    joined, are its text's UTF-8 (``scheme``: ``token_scheme(tokenizer)``)."""
+    out = []
+    for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(list(ids)), strict=True):
+        if scheme == "byte_level" and piece and all(c in BYTE_OF_CHAR for c in piece):
+            out.append(bytes(BYTE_OF_CHAR[c] for c in piece))
+        elif scheme == "sentencepiece" and piece and _PIECE_BYTE.match(piece):
+            out.append(bytes([int(piece[3:5], 16)]))
+        elif scheme == "sentencepiece" and piece:
+            out.append(piece.replace("\u2581", " ").encode("utf-8"))
+        else:  # special and added tokens, other tokenizers: the decoded text
+            out.append(tokenizer.decode([i]).encode("utf-8"))
     return out
 
 
@@ -496,6 +557,7 @@ class Engine:
         self.entries: dict[str, AdapterEntry] = {}
         self.model_lock = threading.Lock()
         self.tok_lock = threading.Lock()
+        self._token_scheme: str | None = None  # token_scheme(tokenizer), read on first use
         self.created = int(time.time())
         self._cond = threading.Condition()
         self._queue: deque[_Row] = deque()
@@ -921,6 +983,15 @@ class Engine:
             )
         return ids
 
+    def context_left(self, entry: AdapterEntry | None, ids: list[int]) -> int | None:
+        """Positions the model has left for new tokens after the prompt ``ids`` and the
+        adapter's virtual tokens (None: no known limit, or an encoder-decoder, whose decoder
+        does not share the prompt's positions)."""
+        if self.max_positions is None or self.model.info.is_encoder_decoder:
+            return None
+        extra = 0 if entry is None else entry.input_tokens
+        return self.max_positions - len(ids) - extra
+
     def check_context(self, entry: AdapterEntry | None, ids: list[int], max_tokens: int) -> None:
         if self.max_positions is None:
             return
@@ -1221,6 +1292,14 @@ class Engine:
         """Each token's own text (special tokens included), for log-probability answers."""
         with self.tok_lock:
             return [self.tok.decode([i]) for i in ids]
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """Each token's own raw bytes (``token_bytes``): part of a character where the token
+        holds part of one."""
+        with self.tok_lock:
+            if self._token_scheme is None:
+                self._token_scheme = token_scheme(self.tok)
+            return token_bytes(self.tok, ids, self._token_scheme)
 
     def _generate(self, rows: list[_Row]) -> None:
         def done(b: int, result: dict) -> None:

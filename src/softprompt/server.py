@@ -41,13 +41,14 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .chat import ROLES
 from .engine import (  # noqa: F401  (re-exported: the engine's names as they were here)
     BASE_ALIAS,
+    COMPOSE,
     NAME_RE,
     SCHEDULING,
     AdapterEntry,
@@ -68,6 +69,11 @@ from .engine import (  # noqa: F401  (re-exported: the engine's names as they we
 from .ensemble import COMBINE, combine_probs, majority
 from .errors import SoftPromptError, require
 from .tasks import pad_id  # noqa: F401
+
+try:  # handlers' signatures name it (fastapi resolves them in this module); an extra: "serve"
+    from starlette.requests import Request
+except ImportError:  # create_app says what to install
+    Request = None
 
 log = logging.getLogger("softprompt.server")
 
@@ -126,7 +132,9 @@ class ServeError(EngineError):
         return {
             "error": {
                 "message": self.message,
-                "type": self.TYPES.get(self.status, "server_error"),
+                "type": self.TYPES.get(
+                    self.status, "invalid_request_error" if self.status < 500 else "server_error"
+                ),
                 "param": self.param,
                 "code": self.code,
             }
@@ -156,6 +164,7 @@ Text = Annotated[str, AfterValidator(_utf8_text)]  # a str that is valid Unicode
 
 
 MAX_TOP_LOGPROBS = 20
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request checks for its client
 
 
 class StreamOptions(BaseModel):
@@ -220,6 +229,51 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # OpenAI fields accepted at the values that change nothing (check_chat_options)
+    response_format: dict[Text, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Text | dict[Text, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[Text, Text] | None = None
+
+
+def check_chat_options(req: ChatCompletionRequest) -> None:
+    """400 naming the field for chat options this server cannot honour: tool calling, JSON
+    mode, stored completions. Their neutral values (no tools, ``tool_choice`` "none",
+    ``response_format`` text, ``store`` false, any ``metadata``) are accepted."""
+    if req.tools:
+        raise ServeError(
+            400,
+            "tools: tool calling is not supported by this server; send [] or leave it out",
+            "unsupported_parameter",
+            "tools",
+        )
+    if req.tool_choice not in (None, "none", "auto"):  # "auto" without tools: no tool call
+        raise ServeError(
+            400,
+            f"tool_choice: {req.tool_choice!r} needs tool calling, which this server does not "
+            'support; send "none" or leave it out',
+            "unsupported_parameter",
+            "tool_choice",
+        )
+    if req.response_format is not None:
+        kind = req.response_format.get("type")
+        if kind != "text":
+            raise ServeError(
+                400,
+                f"response_format: type {kind!r} needs JSON mode, which this server does not "
+                'support; send {"type": "text"} or leave it out',
+                "unsupported_parameter",
+                "response_format",
+            )
+    if req.store:
+        raise ServeError(
+            400,
+            "store: this server does not store completions; send false or leave it out",
+            "unsupported_parameter",
+            "store",
+        )
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -340,24 +394,25 @@ async def _send_json(send, err: ServeError) -> None:
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|(list|dict|union|function-\w+)\[.*\])$")
 
 
-def _validation_message(exc) -> str:
-    """pydantic's errors as ``field.sub: message``; pydantic's union-member tags are left out,
-    and where one member of a field's union gives a specific error, the others' "should be a
-    valid <type>" are too."""
+def _validation_error(exc) -> tuple[str, str | None]:
+    """pydantic's errors as (message, param). The message: ``field.sub: message`` per error;
+    pydantic's union-member tags are left out, and where one member of a field's union gives a
+    specific error, the others' "should be a valid <type>" are too. ``param``: the location the
+    reported errors share (dot-joined; None when they point at different fields or the body)."""
     errors = [dict(e, loc=tuple(x for x in e.get("loc", ()) if x != "body")) for e in exc.errors()]
     specific = {e["loc"][:1] for e in errors if not str(e.get("type", "")).endswith("_type")}
-    parts = []
+    parts, locs = [], []
     for e in errors:
         if str(e.get("type", "")).endswith("_type") and e["loc"][:1] in specific:
             continue
-        loc = [
-            "(key)" if x == "[key]" else str(x) or '""'
-            for x in e["loc"]
-            if not (isinstance(x, str) and _UNION_TAG.match(x))
-        ]
+        path = [str(x) for x in e["loc"] if not (isinstance(x, str) and _UNION_TAG.match(x))]
+        loc = ["(key)" if x == "[key]" else x or '""' for x in path]
         if e.get("type") == "json_invalid":
             parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', '')})")
-        elif e.get("type") == "string_unicode":  # e.g. a field name with a lone surrogate
+            locs.append([])
+            continue
+        locs.append(path[: path.index("[key]")] if "[key]" in path else path)  # a key: its map
+        if e.get("type") == "string_unicode":  # e.g. a field name with a lone surrogate
             shown = json.dumps(e.get("input"), ensure_ascii=True)[:80]
             parts.append(
                 f"{'.'.join(loc) or 'body'}: {shown} is not valid Unicode text (a lone "
@@ -365,7 +420,8 @@ def _validation_message(exc) -> str:
             )
         else:
             parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
-    return "; ".join(dict.fromkeys(parts))
+    shared = os.path.commonprefix(locs) if locs else []  # the location every error lies under
+    return "; ".join(dict.fromkeys(parts)), ".".join(shared) or None
 
 
 def create_app(
@@ -390,7 +446,7 @@ def create_app(
         SoftPromptError: an adapter that cannot be loaded.
     """
     require("fastapi", "serve", "softprompt serve")
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
@@ -436,7 +492,8 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(ServeError(400, _validation_message(exc), "invalid_request"))
+        message, param = _validation_error(exc)
+        return error_response(ServeError(400, message, "invalid_request", param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -447,10 +504,21 @@ def create_app(
         log.exception("unexpected error")
         return error_response(ServeError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
-    async def wait(futures: list) -> list:
-        results = await asyncio.gather(
+    async def wait(futures: list, request: Request | None = None, rows: list[_Row] = ()) -> list:
+        """The rows' results; 4xx/5xx for the first that failed. With ``request``: a client
+        that goes away before the answer aborts ``rows``' generation (each ends at its next
+        decode step, or is dropped while queued), as a streamed request's do."""
+        gathered = asyncio.gather(
             *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
         )
+        watch = None
+        if request is not None and any(r.gen is not None for r in rows):
+            watch = asyncio.ensure_future(abort_on_disconnect(request, rows))
+        try:
+            results = await gathered
+        finally:
+            if watch is not None:
+                watch.cancel()
         for r in results:
             if isinstance(r, BaseException):
                 if isinstance(r, EngineError):
@@ -459,6 +527,13 @@ def create_app(
                     raise ServeError(400, str(r), "invalid_request")
                 raise ServeError(500, f"internal error: {type(r).__name__}: {r}")
         return results
+
+    async def abort_on_disconnect(request: Request, rows: list[_Row]) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        for r in rows:
+            if r.gen is not None and r.gen.abort is not None:
+                r.gen.abort.set()
 
     @app.get("/health")
     async def health():
@@ -471,6 +546,25 @@ def create_app(
     @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": engine.models()}
+
+    @app.get("/v1/models/{model_id:path}")
+    def retrieve_model(model_id: str):  # sync (the thread pool): "a+b" is composed on first use
+        entry = engine.resolve(model_id)  # 404 naming "model" when unknown
+        return engine.models()[0] if entry is None else entry.describe(engine.base_name)
+
+    async def compose_first(model: str | list[str]) -> None:
+        """Make the ``"a+b"`` compositions a request's ``model`` names before its checks, in
+        the thread pool: composing takes the model lock, which a running ``generate`` call
+        (``--scheduling batch``) holds for its whole length; on the event loop it would stall
+        every other request until that call ends."""
+        names = [model] if isinstance(model, str) else list(model)
+        for k, name in enumerate(names):
+            if isinstance(name, str) and COMPOSE in name and name not in engine.entries:
+                try:
+                    await run_in_threadpool(engine.resolve, name)
+                except EngineError as e:  # name the list item at fault
+                    e.param = "model" if isinstance(model, str) else f"model.{k}"
+                    raise
 
     def check_unsupported(req) -> None:
         for name, ok in (
@@ -541,15 +635,20 @@ def create_app(
 
     def chat_logprobs(entries: list[dict]) -> list[dict]:
         """OpenAI chat ``logprobs.content``: token, logprob, bytes, top_logprobs."""
-        texts = engine.token_texts([e["id"] for e in entries])
-        tops = iter(engine.token_texts([t for e in entries for t, _ in e["top"]]))
+        ids = [e["id"] for e in entries]
+        top_ids = [t for e in entries for t, _ in e["top"]]
+        texts, raw = engine.token_texts(ids + top_ids), engine.token_bytes(ids + top_ids)
+        tops = iter(zip(texts[len(ids) :], raw[len(ids) :], strict=True))
 
-        def one(text: str, lp: float) -> dict:
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        def one(text: str, data: bytes, lp: float) -> dict:
+            return {"token": text, "logprob": lp, "bytes": list(data)}
 
         return [
-            {**one(text, e["logprob"]), "top_logprobs": [one(next(tops), lp) for _, lp in e["top"]]}
-            for text, e in zip(texts, entries, strict=True)
+            {
+                **one(text, data, e["logprob"]),
+                "top_logprobs": [one(*next(tops), lp) for _, lp in e["top"]],
+            }
+            for text, data, e in zip(texts[: len(ids)], raw[: len(ids)], entries, strict=True)
         ]
 
     def streamed(
@@ -575,7 +674,6 @@ def create_app(
                     pass
 
             r.sink = sink
-            r.gen.abort = threading.Event()
         for k, r in enumerate(others):  # an ensemble's other members end with their streamed row
             r.gen.abort = rows[k % len(rows)].gen.abort
 
@@ -646,6 +744,7 @@ def create_app(
             stop_ids=stop_ids,
             logprobs=top,
             stream=req.stream,
+            abort=threading.Event(),  # set when the client goes away (streamed or not)
             group=group,
         )
         return _Row("generate", member, ids, gen)
@@ -745,8 +844,9 @@ def create_app(
         return out
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_unsupported(req)
+        await compose_first(req.model)
         entries = generation_members(req)
         entry = entries[0]
         if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)):
@@ -794,11 +894,13 @@ def create_app(
             "model": req.model,
         }
         if req.stream:
+            offsets = [0] * len(gens)  # per choice: text_offset of its next token
 
             def chunk(i, text, entries, finish):
                 lp = None
                 if top is not None:
-                    lp = completion_logprobs([(e["id"], e) for e in entries or []], 0)
+                    lp = completion_logprobs([(e["id"], e) for e in entries or []], offsets[i])
+                    offsets[i] += sum(map(len, lp["tokens"]))
                 choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": lp}
                 return {**head, "choices": [choice]}
 
@@ -811,7 +913,7 @@ def create_app(
             response = streamed(gens, chunk, lambda i: None, tail, with_stop_token=True, members=k)
             engine.submit(gens, "prompt")
             return response
-        results = await wait(engine.submit(scores + gens, "prompt"))
+        results = await wait(engine.submit(scores + gens, "prompt"), request, gens)
         prompt_lps, results = results[: len(scores)], results[len(scores) :]
         if len(entries) > 1:
             choices = []
@@ -859,8 +961,10 @@ def create_app(
         return {**head, "choices": choices, "usage": usage(usage_prompt, completion_tokens)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_unsupported(req)
+        check_chat_options(req)
+        await compose_first(req.model)
         if engine.model.info.is_encoder_decoder:
             raise ServeError(
                 400, "model: chat completions need a decoder-only model", param="model"
@@ -868,16 +972,24 @@ def create_app(
         entries = generation_members(req)
         messages = chat_messages(req.messages)
         check_count(req.n * len(entries), req.n, "n")
-        max_tokens = req.max_completion_tokens or req.max_tokens or settings.default_max_tokens
-        check_max_tokens(max_tokens)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is not None:
+            check_max_tokens(max_tokens)
         stop = parse_stop(req.stop)
         if req.top_logprobs is not None and not req.logprobs:
             raise ServeError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         top = (req.top_logprobs or 0) if req.logprobs else None
+        encoded = [engine.encode_chat(member, messages) for member in entries]
+        if max_tokens is None:  # as OpenAI's chat: until the answer ends, or the context is full
+            left = [
+                engine.context_left(m, ids) for m, (ids, _) in zip(entries, encoded, strict=True)
+            ]
+            known = [x for x in left if x is not None]
+            # at least 1: a prompt that fills the context is check_context's 400 below
+            max_tokens = max(1, min([settings.max_tokens_limit, *known]))
         rows, usage_prompt = [], 0
         group = uuid.uuid4().hex if len(entries) > 1 and req.combine == "mean" else None
-        for member in entries:  # an ensemble: one row per member
-            ids, stop_ids = engine.encode_chat(member, messages)
+        for member, (ids, stop_ids) in zip(entries, encoded, strict=True):  # ensemble: a row each
             engine.check_context(member, ids, max_tokens)
             usage_prompt += sum(t >= 0 for t in ids)
             rows += [
@@ -922,7 +1034,7 @@ def create_app(
             response = streamed(rows, chunk, first, tail, members=len(entries) if group else 1)
             engine.submit(rows, "messages")
             return response
-        results = await wait(engine.submit(rows, "messages"))
+        results = await wait(engine.submit(rows, "messages"), request, rows)
         picked = (
             combined(req, entries, results, 1) if len(entries) > 1 else [(r, None) for r in results]
         )
@@ -963,6 +1075,7 @@ def create_app(
 
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest):
+        await compose_first(req.model)
         names = [req.model] if isinstance(req.model, str) else list(req.model)
         if not names:
             raise ServeError(400, "model: give at least one adapter", param="model")
