@@ -385,3 +385,27 @@ def test_mask_free_sdpa_only_where_every_row_reads_its_whole_prefix(monkeypatch)
         logits[attn] = (mixed, padded[1:, 1:], rest)
     for s, e in zip(logits["sdpa"], logits["eager"], strict=True):
         assert_close(s, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "llama"])
+@pytest.mark.parametrize("names", [["pre", "deep"], ["pre", None]], ids=["3+2", "3+none"])
+def test_eager_attention_masks_the_padded_prefix_slots_of_shorter_rows(family, names):
+    """Rows with prefixes of different lengths (or none) in one unpadded batch, eager
+    attention: each row's logits are its logits alone. T5's and BART's eager functions add the
+    mask to the scores; with no model mask the prefix mask was bool (adding 1 and 0, masking
+    nothing): 0.28 off for the bare T5 row."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    dec = torch.tensor([[0, 5, 6]] * 2)
+    model = sp.attach(tiny_model(family, "eager"))
+    model.add_adapter("pre", method_config("prefix", n=3))
+    model.add_adapter("deep", method_config("deep", n=2))
+    perturb(model)
+    model.eval()
+    enc_dec = family != "llama"
+    with torch.no_grad():
+        kw = {"decoder_input_ids": dec} if enc_dec else {}
+        mixed = model(input_ids=ids, adapter_names=names, **kw).logits
+        for b in range(2):
+            kw = {"decoder_input_ids": dec[:1]} if enc_dec else {}
+            alone = model(input_ids=ids[b : b + 1], adapter_names=[names[b]], **kw).logits
+            assert_close(mixed[b : b + 1], alone, atol=1e-5, rtol=1e-5)

@@ -409,6 +409,14 @@ def _softprompt_attention(base: str) -> Callable:
             else:
                 extend = _extend_mask
             attention_mask = extend(attention_mask, valid, module, query, key, is_causal)
+            if base not in ("sdpa", "flex_attention") and attention_mask.dtype == torch.bool:
+                # the family's eager function adds the mask to the scores (T5, BART: when the
+                # model passed none, the bool mask built here would add 1 and 0, masking
+                # nothing): additive in the query's dtype
+                neg = torch.finfo(query.dtype).min
+                attention_mask = torch.zeros(
+                    attention_mask.shape, dtype=query.dtype, device=query.device
+                ).masked_fill(~attention_mask, neg)
             memo.append((memo_key, attention_mask))
             del memo[:-4]
         kwargs["is_causal"] = False
