@@ -51,7 +51,7 @@ from .decoding import (  # noqa: F401  (GenerationRow, eos_ids, token_entry: re-
     token_entry,
 )
 from .errors import SoftPromptError
-from .lm import pad_left, row_answer_logprobs
+from .lm import pad_left, pad_prompts, row_answer_logprobs
 from .tasks import pad_id
 
 log = logging.getLogger("softprompt.engine")
@@ -295,7 +295,7 @@ def generate_rows(
     # RowDecoder in ``_RowStops``, so they never leak into the other rows of the batch
     eos = eos_ids(model, tokenizer)
     decoders = row_decoders(model, tokenizer, rows, on_done, decode, on_delta)
-    ids, mask = pad_left([r.ids for r in rows], pad, model.device)
+    ids, mask = pad_prompts(model, [r.ids for r in rows], pad)
     model.generate(
         input_ids=ids,
         attention_mask=mask,

@@ -163,14 +163,27 @@ def row_answer_logprobs(
 
 
 def pad_left(
-    rows: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu"
+    rows: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu", right: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token-id lists.  Returns ids (B, T) and attention mask (B, T)."""
+    """Left-pad token-id lists (``right``: pad on the right).  Returns ids (B, T) and attention
+    mask (B, T)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r) :] = torch.tensor(list(r))
-            mask[i, width - len(r) :] = 1
+            cols = slice(0, len(r)) if right else slice(width - len(r), width)
+            ids[i, cols] = torch.tensor(list(r))
+            mask[i, cols] = 1
     return ids.to(device), mask.to(device)
+
+
+def pad_prompts(
+    model: SoftPromptModel, rows: Sequence[Sequence[int]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt rows padded for ``model``, on its device: on the left for a decoder (generation
+    continues at the end), on the right for an encoder-decoder's encoder. The encoder is
+    bidirectional, and learned absolute positions (BART's) count from column 0 whatever the
+    mask: left padding would shift a row's positions by its pads, so a row's result would
+    depend on the longest row beside it."""
+    return pad_left(rows, pad, model.device, right=model.info.is_encoder_decoder)

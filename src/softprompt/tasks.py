@@ -38,7 +38,7 @@ from ._hf import check_virtual_tokens
 from .chat import CHAT_PLACEMENTS, LOSS_TURNS, ChatFormat
 from .data import Example
 from .errors import SoftPromptError
-from .lm import answer_logprobs, lm_loss, pad_left
+from .lm import answer_logprobs, lm_loss, pad_left, pad_prompts
 from .metrics import classification_metrics, generation_metrics
 from .model import SoftPromptModel
 from .templates import Template
@@ -368,7 +368,7 @@ class Task:
             y = torch.tensor([b["label"] for b in batch], device=model.device)
             return F.cross_entropy(self.class_scores([b["prompt"] for b in batch]), y)
         if self.enc_dec:
-            ids, mask = pad_left([b["prompt"] for b in batch], self.pad_id, model.device)
+            ids, mask = pad_prompts(model, [b["prompt"] for b in batch], self.pad_id)
             width = max(len(b["target"]) for b in batch)
             labels = torch.full((len(batch), width), -100, dtype=torch.long)
             for i, b in enumerate(batch):
@@ -439,7 +439,7 @@ class Task:
         self, prompts: Sequence[Sequence[int]], adapter_names=None, **gen
     ) -> list[str]:
         model = self.model
-        ids, mask = pad_left(prompts, self.pad_id, model.device)
+        ids, mask = pad_prompts(model, prompts, self.pad_id)
         kwargs = dict(
             max_new_tokens=self.spec.max_new_tokens, do_sample=False, pad_token_id=self.pad_id
         )
