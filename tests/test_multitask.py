@@ -110,6 +110,36 @@ def test_mixed_batch_losses_and_gradients_are_each_tasks_own(tiny_folders, metho
     assert all(p.grad is not None for p in model.adapters["sent"].parameters())
 
 
+def test_a_chat_tasks_earlier_answers_are_supervised_in_a_mixed_batch(tiny_folders):
+    """A chat task (loss on every assistant turn) beside a classify task: its mixed loss is
+    its own ``Task.loss``; before, the earlier assistant turns were dropped from it."""
+    from softprompt.tasks import CHAT_TEMPLATE
+
+    path = tiny_folders["llama"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(path))
+    tok = AutoTokenizer.from_pretrained(path)
+    specs = {"sent": SPECS["sent"], "talk": TaskSpec(kind="chat", template=CHAT_TEMPLATE)}
+    for name, spec in specs.items():
+        model.add_adapter(name, sp.PromptTuningConfig(num_virtual_tokens=2, seed=0))
+        model.adapters[name].task = spec.to_dict()
+    perturb(model)
+    tasks = {n: Task(s, model, tok) for n, s in specs.items()}
+    turns = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello, how can I help?"},
+        {"role": "user", "content": "Say yes."},
+        {"role": "assistant", "content": "yes"},
+    ]
+    talk = tasks["talk"].encode(Example({"messages": turns}, "c", 1))
+    assert any(x != -100 for x in talk["prompt_labels"])  # the first answer is supervised
+    sent = tasks["sent"].encode(sentiment_rows()[0])
+    model.set_trainable(list(tasks))
+    with torch.no_grad():
+        losses = mixed_losses(model, tasks, [("sent", sent), ("talk", talk)])
+        with model.using("talk"):
+            torch.testing.assert_close(losses["talk"], tasks["talk"].loss([talk]))
+
+
 def test_one_multi_task_step_equals_each_task_trained_alone(tiny_folders, tmp_path):
     model, tasks = build(tiny_folders["llama"])
     start = {n: {k: v.clone() for k, v in model.adapters[n].state_dict().items()} for n in tasks}

@@ -186,7 +186,11 @@ def mixed_losses(
             plan.append((name, "single" if single else "multi", first, len(answers)))
         else:
             seqs.append(prompt + list(item["target"]))
-            labs.append([-100] * len(prompt) + list(item["target"]))
+            # a chat row's earlier assistant turns are supervised too (loss_turns "all"), as in
+            # Task.loss
+            labs.append(
+                list(item.get("prompt_labels", [-100] * len(prompt))) + list(item["target"])
+            )
             names.append(name)
             plan.append((name, "generate", first, 1))
     ids, mask = pad_left(seqs, tasks[batch[0][0]].pad_id, model.device)
