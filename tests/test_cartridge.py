@@ -377,3 +377,69 @@ def test_server_composes_cartridges_per_request(tiny_folders, tmp_path):
         assert client.delete("/v1/adapters/a").status_code == 200
         assert "b+a" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
         assert ask("b+a").status_code == 404
+
+
+def test_compose_a_cartridge_imported_from_peft_equals_composing_the_native_one(tmp_path):
+    """A cartridge imported from PEFT numbers the real tokens after itself (position_offset P);
+    on rotary Llama compose rotates its keys by -P first, so the composed prefix gives what
+    composing the native cartridge it came from gives."""
+    from softprompt.cartridge import compose
+    from softprompt.peft_compat import save_peft
+
+    model = sp.attach(tiny_model("llama"))
+    for nm, ids in (("a", TEXT[:5]), ("b", TEXT[5:11])):
+        model.add_adapter(nm, CartridgeConfig(num_virtual_tokens=len(ids), init_token_ids=ids))
+    save_peft(model, tmp_path / "peft_a", "a")
+    sp.load_adapter(model, tmp_path / "peft_a", name="pa")
+    assert model.adapters["pa"].position_offset == 5
+    compose(model, ["pa", "b"], "pab")
+    compose(model, ["a", "b"], "ab")
+    assert model.adapters["pab"].position_offset == 0
+    model.eval()
+    rows = [CONT, CONT]
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor(rows), adapter_names=["pab", "b"]).logits[0]
+        want = model(input_ids=torch.tensor([CONT]), adapter_names=["ab"]).logits[0]
+        alone = model(input_ids=torch.tensor([CONT]), adapter_names=["pa"]).logits[0]
+        native = model(input_ids=torch.tensor([CONT]), adapter_names=["a"]).logits[0]
+    assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
+    assert (alone - native).abs().max() < 1e-5  # the import itself is exact
+    raw = model.adapters["pa"].prefix.detach()  # PEFT's keys, for real tokens at 5..
+    assert (model.adapters["pab"].prefix[:5] - raw).abs().max() > 1e-3  # really rotated
+    torch.testing.assert_close(
+        model.adapters["pab"].prefix, model.adapters["ab"].prefix, atol=1e-5, rtol=0
+    )
+
+
+def test_compose_on_absolute_positions_names_the_reason():
+    from softprompt.cartridge import compose
+
+    model = _attach("gpt2", 5)
+    model.add_adapter("b", CartridgeConfig(num_virtual_tokens=4, init_token_ids=TEXT[5:9]))
+    with pytest.raises(SoftPromptError, match=r"'cart' numbers the real tokens from .*5.*GPT2"):
+        compose(model, ["cart", "b"], "ab")
+    with pytest.raises(SoftPromptError, match="learned absolute positions"):
+        compose(model, ["cart", "b"], "ab")
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "bert"])
+def test_cartridge_needs_a_decoder_only_lm(family):
+    model = sp.attach(tiny_model(family))
+    with pytest.raises(SoftPromptError, match="cartridges need a decoder-only LM"):
+        model.add_adapter("c", CartridgeConfig(num_virtual_tokens=4, init_token_ids=TEXT))
+    assert "c" not in model.adapters
+
+
+def test_cartridge_command_refuses_an_encoder_decoder_before_self_study(
+    tiny_folders, tmp_path, capsys
+):
+    from softprompt.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    out = tmp_path / "run"
+    argv = ["cartridge", str(corpus), "--output", str(out), "--model", tiny_folders["t5"]]
+    assert main([*argv, "--tokens", "16", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cartridges need a decoder-only LM" in err and "T5ForConditionalGeneration" in err
+    assert not (out / "selfstudy.jsonl").exists()

@@ -65,9 +65,10 @@ def reference(bases, family, adapter):
 
 
 def plain_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """log P(ids[t] | ids[:t]) for t >= 1 from one unpadded forward.  Returns (T-1,)."""
+    """log P(ids[t] | ids[:t]) for t >= 1 from one unpadded forward of ids[:-1] (the last
+    token is only predicted, as in the harness).  Returns (T-1,)."""
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()  # (T-1, V)
+        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0].float()  # (T-1, V)
     return F.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
@@ -442,3 +443,105 @@ def test_bare_model_answers_as_lm_evals_own_hf_model(bases, family):
     gen = {"until": ["e"], "max_gen_toks": 8, "do_sample": False}
     prompts = requests("generate_until", [(p, gen) for p in ("Once upon a time", "1, 2, 3,")])
     assert ours.generate_until(prompts, True) == theirs.generate_until(prompts, True)
+
+
+def test_position_offset_counts_against_max_length(bases, tmp_path):
+    """A cartridge on GPT-2 numbers the real tokens from P (``position_offset``): the context
+    holds 64 - P tokens, long texts are scored in windows of that many, and a larger
+    ``max_length`` is refused instead of indexing past GPT-2's position table."""
+    from softprompt.methods.cartridge import CartridgeConfig
+
+    base, tok = load_base(bases["gpt2"])
+    ids = tok.encode("hello world " * 20)
+    model = sp.attach(base, CartridgeConfig(num_virtual_tokens=16, init_token_ids=ids[:16]))
+    assert model.adapters["default"].position_offset == 16
+    model.save_adapter(tmp_path / "cart")
+    lm = SoftPromptLM(adapter=str(tmp_path / "cart"), batch_size=2)
+    assert lm.max_length == 64 - 16
+    text = " ".join(f"word{i}" for i in range(40))
+    model, tok = reference(bases, "gpt2", str(tmp_path / "cart"))
+    ids = tok.encode(text)
+    full = [tok.bos_token_id] + ids
+    assert len(full) > 2 * 48
+    (got,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]), True)
+    expected = 0.0
+    for s in range(0, len(ids), 48):
+        e = min(s + 48, len(ids))  # predict ids[s:e] after up to 48 tokens of context
+        window = full[max(0, e - 48) : e + 1]
+        expected += float(plain_logprobs(model, window)[-(e - s) :].sum())
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    (ll,) = lm.loglikelihood(requests("loglikelihood", [(text, " end")]), True)
+    whole, n = tok.encode(text + " end"), len(tok.encode(" end"))
+    want = plain_logprobs(model, whole[-49:])[-n:].sum()
+    torch.testing.assert_close(ll[0], float(want), atol=1e-5, rtol=0)
+    with pytest.raises(sp.SoftPromptError, match=r"max_length=64 does not fit.*<= 48"):
+        SoftPromptLM(adapter=str(tmp_path / "cart"), max_length=64)
+    with pytest.raises(sp.SoftPromptError, match=r"max_length=65 does not fit.*<= 64"):
+        SoftPromptLM(pretrained=bases["gpt2"], max_length=65)
+    assert SoftPromptLM(adapter=str(tmp_path / "cart"), max_length=48).max_length == 48
+
+
+def seq2seq_logprob(model, src: list[int], tgt: list[int]) -> float:
+    """log P(tgt | src) from one unpadded encoder-decoder forward."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([src]), labels=torch.tensor([tgt])).logits[0]
+    return float(F.log_softmax(logits.float(), -1).gather(1, torch.tensor(tgt)[:, None]).sum())
+
+
+@pytest.mark.parametrize("method", [None, "prompt", "prefix"])
+def test_bart_batch_size_does_not_change_scores(tiny_folders, tmp_path, method):
+    """BART numbers its encoder positions 0..T-1 whatever the mask says: encoder inputs are
+    right-padded, so a row scores (and generates) the same alone and in a batch of 5."""
+    path = tiny_folders["bart"]
+    adapter = None
+    if method is not None:
+        base, _ = load_base(path)
+        model = sp.attach(base, method_config(method))
+        perturb(model)
+        adapter = str(model.save_adapter(tmp_path / method))
+    base, tok = load_base(path)
+    model = sp.load_adapter(base, adapter) if adapter else sp.attach(base)
+    scores, texts = {}, {}
+    gen = {"until": [], "max_gen_toks": 5, "do_sample": False}
+    prompts = [ctx for ctx, _ in TEXTS]
+    for bs in (1, 5):
+        lm = SoftPromptLM(pretrained=path, adapter=adapter, batch_size=bs)
+        scores[bs] = [s for s, _ in lm.loglikelihood(requests("loglikelihood", TEXTS), True)]
+        texts[bs] = lm.generate_until(requests("generate_until", [(p, gen) for p in prompts]), True)
+    torch.testing.assert_close(scores[5], scores[1], atol=1e-5, rtol=0)
+    want = [seq2seq_logprob(model, tok.encode(c), tok.encode(x)) for c, x in TEXTS]
+    torch.testing.assert_close(scores[5], want, atol=1e-5, rtol=0)
+    refs = []
+    for p in prompts:
+        out = model.generate(input_ids=torch.tensor([tok.encode(p)]), max_new_tokens=5)
+        refs.append(tok.decode(out[0], skip_special_tokens=True))
+    assert texts[5] == texts[1] == refs
+
+
+def test_seq2seq_max_length_leaves_room_for_an_encoder_prompt(tiny_folders, tmp_path):
+    """BART's encoder reads a learned position table of 256: a 4-token prompt leaves 252 for the
+    context (cut from the left); T5's relative positions take no room from it."""
+    lengths = {}
+    for family in ("bart", "t5"):
+        base, tok = load_base(tiny_folders[family])
+        model = sp.attach(base, method_config("prompt"))
+        perturb(model)
+        model.save_adapter(tmp_path / family)
+        lengths[family] = SoftPromptLM(adapter=str(tmp_path / family)).max_length
+    bare_t5 = SoftPromptLM(pretrained=tiny_folders["t5"])
+    assert lengths == {"bart": 256 - 4, "t5": bare_t5.max_length}
+    assert bare_t5.position_bound() is None
+    lm = SoftPromptLM(adapter=str(tmp_path / "bart"), batch_size=2)
+    model, tok = reference({"bart": tiny_folders["bart"]}, "bart", str(tmp_path / "bart"))
+    ctx = " ".join(f"w{i}" for i in range(200))
+    src = tok.encode(ctx)
+    assert len(src) > 256
+    got = lm.loglikelihood(requests("loglikelihood", [(ctx, " end"), ("A", " b")]), True)
+    want = seq2seq_logprob(model, src[-252:], tok.encode(" end"))
+    torch.testing.assert_close(got[0][0], want, atol=1e-5, rtol=0)
+    gen = {"until": [], "max_gen_toks": 3, "do_sample": False}
+    (text,) = lm.generate_until(requests("generate_until", [(ctx, gen)]), True)
+    out = model.generate(input_ids=torch.tensor([src[-252:]]), max_new_tokens=3)
+    assert text == tok.decode(out[0], skip_special_tokens=True)
+    with pytest.raises(sp.SoftPromptError, match=r"4 input-level virtual tokens.*<= 252"):
+        SoftPromptLM(adapter=str(tmp_path / "bart"), max_length=256)

@@ -343,6 +343,19 @@ class DistillTask:
     def encode(self, ex: dict) -> dict:
         return ex
 
+    def encode_examples(
+        self, examples: Sequence[dict], what: str = "training", skip_bad: bool = False, warn=None
+    ) -> tuple[list[dict], list[dict]]:
+        """``Task.encode_examples`` for the ``Trainer``: teacher-target rows are encoded
+        already, so every row is kept. Returns (items, the examples kept)."""
+        rows = list(examples)
+        return rows, rows
+
+    def loss_units(self, item: dict) -> int:
+        """Terms a row adds to the mean ``loss`` takes: its answer tokens (the trainer weights
+        micro-batches by them)."""
+        return item["end"] - item["start"]
+
     def _kl(self, batch: list[dict], adapter_names=None) -> list[torch.Tensor]:
         ids, mask = pad_left([b["prompt"] for b in batch], self.pad_id, self.model.device)
         kw = {} if adapter_names is None else {"adapter_names": adapter_names}
@@ -425,9 +438,10 @@ def train_cartridge(
         The trainer's result plus ``dev_kl_init`` (the cartridge's dev KL before training) and
         ``dev_kl_bare`` (the bare model's).
     """
-    from .methods.cartridge import CartridgeConfig
+    from .methods.cartridge import CartridgeConfig, check_decoder_only
     from .trainer import TrainArgs, Trainer
 
+    check_decoder_only(model.info)  # before self-study spends minutes generating
     out = Path(output)
     ctx = context_ids(tok, text)
     if tokens > len(ctx):
@@ -570,7 +584,13 @@ def compose(model, names: Sequence[str], name: str):
 
     Exact where the parts are consecutive pieces of one prefill (the concatenated text's own
     K/V); independently made cartridges compose approximately, as in the paper (each was read
-    at its own positions, without the other in context).
+    at its own positions, without the other in context). A part that numbers the real tokens
+    after itself (``position_offset``: a cartridge imported from PEFT) is first moved to
+    softprompt's numbering on rotary models (``_at_offset_zero``).
+
+    Raises:
+        SoftPromptError: fewer than two names, a part that is not a cartridge, or parts with a
+            ``position_offset`` on a model without relative rotary positions (GPT-2).
     """
     from .methods.cartridge import CartridgeConfig
 
@@ -581,14 +601,9 @@ def compose(model, names: Sequence[str], name: str):
     bad = [n for n, a in zip(names, parts, strict=True) if a.config.method != "cartridge"]
     if bad:
         raise SoftPromptError(f"compose takes cartridges; {bad} are not")
-    offsets = {a.position_offset for a in parts}
-    if offsets != {0}:
-        raise SoftPromptError(
-            "cartridges on a model without shared rotary positions number the real tokens after "
-            "their own length; they cannot be concatenated"
-        )
     with torch.no_grad():
-        flat = torch.cat([a.prefix.detach() for a in parts], dim=0)
+        flats = [_at_offset_zero(model, n, a) for n, a in zip(names, parts, strict=True)]
+        flat = torch.cat(flats, dim=0)
     cfg = CartridgeConfig(
         num_virtual_tokens=flat.shape[0], init="vocab", num_frozen=parts[0].config.num_frozen
     )
@@ -596,3 +611,40 @@ def compose(model, names: Sequence[str], name: str):
     ad.load_baked({"prefix": flat})
     ad.task = parts[0].task
     return ad
+
+
+def _at_offset_zero(model, name: str, ad) -> torch.Tensor:
+    """(P, width) cartridge ``name``'s flat K/V with the real tokens numbered from 0: a part
+    with ``position_offset`` o (PEFT's numbering, real tokens at o..) has its keys rotated by
+    -o, so a query at t scores them as one at o + t did (``_hf.rotate_keys``; the inverse of
+    ``peft_compat._to_peft_positions``).
+
+    Raises:
+        SoftPromptError: o != 0 on a model without relative rotary positions (learned absolute
+            positions are in the keys, and no change of them moves the real tokens).
+    """
+    flat = ad.prefix.detach()
+    offset = ad.position_offset
+    if offset == 0:
+        return flat
+    base = model.base_model
+    encoding = _hf.position_encoding(base)
+    if encoding != "rotary":
+        why = (
+            "its learned absolute positions are in the cartridges' keys, so no change of them "
+            "moves the real tokens"
+            if encoding == "absolute"
+            else "softprompt cannot tell how its positions would move with them"
+        )
+        raise SoftPromptError(
+            f"cartridge {name!r} numbers the real tokens from its length ({offset}: read at "
+            f"positions 0..{offset - 1}), and one prefix can number them from one place only; "
+            f"on {type(base).__name__} {why}, so cartridges with a position_offset cannot be "
+            "composed (train one cartridge on the concatenated corpus instead)"
+        )
+    n, parts = flat.shape[0], []
+    kv = ad.layout.split(flat)
+    for s in ad.layout.slots:
+        k, v = kv[s]  # (P, kvh, hd) each
+        parts += [_hf.rotate_keys(base, k, -offset).reshape(n, -1), v.reshape(n, -1)]
+    return torch.cat(parts, dim=1)  # (P, layers * 2 * kv_dim)

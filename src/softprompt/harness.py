@@ -16,15 +16,21 @@ Model arguments (``--model_args k=v,...``):
         zero-shot baseline).
     dtype: float32 (default), bfloat16 or float16. device: default cuda when available.
     batch_size: rows per forward (default 1). max_length: context length in tokens; default
-        the model's positions minus the adapter's input-level virtual tokens.
+        (and most) the model's positions minus those the adapter takes: its input-level
+        virtual tokens and its ``position_offset`` (a cartridge on GPT-2, a prefix imported
+        from PEFT); on an encoder-decoder, the encoder's positions where it has a position
+        table (BART), no limit from T5's relative positions.
     max_gen_toks: default generation budget (256) when a task names none.
     add_bos_token: force the tokenizer's special tokens on or off (default: its own setting).
 
 The virtual tokens go before each request's text (after any left padding), as in training
 with ``placement="prepend"``; adapters trained with a template's ``[soft:N]`` segments or
 ``placement="append"`` are refused (their prompts need the task's own layout: use
-``softprompt eval``). Rows are left-padded; softprompt gives a row the same logits alone and
-in a padded batch, so ``batch_size`` does not change the scores.
+``softprompt eval``). Decoder-only rows are left-padded (softprompt numbers their positions
+from the first real token); encoder inputs of an encoder-decoder are right-padded (the
+encoder is bidirectional, and BART numbers its positions 0..T-1 whatever the mask says). A row
+gets the same logits alone and in a padded batch, so ``batch_size`` does not change the
+scores.
 """
 
 from __future__ import annotations
@@ -46,12 +52,16 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from . import _hf
 from ._hf import SoftPromptError
 from .io import read_adapter_config, recorded_base_model
-from .lm import _head, pad_left
+from .lm import _head, pad_left, pad_prompts
 from .model import SoftPromptModel, attach, load_adapter
 
 __all__ = ["SoftPromptLM", "main"]
+
+# module names of position tables (learned or sinusoidal): an encoder with one has a hard limit
+_POSITION_TABLES = {"embed_positions", "wpe", "position_embeddings"}
 
 
 class _StopStrings(StoppingCriteria):
@@ -91,8 +101,8 @@ class SoftPromptLM(TemplateLM):
         tokenizer: a tokenizer object, with a model object in ``pretrained``.
         dtype, device: for ``load_base`` (``cuda`` falls back to the CPU where there is none).
         batch_size: rows per forward; "auto" means 1 (no memory probing here).
-        max_length: context length (tokens); default: the model's positions minus the
-            adapter's input-level virtual tokens.
+        max_length: context length (tokens); default: the model's positions minus those the
+            adapter takes (``position_bound``, also the most allowed where there is one).
         max_gen_toks: default number of new tokens for ``generate_until``.
         add_bos_token: passed to the tokenizer as ``add_special_tokens``.
         prefix_token_id: the token that conditions an empty context (default BOS, else EOS).
@@ -163,6 +173,13 @@ class SoftPromptLM(TemplateLM):
         self.backend = "seq2seq" if model.info.is_encoder_decoder else "causal"
         self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = max_length
+        bound = self.position_bound()
+        if max_length and bound is not None and int(max_length) > bound:
+            raise SoftPromptError(
+                f"max_length={max_length} does not fit: {type(model.base_model).__name__} reads "
+                f"{self._positions()} positions{self._taken()}; use max_length <= {bound} (or "
+                "leave it out)"
+            )
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
@@ -193,15 +210,51 @@ class SoftPromptLM(TemplateLM):
             return self.tokenizer.bos_token_id
         return self.tokenizer.eos_token_id
 
+    def _positions(self) -> int:
+        """The positions the model reads (its config's context; lm-eval's default without)."""
+        return resolve_max_length(self.model.config, self.tokenizer)
+
+    def _used(self) -> tuple[int, int]:
+        """(input-level virtual tokens, position offset) of the active adapter: the positions
+        it takes from the real tokens. (0, 0) for a bare model, and on an encoder-decoder
+        whose encoder has no position table (T5's relative position bias); BART's learned
+        ``embed_positions`` (Marian's sinusoidal ones) number the virtual tokens too."""
+        if self.model.active is None:
+            return 0, 0
+        if self.backend == "seq2seq":
+            encoder = self.model.base_model.get_encoder()
+            if not {n.split(".")[-1] for n, _ in encoder.named_modules()} & _POSITION_TABLES:
+                return 0, 0
+        ad = self.model.adapters[self.model.active]
+        prompt = ad.input_prompt()
+        return (prompt.shape[0] if prompt is not None else 0), int(ad.position_offset)
+
+    def _taken(self) -> str:
+        prompt, offset = self._used()
+        parts = [f"{prompt} input-level virtual tokens"] if prompt else []
+        if offset:
+            parts.append(f"a position_offset of {offset} (its real tokens are numbered from it)")
+        if not parts:
+            return ""
+        return f", of which adapter {self.adapter or self.model.active} takes " + " and ".join(
+            parts
+        )
+
+    def position_bound(self) -> int | None:
+        """The most tokens a row's context can hold: the model's positions minus the active
+        adapter's input-level virtual tokens and its ``position_offset`` (``_used``); None
+        where the model's config names no context length (T5: no hard limit)."""
+        if _hf.context_length(self.model.base_model) is None:
+            return None
+        prompt, offset = self._used()
+        return self._positions() - prompt - offset
+
     @property
     def max_length(self) -> int:
         if self._max_length:
             return int(self._max_length)
-        positions = resolve_max_length(self.model.config, self.tokenizer)
-        if self.model.active is None or self.backend == "seq2seq":
-            return positions
-        prompt = self.model.adapters[self.model.active].input_prompt()
-        return positions - (prompt.shape[0] if prompt is not None else 0)
+        prompt, offset = self._used()
+        return self._positions() - prompt - offset
 
     @property
     def max_gen_toks(self) -> int:
@@ -260,7 +313,8 @@ class SoftPromptLM(TemplateLM):
             logp = F.log_softmax(_head(self.model)(hidden).float(), dim=-1)  # (B, C, V)
             rows = [logp[b, width - len(c) :] for b, c in enumerate(conts)]
         else:
-            ids, mask = pad_left([ctx[-length:] for ctx, _ in pairs], pad, dev)
+            # encoder inputs right-padded: BART numbers them 0..T-1 whatever the mask
+            ids, mask = pad_prompts(self.model, [ctx[-length:] for ctx, _ in pairs], pad)
             labels = torch.full((len(pairs), width), -100, dtype=torch.long, device=dev)
             for b, c in enumerate(conts):
                 labels[b, : len(c)] = torch.tensor(c)
@@ -333,7 +387,7 @@ class SoftPromptLM(TemplateLM):
                 f"{self.max_length} tokens"
             )
         seqs = [self.tok_encode(c, left_truncate_len=room) for c in contexts]
-        ids, mask = pad_left(seqs, self.tokenizer.pad_token_id, self.device)
+        ids, mask = pad_prompts(self.model, seqs, self.tokenizer.pad_token_id)  # enc-dec: right
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,

@@ -108,8 +108,27 @@ def prefill_targets(config: CartridgeConfig, ctx: InitContext, layout: FlatPrefi
     return torch.cat(parts, dim=1).float()
 
 
+def check_decoder_only(info: ModelInfo) -> None:
+    """Refuse a model a cartridge cannot stand in for a context of.
+
+    Raises:
+        SoftPromptError: an encoder-decoder (T5, BART) or encoder (BERT) model: a cartridge is
+            the key/value cache of a corpus that a decoder-only LM read before the input.
+    """
+    if info.is_causal_lm and not info.is_encoder_decoder:
+        return
+    name = info.identity.get("architecture", "this model")
+    kind = "an encoder-decoder" if info.is_encoder_decoder else "an encoder without an LM head"
+    raise SoftPromptError(
+        f"cartridges need a decoder-only LM (Llama, Qwen, SmolLM, GPT-2, ...): a cartridge is "
+        f"the key/value cache of a corpus read before the input, and {name} is {kind}; "
+        "use a decoder-only model (--model)"
+    )
+
+
 class Cartridge(Adapter):
     def __init__(self, config: CartridgeConfig, info: ModelInfo, ctx: InitContext | None):
+        check_decoder_only(info)
         super().__init__(config, info)
         self.layout = FlatPrefix(info, list(range(len(info.slots))))
         init = (
