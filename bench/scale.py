@@ -15,6 +15,9 @@ for everyone):
 * softprompt_compiled (``--compile``): a second ``sp.attach`` of the same base with the same
   adapter and ``compile_body()`` (the frozen blocks through torch.compile; the warm-up rounds
   compile, so give ``--warmup 2`` or more).
+* softprompt_ckpt (``--checkpointing``): another ``sp.attach`` with the same adapter under
+  gradient checkpointing (``train --gradient-checkpointing``), switched on for its own steps
+  only (the flag lives on the shared base's blocks): its peak memory against softprompt's.
 
 All three compute the full causal-LM loss over every position (``model(..., labels=ids).loss``)
 on unpadded batches of random token ids, so the attention runs without a padding mask (on a GPU:
@@ -138,19 +141,20 @@ def _peak_end(before: float) -> float:
 class Pair:
     """softprompt and PEFT on one base model; one adapter per method, added on first use."""
 
-    def __init__(self, base, compile_body: bool = False) -> None:
+    def __init__(self, base, compile_body: bool = False, checkpointing: bool = False) -> None:
         import softprompt as sp
 
         self.base = base
         self.sp = sp.attach(base)
         # the compiled blocks run compiled only inside the compiled wrapper's own forwards
         self.spc = sp.attach(base).compile_body() if compile_body else None
+        self.spk = sp.attach(base) if checkpointing else None
         self.peft: dict = {}  # method -> PEFT model (PEFT keeps one prompt type per model)
 
     def use(self, method: str):
         import peft
 
-        for model in (self.sp, self.spc) if self.spc is not None else (self.sp,):
+        for model in (m for m in (self.sp, self.spc, self.spk) if m is not None):
             if method not in model.adapters:
                 torch.manual_seed(0)
                 model.add_adapter(method, C.sp_config(method))
@@ -193,6 +197,20 @@ def run_cell(pair: Pair, method: str, batch: int, seq: int, steps: int, warmup: 
     if pair.spc is not None:
         spc_params = [p for p in pair.spc.parameters() if p.requires_grad]
         fns["softprompt_compiled"] = step(pair.spc, torch.optim.AdamW(spc_params, lr=1e-3))
+    if pair.spk is not None:
+        spk_params = [p for p in pair.spk.parameters() if p.requires_grad]
+        spk_step = step(pair.spk, torch.optim.AdamW(spk_params, lr=1e-3))
+
+        def checkpointed():
+            pair.spk.gradient_checkpointing_enable()
+            try:
+                spk_step()
+            finally:  # the flag is the shared base's: off again for the other variants
+                pair.spk._checkpointing = False
+                base.gradient_checkpointing_disable()
+                base.eval()
+
+        fns["softprompt_ckpt"] = checkpointed
     times: dict[str, list[float]] = {k: [] for k in fns}
     mem: dict[str, float] = {}
     for name, fn in fns.items():  # warm up; first measured run gives the peak memory
@@ -224,6 +242,9 @@ def run_cell(pair: Pair, method: str, batch: int, seq: int, steps: int, warmup: 
         "sp_tokens_over_peft": med["peft"] / med["softprompt"],
         "compiled_over_sp": (
             med["softprompt_compiled"] / med["softprompt"] if "softprompt_compiled" in med else None
+        ),
+        "ckpt_over_sp": (
+            med["softprompt_ckpt"] / med["softprompt"] if "softprompt_ckpt" in med else None
         ),
         "times": times,
     }
@@ -280,6 +301,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="also time softprompt with compile_body() (torch.compile of the frozen blocks)",
     )
+    ap.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="also time softprompt under gradient checkpointing (its peak memory beside)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     gpu = args.device == "cuda"
@@ -300,7 +326,9 @@ def main(argv=None) -> int:
                     cell = {"shape": shape, "dtype": dname, "batch": batch, "seq": seq}
                     if base is None:
                         base = build(shape, DTYPES[dname], C.DEVICE)
-                        pair = Pair(base, compile_body=args.compile)
+                        pair = Pair(
+                            base, compile_body=args.compile, checkpointing=args.checkpointing
+                        )
                     billions = sum(p.numel() for p in base.parameters()) / 1e9
                     if budget is not None and batch * seq * billions > budget:
                         rows.append({**cell, "method": method, "skipped": "not run (CPU time)"})
@@ -316,6 +344,13 @@ def main(argv=None) -> int:
                         + (
                             f" compiled {row['step_s']['softprompt_compiled']:.3f}s"
                             if args.compile
+                            else ""
+                        )
+                        + (
+                            f" ckpt {row['step_s']['softprompt_ckpt']:.3f}s "
+                            f"({row['peak_mb']['softprompt_ckpt']:.0f} vs "
+                            f"{row['peak_mb']['softprompt']:.0f} MB)"
+                            if args.checkpointing
                             else ""
                         )
                         + f" (cell {time.perf_counter() - t0:.0f}s)",
