@@ -1191,3 +1191,31 @@ def test_a_compiled_body_keeps_adaption_prompts(fresh_dynamo):
             )
             > 1e-4
         )
+
+
+def _packed(method: str):
+    torch.manual_seed(0)
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("a", method_config(method))
+    perturb(model)
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])  # three sequences in one row
+    return model, ids, pos
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_packed_rows_are_refused_for_virtual_tokens_at_the_input(method):
+    """TRL's packing: position_ids restart inside a row. Virtual tokens at the input would go
+    once, before the first sequence (the others' losses matched neither their own nor the bare
+    model's); refused, naming packing. Left padding's filler positions are not a restart."""
+    model, ids, pos = _packed(method)
+    with torch.no_grad(), pytest.raises(sp.SoftPromptError, match="packed sequences"):
+        model(input_ids=ids, position_ids=pos)
+    left = torch.tensor([[0, 0, 5, 6, 7]])
+    mask = (left != 0).long()
+    fill = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)  # generate's positions: pads at 1
+    with torch.no_grad():
+        a = model(input_ids=left, attention_mask=mask, position_ids=fill).logits[:, 2:]
+        b = model(input_ids=left[:, 2:]).logits
+    assert_close(a, b, atol=1e-5, rtol=1e-5)

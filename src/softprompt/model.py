@@ -50,6 +50,28 @@ from .splice import (
 )
 
 
+def _refuse_packed(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor | None, names: list[str]
+) -> None:
+    """Refuse packed rows (``position_ids`` that restart inside a row between real tokens, as
+    TRL's ``packing`` / ``padding_free`` make) for adapters whose virtual tokens go at the input:
+    they would go once, before the row's first sequence, and the others would never see them
+    (one host sync, only where a caller gives positions to such an adapter)."""
+    if position_ids.dim() != 2 or position_ids.shape[1] < 2:
+        return
+    back = position_ids[:, 1:] <= position_ids[:, :-1]  # (B, T-1): a position restarts
+    if attention_mask is not None and attention_mask.dim() == 2:
+        real = attention_mask.bool()
+        back = back & real[:, 1:] & real[:, :-1]  # left padding's filler positions aside
+    if bool(back.any()):
+        raise SoftPromptError(
+            f"packed sequences (position_ids restart inside a row, as TRL's packing=True or "
+            f"padding_free=True make them): adapters {sorted(names)} put their "
+            "virtual tokens once at the start of a row, so only its first sequence would see "
+            "them. Train without packing: SFTConfig(packing=False, padding_free=False)"
+        )
+
+
 class SoftPromptModel(ModelCompat, AdapterBank, PromptSharing, nn.Module):
     """A frozen Hugging Face model plus named soft-prompt adapters.
 
@@ -320,6 +342,14 @@ class SoftPromptModel(ModelCompat, AdapterBank, PromptSharing, nn.Module):
         shared = None
         # one host sync per call: do the ids hold template markers (negative ids)?
         markers = input_ids is not None and bool((input_ids < 0).any())
+        if caller_positions and prompts and not markers and not cached:
+            at_input = [
+                n
+                for n in prompts
+                if getattr(self.adapters[n].config, "placement", "prepend") != "template"
+            ]
+            if at_input:
+                _refuse_packed(position_ids, attention_mask, at_input)
         if self._shared_ok(prompts, markers, position_ids, past_key_values, kwargs, rows):
             shared = self._kept.prompt_kvs(self, prompts)
         elif cached or (not prompts and not markers):
