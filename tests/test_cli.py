@@ -106,7 +106,7 @@ def test_train_eval_generate_inspect_classify_on_an_lm(
     assert all(0.0 <= r["eval"]["accuracy"] <= 1.0 for r in log if "eval" in r)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train"]["steps"] == 4 and 0 <= summary["test"]["accuracy"] <= 1
-    # eval: JSON metrics on stdout, predictions beside the adapter
+    # eval: JSON metrics on stdout, predictions.jsonl in the adapter folder
     code, stdout, err = run_cli(
         capsys,
         "eval",
@@ -147,7 +147,9 @@ def test_train_eval_generate_inspect_classify_on_an_lm(
     rep = json.loads(stdout)
     assert code == 0 and rep["method"] == method and len(rep["virtual_tokens"]) == 3
     assert all(len(v["nearest"]) == 3 for v in rep["virtual_tokens"])
-    assert rep["bytes_on_disk"] > 0 and rep["adapter_parameters"] > 0
+    own = ("adapter_config.json", "adapter.safetensors")  # not the predictions eval wrote there
+    assert rep["bytes_on_disk"] == sum((out / "adapter" / f).stat().st_size for f in own)
+    assert rep["adapter_parameters"] > 0
 
 
 def test_soft_segments_in_a_template(tmp_path, capsys, tiny_folders, cls_data):
@@ -610,6 +612,74 @@ def test_resume_refuses_changed_flags_and_damaged_files(tmp_path, capsys, tiny_f
     optimizer.write_bytes(optimizer.read_bytes()[:100])
     code, _, err = resume("--max-steps", 8)
     assert code == 2 and err.startswith("error: --resume: ") and "optimizer.pt is damaged" in err
+
+
+def test_inspect_counts_only_the_adapters_own_files_on_disk(tmp_path, capsys, tiny_folders):
+    """bytes_on_disk: adapter_config.json, adapter.safetensors, trainable.safetensors (PEFT:
+    adapter_config.json, adapter_model.safetensors), never what eval or export write beside."""
+    from transformers import AutoModelForCausalLM
+
+    import softprompt as sp
+    from softprompt.export import export_peft
+
+    model = sp.attach(
+        AutoModelForCausalLM.from_pretrained(tiny_folders["llama"]),
+        sp.PromptTuningConfig(num_virtual_tokens=3),
+    )
+    ad = model.save_adapter(tmp_path / "run" / "adapter", trainable=True)
+    peft = export_peft(ad, tmp_path / "peft", model=tiny_folders["llama"])
+    for folder in (ad, peft):
+        own = {f.name: f.stat().st_size for f in folder.iterdir()}
+        assert set(own) in (
+            {"adapter_config.json", "adapter.safetensors", "trainable.safetensors"},
+            {"adapter_config.json", "adapter_model.safetensors"},
+        )
+        (folder / "predictions.jsonl").write_text("x" * 10_000)
+        (folder / "ensemble_predictions.jsonl").write_text("x" * 10_000)
+        (folder / "prompt_embeds.safetensors").write_bytes(b"x" * 10_000)
+        for where in [ad, ad.parent] if folder == ad else [folder]:  # and the run folder
+            code, stdout, err = run_cli(capsys, "inspect", where, "--json")
+            assert code == 0, err
+            assert json.loads(stdout)["bytes_on_disk"] == sum(own.values())
+
+
+def test_a_bad_predictions_path_is_refused_before_the_model_loads(
+    tmp_path, capsys, tiny_folders, cls_data
+):
+    """eval --predictions at a folder or below a file (one adapter or an ensemble): one error
+    line naming the flag, before any work (--model names no model: loading it would be the
+    error instead); a missing parent folder is created."""
+    from transformers import AutoModelForCausalLM
+
+    import softprompt as sp
+    from softprompt.tasks import TaskSpec
+
+    model = sp.attach(
+        AutoModelForCausalLM.from_pretrained(tiny_folders["llama"]),
+        sp.PromptTuningConfig(num_virtual_tokens=3),
+    )
+    spec = TaskSpec(kind="classify", template="{text} -> {label}", labels=["negative", "positive"])
+    model.adapters["default"].task = spec.to_dict()
+    ad = model.save_adapter(tmp_path / "ad")
+    (tmp_path / "a_file").write_text("x")
+    data = ["--data", cls_data / "dev.jsonl"]
+    capsys.readouterr()
+    for adapters, name in (
+        (["--adapter", ad], "predictions"),
+        (["--adapter", ad] * 2, "ensemble_predictions"),
+    ):
+        for where, message in (
+            (tmp_path, f" is a folder; give a file path (e.g. {tmp_path / name}.jsonl)"),
+            (tmp_path / "a_file" / "p.jsonl", f": {tmp_path / 'a_file'} is a file, not a folder"),
+        ):
+            code, out, err = run_cli(
+                capsys, "eval", *adapters, *data, "--predictions", where, "--model", tmp_path / "x"
+            )
+            assert (code, out, err) == (2, "", f"error: --predictions {where}{message}\n")
+        target = tmp_path / name / "new" / "p.jsonl"
+        code, out, err = run_cli(capsys, "eval", *adapters, *data, "--predictions", target)
+        assert code == 0 and err.endswith(f"predictions: {target}\n")
+        assert len(target.read_text().splitlines()) == 6
 
 
 def test_a_run_folder_is_taken_for_its_adapter(tmp_path, capsys, tiny_folders, cls_data):

@@ -193,3 +193,60 @@ def test_a_generation_ensemble_decodes_by_mean_probability_or_votes(members):
                 assert p["members"].count(p["prediction"]) >= p["members"].count(p["members"][0])
     assert any(len(set(p["members"])) > 1 for p in preds)
     assert differs  # the mean's output is none of its members' for some input
+
+
+def test_a_chat_ensemble_of_one_adapter_twice_is_that_adapter(tiny_folders, tmp_path, capsys):
+    """generate with several chat adapters: rows built as the single-adapter path builds them
+    (TEXT: a user message; --data: a row may end with its question), --max-new-tokens applied,
+    and the single-adapter line plus ``members``; two copies of one adapter give its output."""
+    from conftest import perturb
+
+    model = sp.attach(
+        AutoModelForCausalLM.from_pretrained(tiny_folders["llama"]),
+        sp.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8, seed=0),
+        name="c",
+    )
+    perturb(model, scale=3.0)
+    model.adapters["c"].task = TaskSpec(
+        kind="chat", template="{messages}", max_new_tokens=2
+    ).to_dict()
+    for copy in ("a", "b"):
+        model.save_adapter(tmp_path / copy, "c")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "say yes"}]}) + "\n")
+
+    def lines(*argv):
+        code = main(["generate", *map(str, argv)])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return [json.loads(x) for x in out.out.splitlines()]
+
+    one = ["--adapter", tmp_path / "a"]
+    two = [*one, "--adapter", tmp_path / "b"]
+    outputs = []
+    for extra in ([], ["--max-new-tokens", 6]):  # the adapter's own 2 tokens, then 6
+        (alone,) = lines(*one, "say yes", *extra)
+        assert alone["messages"] == [{"role": "user", "content": "say yes"}]
+        for combine in ("mean", "vote"):
+            for source in (["say yes"], ["--data", data]):
+                (line,) = lines(*two, *source, "--combine", combine, *extra)
+                assert line == {**alone, "members": [alone["output"]] * 2}
+        outputs.append(alone["output"])
+    assert outputs[0] != outputs[1]  # --max-new-tokens reached the ensemble too
+
+
+def test_tag_and_extract_adapters_are_refused_as_an_ensemble(members, tmp_path, capsys):
+    import shutil
+
+    _, _, root = members
+    folder = tmp_path / "tagger"
+    shutil.copytree(root / "s0", folder)
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    meta["task"] = {**meta["task"], "kind": "tag"}
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+    for cmd in (["generate", "a sentence"], ["eval", "--data", str(tmp_path / "none.jsonl")]):
+        assert main([*cmd, "--adapter", str(folder), "--adapter", str(root / "s1")]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --adapter {folder} is a 'tag' adapter: ensembles combine classify, "
+            "generate and chat adapters only; run a tag adapter alone (one --adapter)\n"
+        )

@@ -226,3 +226,30 @@ def test_export_takes_a_run_folder_and_refuses_non_finite_weights(saved, tmp_pat
     save_file(tensors, run / "adapter" / "adapter.safetensors")
     with pytest.raises(sp.SoftPromptError, match="tensor 'prompt' holds 1 NaN or infinite"):
         export_adapter(run, "prompt-embeds")
+
+
+def test_a_bad_output_path_is_refused_before_the_model_loads(saved, tmp_path, capsys):
+    """--output at a folder (a file for peft), or below a file: one error line naming the flag,
+    before any work (--model names no model here: loading it would be the error instead); a
+    missing parent folder is created."""
+    from softprompt.cli import main
+
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        ("prompt", "prompt-embeds", tmp_path, " is a folder; give a file path (e.g. "
+         f"{tmp_path / 'prompt_embeds.safetensors'})"),
+        ("deep_top", "prefix-kv", tmp_path, " is a folder; give a file path (e.g. "
+         f"{tmp_path / 'prefix_kv.safetensors'})"),
+        ("prompt", "peft", tmp_path / "a_file", " is a file; give a new or existing folder"),
+        ("deep_top", "prefix-kv", tmp_path / "a_file" / "kv.safetensors",
+         f": {tmp_path / 'a_file'} is a file, not a folder"),
+    ]  # fmt: skip
+    for name, fmt, output, message in cases:
+        argv = ["export", saved["root"] / name, "--format", fmt, "--output", output]
+        assert main([str(a) for a in [*argv, "--model", tmp_path / "no_model"]]) == 2
+        assert capsys.readouterr().err == f"error: --output {output}{message}\n"
+    out = tmp_path / "new" / "deeper" / "kv.safetensors"
+    argv = ["export", saved["root"] / "deep_top", "--format", "prefix-kv", "--output", out]
+    assert main([str(a) for a in argv]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == str(out)
+    assert sorted(load_file(out)) == ["layers.1.key", "layers.1.value"]

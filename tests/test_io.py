@@ -177,6 +177,32 @@ def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path, trainab
         sp.load_adapter(base, ad)
 
 
+@pytest.mark.parametrize(
+    "method, trainable, key, dtype",
+    [
+        ("prompt", False, "prompt", torch.int64),
+        ("prompt", False, "prompt", torch.bool),
+        ("prefix", False, "prefix", torch.int32),
+        ("prefix", True, "embedding.weight", torch.int64),
+    ],
+)
+def test_tensors_that_are_not_floating_point_are_refused(tmp_path, method, trainable, key, dtype):
+    from safetensors.torch import save_file
+
+    ad, base = _saved(tmp_path, method, trainable=trainable)
+    name = "trainable.safetensors" if trainable else "adapter.safetensors"
+    tensors = load_file(ad / name)
+    assert key in tensors
+    tensors[key] = (tensors[key] * 1000).to(dtype)
+    save_file(tensors, ad / name)
+    with pytest.raises(sp.SoftPromptError) as err:
+        sp.load_adapter(base, ad)
+    assert str(err.value) == (
+        f"{ad / name}: tensor {key!r} has dtype {str(dtype)[6:]}, not a floating-point dtype; "
+        "the file was altered or not written by softprompt: restore it or retrain the adapter"
+    )
+
+
 def test_trainable_that_disagrees_with_the_baked_adapter_is_refused(tmp_path):
     from safetensors.torch import save_file
 
@@ -207,6 +233,16 @@ def test_trainable_that_disagrees_with_the_baked_adapter_is_refused(tmp_path):
         ({"method": "bogus"}, "field 'method' is 'bogus', not one of"),
         ({"task_head": "x"}, "field 'task_head' must be [hidden_size, num_labels]"),
         ({"name": 5}, "field 'name' must be a non-empty string"),
+        *[
+            (
+                {"position_offset": bad},
+                "field 'position_offset' must be an integer in [0, 2**31) (where the real "
+                f"tokens' positions start), got {bad!r}",
+            )
+            for bad in ("abc", [1], -5, 2.7, True, 2**31)
+        ],
+        ({"source": 5}, "field 'source' must be an object, got 5"),
+        ({"source": "peft"}, "field 'source' must be an object, got 'peft'"),
     ],
 )
 def test_bad_adapter_config_fields_are_named(tmp_path, changes, message):
@@ -239,6 +275,34 @@ def test_bad_method_config_is_refused_before_allocating(tmp_path, config_changes
     with pytest.raises(sp.SoftPromptError) as err:
         sp.load_adapter(base, ad)
     assert message in str(err.value), str(err.value)
+
+
+def test_a_recorded_position_offset_and_source_load(tmp_path):
+    ad, base = _saved(tmp_path)
+    _edit_config(ad, position_offset=3, source={"peft": {"peft_type": "PROMPT_TUNING"}})
+    loaded = sp.load_adapter(base, ad).adapters["task"]
+    assert loaded.position_offset == 3 and loaded.source == {"peft": {"peft_type": "PROMPT_TUNING"}}
+
+
+@pytest.mark.parametrize("bad", ["7", "abc", [-1], []])
+@pytest.mark.parametrize(
+    "method, cls", [("prefix", "PrefixTuningConfig"), ("deep", "DeepPromptConfig")]
+)
+def test_bad_layers_in_the_config_are_named(tmp_path, method, cls, bad):
+    ad, base = _saved(tmp_path, method)
+    meta = json.loads((ad / "adapter_config.json").read_text())
+    _edit_config(ad, config={**meta["config"], "layers": bad})
+    with pytest.raises(sp.SoftPromptError) as err:
+        sp.load_adapter(base, ad)
+    assert str(err.value) == (
+        f"{ad / 'adapter_config.json'}: field 'config': {cls}.layers must be null (all layers), "
+        f"'top_half' or a non-empty list of block indices (integers >= 0), got {bad!r}"
+    )
+
+
+def test_layers_take_a_tuple_as_the_list_it_saves_as():
+    assert sp.PrefixTuningConfig(layers=(2, 0)).layers == [2, 0]
+    assert sp.DeepPromptConfig(layers="top_half").to_dict()["layers"] == "top_half"
 
 
 def test_duplicate_keys_in_adapter_config_are_refused(tmp_path):

@@ -126,6 +126,13 @@ def test_similar_ranks_a_copy_of_the_target_first(model, tmp_path, tiny_folders,
     assert lines[0]["adapter"].endswith("c_copy") and lines[0]["mean"] == pytest.approx(
         1.0, abs=1e-6
     )
+    assert len(lines) == 3
+    assert main([*argv, "--top-k", "2"]) == 0
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == lines[:2]
+    with pytest.raises(SystemExit) as exc:  # was taken, and dropped the last line (ranked[:-1])
+        main([*argv, "--top-k", "-1"])
+    assert exc.value.code == 2
+    assert "argument --top-k: must be an integer >= 0, got -1" in capsys.readouterr().err
 
 
 def test_train_init_from_on_the_command_line(tiny_folders, tmp_path, capsys):

@@ -589,8 +589,13 @@ def cmd_eval(args) -> dict:
 
         return cmd_eval_ensemble(args)
     from .data import check_eval_labels, load_examples
-    from .io import resolve_adapter_dir
+    from .io import check_output_path, resolve_adapter_dir
 
+    target = (  # checked before the model loads: a bad path fails at once
+        check_output_path(args.predictions, "--predictions", "predictions.jsonl")
+        if args.predictions
+        else resolve_adapter_dir(args.adapter) / "predictions.jsonl"
+    )
     model, tok, task = _load_adapter_and_task(args.model, args.adapter, args.dtype)
     rows = load_examples(
         args.data,
@@ -603,15 +608,31 @@ def cmd_eval(args) -> dict:
         rows = check_eval_labels(task.spec.labels, rows, args.skip_bad, _warn)
     preds = task.predict(rows, args.batch_size)
     metrics = task.metrics(rows, preds)
-    target = (
-        Path(args.predictions)
-        if args.predictions
-        else resolve_adapter_dir(args.adapter) / "predictions.jsonl"
-    )
     _write_jsonl(target, preds)
     print(json.dumps(metrics))
     _err(f"predictions: {target}")
     return metrics
+
+
+def generate_rows(args, kind: str) -> list:
+    """``generate``'s rows (one adapter or an ensemble): ``--data`` rows (a chat row may end
+    with its question), or the TEXT arguments (a chat TEXT is one user message)."""
+    from .data import Example, load_examples
+
+    field = _main_field(kind)
+    if args.data:
+        return load_examples(args.data, kind, skip_bad=args.skip_bad, warn=_warn, chat_prompts=True)
+    if args.text and kind == "chat":
+        return [
+            Example({"messages": [{"role": "user", "content": t}]}, "argv", i + 1)
+            for i, t in enumerate(args.text)
+        ]
+    if args.text:
+        return [
+            Example({field: t, "label": "", "target": ""}, "argv", i + 1)
+            for i, t in enumerate(args.text)
+        ]
+    raise SoftPromptError("give TEXT arguments or --data FILE")
 
 
 def cmd_generate(args) -> list[dict]:
@@ -619,28 +640,12 @@ def cmd_generate(args) -> list[dict]:
         from .ensemble import cmd_generate_ensemble
 
         return cmd_generate_ensemble(args)
-    from .data import Example, load_examples
 
     model, tok, task = _load_adapter_and_task(args.model, args.adapter, args.dtype)
     if task.spec.kind in ("tag", "extract"):
         return _generate_encoder_task(args, task)
     field = _main_field(task.spec.kind)
-    if args.data:
-        rows = load_examples(
-            args.data, task.spec.kind, skip_bad=args.skip_bad, warn=_warn, chat_prompts=True
-        )
-    elif args.text and task.spec.kind == "chat":
-        rows = [
-            Example({"messages": [{"role": "user", "content": t}]}, "argv", i + 1)
-            for i, t in enumerate(args.text)
-        ]
-    elif args.text:
-        rows = [
-            Example({field: t, "label": "", "target": ""}, "argv", i + 1)
-            for i, t in enumerate(args.text)
-        ]
-    else:
-        raise SoftPromptError("give TEXT arguments or --data FILE")
+    rows = generate_rows(args, task.spec.kind)
     if task.spec.kind in ("generate", "chat"):
         if args.max_new_tokens is not None:
             task.spec.max_new_tokens = args.max_new_tokens
@@ -704,7 +709,7 @@ def cmd_inspect(args) -> dict:
     import softprompt as sp
 
     from . import _hf
-    from .io import read_adapter_config, recorded_base_model, resolve_adapter_dir
+    from .io import adapter_bytes, read_adapter_config, recorded_base_model
     from .loading import load_base
 
     meta = read_adapter_config(args.adapter)
@@ -716,7 +721,7 @@ def cmd_inspect(args) -> dict:
         t.numel() for t in ad.baked_tensors().values() if ad.is_baked
     )
     n_base = sum(p.numel() for p in base.parameters())
-    size = sum(f.stat().st_size for f in resolve_adapter_dir(args.adapter).iterdir() if f.is_file())
+    size = adapter_bytes(args.adapter)  # not the predictions eval writes into the folder
     report = {
         "method": meta["method"],
         "config": meta["config"],
@@ -1041,7 +1046,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--combine", choices=["mean", "vote"], help=_COMBINE_HELP)
     e.add_argument("--data", required=True)
     e.add_argument(
-        "--predictions", help="where to write predictions JSONL (default: beside the adapter)"
+        "--predictions",
+        help="where to write predictions JSONL (default: predictions.jsonl in the adapter "
+        "folder; an ensemble: ensemble_predictions.jsonl in the first adapter's)",
     )
     e.add_argument("--batch-size", type=_POSITIVE, default=32)
     e.add_argument("--skip-bad", action="store_true")

@@ -9,7 +9,8 @@ the whole ensemble. Classification combines the K label distributions:
 * ``vote``: each adapter votes for its argmax; the most votes win, a tie goes to the tied label
   with the highest mean probability (the paper's majority vote).
 
-Generation ensembles (greedy) combine the K adapters in one of two ways:
+Generation ensembles (greedy; generate and chat adapters) combine the K adapters in one of two
+ways:
 
 * ``vote``: each adapter decodes alone; the most common output wins (exact string match; a tie
   goes to the output of the earliest listed adapter among the tied).
@@ -28,7 +29,7 @@ import torch
 
 from .data import Example
 from .errors import SoftPromptError
-from .tasks import Task, TaskSpec
+from .tasks import ENCODER_TASKS, Task, TaskSpec
 
 COMBINE = ("mean", "vote")
 
@@ -51,6 +52,12 @@ def load_ensemble(model_name: str | None, adapters: Sequence[str], dtype: str = 
     if len(adapters) < 2:
         raise SoftPromptError("an ensemble needs at least 2 --adapter folders")
     meta = read_adapter_config(adapters[0])
+    kind = (meta.get("task") or {}).get("kind")
+    if kind in ENCODER_TASKS:  # before loading the model: a per-word or span answer
+        raise SoftPromptError(
+            f"--adapter {adapters[0]} is a {kind!r} adapter: ensembles combine classify, "
+            f"generate and chat adapters only; run a {kind} adapter alone (one --adapter)"
+        )
     base, tok = load_base(model_name or recorded_base_model(meta, adapters[0]), dtype)
     model = sp.attach(base, tokenizer=tok)
     tasks, names = [], []
@@ -183,12 +190,16 @@ def cmd_eval_ensemble(args) -> dict:
     """``softprompt eval --adapter A B C [--combine mean|vote]``: the ensemble's metrics (and
     each member's alone, from the same forward passes) as JSON on stdout."""
     import json
-    from pathlib import Path
 
     from .cli import _err, _warn, _write_jsonl
     from .data import check_eval_labels, load_examples
-    from .io import resolve_adapter_dir
+    from .io import check_output_path, resolve_adapter_dir
 
+    target = (  # checked before the models load: a bad path fails at once
+        check_output_path(args.predictions, "--predictions", "ensemble_predictions.jsonl")
+        if args.predictions
+        else resolve_adapter_dir(args.adapter[0]) / "ensemble_predictions.jsonl"
+    )
     model, tok, tasks, names = load_ensemble(args.model, args.adapter, args.dtype)
     fields = set().union(*(t.template.fields for t in tasks))
     rows = load_examples(
@@ -210,11 +221,6 @@ def cmd_eval_ensemble(args) -> dict:
         metrics["members"].append(
             {"adapter": str(folder), **{k: v for k, v in m.items() if k != "per_class"}}
         )
-    target = (
-        Path(args.predictions)
-        if args.predictions
-        else resolve_adapter_dir(args.adapter[0]) / "ensemble_predictions.jsonl"
-    )
     _write_jsonl(target, preds)
     print(json.dumps(metrics))
     _err(f"predictions: {target}")
@@ -222,25 +228,18 @@ def cmd_eval_ensemble(args) -> dict:
 
 
 def cmd_generate_ensemble(args) -> list[dict]:
-    """``softprompt generate --adapter A B C [--combine ...] TEXT...``: one JSON line per input."""
+    """``softprompt generate --adapter A B C [--combine ...] TEXT...``: one JSON line per input,
+    the single-adapter line (``softprompt generate``) plus the ensemble's ``votes`` (classify)
+    or each member's own output (``members``: generate, chat)."""
     import json
 
-    from .cli import _main_field, _warn
-    from .data import load_examples
+    from .cli import _main_field, generate_rows
 
     model, tok, tasks, names = load_ensemble(args.model, args.adapter, args.dtype)
     kind = tasks[0].spec.kind
     field = _main_field(kind)
-    if args.data:
-        rows = load_examples(args.data, kind, skip_bad=args.skip_bad, warn=_warn)
-    elif args.text:
-        rows = [
-            Example({field: t, "label": "", "target": ""}, "argv", i + 1)
-            for i, t in enumerate(args.text)
-        ]
-    else:
-        raise SoftPromptError("give TEXT arguments or --data FILE")
-    if kind == "generate" and args.max_new_tokens is not None:
+    rows = generate_rows(args, kind)  # as the single-adapter path reads them
+    if kind in ("generate", "chat") and args.max_new_tokens is not None:
         for t in tasks:
             t.spec.max_new_tokens = args.max_new_tokens
     preds = ensemble_predict(model, tasks, names, rows, args.batch_size, args.combine)
@@ -251,6 +250,12 @@ def cmd_generate_ensemble(args) -> list[dict]:
                 "label": p["prediction"],
                 "scores": p["scores"],
                 "votes": p["votes"],
+            }
+        elif kind == "chat":
+            line = {
+                "messages": tasks[0].chat_messages(p),
+                "output": p["prediction"],
+                "members": p["members"],
             }
         else:
             line = {"input": p[field], "output": p["prediction"], "members": p["members"]}

@@ -37,7 +37,14 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import SoftPromptError
-from .io import WEIGHTS_NAME, _read_tensors, atomic_write, read_adapter_config, resolve_adapter_dir
+from .io import (
+    WEIGHTS_NAME,
+    _read_tensors,
+    atomic_write,
+    check_output_path,
+    read_adapter_config,
+    resolve_adapter_dir,
+)
 
 FORMATS = {
     "prompt-embeds": "prompt_embeds.safetensors",
@@ -275,6 +282,10 @@ def cmd_export(args) -> dict:
         warned.append(message)
         print(f"warning: {message}", file=sys.stderr)
 
+    if args.output:  # before any model loads: a bad path fails at once
+        check_output_path(
+            args.output, "--output", FORMATS[args.format], folder=args.format == "peft"
+        )
     path = export_adapter(args.adapter, args.format, args.output, args.model, args.dtype, warn)
     tensors = load_file(str(path / "adapter_model.safetensors" if path.is_dir() else path))
     summary = {

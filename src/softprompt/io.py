@@ -35,6 +35,15 @@ if TYPE_CHECKING:  # annotations only: the model calls io, never the reverse
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 TRAINABLE_NAME = "trainable.safetensors"
+# what makes up an adapter folder, softprompt's or PEFT's (adapter_model.safetensors, legacy .bin);
+# not what eval and export write into it (predictions.jsonl, prompt_embeds.safetensors, peft/)
+ADAPTER_FILES = (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    TRAINABLE_NAME,
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
 FORMAT = "softprompt-adapter"
 FORMAT_VERSION = 1  # the newest adapter format this library reads and writes
 # a trainable.safetensors must reproduce adapter.safetensors within this (relative to its scale)
@@ -52,6 +61,35 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_output_path(value: str | Path, flag: str, example: str, *, folder: bool = False) -> Path:
+    """Where a command will write (``flag`` names it in messages): a file, or with ``folder`` a
+    folder. Checked before any work, so that a bad path fails at once, not after the model ran;
+    a missing parent folder is created (as ``train --output`` does).
+
+    Args:
+        example: a file (folder) name the message suggests, e.g. ``"predictions.jsonl"``.
+    """
+    path = Path(value)
+    if path.is_dir() and not folder:
+        raise SoftPromptError(
+            f"{flag} {path} is a folder; give a file path (e.g. {path / example})"
+        )
+    if path.exists() and folder and not path.is_dir():
+        raise SoftPromptError(f"{flag} {path} is a file; give a new or existing folder")
+    for p in path.parents:
+        if p.exists() and not p.is_dir():
+            raise SoftPromptError(f"{flag} {path}: {p} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SoftPromptError(
+            f"{flag} {path}: cannot create the folder {path.parent} ({e.strerror})"
+        ) from e
+    if not os.access(path.parent, os.W_OK):
+        raise SoftPromptError(f"{flag} {path}: the folder {path.parent} is not writable")
+    return path
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -155,6 +193,12 @@ _OPTIONAL = {
     "baked": (lambda v: isinstance(v, bool), "true or false"),
     "has_trainable": (lambda v: isinstance(v, bool), "true or false"),
     "library_version": (lambda v: isinstance(v, str), "a string"),
+    "position_offset": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31,
+        "an integer in [0, 2**31) (where the real tokens' positions start)",
+    ),
+    # what an imported adapter came from: {"peft": its PEFT adapter_config.json}
+    "source": (lambda v: isinstance(v, dict), "an object"),
 }
 
 
@@ -239,6 +283,12 @@ def read_adapter_config(directory: str | Path) -> dict:
     return meta
 
 
+def adapter_bytes(directory: str | Path) -> int:
+    """The size on disk of an adapter (or run) folder's own files (``ADAPTER_FILES``)."""
+    directory = resolve_adapter_dir(directory)
+    return sum((directory / f).stat().st_size for f in ADAPTER_FILES if (directory / f).is_file())
+
+
 def recorded_base_model(meta: dict, where: str | Path) -> str:
     """The base model an adapter config names (for loading it without --model).
 
@@ -255,7 +305,8 @@ def recorded_base_model(meta: dict, where: str | Path) -> str:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; refuses NaN or infinite values, naming the tensor."""
+    """All tensors of a safetensors file; refuses tensors that are not floating point, and NaN
+    or infinite values, naming the tensor."""
     if not path.is_file():
         raise SoftPromptError(f"{path} is missing")
     try:
@@ -265,7 +316,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             f"{path} is not a readable safetensors file ({e}); the file is corrupt"
         ) from e
     for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if not value.is_floating_point():  # every adapter tensor is float32, bfloat16, ...
+            dtype = str(value.dtype).removeprefix("torch.")
+            raise SoftPromptError(
+                f"{path}: tensor {key!r} has dtype {dtype}, not a floating-point dtype; the "
+                "file was altered or not written by softprompt: restore it or retrain the adapter"
+            )
+        if not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).sum())
             raise SoftPromptError(
                 f"{path}: tensor {key!r} holds {bad} NaN or infinite values; the adapter is "

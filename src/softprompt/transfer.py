@@ -201,6 +201,8 @@ def cmd_similar(args) -> list[dict]:
 
 
 def add_similar_parser(sub) -> None:
+    from .cli import _int_at_least
+
     s = sub.add_parser(
         "similar",
         help="rank a folder of adapters by prompt similarity to a (briefly trained) adapter "
@@ -216,6 +218,8 @@ def add_similar_parser(sub) -> None:
         "virtual-token pairs (default: %(default)s)",
     )
     s.add_argument("--model", help="base model (default: the one the adapter names)")
-    s.add_argument("--top-k", type=int, default=0, help="print only the first K (0: all)")
+    s.add_argument(
+        "--top-k", type=_int_at_least(0), default=0, help="print only the first K (0: all)"
+    )
     s.add_argument("--skip-bad", action="store_true", help="warn about and skip corrupt folders")
     s.set_defaults(func=cmd_similar)

@@ -40,10 +40,26 @@ class DeepPromptConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.layers, str) and self.layers != "top_half":
-            raise SoftPromptError(
-                f"layers must be None, a list of ints or 'top_half', got {self.layers!r}"
-            )
+        self.layers = check_layers(type(self).__name__, self.layers)
+
+
+def check_layers(owner: str, layers) -> list[int] | str | None:
+    """A ``layers`` value of a config (``owner``: its class name, for the message): None (all
+    layers), "top_half", or a non-empty list (or tuple) of block indices >= 0; returns it with a
+    tuple made a list. Whether an index exists is checked against the model (``select_slots``)."""
+    if layers is None or layers == "top_half":
+        return layers
+    ok = (
+        isinstance(layers, list | tuple)
+        and len(layers) > 0
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)
+    )
+    if not ok:
+        raise SoftPromptError(
+            f"{owner}.layers must be null (all layers), 'top_half' or a non-empty list of "
+            f"block indices (integers >= 0), got {layers!r:.80}"
+        )
+    return list(layers)
 
 
 def select_slots(info: ModelInfo, layers: list[int] | str | None) -> list[int]:

@@ -26,7 +26,7 @@ from .._hf import ModelInfo
 from .._versions import tensor_versions
 from ..errors import SoftPromptError
 from .base import Adapter, AdapterConfig, FlatPrefix, InitContext, init_kv_targets, register_method
-from .deep_prompt import select_slots
+from .deep_prompt import check_layers, select_slots
 
 
 @dataclass
@@ -53,6 +53,7 @@ class PrefixTuningConfig(AdapterConfig):
         super().__post_init__()
         if self.encoder_hidden_size < 1:
             raise SoftPromptError("PrefixTuningConfig.encoder_hidden_size must be positive")
+        self.layers = check_layers(type(self).__name__, self.layers)
 
 
 class PrefixTuning(Adapter):
