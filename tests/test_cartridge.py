@@ -443,3 +443,15 @@ def test_cartridge_command_refuses_an_encoder_decoder_before_self_study(
     err = capsys.readouterr().err
     assert "cartridges need a decoder-only LM" in err and "T5ForConditionalGeneration" in err
     assert not (out / "selfstudy.jsonl").exists()
+
+
+@pytest.mark.parametrize("flag", ["--top-k", "--tokens", "--steps", "--batch-size"])
+def test_cartridge_counts_below_one_are_refused_by_name(tmp_path, capsys, flag):
+    from softprompt.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a document")
+    with pytest.raises(SystemExit) as e:
+        main(["cartridge", str(corpus), "--output", str(tmp_path / "o"), flag, "0"])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -253,3 +253,20 @@ def test_a_bad_output_path_is_refused_before_the_model_loads(saved, tmp_path, ca
     assert main([str(a) for a in argv]) == 0
     assert json.loads(capsys.readouterr().out)["output"] == str(out)
     assert sorted(load_file(out)) == ["layers.1.key", "layers.1.value"]
+
+
+def test_a_peft_export_into_a_softprompt_adapter_folder_is_refused(saved, tmp_path, capsys):
+    """``export --format peft --output`` an adapter folder (the source itself, say) would
+    replace its adapter_config.json with PEFT's: refused, the folder left as it was."""
+    import shutil
+
+    from softprompt.cli import main
+
+    folder = tmp_path / "copy"
+    shutil.copytree(saved["root"] / "prompt", folder)
+    before = (folder / "adapter_config.json").read_bytes()
+    argv = ["export", str(folder), "--format", "peft", "--output", str(folder)]
+    assert main(argv) == 2
+    assert "holds a softprompt adapter (adapter.safetensors)" in capsys.readouterr().err
+    assert (folder / "adapter_config.json").read_bytes() == before
+    assert not (folder / "adapter_model.safetensors").exists()

@@ -517,16 +517,22 @@ def add_cartridge_parser(subparsers):
     p.add_argument("corpus", help="a UTF-8 text file")
     p.add_argument("--output", required=True, help="folder for the data set, run and adapter")
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--tokens", type=int, default=512, help="P, the cartridge's length")
-    p.add_argument("--steps", type=int, default=100, help="training steps")
-    p.add_argument("--conversations", type=int, default=32, help="self-study training rows")
-    p.add_argument("--dev", type=int, default=8, help="held-out self-study rows")
-    p.add_argument("--chunk-tokens", type=int, default=512, help="corpus chunk per conversation")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="per answer")
-    p.add_argument("--top-k", type=int, default=20, help="teacher log-probs kept per token")
-    p.add_argument("--lr", type=float, default=None, help="default: the cartridge method's")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    from .cli import _POSITIVE, _finite, _int_at_least
+
+    p.add_argument("--tokens", type=_POSITIVE, default=512, help="P, the cartridge's length")
+    p.add_argument("--steps", type=_POSITIVE, default=100, help="training steps")
+    p.add_argument("--conversations", type=_POSITIVE, default=32, help="self-study training rows")
+    p.add_argument("--dev", type=_int_at_least(0), default=8, help="held-out self-study rows")
+    p.add_argument(
+        "--chunk-tokens", type=_POSITIVE, default=512, help="corpus chunk per conversation"
+    )
+    p.add_argument("--max-new-tokens", type=_POSITIVE, default=64, help="per answer")
+    p.add_argument("--top-k", type=_POSITIVE, default=20, help="teacher log-probs kept per token")
+    p.add_argument(
+        "--lr", type=_finite(0, False), default=None, help="default: the cartridge method's"
+    )
+    p.add_argument("--batch-size", type=_POSITIVE, default=4)
+    p.add_argument("--seed", type=_int_at_least(0, 2**32 - 1), default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_cartridge)
     return p

@@ -893,6 +893,11 @@ def save_peft(
         tensor, config = peft_tensor_and_config(model, name, base_name)
         tensors = {KEY: tensor}
     output = Path(output)
+    if (output / "adapter.safetensors").exists():  # its adapter_config.json would be replaced
+        raise SoftPromptError(
+            f"{output} holds a softprompt adapter (adapter.safetensors); writing a PEFT folder "
+            "there would replace its adapter_config.json: give a new or empty folder"
+        )
     _write_tensors(
         output / WEIGHTS_NAME, {k: t if dtype is None else t.to(dtype) for k, t in tensors.items()}
     )
