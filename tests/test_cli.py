@@ -362,6 +362,18 @@ def test_yaml_config_is_saved_flags(tmp_path, capsys, tiny_folders, cls_data):
     a = load_file(out / "adapter" / "adapter.safetensors")["prompt"]
     b = load_file(again / "adapter" / "adapter.safetensors")["prompt"]
     assert torch.equal(a, b)  # same flags, same seed: the same adapter
+    # after the command too, as the README writes it (--config=F as well)
+    third = tmp_path / "third"
+    code, _, err = run_cli(capsys, "train", "--output", third, f"--config={saved}")
+    assert code == 0, err
+    assert torch.equal(a, load_file(third / "adapter" / "adapter.safetensors")["prompt"])
+    from softprompt.cli import _hoist_config
+
+    cmds = {"train": None, "eval": None}
+    assert _hoist_config(["train", "--x", "1", "--config", "f"], cmds) == [
+        "--config", "f", "train", "--x", "1"
+    ]  # fmt: skip
+    assert _hoist_config(["--config", "f", "train"], cmds) == ["--config", "f", "train"]
     (tmp_path / "bad.yaml").write_text("methd: prompt\n")
     code, _, err = run_cli(capsys, "--config", tmp_path / "bad.yaml", "train")
     assert code == 2 and "unknown flag 'methd'" in err

@@ -171,13 +171,13 @@ def test_generate_until_is_greedy_text_cut_at_the_stop(bases, adapters, family, 
     assert got5 == [tok.decode(r[:5], skip_special_tokens=True) for r in refs]
 
 
-def test_registered_and_clear_errors(bases, adapters, tmp_path):
+def test_registered_and_clear_errors(bases, adapters, tmp_path, tiny_folders):
     assert get_model("softprompt") is SoftPromptLM
     with pytest.raises(sp.SoftPromptError, match="pretrained=MODEL, adapter=DIR"):
         SoftPromptLM()
     with pytest.raises(sp.SoftPromptError, match=r"unknown model_args \['adaptr'\]"):
         SoftPromptLM.create_from_arg_string(f"adaptr={adapters['llama', 'prompt']}", {})
-    base, _ = load_base(bases["llama"])
+    base, _ = load_base(tiny_folders["t5"])  # append: an encoder's (refused on decoder LMs)
     model = sp.attach(base, sp.PromptTuningConfig(num_virtual_tokens=2, placement="append"))
     model.save_adapter(tmp_path / "append")
     with pytest.raises(sp.SoftPromptError, match="placement='append'"):

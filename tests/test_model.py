@@ -533,19 +533,30 @@ def test_manual_incremental_decoding_with_cache(method):
 def test_template_markers_equal_prepend_and_append():
     model = sp.attach(tiny_model("llama"))
     model.add_adapter("pre", sp.PromptTuningConfig(num_virtual_tokens=3))
-    model.add_adapter("app", sp.PromptTuningConfig(num_virtual_tokens=3, placement="append"))
     model.add_adapter("tpl", sp.PromptTuningConfig(num_virtual_tokens=3, placement="template"))
     with torch.no_grad():
-        for n in ("app", "tpl"):
-            model.adapters[n].embedding.copy_(model.adapters["pre"].embedding)
+        model.adapters["tpl"].embedding.copy_(model.adapters["pre"].embedding)
         ids = IDS[:1]
         marks = torch.tensor([[-1, -2, -3]])
         pre = model(input_ids=ids, adapter_names=["pre"]).logits
         tpl = model(input_ids=torch.cat([marks, ids], 1), adapter_names=["tpl"]).logits
         assert_close(pre[0], tpl[0, 3:], atol=1e-5, rtol=0)
-        app = model(input_ids=ids, adapter_names=["app"], output_hidden_states=True).logits
-        tpl = model(input_ids=torch.cat([ids, marks], 1), adapter_names=["tpl"]).logits
+        # append: after the real tokens, which a bidirectional encoder reads (a decoder-only LM
+        # never would: refused there, below)
+        enc = sp.attach(tiny_model("bert"))
+        enc.add_adapter("app", sp.PromptTuningConfig(num_virtual_tokens=3, placement="append"))
+        enc.add_adapter("tpl", sp.PromptTuningConfig(num_virtual_tokens=3, placement="template"))
+        enc.adapters["tpl"].embedding.copy_(enc.adapters["app"].embedding)
+        app = enc(input_ids=ids, adapter_names=["app"]).last_hidden_state
+        tpl = enc(input_ids=torch.cat([ids, marks], 1), adapter_names=["tpl"]).last_hidden_state
         assert_close(app[0], tpl[0, :6], atol=1e-5, rtol=0)
+        assert (app - enc(input_ids=ids, adapter_names=[None]).last_hidden_state).abs().max() > 1e-3
+    for config in (
+        sp.PromptTuningConfig(num_virtual_tokens=3, placement="append"),
+        sp.PTuningConfig(num_virtual_tokens=3, placement="append"),
+    ):
+        with pytest.raises(sp.SoftPromptError, match="causal attention never reads them"):
+            model.add_adapter("app", config)
         # soft segments inside a template: [soft 0..1] x x [soft 2] x
         mid = torch.tensor([[-1, -2, 5, 6, -3, 7]])
         emb = model.base_model.get_input_embeddings()(torch.tensor([[1, 1, 5, 6, 1, 7]]))

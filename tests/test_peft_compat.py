@@ -302,13 +302,13 @@ def test_rotate_keys_sign():
 
 
 def test_export_refuses_what_peft_cannot_express(tmp_path, tiny_folders):
-    cases = {
+    cases = {  # append on an encoder (a decoder-only LM refuses it itself)
         "append": (sp.PromptTuningConfig(num_virtual_tokens=2, placement="append"), "append"),
         "template": (sp.PromptTuningConfig(num_virtual_tokens=2, placement="template"), "template"),
         "subset": (sp.DeepPromptConfig(num_virtual_tokens=2, layers=[1]), "a subset of layers"),
     }
     for name, (config, msg) in cases.items():
-        model = sp.attach(tiny_model("llama"), config)
+        model = sp.attach(tiny_model("bert" if name == "append" else "llama"), config)
         with pytest.raises(sp.SoftPromptError, match=msg):
             save_peft(model, tmp_path / name)
     t5 = sp.attach(tiny_model("t5"), sp.DeepPromptConfig(num_virtual_tokens=2))

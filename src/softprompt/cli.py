@@ -1119,7 +1119,30 @@ def _add_multi_flags(t) -> None:
     )
 
 
+def _hoist_config(argv: list[str], commands) -> list[str]:
+    """``softprompt train --config F ...`` as ``softprompt --config F train ...``: the flag is
+    the top parser's, but users write it after the command too."""
+    at = next((i for i, a in enumerate(argv) if a in commands), None)
+    if at is None:
+        return argv
+    head, tail, moved = argv[: at + 1], [], []
+    rest = argv[at + 1 :]
+    i = 0
+    while i < len(rest):
+        if rest[i] == "--config" and i + 1 < len(rest):
+            moved += rest[i : i + 2]
+            i += 2
+            continue
+        if rest[i].startswith("--config="):
+            moved.append(rest[i])
+        else:
+            tail.append(rest[i])
+        i += 1
+    return moved + head + tail if moved else argv
+
+
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    argv = _hoist_config(argv, parser._subparsers._group_actions[0].choices)  # noqa: SLF001
     args = parser.parse_args(argv)
     if args.config:
         path = Path(args.config)

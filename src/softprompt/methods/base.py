@@ -188,6 +188,15 @@ class Adapter(nn.Module):
 
     def __init__(self, config: AdapterConfig, info: ModelInfo) -> None:
         super().__init__()
+        if getattr(config, "placement", None) == "append" and not info.is_encoder_decoder:
+            if info.is_causal_lm:
+                raise SoftPromptError(
+                    f"{type(config).__name__}(placement='append') puts the virtual tokens after "
+                    "the last real token, where a decoder-only LM's causal attention never reads "
+                    "them (in training they would come after the answer, and change nothing): "
+                    "use placement='prepend', or 'template' with [soft:N] where they should go "
+                    "(e.g. 'Review: {text} [soft:10] Sentiment: {label}')"
+                )
         self.config = config
         self.info = info
         # What the adapter is for (set by softprompt.tasks, saved in adapter_config.json), and an
