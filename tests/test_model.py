@@ -1230,3 +1230,40 @@ def test_packed_rows_are_refused_for_virtual_tokens_at_the_input(method):
         a = model(input_ids=left, attention_mask=mask, position_ids=fill).logits[:, 2:]
         b = model(input_ids=left[:, 2:]).logits
     assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt", "deep", "mpt"])
+def test_new_weights_loaded_into_an_adapter_reach_the_kept_no_grad_tables(method):
+    """``load_baked`` / ``load_factors`` on an adapter that already ran a no-grad forward: the
+    next forward uses the new weights (the kept tables are keyed by the tensors' versions, which
+    a write through ``.data`` did not bump: the old output came back), mixed batches too."""
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    config = (
+        method_config(method) if method != "mpt" else sp.MultitaskPromptConfig(num_virtual_tokens=4)
+    )
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("a", config)
+    model.add_adapter("b", method_config("deep"))
+    perturb(model)
+    model.eval()
+    ad = model.adapters["a"]
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=["a", "a"])
+        model(input_ids=ids, adapter_names=["a", "b"])
+        if method == "mpt":
+            ad.load_factors(ad.shared.detach() * 3, ad.cols.detach(), ad.rows.detach())
+        else:
+            ad.load_baked({k: v.detach() * 2 for k, v in ad.baked_tensors().items()})
+        fresh = sp.attach(tiny_model("llama"))
+        fresh.add_adapter("a", config)
+        fresh.adapters["a"].load_state_dict(ad.state_dict())
+        want = fresh(input_ids=ids).logits
+        assert_close(model(input_ids=ids, adapter_names=["a", "a"]).logits, want, atol=1e-5, rtol=0)
+        mixed = model(input_ids=ids, adapter_names=["a", "b"]).logits
+        assert_close(mixed[:1], want[:1], atol=1e-5, rtol=0)
+
+
+def test_an_odd_lstm_width_is_refused_by_the_config():
+    with pytest.raises(sp.SoftPromptError, match="must be even"):
+        sp.PTuningConfig(encoder="lstm", encoder_hidden_size=15)
+    sp.PTuningConfig(encoder="mlp", encoder_hidden_size=15)  # the MLP takes any width

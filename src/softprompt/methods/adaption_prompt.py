@@ -115,7 +115,8 @@ class AdaptionPrompt(Adapter):
                 raise SoftPromptError(
                     f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}"
                 )
-            param.data.copy_(tensors[name])
+            with torch.no_grad():  # bumps the version: kept tables see the new values
+                param.copy_(tensors[name])
 
 
 register_method("adaption_prompt", AdaptionPromptConfig, AdaptionPrompt)

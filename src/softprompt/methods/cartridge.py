@@ -160,7 +160,8 @@ class Cartridge(Adapter):
                 f"cartridge prefix has shape {tuple(tensors['prefix'].shape)}, expected "
                 f"{tuple(self.prefix.shape)}"
             )
-        self.prefix.data.copy_(tensors["prefix"])
+        with torch.no_grad():  # bumps the version: kept tables see the new values
+            self.prefix.copy_(tensors["prefix"])
 
 
 register_method("cartridge", CartridgeConfig, Cartridge)

@@ -99,7 +99,8 @@ class DeepPrompt(Adapter):
         return {"prefix": self.prefix}
 
     def load_baked(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.prefix.data.copy_(tensors["prefix"])
+        with torch.no_grad():  # bumps the version: kept tables see the new values
+            self.prefix.copy_(tensors["prefix"])
 
 
 register_method("deep", DeepPromptConfig, DeepPrompt)

@@ -206,7 +206,8 @@ class MultitaskPrompt(Adapter):
                     f"MPT {name}: got shape {tuple(value.shape)}, the adapter takes "
                     f"{tuple(param.shape)}"
                 )
-            param.data.copy_(value.to(param.device, param.dtype))
+            with torch.no_grad():  # bumps the version: kept tables see the new values
+                param.copy_(value.to(param.device, param.dtype))
 
 
 register_method("mpt", MultitaskPromptConfig, MultitaskPrompt)

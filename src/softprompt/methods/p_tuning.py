@@ -49,6 +49,13 @@ class PTuningConfig(AdapterConfig):
             )
         if self.encoder_hidden_size < 1:
             raise SoftPromptError("PTuningConfig.encoder_hidden_size must be positive")
+        if self.encoder == "lstm" and (
+            self.encoder_hidden_size < 2 or self.encoder_hidden_size % 2
+        ):
+            raise SoftPromptError(
+                "PTuningConfig.encoder_hidden_size must be even (>= 2) with encoder='lstm': the "
+                f"bidirectional LSTM gives half of it each way, got {self.encoder_hidden_size}"
+            )
         if self.placement not in ("prepend", "append", "template"):
             raise SoftPromptError(f"PTuningConfig.placement: unknown {self.placement!r}")
 

@@ -68,7 +68,8 @@ class PromptTuning(Adapter):
         return {"prompt": self.embedding}
 
     def load_baked(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.embedding.data.copy_(tensors["prompt"])
+        with torch.no_grad():  # bumps the version: kept tables see the new values
+            self.embedding.copy_(tensors["prompt"])
 
 
 register_method("prompt", PromptTuningConfig, PromptTuning)
