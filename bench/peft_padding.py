@@ -1,11 +1,13 @@
 """How PEFT and softprompt differ on the same PEFT adapter in a left-padded batch.
 
-    PYTHONPATH=src python bench/peft_padding.py            # tiny GPT-2 / Llama and SmolLM2, ~1 min
+    PYTHONPATH=src python bench/peft_padding.py [--out bench/results/peft_padding.json]
+    # tiny GPT-2 / Llama and SmolLM2, ~1 min
 
 A row's logits (and greedy-generation scores) inside a left-padded batch are compared with the
 same row alone. Each PEFT folder is made by peft itself (random init moved away by noise) and
 loaded in softprompt with ``softprompt.load_adapter``; on unpadded rows the two agree to
-<= 1e-4 (tests/test_peft_compat.py). Prints a markdown table (max abs difference, real tokens).
+<= 1e-4 (tests/test_peft_compat.py). Prints a markdown table (max abs difference, real tokens)
+and writes it, with the rows' lengths, to ``--out``.
 """
 
 from __future__ import annotations
@@ -81,7 +83,13 @@ def measure(make_base, rows, pad_id) -> dict[str, dict[str, float]]:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results/peft_padding.json")
+    args = ap.parse_args(argv)
     torch.set_num_threads(2)
     rows = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]]
     cases = {"tiny GPT-2": (lambda: tiny_model("gpt2"), rows, 0)}
@@ -105,6 +113,7 @@ def main() -> None:
         "| model | method | PEFT forward | softprompt forward | PEFT generate | softprompt generate |"
     )
     print("|---|---|---|---|---|---|")
+    report = []
     for name, (make, r, pad) in cases.items():
         for method, res in measure(make, r, pad).items():
             cells = " | ".join(
@@ -117,6 +126,11 @@ def main() -> None:
                 )
             )
             print(f"| {name} | {method} | {cells} |")
+            report.append(
+                {"model": name, "method": method, "row_lengths": [len(x) for x in r], **res}
+            )
+    args.out.write_text(json.dumps({"section": "peft_padding", "rows": report}, indent=1) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

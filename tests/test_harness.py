@@ -545,3 +545,13 @@ def test_seq2seq_max_length_leaves_room_for_an_encoder_prompt(tiny_folders, tmp_
     assert text == tok.decode(out[0], skip_special_tokens=True)
     with pytest.raises(sp.SoftPromptError, match=r"4 input-level virtual tokens.*<= 252"):
         SoftPromptLM(adapter=str(tmp_path / "bart"), max_length=256)
+
+
+def test_without_lm_eval_the_harness_says_which_extra_installs_it(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "softprompt.harness")
+    with pytest.raises(sp.SoftPromptError, match=r"needs the lm-eval package.*softprompt\[eval\]"):
+        importlib.import_module("softprompt.harness")

@@ -11,7 +11,11 @@ class SoftPromptError(ValueError):
     """
 
 
-_PACKAGES = {"sklearn": "scikit-learn", "rouge_score": "rouge-score"}  # module -> pip name
+_PACKAGES = {
+    "sklearn": "scikit-learn",
+    "rouge_score": "rouge-score",
+    "lm_eval": "lm-eval",
+}  # module -> pip name
 
 
 def require(module: str, extra: str, what: str):

@@ -318,7 +318,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--output",
-        help="file (folder for peft) to write (default: DIR/<format>.safetensors, DIR/peft)",
+        help="file (folder for peft) to write (default: DIR/prompt_embeds.safetensors, "
+        "DIR/prefix_kv.safetensors, DIR/peft)",
     )
     p.add_argument(
         "--model", help="prefix-kv, peft: the base model (default: the one the adapter names)"

@@ -40,15 +40,22 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from lm_eval import utils as lm_utils
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.models.utils import (
-    handle_stop_sequences,
-    normalize_gen_kwargs,
-    postprocess_generated_text,
-    resolve_max_length,
-)
+
+from .errors import require
+
+try:
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import (
+        handle_stop_sequences,
+        normalize_gen_kwargs,
+        postprocess_generated_text,
+        resolve_max_length,
+    )
+except ImportError:  # the package missing: say which extra brings it
+    require("lm_eval", "eval", "softprompt.harness (the lm-eval integration)")
+    raise
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
