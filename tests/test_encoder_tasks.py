@@ -153,6 +153,8 @@ def test_extract_metrics_are_squads():
     assert m["exact_match"] == pytest.approx(1 / 3)
     # F1: 1, 2*(1/2*1)/(1/2+1) = 2/3, 0
     assert m["f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    # answers that normalise to nothing ("the", "."): SQuAD v1.1's script gives EM 1 and F1 0
+    assert extract_metrics(["the"], ["."]) == {"exact_match": 1.0, "f1": 0.0, "n": 1}
 
 
 # ------------------------------------------------------------------------------ data
@@ -227,6 +229,17 @@ def test_tag_labels_first_subword_and_predictions_per_word(minilm_tok):
     assert [item["labels"][i] for i in firsts] == [0, 0, 1, 3]
     pred = task.predict([ex])[0]["prediction"]
     assert len(pred) == 4 and set(pred) <= set(task.spec.labels)
+
+
+def test_a_word_with_no_subword_is_said_not_dropped_silently(minilm_tok):
+    """A tagged word the tokenizer turns into nothing (a zero-width space) cannot be trained or
+    predicted: a warning names the row and the word; the other words keep their labels."""
+    _, task = make_task("tag", minilm_tok)
+    row = {"tokens": ["good", "\u200b", "film"], "tags": ["O", "B-WORK", "B-WORK"]}
+    ex = examples([row], "tag")[0]
+    with pytest.warns(UserWarning, match=r":1: word 1 \('\\u200b'\) tokenize to no subword: not"):
+        item = task.encode(ex)
+    assert item["first"][1] == -1 and item["first"][0] >= 0 and item["first"][2] >= 0
 
 
 def test_extract_span_maps_to_context_characters(minilm_tok):

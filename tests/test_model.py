@@ -18,7 +18,7 @@ from conftest import (
 )
 from torch import nn
 from torch.testing import assert_close
-from transformers import DynamicCache, StaticCache
+from transformers import AutoTokenizer, DynamicCache, StaticCache
 
 import softprompt as sp
 from softprompt.model import PrefixState
@@ -1267,3 +1267,48 @@ def test_an_odd_lstm_width_is_refused_by_the_config():
     with pytest.raises(sp.SoftPromptError, match="must be even"):
         sp.PTuningConfig(encoder="lstm", encoder_hidden_size=15)
     sp.PTuningConfig(encoder="mlp", encoder_hidden_size=15)  # the MLP takes any width
+
+
+def test_vocab_init_on_a_wordpiece_vocabulary_samples_words():
+    """BERT-style vocabularies put [unusedN] slots (never trained) and single characters of
+    every script before their frequent words: vocab init (prompts, prefix targets, text fill)
+    skips them and the special tokens; a BPE vocabulary keeps ids 100..4999 as before."""
+    from conftest import _tokenizer
+
+    from softprompt.assets import resolve_model
+    from softprompt.methods.base import frequent_vocab_ids
+
+    bert = AutoTokenizer.from_pretrained(resolve_model("all-minilm-l6-v2"))
+    ids = frequent_vocab_ids(2000, len(bert), torch.Generator().manual_seed(0), bert)
+    toks = bert.convert_ids_to_tokens(ids)
+    assert not set(ids) & set(bert.all_special_ids)
+    assert not [t for t in toks if t.startswith("[unused") or len(t.removeprefix("##")) < 2]
+    assert bert.convert_tokens_to_ids("the") <= min(ids) and max(ids) < 12000
+    bpe = _tokenizer()
+    same = frequent_vocab_ids(50, len(bpe), torch.Generator().manual_seed(0), bpe)
+    assert same == frequent_vocab_ids(50, len(bpe), torch.Generator().manual_seed(0))
+    assert all(100 <= i < 5000 for i in same)
+
+
+def test_label_init_gives_each_class_one_virtual_token_the_mean_of_its_words():
+    """Lester et al. 3.2: a multi-token label's one virtual token is the mean of its token
+    embeddings; the slots after the labels are sampled vocabulary."""
+    from conftest import BUILDERS, _tokenizer
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    base = BUILDERS["llama"](
+        vocab=len(tok), pad=tok.pad_token_id, bos=tok.bos_token_id, eos=tok.eos_token_id
+    )
+    model = sp.attach(base, tokenizer=tok)
+    labels = ["very good", "bad"]
+    cfg = sp.PromptTuningConfig(num_virtual_tokens=4, init="labels", init_text=labels)
+    table = model.add_adapter("a", cfg, tok).embedding.detach()
+    emb = base.get_input_embeddings().weight.detach()
+    for row, label in zip(table, labels, strict=False):
+        ids = tok(" " + label, add_special_tokens=False)["input_ids"]
+        assert_close(row, emb[ids].mean(0))
+    assert len(tok(" very good", add_special_tokens=False)["input_ids"]) == 2
+    assert not any(
+        torch.allclose(table[2], emb[i]) for i in tok(" bad", add_special_tokens=False)["input_ids"]
+    )

@@ -160,10 +160,22 @@ class TagTask(_EncoderTask):
                 if i >= 0:
                     labels[i] = index[ex.fields["tags"][w]]
         lost = [w for w, i in enumerate(first) if i < 0]
-        if lost and len(word_ids) >= self.spec.max_length:
+        seen = {w for w in word_ids if w is not None}
+        cut = len(word_ids) >= self.spec.max_length
+        # words with no subword at all; when truncated, the lost ones after the last kept word
+        # are the truncation's
+        empty = [w for w in lost if not cut or w < max(seen, default=-1)]
+        what = "not trained" if train else "predicted O"
+        if empty:  # a word the tokenizer turns into no subword at all (e.g. "\u200b")
             _warn(
-                f"{ex.source}:{ex.line}: {len(lost)} of {len(words)} words lie beyond "
-                f"max_length {self.spec.max_length} tokens: they are {'not trained' if train else 'predicted O'}; "
+                f"{ex.source}:{ex.line}: word {empty[0]} ({words[empty[0]]!r})"
+                + (f" and {len(empty) - 1} more" if len(empty) > 1 else "")
+                + f" tokenize to no subword: {what}"
+            )
+        if len(lost) > len(empty):
+            _warn(
+                f"{ex.source}:{ex.line}: {len(lost) - len(empty)} of {len(words)} words lie "
+                f"beyond max_length {self.spec.max_length} tokens: they are {what}; "
                 "raise --max-length"
             )
         return {

@@ -216,9 +216,7 @@ def extract_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict:
         p, g = _squad_normalise(str(pred)), _squad_normalise(str(gold))
         em += float(p == g)
         common = sum((Counter(p) & Counter(g)).values())
-        if not p or not g:
-            f1 += float(p == g)
-        elif common:
+        if common:  # as the v1.1 script: no shared token is 0, even two empty answers (EM 1)
             prec, rec = common / len(p), common / len(g)
             f1 += 2 * prec * rec / (prec + rec)
     n = len(predictions)

@@ -15,6 +15,7 @@ The wrapper, trainer and server only call these; they never branch on a method's
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -299,21 +300,58 @@ def text_token_ids(config: AdapterConfig, ctx: InitContext) -> list[int]:
     return ids
 
 
-def frequent_vocab_ids(n: int, vocab_size: int, gen: torch.Generator) -> list[int]:
+_UNUSED = re.compile(r"^\[unused\d+\]$")
+
+
+def _wordpiece_pool(tokenizer, lo: int, hi: int, vocab_size: int) -> list[int] | None:
+    """The frequent-word ids of a BERT-style WordPiece vocabulary, or None for others.
+
+    Its low ids are not frequent words: ``[unusedN]`` slots (never trained: their embeddings are
+    about 0.4x the others' norm) and single characters of every script come before "the"
+    (1996 in BERT's vocabulary). Those, and the special tokens, are skipped, and the pool takes
+    as many ids after them as the window ``[lo, hi)`` holds.
+    """
+    if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return None
+    window = tokenizer.convert_ids_to_tokens(list(range(lo, hi)))
+    if not any(t is not None and _UNUSED.match(t) for t in window):
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    pool, i, step = [], lo, 4096
+    while len(pool) < hi - lo and i < vocab_size:
+        toks = tokenizer.convert_ids_to_tokens(list(range(i, min(i + step, vocab_size))))
+        for j, t in enumerate(toks, start=i):
+            word = (t or "").removeprefix("##")
+            if j not in special and not _UNUSED.match(t or "") and len(word) >= 2:
+                pool.append(j)
+        i += step
+    return pool[: hi - lo] or None
+
+
+def frequent_vocab_ids(n: int, vocab_size: int, gen: torch.Generator, tokenizer=None) -> list[int]:
     """``n`` ids sampled from the frequent part of the vocabulary.
 
-    BPE and WordPiece vocabularies are built most-frequent-merge first, so low ids (after the
-    first few special tokens) are frequent tokens.
+    BPE vocabularies are built most-frequent-merge first, so low ids (after the first few
+    special tokens) are frequent tokens: ids 100..4999. A BERT-style WordPiece vocabulary
+    (recognised with ``tokenizer`` by its ``[unusedN]`` slots) puts unused slots and single
+    characters first: there the 4900 first ids that are words of 2+ characters
+    (``_wordpiece_pool``).
     """
     lo, hi = min(100, vocab_size // 10), min(5000, vocab_size)
+    pool = _wordpiece_pool(tokenizer, lo, hi, vocab_size)
+    if pool is not None:
+        pick = torch.randint(0, len(pool), (n,), generator=gen).tolist()
+        return [pool[k] for k in pick]
     return (torch.randint(lo, hi, (n,), generator=gen)).tolist()
 
 
-def fill_ids(ids: list[int], n: int, vocab_size: int, gen: torch.Generator) -> list[int]:
+def fill_ids(
+    ids: list[int], n: int, vocab_size: int, gen: torch.Generator, tokenizer=None
+) -> list[int]:
     """Fit a list of ids to length ``n``: truncate, or pad with sampled frequent vocabulary."""
     if len(ids) >= n:
         return ids[:n]
-    return ids + frequent_vocab_ids(n - len(ids), vocab_size, gen)
+    return ids + frequent_vocab_ids(n - len(ids), vocab_size, gen, tokenizer)
 
 
 def init_embeddings(config: AdapterConfig, ctx: InitContext) -> torch.Tensor:
@@ -330,9 +368,22 @@ def init_embeddings(config: AdapterConfig, ctx: InitContext) -> torch.Tensor:
         mean, std = table.mean(0), table.std(0)
         return mean + std * torch.randn(n, table.shape[1], generator=gen)
     if config.init == "vocab":
-        ids = frequent_vocab_ids(n, table.shape[0], gen)
+        ids = frequent_vocab_ids(n, table.shape[0], gen, ctx.tokenizer)
+    elif config.init == "labels" and not config.init_token_ids and ctx.tokenizer is not None:
+        # Lester et al. 3.2: one virtual token per class, the mean of its label's token
+        # embeddings where the label is several tokens; then sampled vocabulary
+        labels = config.init_text if isinstance(config.init_text, list) else [config.init_text]
+        rows = []
+        for label in labels[:n]:
+            lab_ids = ctx.tokenizer(" " + str(label).strip(), add_special_tokens=False)
+            lab_ids = lab_ids["input_ids"]
+            if not lab_ids:
+                raise SoftPromptError(f"label {label!r} tokenizes to no tokens")
+            rows.append(table[torch.tensor(lab_ids)].mean(0))
+        rest = frequent_vocab_ids(n - len(rows), table.shape[0], gen, ctx.tokenizer)
+        return torch.cat([torch.stack(rows), table[torch.tensor(rest, dtype=torch.long)]]).clone()
     else:
-        ids = fill_ids(text_token_ids(config, ctx), n, table.shape[0], gen)
+        ids = fill_ids(text_token_ids(config, ctx), n, table.shape[0], gen, ctx.tokenizer)
     return table[torch.tensor(ids)].clone()
 
 
@@ -360,7 +411,7 @@ def init_kv_targets(config: AdapterConfig, ctx: InitContext, slots: list[int]) -
         ids = text_token_ids(config, ctx)
         ids = (ids * (n // len(ids) + 1))[:n]  # repeat a short text to fill the prefix
     else:
-        ids = frequent_vocab_ids(n, vocab, gen)
+        ids = frequent_vocab_ids(n, vocab, gen, ctx.tokenizer)
     acts = capture_kv(ctx, ids)
     parts = []
     for s in slots:

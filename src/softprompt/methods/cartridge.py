@@ -99,7 +99,7 @@ def prefill_targets(config: CartridgeConfig, ctx: InitContext, layout: FlatPrefi
         ids = ids[:n]
     else:
         vocab = ctx.model.get_input_embeddings().weight.shape[0]
-        ids = frequent_vocab_ids(n, vocab, ctx.generator)
+        ids = frequent_vocab_ids(n, vocab, ctx.generator, ctx.tokenizer)
     acts = capture_kv(ctx, ids)
     parts = []
     for s in layout.slots:

@@ -9,9 +9,13 @@ copies). ``bake()`` replaces it by its output, a plain (P, layers * 2 * kv_dim) 
 checkpoints keep the MLP so training can resume. In eval mode without grad the MLP output is
 memoised until a parameter changes, so inference never reruns it.
 
-Init: the MLP's output layer is solved by least squares so that at step 0 the prefix equals the
-target activations: the model's own K/V of sampled vocabulary ("vocab"), of a text ("text" /
-"labels"), or Gaussian at the activation scale ("random").
+Init: the MLP's output layer is solved by least squares so that at step 0 the prefix is the
+closest the MLP can come to the target activations: the model's own K/V of sampled vocabulary
+("vocab"), of a text ("text" / "labels"), or Gaussian at the activation scale ("random").
+Exact when P <= encoder_hidden_size + 1 (the output layer sees P points in h+1 dimensions: the
+defaults, 10 or 20 tokens and h=512, are); for longer prefixes it is the least-squares fit
+(measured: 0.25-0.33 max error at an activation scale of about 0.4, P=40 with h=16 or P=600
+with h=512).
 """
 
 from __future__ import annotations
