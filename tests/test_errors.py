@@ -38,10 +38,18 @@ def test_the_served_and_metric_stacks_are_extras_not_dependencies():
     """`pip install softprompt` stays light; every extra is in [all], and [all] in the tests."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = " ".join(project["dependencies"])
-    for heavy in ("fastapi", "uvicorn", "matplotlib", "scikit-learn", "sacrebleu", "gguf"):
+    for heavy in (
+        "fastapi",
+        "uvicorn",
+        "matplotlib",
+        "scikit-learn",
+        "sacrebleu",
+        "gguf",
+        "lm-eval",
+    ):
         assert heavy not in core
     extras = project["optional-dependencies"]
-    assert extras["all"] == ["softprompt[serve,plot,metrics,assets,data]"]
+    assert extras["all"] == ["softprompt[serve,plot,metrics,assets,data,eval]"]
     assert "softprompt[all]" in extras["test"]
 
 
