@@ -15,6 +15,7 @@ from typing import ClassVar  # module level: dataclasses reads string ClassVar a
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from softprompt.cli import main
@@ -1119,3 +1120,83 @@ def test_compile_trains_the_same_adapter(tmp_path, capsys, tiny_folders, cls_dat
     assert want_ad.keys() == got_ad.keys()
     for k in want_ad:
         torch.testing.assert_close(got_ad[k], want_ad[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "prefix", "--layers", "1,x"], "--layers must be 'all', 'top_half' or e.g."),
+        (["--init", "text"], "--init text needs --init-text"),
+        (
+            ["--init-text", "the movie was"],
+            "--init-text is the text for --init text, but --init is vocab: add --init text, or "
+            "drop --init-text",
+        ),
+        (["--verbalizer", "{bad"], "--verbalizer is not valid JSON: Expecting property name"),
+        (
+            ["--verbalizer", '["great", "bad"]'],
+            "--verbalizer must be a JSON object of label: word strings, e.g. "
+            '\'{"positive": "great"}\', got \'["great", "bad"]\'',
+        ),
+        (
+            ["--verbalizer", '{"positive": 1}'],
+            "--verbalizer must be a JSON object of label: word strings, e.g. "
+            '\'{"positive": "great"}\', got \'{"positive": 1}\'',
+        ),
+        (
+            ["--task", "generate", "--train", "{gen}", "--verbalizer", '{"a": "b"}'],
+            "--verbalizer applies to --task classify (label -> word), not generate: drop it",
+        ),
+        (
+            ["--task", "generate", "--train", "{gen}", "--init", "labels"],
+            "--init labels applies to --task classify, not generate",
+        ),
+        (
+            ["--method", "prefix", "--template", "[soft:2]{text}{label}"],
+            "--template has soft segments ([soft:N]) but --method prefix puts its prompt inside "
+            "attention",
+        ),
+        (
+            ["--template", "Review:{label}"],
+            "template 'Review:{label}' has no {text}: the model would never see the input",
+        ),
+    ],
+)
+def test_flag_errors_come_before_the_model_loads(tmp_path, capsys, cls_data, extra, message):
+    train, gen = cls_data / "train.jsonl", cls_data / "gen.jsonl"
+    extra = [x.replace("{train}", str(train)).replace("{gen}", str(gen)) for x in extra]
+    if "--train" not in extra:
+        extra += ["--train", str(train)]
+    code, _, err = run_cli(
+        capsys, "train", "--model", tmp_path / "no_such_model", "--output", tmp_path / "run",
+        "--method", "prompt", "--max-steps", 1, *extra,
+    )  # fmt: skip
+    message = message.replace("{train}", str(train))
+    assert code == 2 and err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+
+
+def test_a_templates_soft_tokens_are_the_recorded_number(tmp_path, capsys, tiny_folders, cls_data):
+    out = tmp_path / "run"
+    argv = train_args(tiny_folders["llama"], cls_data, out, "prompt")  # --num-virtual-tokens 3
+    code, _, err = run_cli(capsys, *argv, "--template", "[soft:2] {text} {label}")
+    assert code == 0, err
+    assert (
+        "warning: --num-virtual-tokens 3 is ignored: the template's [soft:N] segments decide the "
+        "number (2 in all); drop the flag or make it 2"
+    ) in err.splitlines()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["num_virtual_tokens"] == meta["config"]["num_virtual_tokens"] == 2
+
+
+def test_verbalizer_keys_that_are_no_label_are_refused(tmp_path, capsys, tiny_folders, cls_data):
+    argv = train_args(tiny_folders["llama"], cls_data, tmp_path / "run", "prompt")
+    for words, named in (
+        ('{"postive": "great", "negative": "bad"}', "'postive', which is not a label"),
+        ('{"postive": "great", "nope": "x"}', "'postive', 'nope', which are not labels"),
+    ):
+        code, _, err = run_cli(capsys, *argv, "--verbalizer", words)
+        assert code == 2 and err == (
+            f"error: --verbalizer names {named} of {cls_data / 'train.jsonl'} (labels: "
+            "'negative', 'positive'); fix the key(s)\n"
+        )

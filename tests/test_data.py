@@ -672,3 +672,104 @@ def test_bad_chat_rows_are_skipped_with_skip_bad(tmp_path):
     rows = load_examples(path, "chat", skip_bad=True, warn=seen.append)
     assert [r.line for r in rows] == [1, 3]
     assert seen[0].startswith(f"{path}:2: field 'messages[1].role'") and "skipped 1 of 3" in seen[1]
+
+
+def test_a_large_json_array_keeps_its_line_numbers(tmp_path):
+    # each element on three lines after the "[" line: element i starts on line 2 + 3 * i
+    body = ",\n".join(f'  {{\n    "text": "t{i}", "label": "{i % 2}"\n  }}' for i in range(20_000))
+    p = write(tmp_path / "big.json", "[\n" + body + "\n]\n")
+    got = load_examples(p, "classify")
+    assert len(got) == 20_000
+    assert [(got[i].fields["text"], got[i].line) for i in (0, 1, 9_999, 19_999)] == [
+        ("t0", 2),
+        ("t1", 5),
+        ("t9999", 29_999),
+        ("t19999", 59_999),
+    ]
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_csv_values_longer_than_the_csv_modules_default_limit(tmp_path, suffix, sep):
+    long = "word " * 30_000  # 150000 characters, over csv's default field_size_limit (131072)
+    p = write(tmp_path / f"long{suffix}", f"text{sep}label\n{long}{sep}pos\nshort{sep}neg\n")
+    got = load_examples(p, "classify")
+    assert [(len(e.fields["text"]), e.fields["label"], e.line) for e in got] == [
+        (150_000, "pos", 2),
+        (5, "neg", 3),
+    ]
+
+
+@pytest.mark.parametrize(
+    "value, what",
+    [
+        ("NaN", "NaN is not a JSON value"),
+        ("-Infinity", "-Infinity is not a JSON value"),
+        ("1e400", "number 1e400 is out of range"),
+        (
+            "9" * 5000,
+            "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits",
+        ),
+    ],
+)
+def test_non_json_numbers_are_located(tmp_path, value, what):
+    # the same text in a string before it is not the offending token
+    row = f'{{"text": "NaN 1e400 -Infinity", "label": "b", "x": {value}}}'
+    p = write(tmp_path / "t.jsonl", jsonl({"text": "a", "label": "a"}, row))
+    assert (
+        raises(p)
+        == f"{p}:2: not valid JSON ({what} at column 52); write one JSON object per line, {SKIP}"
+    )
+    q = write(
+        tmp_path / "t.json",
+        f'[\n {{"text": "a", "label": "a"}},\n {{"text": "b",\n  "x": {value}}}\n]\n',
+    )
+    assert raises(q) == f"{q}:4: not valid JSON ({what} at column 8); fix the file"
+
+
+def test_datasets_folder_class_label_lists_and_missing_labels(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    names = datasets.ClassLabel(names=["O", "B-PER", "I-PER"])
+    tags = datasets.Features(
+        {"tokens": datasets.Sequence(datasets.Value("string")), "tags": datasets.Sequence(names)}
+    )
+    folder = tmp_path / "tags"
+    datasets.Dataset.from_dict(
+        {"tokens": [["Ann", "Lee", "ran"]], "tags": [[1, 2, 0]]}, features=tags
+    ).save_to_disk(str(folder))
+    got = load_examples(folder, "tag")
+    assert [ex.fields for ex in got] == [
+        {"tokens": ["Ann", "Lee", "ran"], "tags": ["B-PER", "I-PER", "O"]}
+    ]
+    # ClassLabel -1 is datasets' "no label" (e.g. GLUE test splits): a bad row, not a class
+    cls = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    folder = tmp_path / "cls"
+    datasets.Dataset.from_dict(
+        {"text": ["a", "b", "c"], "label": [0, -1, 1]}, features=cls
+    ).save_to_disk(str(folder))
+    message = (
+        f"{folder}[train]:2: field 'label' is -1, the ClassLabel for 'no label' (a test split "
+        f"without gold labels?); give rows with labels, {SKIP}"
+    )
+    assert raises(folder) == message
+    warned = []
+    got = load_examples(folder, "classify", skip_bad=True, warn=warned.append)
+    assert [(ex.line, ex.fields["label"]) for ex in got] == [(1, "neg"), (3, "pos")]
+    assert warned == [message, f"skipped 1 of 3 rows in {folder}[train]"]
+
+
+def test_a_tsv_value_starting_with_a_quote_is_one_bad_row(tmp_path):
+    p = write(tmp_path / "q.tsv", 'text\tlabel\nfine movie\tpos\n"Great" fun\tpos\nbad\tneg\n')
+    message = (
+        f"{p}:3: bad TSV ('\\t' expected after '\"'): a value that starts with '\"' is read as "
+        f'quoted; quote the whole value and double the quotes in it ("""Great"" fun"), {SKIP}'
+    )
+    assert raises(p) == message
+    warned = []
+    got = load_examples(p, "classify", skip_bad=True, warn=warned.append)
+    assert [(ex.line, ex.fields["text"]) for ex in got] == [(2, "fine movie"), (4, "bad")]
+    assert warned == [message, f"skipped 1 of 3 rows in {p}"]
+    # quoted whole, with its quotes doubled, the value reads as written
+    ok = write(tmp_path / "ok.tsv", 'text\tlabel\n"""Great"" fun"\tpos\n')
+    assert load_examples(ok, "classify")[0].fields["text"] == '"Great" fun'

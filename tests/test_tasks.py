@@ -302,3 +302,73 @@ def test_an_encoder_decoder_rows_loss_does_not_depend_on_the_rows_beside_it(tok,
         torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
         gen = dict(max_new_tokens=5, min_new_tokens=5)
         assert task.predict(rows, batch_size=2, **gen) == task.predict(rows, batch_size=1, **gen)
+
+
+def test_a_blank_verbalizer_word_is_refused():
+    for word in ("", " ", "\t\n"):
+        with pytest.raises(sp.SoftPromptError) as err:
+            TaskSpec(kind="classify", template="{text} {label}", labels=["neg", "pos"],
+                     verbalizer={"pos": word})  # fmt: skip
+        assert str(err.value) == (
+            "task field 'verbalizer': the word of label 'pos' is empty; give every label a word "
+            "(or leave the label out to score the label itself)"
+        )
+
+
+class _DroppingTok(_Tok):
+    """Encodes the word '<gone>' to nothing (as a tokenizer may drop what it cannot encode)."""
+
+    def __call__(self, text, add_special_tokens=True, **kw):
+        return {"input_ids": [self._id(w) for w in text.split() if w != "<gone>"]}
+
+
+def test_a_verbalizer_word_that_encodes_to_no_tokens_is_refused():
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("p", sp.PromptTuningConfig(num_virtual_tokens=2))
+    spec = TaskSpec(
+        kind="classify",
+        template="{text} {label}",
+        labels=["neg", "pos"],
+        verbalizer={"pos": "<gone>"},
+    )
+    with pytest.raises(sp.SoftPromptError) as err:
+        Task(spec, model, _DroppingTok())
+    assert str(err.value) == (
+        "label 'pos': its word '<gone>' tokenizes to no tokens, so it cannot be scored; give it "
+        "another word with --verbalizer"
+    )
+
+
+def test_verbalizer_words_are_stripped_before_the_template_adds_its_space():
+    from conftest import _tokenizer
+
+    tok = _tokenizer()  # SmolLM2's byte-level BPE: "  good" starts with a lone-space token
+    assert tok.encode("  good", add_special_tokens=False) != tok.encode(" good")
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("p", sp.PromptTuningConfig(num_virtual_tokens=2))
+    answers = []
+    for words in ({"pos": "good", "neg": "bad"}, {"pos": " good ", "neg": "\tbad"}):
+        spec = TaskSpec(
+            kind="classify", template="Review: {text} Sentiment: {label}", labels=["neg", "pos"],
+            verbalizer=words,
+        )  # fmt: skip
+        answers.append(Task(spec, model, tok).answers)
+    expected = [tok.encode(" bad", add_special_tokens=False), tok.encode(" good")]
+    assert answers == [expected, expected]
+
+
+def test_labels_with_the_same_words_are_named():
+    model = sp.attach(tiny_model("llama"))
+    model.add_adapter("p", sp.PromptTuningConfig(num_virtual_tokens=2))
+    spec = TaskSpec(
+        kind="classify",
+        template="{text} {label}",
+        labels=["a", "b", "c"],
+        verbalizer={"a": "yes", "c": "yes"},
+    )
+    with pytest.raises(sp.SoftPromptError) as err:
+        Task(spec, model, _Tok())
+    assert str(err.value) == (
+        "labels 'a' (word 'yes') and 'c' (word 'yes') tokenize to the same tokens, so they cannot "
+        "be told apart; give them different words in --verbalizer"
+    )

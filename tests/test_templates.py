@@ -117,6 +117,16 @@ def test_soft_marker_is_case_insensitive_and_allows_spaces():
             "bad soft segment '[soft:-2]' at column 8 of template '{text} [soft:-2]'; the length "
             "must be a whole number >= 1, e.g. [soft:10]",
         ),
+        (  # str.isdigit() holds for a superscript two, which int() refuses
+            "{text} [soft:\u00b2]",
+            "bad soft segment '[soft:\u00b2]' at column 8 of template '{text} [soft:\u00b2]'; the "
+            "length must be a whole number >= 1, e.g. [soft:10]",
+        ),
+        (  # an Arabic-Indic three: int() reads it as 3, but it is no length a user would write
+            "{text} [soft:\u0663]",
+            "bad soft segment '[soft:\u0663]' at column 8 of template '{text} [soft:\u0663]'; the "
+            "length must be a whole number >= 1, e.g. [soft:10]",
+        ),
         (
             "{text} [soft:3",
             "unclosed '[soft:' at column 8 of template '{text} [soft:3'; write [soft:N] with N >= 1",

@@ -555,3 +555,32 @@ def test_the_rows_left_over_after_the_last_full_accumulation_step_train_too(task
     finally:
         del task.loss
     assert sorted(seen) == sorted(tuple(it["prompt"]) for it in tr.items)
+
+
+def test_an_early_stop_logs_the_losses_since_the_last_record(task, tmp_path, monkeypatch):
+    """log_every 3, dev scores 0.5, 0.9, 0.4, 0.3 with patience 2: the run stops at step 4,
+    and metrics.jsonl has the loss of steps 1-3 (at step 3) and of step 4 (at step 4)."""
+    args = TrainArgs(
+        output_dir=str(tmp_path), batch_size=4, eval_every=1, log_every=3, patience=2,
+        max_steps=20, lr=0.05, progress=False,
+    )  # fmt: skip
+    tr = Trainer(task.model, task, rows(64), rows(4), args, log=lambda _: None)
+    scores = iter([0.5, 0.9, 0.4, 0.3])
+    monkeypatch.setattr(tr, "evaluate", lambda examples: ({"accuracy": next(scores)}, []))
+    losses = []
+    step_loss = tr.task.loss
+
+    def loss(batch):
+        out = step_loss(batch)
+        losses.append(float(out.detach()))
+        return out
+
+    monkeypatch.setattr(tr.task, "loss", loss)
+    result = tr.train()
+    assert result["stopped_early"] and result["steps"] == 4
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert len(losses) == 4 and [s for s, _ in logged] == [3, 4]
+    assert logged[0][1] == pytest.approx(sum(losses[:3]) / 3, rel=1e-6)
+    assert logged[1][1] == pytest.approx(losses[3], rel=1e-6)
+    assert tr.recent == []

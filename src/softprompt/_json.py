@@ -38,15 +38,39 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class _BadToken(Exception):
+    """Raised by a parse hook, which is given no position: ``token`` is the text it refused."""
+
+    def __init__(self, msg: str, token: str) -> None:
+        self.msg, self.token = msg, token
+
+
 def _constant(name: str) -> float:
-    raise json.JSONDecodeError(f"{name} is not a JSON value", "", 0)
+    raise _BadToken(f"{name} is not a JSON value", name)
 
 
 def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise json.JSONDecodeError(f"number {text[:30]} is out of range", "", 0)
+        raise _BadToken(f"number {text[:30]} is out of range", text)
     return value
+
+
+# the tokens outside strings that a hook or int() may refuse (strings matched to be skipped)
+_TOKENS = re.compile(
+    r'"(?:[^"\\]|\\.)*"'  # a string (skipped)
+    r"|-?Infinity|NaN|-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
+)
+
+
+def _token_pos(text: str, start: int, wanted) -> int:
+    """Offset of the first token at or after ``start``, outside strings, for which
+    ``wanted(token)`` holds (the hooks see values in document order), else ``start``."""
+    for m in _TOKENS.finditer(text, start):
+        token = m.group()
+        if not token.startswith('"') and wanted(token):
+            return m.start()
+    return start
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float)
@@ -66,11 +90,16 @@ def raw_decode(text: str, pos: int = 0) -> tuple[Any, int]:
     except _Duplicate as e:
         where = _duplicate_pos(text, pos, e.key)
         raise JSONError(f"key {e.key!r} appears twice in one object", where, e.key) from None
+    except _BadToken as e:  # NaN, Infinity, 1e400: the hooks know the token, not where it is
+        token = e.token
+        raise JSONError(e.msg, _token_pos(text, pos, lambda t: t == token)) from None
     except json.JSONDecodeError as e:
-        # errors raised by the parse hooks carry no position: point at the value's start
-        raise JSONError(e.msg, e.pos if e.doc else pos) from None
-    except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4,300 digits
+        raise JSONError(e.msg, e.pos) from None
+    except RecursionError as e:
         raise JSONError(str(e).split(";")[0], pos) from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits (int() refuses it)
+        where = _token_pos(text, pos, lambda t: t.lstrip("-").isdigit() and len(t) > 4300)
+        raise JSONError(str(e).split(";")[0], where) from None
 
 
 def loads(text: str) -> Any:

@@ -252,6 +252,7 @@ def train_run(args):
             f"--adapter-layers applies to --method adaption_prompt; --method {args.method} has "
             "no adapter layers: drop it (per-layer prefixes choose their layers with --layers)"
         )
+    verbalizer, notes = _check_model_free_flags(args)  # before any data or model loads
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")}
     train_args = _train_args(args)  # checks the loop's flags before anything loads
     out = _output_dir(args.output)
@@ -305,15 +306,18 @@ def train_run(args):
     if args.task == "classify":
         eval_rows = check_eval_labels(labels, eval_rows, args.skip_bad, _warn) if eval_rows else []
         test_rows = check_eval_labels(labels, test_rows, args.skip_bad, _warn) if test_rows else []
+    unknown = [k for k in verbalizer if k not in labels]
+    if unknown:
+        raise SoftPromptError(
+            f"--verbalizer names {', '.join(map(repr, unknown))}, which "
+            f"{'is not a label' if len(unknown) == 1 else 'are not labels'} of {args.train} "
+            f"(labels: {', '.join(map(repr, labels))}); fix the key(s)"
+        )
     # a sharded base is loaded on the CPU and moved to the device block by block as it is cut
     # into shards (distributed.shard_frozen_base): no device holds all of it
     fsdp = fsdp_requested(args.fsdp)
     base, tok = load_base(args.model, args.dtype, device="cpu" if fsdp else str(acc.device))
     model = sp.attach(base, tokenizer=tok)
-    try:
-        verbalizer = json.loads(args.verbalizer) if args.verbalizer else {}
-    except json.JSONDecodeError as e:
-        raise SoftPromptError(f"--verbalizer is not valid JSON: {e}") from e
     if args.init == "labels":
         args.init_text = [verbalizer.get(lab, lab) for lab in labels]
     spec = TaskSpec(
@@ -342,6 +346,8 @@ def train_run(args):
         adapter.set_task_head(len(labels)).to(model.device)
         model.set_active(args.name)
     task = Task(spec, model, tok)
+    for note in notes:  # once every check passed: an error stays the one line printed
+        _warn(note)
     if main:
         (out / "config.yaml").write_text(yaml.safe_dump(flags, sort_keys=False))
 
@@ -392,6 +398,74 @@ def train_run(args):
             f"curve: {out / 'training_curve.png'}; log: {out / 'metrics.jsonl'}"
         )
     return summary, model, task
+
+
+def _check_model_free_flags(args) -> tuple[dict[str, str], list[str]]:
+    """``train``'s checks that need neither the data nor the model (so that their error shows
+    before a model loads): --layers, --verbalizer (returned parsed), --init / --init-text, and
+    a given --template's [soft:N] and main field. A template's [soft:N] decides the number of
+    virtual tokens: ``args.num_virtual_tokens`` is set to it (config.yaml records the value
+    used), with a warning (returned, to print once the run is set up) when
+    --num-virtual-tokens asked for another."""
+    from .methods.base import METHODS, AdapterConfig
+    from .templates import Template
+
+    cls = METHODS[args.method][0]
+    if args.layers not in (None, "") and "layers" in {f.name for f in dataclasses.fields(cls)}:
+        _layers(args.layers)
+    verbalizer: dict[str, str] = {}
+    notes: list[str] = []
+    if args.verbalizer:
+        if args.task in ("generate", "chat"):
+            raise SoftPromptError(
+                f"--verbalizer applies to --task classify (label -> word), not {args.task}: drop it"
+            )
+        try:
+            verbalizer = json.loads(args.verbalizer)
+        except json.JSONDecodeError as e:
+            raise SoftPromptError(f"--verbalizer is not valid JSON: {e}") from e
+        if not isinstance(verbalizer, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in verbalizer.items()
+        ):
+            raise SoftPromptError(
+                f"--verbalizer must be a JSON object of label: word strings, e.g. "
+                f'\'{{"positive": "great"}}\', got {args.verbalizer!r:.80}'
+            )
+    if args.init == "labels" and args.task != "classify":
+        raise SoftPromptError(f"--init labels applies to --task classify, not {args.task}")
+    if args.init == "text" and not args.init_text:
+        raise SoftPromptError("--init text needs --init-text")
+    if args.init_text is not None and args.init != "text":
+        raise SoftPromptError(
+            f"--init-text is the text for --init text, but --init is {args.init}: add --init "
+            "text, or drop --init-text"
+        )
+    if args.template and args.task in ("classify", "generate") and not args.chat:
+        text = _unescape(args.template)
+        template = Template.parse(text)
+        main = _main_field(args.task)
+        if main not in template.fields:
+            raise SoftPromptError(
+                f"template {text!r} has no {{{main}}}: the model would never see the "
+                f"input; put {{{main}}} in the template (e.g. 'Text: {{{main}}} ...')"
+            )
+        if template.num_soft:
+            if "placement" not in {f.name for f in dataclasses.fields(cls)}:
+                raise SoftPromptError(
+                    f"--template has soft segments ([soft:N]) but --method {args.method} puts "
+                    f"its prompt inside attention; use a method with input-level virtual tokens "
+                    f"({', '.join(_methods_of_level('input'))}), or drop the [soft:N]"
+                )
+            default = _field_defaults(AdapterConfig)["num_virtual_tokens"]
+            given = args.num_virtual_tokens
+            if given not in (default, template.num_soft):  # the parser's default: not given
+                notes.append(
+                    f"--num-virtual-tokens {given} is ignored: the template's [soft:N] segments "
+                    f"decide the number ({template.num_soft} in all); drop the flag or make it "
+                    f"{template.num_soft}"
+                )
+            args.num_virtual_tokens = template.num_soft
+    return verbalizer, notes
 
 
 def _check_encoder_task_flags(args, kind: str) -> None:

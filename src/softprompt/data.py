@@ -4,7 +4,10 @@ Sources accepted by :func:`load_examples`:
 
 * ``.jsonl``: one JSON object per line (blank lines ignored);
 * ``.json``: the same, or one JSON array of objects;
-* ``.csv`` / ``.tsv``: a header line naming the columns, then one row per record;
+* ``.csv`` / ``.tsv``: a header line naming the columns, then one row per record (a value may
+  be quoted with ``"``, doubling the quotes inside it; in a TSV a value that starts with ``"``
+  but is not quoted whole, such as ``"Great" fun``, is a bad row that ``skip_bad`` skips, while
+  a CSV quoting error ends the reading);
 * a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose
   split is chosen with ``split``, default ``"train"``; needs the ``datasets`` package);
 * an embedded data set: ``"rotten-tomatoes[:split]"`` or ``"aclsum[:split]"`` (split ``train``,
@@ -14,7 +17,9 @@ Every problem is reported as ``<file>:<line>: <what is wrong>; <what to do>``. L
 and count every line of the file: blank JSONL lines count, a CSV/TSV header is line 1 and a
 record is numbered by the line it starts on (quoted values may span lines). A JSON array element
 is numbered by the line its ``{`` is on. For a ``datasets`` folder the "line" is the 1-based row
-number within the split and the file is written ``<folder>[<split>]``.
+number within the split and the file is written ``<folder>[<split>]``; its ``ClassLabel`` and
+``Sequence(ClassLabel)`` columns are read as the class names, and a ``ClassLabel`` of -1 (no
+label) in a field the task needs makes a bad row.
 
 Tasks and the fields each row needs (non-empty after stripping whitespace):
 
@@ -44,6 +49,7 @@ import csv
 import io
 import json
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -76,6 +82,7 @@ TASKS: dict[str, tuple[str, ...]] = {
 
 
 _SKIP_HINT = "or pass --skip-bad to skip bad rows"
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)  # the largest a C long takes on every platform
 _EMBEDDED = ("rotten-tomatoes", "aclsum")
 
 
@@ -405,6 +412,7 @@ def _json_array_rows(text: str, name: str) -> Iterator[tuple[int, Any]]:
     if not text.startswith("[", pos):
         raise fail(pos, "expected '['")
     pos = ws.match(text, pos + 1).end()
+    line, counted = 1, 0  # newlines in text[:counted] (a running count: linear in the file)
     if text.startswith("]", pos):
         pos += 1
     else:
@@ -413,7 +421,9 @@ def _json_array_rows(text: str, name: str) -> Iterator[tuple[int, Any]]:
                 value, end = _json.raw_decode(text, pos)
             except _json.JSONError as err:
                 raise fail(err.pos, err.msg) from None
-            yield text.count("\n", 0, pos) + 1, value
+            line += text.count("\n", counted, pos)
+            counted = pos
+            yield line, value
             pos = ws.match(text, end).end()
             if text.startswith(",", pos):
                 pos = ws.match(text, pos + 1).end()
@@ -448,6 +458,9 @@ def _json_rows(text: str, name: str) -> Iterator[tuple[int, Any]]:
 
 
 def _csv_rows(text: str, name: str, delimiter: str, needed: Sequence[str]) -> Iterator:
+    # the csv module refuses values over 131072 characters by default (as a quoting error)
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     kind = "TSV" if delimiter == "\t" else "CSV"
 
@@ -458,10 +471,26 @@ def _csv_rows(text: str, name: str, delimiter: str, needed: Sequence[str]) -> It
                 record = next(reader)
             except StopIteration:
                 return
-            except csv.Error as err:  # unrecoverable: the reader lost its place
-                raise DataError(
-                    f"{name}:{start}: bad {kind} ({err}); check the quoting of this record"
-                ) from None
+            except csv.Error as err:
+                if delimiter != "\t" or "field larger than" in str(err):
+                    # unrecoverable: in a CSV a quote may open a value lines long, so where
+                    # the record ends (and the next begins) is unknown
+                    raise DataError(
+                        f"{name}:{start}: bad {kind} ({err}); check the quoting of this record"
+                    ) from None
+                # a TSV value that starts with '"' but is not one quoted value (`"Great" fun`):
+                # the reader drops the rest of the line and goes on with the next one
+                detail = str(err).replace("\t", "\\t")  # "'\t' expected after '\"'"
+                yield (
+                    start,
+                    _BadRow(
+                        f"bad TSV ({detail}): a value that starts with '\"' is read as quoted; quote "
+                        f'the whole value and double the quotes in it ("""Great"" fun"), '
+                        f"{_SKIP_HINT}"
+                    ),
+                )
+                start = reader.line_num + 1
+                continue
             end = reader.line_num
             if delimiter == "\t" and any("\n" in c and "\t" in c for c in record):
                 # a quote that opens a value and closes lines later took in line breaks and
@@ -558,17 +587,40 @@ def _hf_rows(
             f"{name}[{split}]: no column {missing[0]!r} (columns: {cols}); add it, or rename "
             "the column holding it"
         )
-    class_labels = {
-        col: feat.names
-        for col, feat in table.features.items()
-        if isinstance(feat, datasets.ClassLabel)
-    }
+    class_labels: dict[str, list[str]] = {}  # ClassLabel columns: id -> name
+    class_lists: dict[str, list[str]] = {}  # Sequence(ClassLabel) columns (BIO tags)
+    for col, feat in table.features.items():
+        if isinstance(feat, datasets.ClassLabel):
+            class_labels[col] = feat.names
+        else:  # Sequence(ClassLabel) (datasets 4+: List), or a plain [ClassLabel]
+            inner = feat[0] if isinstance(feat, list) and len(feat) == 1 else None
+            inner = getattr(feat, "feature", inner)
+            if isinstance(inner, datasets.ClassLabel):
+                class_lists[col] = inner.names
+
+    def name_of(names: list[str], value: Any) -> Any:
+        ok = isinstance(value, int) and 0 <= value < len(names)
+        return names[value] if ok else value
 
     def rows() -> Iterator[tuple[int, Any]]:
         for i, row in enumerate(table, start=1):
+            unlabelled = None
             for col, names in class_labels.items():
-                if isinstance(row.get(col), int) and 0 <= row[col] < len(names):
-                    row[col] = names[row[col]]
+                if row.get(col) == -1 and col in needed:
+                    unlabelled = col
+                row[col] = name_of(names, row.get(col))
+            for col, names in class_lists.items():
+                if isinstance(row.get(col), list):
+                    row[col] = [name_of(names, v) for v in row[col]]
+            if unlabelled is not None:  # datasets' ClassLabel -1: the row has no label
+                yield (
+                    i,
+                    _BadRow(
+                        f"field {unlabelled!r} is -1, the ClassLabel for 'no label' (a test "
+                        f"split without gold labels?); give rows with labels, {_SKIP_HINT}"
+                    ),
+                )
+                continue
             yield i, row
 
     return f"{name}[{split}]", rows()

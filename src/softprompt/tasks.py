@@ -105,6 +105,12 @@ class TaskSpec:
             isinstance(k, str) and isinstance(v, str) for k, v in self.verbalizer.items()
         ):
             fail("verbalizer", "an object of label: word strings")
+        blank = [k for k, v in self.verbalizer.items() if not v.strip()]
+        if blank:
+            raise SoftPromptError(
+                f"task field 'verbalizer': the word of label {blank[0]!r} is empty; give every "
+                "label a word (or leave the label out to score the label itself)"
+            )
         if not isinstance(self.head, bool):
             fail("head", "true or false")
         for name in ("max_length", "max_new_tokens"):
@@ -205,18 +211,35 @@ class Task:
             if self.encoder_only != spec.head:
                 raise SoftPromptError("a classification head is used exactly on encoder models")
             if not spec.head:
-                words = [spec.verbalizer.get(lab, lab) for lab in spec.labels]
+                # the word as written, without surrounding spaces: the template's answer_ids
+                # adds the space that joins it to the prompt (a chat answer starts the turn)
+                words = [spec.verbalizer.get(lab, lab).strip() for lab in spec.labels]
                 self.answers = [
-                    list(tokenizer.encode(w.strip(), add_special_tokens=False))
+                    list(tokenizer.encode(w, add_special_tokens=False))
                     if spec.chat
                     else self.template.answer_ids(w, tokenizer, add_eos=False)
                     for w in words
                 ]
-                dupes = {tuple(a) for a in self.answers}
-                if len(dupes) != len(self.answers):
-                    raise SoftPromptError(
-                        f"two labels of {spec.labels} tokenize to the same words; give a verbalizer"
-                    )
+                for lab, w, ids in zip(spec.labels, words, self.answers, strict=True):
+                    if not ids:
+                        raise SoftPromptError(
+                            f"label {lab!r}: its word {w!r} tokenizes to no tokens, so it cannot "
+                            "be scored; give it another word with --verbalizer"
+                        )
+                seen: dict[tuple[int, ...], int] = {}
+                for i, ids in enumerate(self.answers):
+                    j = seen.setdefault(tuple(ids), i)
+                    if j != i:
+                        a, b = spec.labels[j], spec.labels[i]
+                        fix = (
+                            "give them different words in --verbalizer"
+                            if a in spec.verbalizer or b in spec.verbalizer
+                            else "give a verbalizer with a different word for each"
+                        )
+                        raise SoftPromptError(
+                            f"labels {a!r} (word {words[j]!r}) and {b!r} (word {words[i]!r}) "
+                            f"tokenize to the same tokens, so they cannot be told apart; {fix}"
+                        )
         elif self.encoder_only:
             raise SoftPromptError(
                 "generate needs a language model (decoder-only or encoder-decoder)"

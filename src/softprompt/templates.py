@@ -141,7 +141,7 @@ def _parse_parts(source: str) -> list[Part]:
                     f"unclosed '[soft:' at {_col(source, i)}; write [soft:N] with N >= 1"
                 )
             value = source[i + len("[soft:") : end].strip()
-            if not value.isdigit() or int(value) < 1:
+            if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
                 raise TemplateError(
                     f"bad soft segment {source[i : end + 1]!r} at {_col(source, i)}; the length "
                     "must be a whole number >= 1, e.g. [soft:10]"

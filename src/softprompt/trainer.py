@@ -636,6 +636,19 @@ class Trainer:
             dynamic_ncols=True,
         )
         t0 = time.time()
+
+        def log_losses() -> None:  # a metrics.jsonl record of the steps since the last one
+            self._write_log(
+                {
+                    "step": self.step,
+                    "epoch": round(self.step / self.steps_per_epoch, 3),
+                    "loss": sum(self.recent) / len(self.recent),
+                    "lr": self.sched.get_last_lr()[0],
+                    "elapsed_s": round(time.time() - t0, 2),
+                }
+            )
+            self.recent = []
+
         # a resumed run that had stopped early stays stopped (unless --patience was raised)
         stop = bool(self.eval_examples) and self.bad_evals >= args.patience
         if stop:
@@ -713,20 +726,13 @@ class Trainer:
                     post[headline_name(self.task)] = f"{self.last_metric:.4f}"
                 bar.set_postfix(post)
                 if self.step % args.log_every == 0 or self.step == self.total:
-                    self._write_log(
-                        {
-                            "step": self.step,
-                            "epoch": round(self.step / self.steps_per_epoch, 3),
-                            "loss": sum(self.recent) / len(self.recent),
-                            "lr": self.sched.get_last_lr()[0],
-                            "elapsed_s": round(time.time() - t0, 2),
-                        }
-                    )
-                    self.recent = []
+                    log_losses()
                 if self.eval_examples and (
                     self.step % args.eval_every == 0 or self.step == self.total
                 ):
                     stop = self._eval_and_select()
+                    if stop and self.recent:  # stopped early: the steps since the last record
+                        log_losses()
                 elif not self.eval_examples and (
                     self.step % args.eval_every == 0 or self.step == self.total
                 ):
