@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -1432,3 +1433,68 @@ def test_composing_cartridges_never_holds_up_the_event_loop(bank, tmp_path):
         assert engine.entries["a+b"].parts == ("a", "b")
     finally:
         live.stop()
+
+
+def test_peft_folders_trainable_folders_and_long_classify_inputs(bank, tmp_path):
+    """A PEFT folder's weights symlinked out of the root are a 403 (the check listed only
+    softprompt's file names); a corrupt PEFT file for this very model is a 400 invalid_adapter,
+    not a 409 "another base model" (a PEFT folder records only its hidden size); a folder with
+    the trainable form beside the baked one is served baked (no prefix MLP per request); a
+    classify input that fits --max-prompt-tokens but not the model's positions is a 400
+    context_length_exceeded, not a 500."""
+    from softprompt.peft_compat import save_peft
+
+    root = bank["root"]
+    model = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]))
+    model.add_adapter("p", sp.PromptTuningConfig(num_virtual_tokens=3))
+    for name in ("peft-link", "peft-bad"):
+        shutil.rmtree(root / name, ignore_errors=True)
+        save_peft(model, root / name, "p", base_name=bank["folder"])
+    outside = tmp_path / "w.safetensors"
+    shutil.move(root / "peft-link" / "adapter_model.safetensors", outside)
+    (root / "peft-link" / "adapter_model.safetensors").symlink_to(outside)
+    (root / "peft-bad" / "adapter_model.safetensors").write_bytes(b"\x00\x01garbage")
+    pre = sp.attach(AutoModelForCausalLM.from_pretrained(bank["folder"]))
+    pre.add_adapter(
+        "t", copy.deepcopy(ADAPTERS["sent-prefix"][0])
+    ).task = CLASSIFY_PHRASES.to_dict()
+    shutil.rmtree(root / "with-trainable", ignore_errors=True)
+    pre.save_adapter(root / "with-trainable", "t", trainable=True)
+    assert (root / "with-trainable" / "trainable.safetensors").exists()
+    app = make_app(
+        bank, adapters={"sent-prompt": bank["dirs"]["sent-prompt"]}, max_prompt_tokens=4096
+    )
+    with TestClient(app) as c:
+        r = c.post("/v1/adapters", json={"name": "pl", "path": "peft-link"})
+        assert r.status_code == 403 and "adapter_model.safetensors" in r.json()["error"]["message"]
+        r = c.post("/v1/adapters", json={"name": "pb", "path": "peft-bad"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter", r.text
+        assert (
+            c.post("/v1/adapters", json={"name": "t", "path": "with-trainable"}).status_code == 201
+        )
+        engine = app.state.engine
+        assert engine.model.adapters["t"].is_baked
+        positions = engine.max_positions
+        r = c.post("/v1/classify", json={"model": "sent-prompt", "input": "word " * positions})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert r.json()["error"]["param"] == "input"
+
+
+def test_a_chunked_body_over_the_limit_is_the_same_413_and_a_405_says_allow(bank):
+    app = make_app(bank, max_body_bytes=300)
+
+    def chunks():
+        yield b'{"model": "gen-deep", "prompt": "'
+        for _ in range(10):
+            yield b"x" * 50
+        yield b'"}'
+
+    with TestClient(app) as c:
+        r = c.post(
+            "/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = c.get("/v1/completions")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert r.json()["error"]["type"] == "invalid_request_error"

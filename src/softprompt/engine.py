@@ -635,11 +635,22 @@ class Engine:
                     "conflict",
                     "name",
                 )
-            mismatch = _hf.identity_mismatches(meta["base_model"], self.model.info.identity)
+            identity, recorded = self.model.info.identity, meta["base_model"]
+            if "peft" in meta:  # a PEFT folder records its hidden size only: the fields it
+                # does not record are no difference (a corrupt file is a 400, not a 409)
+                recorded = {**identity, **recorded}
+            mismatch = _hf.identity_mismatches(recorded, identity)
             try:
                 import softprompt as sp
 
-                sp.load_adapter(self.model, directory, name=name)
+                from .io import WEIGHTS_NAME
+
+                # served baked (no prefix MLP / prompt encoder per request), also from a
+                # folder that keeps the trainable form beside (a checkpoint, HF's callback)
+                baked = (directory / WEIGHTS_NAME).exists()
+                sp.load_adapter(
+                    self.model, directory, name=name, trainable=False if baked else None
+                )
             except SoftPromptError as e:
                 kind = "conflict" if mismatch else "invalid"
                 raise EngineError(
@@ -720,10 +731,12 @@ class Engine:
     def _check_files_inside(self, path: str | Path, directory: Path) -> None:
         """403 unless every adapter file of ``directory`` (and of a run folder's ``adapter/``)
         resolves inside an allowed root: a file symlink must not lead out either."""
+        from . import peft_compat
         from .io import CONFIG_NAME, TRAINABLE_NAME, WEIGHTS_NAME
 
+        names = (CONFIG_NAME, WEIGHTS_NAME, TRAINABLE_NAME, peft_compat.WEIGHTS_NAME)
         for folder in (directory, directory / "adapter"):
-            for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINABLE_NAME):
+            for name in (*names, peft_compat.BIN_NAME):
                 file = folder / name
                 if not (file.exists() or file.is_symlink()):
                     continue
@@ -934,7 +947,22 @@ class Engine:
                     param="input",
                 )
             item = {name: item}
-        return self._check_prompt(self._encode_row(entry, item, "input"), "input")
+        ids = self._check_prompt(self._encode_row(entry, item, "input"), "input")
+        if self.max_positions is not None:  # the row as scored: virtual tokens, label words
+            answers = getattr(entry.task, "answers", None) or ()
+            label = 0 if entry.task.spec.head else max((len(a) for a in answers), default=0)
+            offset = self.model.adapters[entry.name].position_offset
+            need = len(ids) + entry.input_tokens + label + offset
+            if need > self.max_positions:
+                raise EngineError(
+                    "invalid",
+                    f"input ({len(ids)} tokens + {entry.input_tokens} virtual + {label} of the "
+                    f"longest label word{f' + a position offset of {offset}' if offset else ''})"
+                    f" exceeds the model's {self.max_positions} positions",
+                    "context_length_exceeded",
+                    "input",
+                )
+        return ids
 
     def _encode_row(self, entry: AdapterEntry, row: dict, param: str) -> list[int]:
         try:

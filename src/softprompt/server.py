@@ -366,7 +366,8 @@ class _Guard:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > self.max_body:  # a chunked body (FastAPI turns any other
+                    # exception raised while it reads the body into a 400)
                     from starlette.exceptions import HTTPException
 
                     raise HTTPException(413, self._too_large().message)
@@ -497,7 +498,10 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return error_response(ServeError(exc.status_code, str(exc.detail)))
+        # kept: the headers the status carries (a 405's Allow, a 401's WWW-Authenticate)
+        headers = dict(getattr(exc, "headers", None) or {})
+        code = "request_too_large" if exc.status_code == 413 else None  # as by Content-Length
+        return error_response(ServeError(exc.status_code, str(exc.detail), code, headers=headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
